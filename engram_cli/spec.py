@@ -1,0 +1,336 @@
+"""Table specs: the single source of truth for head sizes, offsets and multipliers.
+
+A spec is a small TOML file that uses the reference EngramConfig's own field
+names, so users can copy their training config into it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EngramError
+from .primes import next_unused_prime
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DISTRIBUTIONS = ("normal", "uniform", "zeros")
+INT64_MAX = np.iinfo(np.int64).max
+
+_ENGRAM_KEYS = {
+    "layer_ids", "max_ngram_size", "n_head_per_ngram", "engram_vocab_size",
+    "n_embed_per_ngram", "pad_id", "seed",
+}
+_TABLE_KEYS = {"dtype", "init"}
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How table values are drawn: normal(std), uniform(-bound, bound) or zeros."""
+
+    distribution: str = "normal"
+    std: float = 1.0
+    bound: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.distribution == "normal":
+            return {"distribution": "normal", "std": self.std}
+        if self.distribution == "uniform":
+            return {"distribution": "uniform", "bound": self.bound}
+        return {"distribution": "zeros"}
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    layer_ids: tuple[int, ...]
+    max_ngram_size: int
+    n_head_per_ngram: int
+    engram_vocab_size: tuple[int, ...]
+    n_embed_per_ngram: int
+    pad_id: int
+    seed: int = 0
+    dtype: str = "bfloat16"
+    init: InitSpec = field(default_factory=InitSpec)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def orders(self) -> range:
+        return range(2, self.max_ngram_size + 1)
+
+    @property
+    def heads_per_layer(self) -> int:
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    @property
+    def dim(self) -> int:
+        """Embedding width of one head: the reference splits n_embed_per_ngram evenly."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    def head_sizes(self, layer_id: int) -> list[int]:
+        """Prime size of every head of a layer, order-major then head."""
+        return list(self._all_head_sizes()[self._index(layer_id)])
+
+    def offsets(self, layer_id: int) -> list[int]:
+        """First row of every head in the layer table (prefix sums of head sizes)."""
+        sizes = self.head_sizes(layer_id)
+        return [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def rows(self, layer_id: int) -> int:
+        return sum(self.head_sizes(layer_id))
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows(layer) for layer in self.layer_ids)
+
+    @property
+    def parameters(self) -> int:
+        return self.total_rows * self.dim
+
+    def multipliers(self, layer_id: int, compressed_size: int) -> np.ndarray:
+        """Odd int64 multipliers of a layer, drawn as the reference draws them.
+
+        The bound keeps `id * multiplier` below int64 max for every id below
+        `compressed_size`, so the multiply-XOR mix never overflows.
+        """
+        self._index(layer_id)
+        if compressed_size < 1:
+            raise EngramError(f"compressed vocab size must be positive, got {compressed_size}")
+        rng = np.random.default_rng(self.seed + 10007 * layer_id)
+        bound = max(1, (int(INT64_MAX) // compressed_size) // 2)
+        r = rng.integers(0, bound, size=self.max_ngram_size, dtype=np.int64)
+        return r * 2 + 1
+
+    def scaled(self, factor: float) -> TableSpec:
+        """The same spec with every order's minimum head size scaled (for size sweeps)."""
+        sizes = tuple(max(2, int(round(v * factor))) for v in self.engram_vocab_size)
+        return dataclasses.replace(self, engram_vocab_size=sizes, name=f"{self.name}x{factor:g}")
+
+    def replace(self, **changes: Any) -> TableSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-shaped dict; `spec_from_dict(spec.to_dict())` gives the spec back."""
+        return {
+            "name": self.name,
+            "engram": {
+                "layer_ids": list(self.layer_ids),
+                "max_ngram_size": self.max_ngram_size,
+                "n_head_per_ngram": self.n_head_per_ngram,
+                "engram_vocab_size": list(self.engram_vocab_size),
+                "n_embed_per_ngram": self.n_embed_per_ngram,
+                "pad_id": self.pad_id,
+                "seed": self.seed,
+            },
+            "table": {"dtype": self.dtype, "init": self.init.to_dict()},
+        }
+
+    def _index(self, layer_id: int) -> int:
+        try:
+            return self.layer_ids.index(int(layer_id))
+        except ValueError:
+            raise EngramError(
+                f"layer {layer_id} is not in the spec (layer_ids = {list(self.layer_ids)})"
+            ) from None
+
+    def _all_head_sizes(self) -> tuple[tuple[int, ...], ...]:
+        return _walk_primes(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram,
+                            self.engram_vocab_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _walk_primes(layer_ids: tuple[int, ...], max_ngram_size: int, n_head: int,
+                 vocab_sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The reference's prime walk: layers, then orders, then heads, never reusing a prime."""
+    taken: set[int] = set()
+    per_layer = []
+    for _layer in layer_ids:
+        sizes = []
+        for n in range(2, max_ngram_size + 1):
+            start = vocab_sizes[n - 2] - 1
+            for _head in range(n_head):
+                prime = next_unused_prime(start, taken)
+                taken.add(prime)
+                sizes.append(prime)
+                start = prime
+        per_layer.append(tuple(sizes))
+    return tuple(per_layer)
+
+
+def _fail(field_name: str, message: str) -> None:
+    raise EngramError(f"spec field {field_name}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _validate(spec: TableSpec) -> None:
+    if not _is_int(spec.max_ngram_size) or spec.max_ngram_size < 2:
+        _fail("max_ngram_size", f"must be an integer >= 2, got {spec.max_ngram_size!r}")
+    if not _is_int(spec.n_head_per_ngram) or spec.n_head_per_ngram < 1:
+        _fail("n_head_per_ngram", f"must be a positive integer, got {spec.n_head_per_ngram!r}")
+    if not spec.layer_ids or not all(_is_int(v) and v >= 0 for v in spec.layer_ids):
+        _fail("layer_ids", f"must be a non-empty list of non-negative integers, got {list(spec.layer_ids)!r}")
+    if len(set(spec.layer_ids)) != len(spec.layer_ids):
+        _fail("layer_ids", f"has duplicate layer ids: {list(spec.layer_ids)}")
+    orders = spec.max_ngram_size - 1
+    if len(spec.engram_vocab_size) != orders:
+        _fail("engram_vocab_size", f"needs one size per order 2..{spec.max_ngram_size} "
+              f"({orders} values), got {len(spec.engram_vocab_size)}")
+    if not all(_is_int(v) and v > 0 for v in spec.engram_vocab_size):
+        _fail("engram_vocab_size", f"sizes must be positive integers, got {list(spec.engram_vocab_size)!r}")
+    if not _is_int(spec.n_embed_per_ngram) or spec.n_embed_per_ngram < 1:
+        _fail("n_embed_per_ngram", f"must be a positive integer, got {spec.n_embed_per_ngram!r}")
+    if spec.n_embed_per_ngram % spec.n_head_per_ngram:
+        _fail("n_embed_per_ngram", f"{spec.n_embed_per_ngram} is not divisible by "
+              f"n_head_per_ngram = {spec.n_head_per_ngram}")
+    if not _is_int(spec.pad_id) or spec.pad_id < 0:
+        _fail("pad_id", f"must be a non-negative token id, got {spec.pad_id!r}")
+    if not _is_int(spec.seed) or spec.seed < 0:
+        _fail("seed", f"must be a non-negative integer, got {spec.seed!r}")
+    if spec.dtype not in DTYPE_BYTES:
+        _fail("table.dtype", f"unknown dtype {spec.dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+    init = spec.init
+    if init.distribution not in DISTRIBUTIONS:
+        _fail("table.init.distribution", f"unknown distribution {init.distribution!r}; "
+              f"allowed: {', '.join(DISTRIBUTIONS)}")
+    if not (isinstance(init.std, int | float) and init.std > 0):
+        _fail("table.init.std", f"must be a positive number, got {init.std!r}")
+    if not (isinstance(init.bound, int | float) and init.bound > 0):
+        _fail("table.init.bound", f"must be a positive number, got {init.bound!r}")
+
+
+def _init_from_dict(raw: Any) -> InitSpec:
+    if not isinstance(raw, dict):
+        _fail("table.init", "must be a table such as { distribution = \"normal\", std = 1.0 }")
+    allowed = {"normal": {"std"}, "uniform": {"bound"}, "zeros": set()}
+    dist = raw.get("distribution", "normal")
+    if dist not in allowed:
+        _fail("table.init.distribution", f"unknown distribution {dist!r}; allowed: {', '.join(allowed)}")
+    extra = set(raw) - {"distribution"} - allowed[dist]
+    if extra:
+        _fail(f"table.init.{sorted(extra)[0]}", f"not a parameter of {dist}; "
+              f"allowed: {', '.join(sorted(allowed[dist])) or 'none'}")
+    return InitSpec(distribution=dist, std=raw.get("std", 1.0), bound=raw.get("bound", 1.0))
+
+
+def spec_from_dict(raw: dict[str, Any], name: str = "custom") -> TableSpec:
+    """Build a spec from the TOML layout, with a one-line error for every wrong field."""
+    unknown = set(raw) - {"engram", "table", "name"}
+    if unknown:
+        _fail(sorted(unknown)[0], "unknown section; allowed: [engram], [table]")
+    engram = raw.get("engram")
+    if not isinstance(engram, dict):
+        raise EngramError("spec has no [engram] section")
+    table = raw.get("table", {})
+    if not isinstance(table, dict):
+        _fail("table", "must be a TOML table")
+    for section, keys, allowed in (("engram", engram, _ENGRAM_KEYS), ("table", table, _TABLE_KEYS)):
+        extra = set(keys) - allowed
+        if extra:
+            _fail(f"{section}.{sorted(extra)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    missing = _ENGRAM_KEYS - {"seed"} - set(engram)
+    if missing:
+        _fail(f"engram.{sorted(missing)[0]}", "is required")
+    for list_key in ("layer_ids", "engram_vocab_size"):
+        if not isinstance(engram[list_key], list):
+            _fail(list_key, f"must be a list, got {engram[list_key]!r}")
+    return TableSpec(
+        layer_ids=tuple(engram["layer_ids"]),
+        max_ngram_size=engram["max_ngram_size"],
+        n_head_per_ngram=engram["n_head_per_ngram"],
+        engram_vocab_size=tuple(engram["engram_vocab_size"]),
+        n_embed_per_ngram=engram["n_embed_per_ngram"],
+        pad_id=engram["pad_id"],
+        seed=engram.get("seed", 0),
+        dtype=table.get("dtype", "bfloat16"),
+        init=_init_from_dict(table.get("init", {"distribution": "normal", "std": 1.0})),
+        name=str(raw.get("name", name)),
+    )
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_spec(path_or_preset: str | Path) -> TableSpec:
+    """Read a spec from a TOML file, or from a preset name in `tables/` (`engram-27b`)."""
+    path = Path(path_or_preset)
+    if not path.exists():
+        preset = PRESET_DIR / f"{path_or_preset}.toml"
+        if path.suffix != ".toml" and preset.exists():
+            path = preset
+        else:
+            raise EngramError(f"no spec file or preset named {str(path_or_preset)!r} "
+                              f"(presets: {', '.join(preset_names())})")
+    if path.is_dir():
+        raise EngramError(f"{path} is a directory, not a TOML spec")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngramError(f"cannot read spec {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EngramError(f"spec {path} is not valid TOML: {exc}") from None
+    return spec_from_dict(raw, name=path.stem)
+
+
+@dataclass
+class PlanReport:
+    """Rows, parameters and bytes of a spec, per layer and in total, for every dtype."""
+
+    spec: TableSpec
+
+    def _layer(self, layer_id: int) -> dict[str, Any]:
+        rows = self.spec.rows(layer_id)
+        params = rows * self.spec.dim
+        return {
+            "rows": rows, "parameters": params,
+            "bytes": {dtype: params * size for dtype, size in DTYPE_BYTES.items()},
+            "head_sizes": self.spec.head_sizes(layer_id),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "spec": spec.to_dict(),
+            "dim": spec.dim,
+            "layers": {str(layer): self._layer(layer) for layer in spec.layer_ids},
+            "total": {
+                "rows": spec.total_rows, "parameters": spec.parameters,
+                "bytes": {dtype: spec.parameters * size for dtype, size in DTYPE_BYTES.items()},
+            },
+        }
+
+    def render(self, console: Any) -> None:
+        from rich.table import Table
+
+        spec = self.spec
+        table = Table(title=f"{spec.name}: {len(spec.layer_ids)} layers, orders 2..{spec.max_ngram_size}, "
+                            f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head")
+        for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
+            table.add_column(column, justify="right")
+        for layer in spec.layer_ids:
+            info = self._layer(layer)
+            table.add_row(str(layer), f"{info['rows']:,}", f"{info['parameters']:,}",
+                          *(human_bytes(b) for b in info["bytes"].values()))
+        table.add_row("total", f"{spec.total_rows:,}", f"{spec.parameters:,}",
+                      *(human_bytes(spec.parameters * s) for s in DTYPE_BYTES.values()), style="bold")
+        console.print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

@@ -1,0 +1,329 @@
+"""The vocab projection: every tokenizer id onto a canonical id by normalized text.
+
+Bit-exact with the reference's CompressedTokenizer: the key of an id is its
+decoded text normalized (NFKC, NFD, strip accents, lowercase, collapse
+whitespace, strip; a lone space survives), or its raw token string when the
+decoded text is a partial UTF-8 sequence; canonical ids follow first appearance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+from tokenizers import Regex, Tokenizer, normalizers
+
+from .errors import EngramError
+from .tokenizer import TokenizerSource, load_tokenizer, tokenizer_from_bytes, unzip_bytes, zip_bytes
+
+NORMALIZER_VERSION = "engram-nfkc-v1"
+FORMAT = "engram-projection"
+FORMAT_VERSION = "1"
+_SENTINEL = "\ue000"
+_REPLACEMENT = "\ufffd"
+
+
+def build_normalizer() -> normalizers.Normalizer:
+    """The reference key normalizer; the sentinel keeps a lone space from being stripped."""
+    return normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+        normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+        normalizers.Strip(),
+        normalizers.Replace(_SENTINEL, " "),
+    ])
+
+
+_ASCII_SPACE_RUN = re.compile(r"[ \t\r\n]+")
+_ASCII_WHITESPACE = " \t\n\r\x0b\x0c"  # Rust's char::is_whitespace restricted to ASCII
+
+
+def _ascii_key(text: str) -> str:
+    """The normalizer's result for ASCII text, where NFKC, NFD and StripAccents change nothing.
+
+    About half of a typical vocabulary is ASCII; this skips the Rust round trip for it.
+    """
+    collapsed = _ASCII_SPACE_RUN.sub(" ", text.lower())
+    if collapsed == " ":
+        return collapsed
+    return collapsed.strip(_ASCII_WHITESPACE) or text
+
+
+def _keys(tokenizer: Tokenizer) -> tuple[list[str], int]:
+    """Key of every id, and how many ids fell back to their raw token string."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    texts = tokenizer.decode_batch([[tid] for tid in range(size)], skip_special_tokens=False)
+    normalize = build_normalizer().normalize_str
+    keys, fallbacks = [], 0
+    for tid, text in enumerate(texts):
+        if _REPLACEMENT in text:
+            fallbacks += 1
+            token = tokenizer.id_to_token(tid)
+            keys.append(text if token is None else token)
+        elif text.isascii():
+            keys.append(_ascii_key(text))
+        else:
+            keys.append(normalize(text) or text)
+    return keys, fallbacks
+
+
+def key_of(tokenizer: Tokenizer, tid: int) -> str:
+    text = tokenizer.decode([tid], skip_special_tokens=False)
+    if _REPLACEMENT in text:
+        return tokenizer.id_to_token(tid) or text
+    return build_normalizer().normalize_str(text) or text
+
+
+@dataclass
+class VocabProjection:
+    """A surjective map from tokenizer ids to canonical ids, with what made it."""
+
+    lookup: np.ndarray
+    metadata: dict[str, str] = field(default_factory=dict)
+    tokenizer_json: bytes | None = None
+
+    def __post_init__(self) -> None:
+        self.lookup = np.ascontiguousarray(self.lookup, dtype=np.int64)
+        if self.lookup.ndim != 1 or self.lookup.size == 0:
+            raise EngramError("a projection lookup must be a non-empty 1-D array")
+        self._torch_cache: dict[Any, Any] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lookup.size)
+
+    @property
+    def compressed_size(self) -> int:
+        return int(self.lookup.max()) + 1
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.lookup.tobytes()).hexdigest()
+
+    def tokenizer(self) -> Tokenizer:
+        if self.tokenizer_json is None:
+            raise EngramError("this projection carries no tokenizer; pass one that was made by "
+                              "`engram compress-vocab`")
+        return _cached_tokenizer(self.tokenizer_json)
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        """Refuse float arrays and ids past the vocab, naming the first offending position."""
+        if ids.dtype.kind not in "iu":
+            raise EngramError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.size and ids.max() >= self.vocab_size:
+            position = tuple(int(i) for i in np.argwhere(ids >= self.vocab_size)[0])
+            raise EngramError(f"token id {int(ids[position])} at position {list(position)} is not "
+                              f"below the vocab size {self.vocab_size}")
+
+    def compress(self, ids: Any) -> Any:
+        """Map ids of any shape (numpy or torch); negative ids pass through unchanged."""
+        try:
+            import torch
+        except ImportError:  # torch is a dependency, but numpy users need not pay for it
+            torch = None
+        if torch is not None and isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise EngramError(f"token ids must be integers, got dtype {ids.dtype}")
+            self.check_ids(ids.detach().cpu().numpy() if ids.device.type != "cpu" else ids.numpy())
+            table = self._torch_cache.get(ids.device)
+            if table is None:
+                table = self._torch_cache[ids.device] = torch.from_numpy(self.lookup).to(ids.device)
+            wide = ids.long()
+            return torch.where(wide >= 0, table[wide.clamp(min=0)], wide)
+        arr = np.asarray(ids)
+        self.check_ids(arr)
+        wide = arr.astype(np.int64, copy=False)
+        return np.where(wide >= 0, self.lookup[np.maximum(wide, 0)], wide)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"lookup": self.lookup}
+        if self.tokenizer_json is not None:
+            tensors["tokenizer_zip"] = np.frombuffer(zip_bytes(self.tokenizer_json), dtype=np.uint8)
+        meta = {**self.metadata, "format": FORMAT, "format_version": FORMAT_VERSION,
+                "vocab_size": str(self.vocab_size), "compressed_size": str(self.compressed_size)}
+        atomic_write(Path(path), save(tensors, metadata=meta))
+
+
+@lru_cache(maxsize=4)
+def _cached_tokenizer(json_bytes: bytes) -> Tokenizer:
+    return tokenizer_from_bytes(json_bytes)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise EngramError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise EngramError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def compress_vocab(tokenizer: Tokenizer | TokenizerSource | str | Path | None = None) -> VocabProjection:
+    """Derive the projection of a tokenizer (object, file, folder, Hub id, or None: the default)."""
+    if isinstance(tokenizer, Tokenizer):
+        text = tokenizer.to_str().encode("utf-8")
+        tokenizer = TokenizerSource(tokenizer, text, "in-memory")
+    elif not isinstance(tokenizer, TokenizerSource):
+        tokenizer = load_tokenizer(None if tokenizer is None else str(tokenizer))
+    keys, fallbacks = _keys(tokenizer.tokenizer)
+    if not keys:
+        raise EngramError(f"{tokenizer.source} has an empty vocabulary")
+    canonical: dict[str, int] = {}
+    lookup = np.fromiter((canonical.setdefault(k, len(canonical)) for k in keys),
+                         dtype=np.int64, count=len(keys))
+    metadata = {
+        "tokenizer_source": tokenizer.source,
+        "tokenizer_sha256": tokenizer.sha256,
+        "normalizer_version": NORMALIZER_VERSION,
+        "raw_fallbacks": str(fallbacks),
+    }
+    return VocabProjection(lookup, metadata, tokenizer.json_bytes)
+
+
+def load_projection(path: str | Path) -> VocabProjection:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngramError(f"cannot read projection {path}: {exc.strerror or exc}") from None
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    except (SafetensorError, ValueError, json.JSONDecodeError):
+        raise EngramError(f"{path} is not a projection file (expected safetensors from "
+                          "`engram compress-vocab`)") from None
+    if metadata.get("format") != FORMAT or "lookup" not in tensors:
+        raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
+    zipped = tensors.get("tokenizer_zip")
+    tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes())
+    return VocabProjection(tensors["lookup"], metadata, tokenizer_json)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ENGRAM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "engram")
+    return Path(root)
+
+
+@lru_cache(maxsize=1)
+def default_projection() -> VocabProjection:
+    """The embedded DeepSeek-V3 projection, derived once and cached on disk."""
+    source = load_tokenizer(None)
+    cached = _cache_dir() / f"projection-{source.sha256[:16]}-{NORMALIZER_VERSION}.safetensors"
+    if cached.is_file():
+        try:
+            return load_projection(cached)
+        except EngramError:
+            pass
+    projection = compress_vocab(source)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        projection.save(cached)
+    except (OSError, EngramError):
+        pass  # a read-only home only costs the recomputation next time
+    return projection
+
+
+def resolve_projection(path: str | Path | None) -> VocabProjection:
+    return default_projection() if path is None else load_projection(path)
+
+
+@dataclass
+class CompressReport:
+    """What `engram compress-vocab` did: sizes, the largest merge groups, the file written."""
+
+    output: str
+    source: str
+    tokenizer_sha256: str
+    vocab_size: int
+    compressed_size: int
+    raw_fallbacks: int
+    top_groups: list[dict[str, Any]]
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.compressed_size / self.vocab_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "source": self.source, "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size, "compressed_size": self.compressed_size,
+            "reduction": self.reduction, "raw_fallbacks": self.raw_fallbacks,
+            "top_groups": self.top_groups,
+        }
+
+    def render(self, console: Console) -> None:
+        console.print(f"[bold]{self.source}[/]: {self.vocab_size:,} ids -> "
+                      f"{self.compressed_size:,} canonical ids "
+                      f"([green]{self.reduction:.2%}[/] fewer); "
+                      f"{self.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)")
+        table = Table(title=f"{len(self.top_groups)} largest merge groups")
+        for column in ("canonical id", "key", "ids", "examples"):
+            table.add_column(column)
+        for group in self.top_groups:
+            table.add_row(str(group["canonical_id"]), repr(group["key"]), str(group["size"]),
+                          " ".join(repr(e) for e in group["examples"]))
+        console.print(table)
+        console.print(f"wrote {self.output}")
+
+
+def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[dict[str, Any]]:
+    """The k canonical ids that merge the most tokenizer ids, with a few decoded members."""
+    counts = np.bincount(projection.lookup)
+    order = np.argsort(-counts, kind="stable")[:max(k, 0)]
+    tokenizer = projection.tokenizer()
+    groups = []
+    for cid in order:
+        members = np.flatnonzero(projection.lookup == cid)
+        groups.append({
+            "canonical_id": int(cid),
+            "key": key_of(tokenizer, int(members[0])),
+            "size": int(counts[cid]),
+            "examples": [tokenizer.decode([int(m)], skip_special_tokens=False)
+                         for m in members[:examples]],
+        })
+    return groups
+
+
+def write_projection(tokenizer: str | None, output: str | Path, *, overwrite: bool = False,
+                     top: int = 10) -> CompressReport:
+    """The whole `engram compress-vocab` job: check the target, derive, write atomically, report."""
+    output = Path(output)
+    if output.is_dir():
+        raise EngramError(f"output {output} is a directory; give a file path")
+    if output.exists() and not overwrite:
+        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise EngramError(f"output folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise EngramError(f"output folder {output.parent} is not writable")
+    source = load_tokenizer(tokenizer)
+    projection = compress_vocab(source)
+    projection.save(output)
+    return CompressReport(
+        output=str(output), source=source.source, tokenizer_sha256=source.sha256,
+        vocab_size=projection.vocab_size, compressed_size=projection.compressed_size,
+        raw_fallbacks=int(projection.metadata["raw_fallbacks"]),
+        top_groups=top_groups(projection, top),
+    )

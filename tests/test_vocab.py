@@ -1,0 +1,156 @@
+"""The vocab projection against the reference algorithm, step by step, and on DeepSeek-V3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from tokenizers import Regex, normalizers
+
+from conftest import make_byte_level_tokenizer, shipped_tokenizer
+from engram_cli import EngramError
+from engram_cli.vocab import VocabProjection, compress_vocab, load_projection, key_of
+
+
+def reference_lookup(tok) -> np.ndarray:
+    """The straightforward loop over ids, written from the published facts."""
+    norm = normalizers.Sequence([
+        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), "\ue000"),
+        normalizers.Strip(), normalizers.Replace("\ue000", " "),
+    ])
+    seen: dict[str, int] = {}
+    out = []
+    for tid in range(tok.get_vocab_size(with_added_tokens=True)):
+        text = tok.decode([tid], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tok.id_to_token(tid)
+        else:
+            key = norm.normalize_str(text) or text
+        out.append(seen.setdefault(key, len(seen)))
+    return np.array(out)
+
+
+PIECES = [
+    "Apple", " apple", "APPLE",          # case and leading space merge
+    "ﬁ", "fi",                            # NFKC ligature
+    "Ａ", "a",                            # full-width form
+    "é", "e", "É",                        # accents
+    "  \t\n", " ", "\n\n",                # whitespace runs and the lone-space token
+    "\u0301",                              # a lone combining accent: normalizes to ""
+    b"\xc3",                              # a partial UTF-8 byte: decodes to U+FFFD
+    b"\xe4\xb8",                          # another partial sequence
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_byte_level_tokenizer(PIECES, special=["<|pad|>", "<|EOS|>"], added=["Hello World"])
+
+
+def test_each_step_of_the_key(tiny):
+    keys = [key_of(tiny, i) for i in range(tiny.get_vocab_size(with_added_tokens=True))]
+    assert keys[:3] == ["apple"] * 3
+    assert keys[3] == keys[4] == "fi"
+    assert keys[5] == keys[6] == "a"
+    assert keys[7] == keys[8] == keys[9] == "e"
+    assert keys[10] == keys[11] == keys[12] == " "
+    assert keys[13] == "\u0301"                       # empty after normalization: text itself
+    assert keys[14] == "Ã" and keys[15] == "ä¸"       # raw byte-level token strings
+    assert keys[16:] == ["<|pad|>", "<|eos|>", "hello world"]
+
+
+def test_projection_matches_reference_loop(tiny):
+    projection = compress_vocab(tiny)
+    assert np.array_equal(projection.lookup, reference_lookup(tiny))
+    assert projection.lookup.tolist()[:13] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert projection.compressed_size == len(set(projection.lookup.tolist()))
+    assert projection.metadata["raw_fallbacks"] == "2"
+
+
+@pytest.mark.parametrize("name", ["qwen-3", "glm-4", "deepseek-coder-7b-base-v1.5"])
+def test_other_real_tokenizers_match_reference_loop(name):
+    from engram_cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(shipped_tokenizer(name))).tokenizer
+    projection = compress_vocab(tok)
+    assert np.array_equal(projection.lookup, reference_lookup(tok))
+    assert 0 < projection.compressed_size < projection.vocab_size
+
+
+@pytest.mark.slow
+def test_deepseek_v3_published_numbers(deepseek_v3_path):
+    projection = compress_vocab(deepseek_v3_path)
+    assert projection.vocab_size == 128_815
+    assert projection.compressed_size == 98_627
+    assert round(1 - 98_627 / 128_815, 4) == 0.2344
+    assert projection.lookup[2] == 2
+    counts = np.bincount(projection.lookup)
+    largest = np.argsort(-counts, kind="stable")[:2]
+    tok = projection.tokenizer()
+    first_member = [int(np.flatnonzero(projection.lookup == c)[0]) for c in largest]
+    assert [key_of(tok, m) for m in first_member] == [" ", "a"]
+    assert counts[largest].tolist() == [163, 54]
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    projection = compress_vocab(tiny)
+    path = tmp_path / "p.safetensors"
+    projection.save(path)
+    loaded = load_projection(path)
+    assert np.array_equal(loaded.lookup, projection.lookup)
+    assert loaded.metadata["normalizer_version"] == projection.metadata["normalizer_version"]
+    assert loaded.tokenizer().decode([0]) == "Apple"
+    assert loaded.fingerprint() == projection.fingerprint()
+
+
+def test_load_refuses_other_files(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(EngramError, match="not a projection"):
+        load_projection(bad)
+    with pytest.raises(EngramError, match="cannot read"):
+        load_projection(tmp_path / "missing.safetensors")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lookup=st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    shape=st.sampled_from([(6,), (2, 3), (3, 2, 1)]),
+    data=st.data(),
+    dtype=st.sampled_from([np.int32, np.int64, np.uint16, np.uint32, np.int16]),
+)
+def test_compress_numpy_and_torch_agree_with_elementwise_map(lookup, shape, data, dtype):
+    projection = VocabProjection(np.array(lookup))
+    v = len(lookup)
+    low = 0 if np.dtype(dtype).kind == "u" else -3
+    flat = data.draw(st.lists(st.integers(low, v - 1), min_size=int(np.prod(shape)),
+                              max_size=int(np.prod(shape))))
+    ids = np.array(flat, dtype=dtype).reshape(shape)
+    expected = np.array([lookup[i] if i >= 0 else i for i in flat], dtype=np.int64).reshape(shape)
+    assert np.array_equal(projection.compress(ids), expected)
+    if dtype != np.uint32:
+        out = projection.compress(torch.from_numpy(ids))
+        assert isinstance(out, torch.Tensor)
+        assert torch.equal(out, torch.from_numpy(expected))
+
+
+def test_compress_refuses_out_of_range_and_floats():
+    projection = VocabProjection(np.arange(10) // 2)
+    with pytest.raises(EngramError, match=r"token id 12 at position \[1, 0\]"):
+        projection.compress(np.array([[1, 2], [12, 3]]))
+    with pytest.raises(EngramError, match="integers"):
+        projection.compress(np.array([1.0, 2.0]))
+    with pytest.raises(EngramError, match="integers"):
+        projection.compress(torch.tensor([1.0]))
+    with pytest.raises(EngramError, match="position"):
+        projection.compress(torch.tensor([0, 10]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=12))
+def test_ascii_fast_path_equals_the_normalizer(text):
+    from engram_cli.vocab import _ascii_key, build_normalizer
+
+    assert _ascii_key(text) == (build_normalizer().normalize_str(text) or text)
