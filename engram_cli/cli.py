@@ -51,8 +51,20 @@ def plan_command(
 
 
 def main() -> None:
+    """Run the CLI with every user mistake, usage errors included, as one line on stderr."""
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(prog_name="engram", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("engram: interrupted\n")
+        sys.exit(130)
+    except typer.TyperException as exc:  # click's usage errors, as typer vendors them
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sys.stderr.write(f"engram: error: {message}\n")
+        sys.exit(getattr(exc, "exit_code", 2))
     except EngramError as exc:
         sys.stderr.write(f"engram: error: {exc}\n")
         sys.exit(1)

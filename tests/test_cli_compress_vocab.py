@@ -63,3 +63,10 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_offline_hub_repo_is_one_line(tmp_path):
     message = errors_for(tmp_path, "someone/some-model", "-o", str(tmp_path / "p.st"))
     assert "someone/some-model" in message
+
+
+def test_usage_errors_are_one_line():
+    for args in (["compress-vocab"], ["bogus"], ["plan", "demo", "--nope"]):
+        proc = run_engram(*args)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
