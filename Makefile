@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	mkdir -p $(DEMO)
 	$(ENGRAM) compress-vocab -o $(DEMO)/projection.safetensors --overwrite --top 5
+	$(ENGRAM) build-tables tables/demo.toml --projection $(DEMO)/projection.safetensors -o $(DEMO)/demo-tables.zarr --overwrite
 
 test: install
 	$(PY) -m pytest -q

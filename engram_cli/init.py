@@ -23,8 +23,7 @@ Algorithm "engram-ctr-v1" (recorded in every store; a change of any bit below ge
   The float64 result is rounded to float32 (nearest even), then to the table dtype
   (nearest even; bfloat16 keeps the upper 16 bits of the rounded float32).
 
-The numba kernels are the fast path; `reference_values` is the plain-Python definition the
-tests compare them against.
+The tests restate this definition in plain Python and compare bit for bit.
 """
 
 from __future__ import annotations
@@ -262,31 +261,3 @@ def generate_rows(spec: TableSpec, layer_id: int, start: int, stop: int,
     fill_rows(spec, layer_id, start, out)
     return out
 
-
-def reference_values(spec: TableSpec, layer_id: int, row: int) -> list[float]:
-    """One row in float64 before rounding, written out plainly with math.log/cos/sin.
-
-    Not bit-identical to the kernels (libm versus our polynomials differ in the last float64
-    bits); it is the readable statement of what the kernels approximate to ~1e-16.
-    """
-    init = spec.init
-    dim = spec.dim
-    if init.distribution == "zeros":
-        return [0.0] * dim
-    key = layer_key(spec.seed, layer_id)
-
-    def word(n: int) -> int:
-        return mix64(key + (n + 1) * GAMMA)
-
-    if init.distribution == "uniform":
-        return [init.bound * (2 * (((word(row * dim + c) >> 11) + 0.5) / 2**53) - 1)
-                for c in range(dim)]
-    pairs = (dim + 1) // 2
-    values = []
-    for p in range(pairs):
-        w = word(row * pairs + p)
-        hi, lo = w >> 32, w & 0xFFFFFFFF
-        radius = math.sqrt(-2.0 * math.log((2 * hi + 1) / 2**33)) * init.std
-        theta = 2 * math.pi * (lo + 0.5) / 2**32
-        values += [radius * math.cos(theta), radius * math.sin(theta)]
-    return values[:dim]

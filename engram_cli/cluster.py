@@ -1,0 +1,81 @@
+"""Scale-out on Dask distributed: connect to a cluster (or start a local one) and run tasks.
+
+The commands stay the same; only where their per-shard or per-partition tasks run changes.
+Tasks are plain functions of picklable arguments, so a worker needs the package and the
+store's filesystem (or object-store URL), and nothing passes through the client but results.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import EngramError
+
+TASK_RETRIES = 2
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
+    """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
+    if scheduler and workers:
+        raise EngramError("give either --scheduler or --dask-workers, not both")
+    if not scheduler and not workers:
+        yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise EngramError("scale-out needs Dask: pip install 'dask[distributed]'") from None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="15s")
+        except (OSError, TimeoutError) as exc:
+            raise EngramError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            yield client
+        return
+    if workers < 1:
+        raise EngramError(f"--dask-workers must be at least 1, got {workers}")
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tuple]],
+              on_done: Callable[[str, Any], None] | None = None) -> list[Any]:
+    """Run `fn(*args)` for every (name, args) on the cluster; results in the order given.
+
+    Dask retries a failing task and reschedules the tasks of a worker that died; a task that
+    still fails ends the command with one line naming it. `on_done` feeds the progress bar.
+    """
+    from distributed import as_completed
+
+    run_id = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(fn, *args, key=f"engram-{name}-{run_id}", pure=False, retries=TASK_RETRIES): name
+        for name, args in tasks
+    }
+    results: dict[str, Any] = {}
+    try:
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                result = future.result()
+            except EngramError:
+                raise
+            except Exception as exc:  # a worker's exception or a KilledWorker, reported as one line
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise EngramError(f"Dask task {name} failed: {type(exc).__name__}"
+                                  f"{': ' + detail if detail else ''}") from None
+            results[name] = result
+            if on_done is not None:
+                on_done(name, result)
+    finally:
+        for future in futures:
+            future.cancel()
+    return [results[name] for name, _ in tasks]
