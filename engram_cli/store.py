@@ -48,6 +48,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from .cluster import dask_client, run_tasks
 from .dtypes import BFloat16, numpy_dtype
 from .errors import EngramError
 from .init import INIT_ALGORITHM, fill_rows
@@ -199,7 +200,13 @@ def _heads_layout(layer: int, offsets: list[int], rows: int, row_bytes: int,
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return "://" in path
+
+
+def store_path(path: str | Path) -> str:
+    """A folder path or an fsspec URL; a file:// URL is the plain local folder it names."""
+    path = str(path)
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 class _Files:
@@ -655,8 +662,11 @@ class TableStore:
 
     def mark_complete(self) -> None:
         """Record that every shard is written: the last write of a build, so a store that says
-        complete is complete."""
+        complete is complete. Temporary files of writers that died (a killed Dask worker whose
+        shard was redone elsewhere) go first."""
         self._require_writable()
+        for layout in self.layouts.values():
+            self._files.remove_partials(layout.array)
         missing = self.missing_shards()
         if missing:
             raise EngramError(f"cannot mark {self.path} complete: {self._describe(missing)} missing")
@@ -719,7 +729,7 @@ def open_tables(path: str | Path, *, allow_incomplete: bool = False, writable: b
     Refuses, naming layers and rows, a store whose build never finished or whose shard files
     are missing, unless `allow_incomplete` (for `--resume` and inspection).
     """
-    path = str(path)
+    path = store_path(path)
     if not _is_url(path) and not Path(path).exists():
         raise EngramError(f"no table store at {path}")
     store = TableStore(path, _open_group(path, "r+" if writable else "r"), writable)
@@ -835,7 +845,7 @@ def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection,
     distribution); an importer passes e.g. {"algorithm": "imported", "source": "ckpt.pt"}.
     Call `mark_complete()` once every shard is written.
     """
-    path = str(path)
+    path = store_path(path)
     if dtype is not None:
         spec = spec.replace(dtype=dtype)
     layouts = plan_layout(spec, shards, shard_by)
@@ -1065,12 +1075,15 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
                  shards: int | None = None, shard_by: str | None = None,
                  workers: int | None = None, dtype: str | None = None, resume: bool = False,
                  overwrite: bool = False, dry_run: bool = False,
-                 show_progress: bool = True) -> BuildReport:
+                 show_progress: bool = True, scheduler: str | None = None,
+                 dask_workers: int | None = None) -> BuildReport:
     """The whole `engram build-tables` job: plan, create or resume, fill every shard, mark complete.
 
     The bytes of the result depend only on the spec, the projection and the layout (shards and
     shard_by); not on workers, interruptions or resumes. `output` may be None for a dry run.
     `shards`/`shard_by` default to 1 and "rows", or to the store's own when resuming.
+    With `scheduler` (a Dask scheduler address) or `dask_workers` (a local Dask cluster), every
+    shard is one Dask task that generates and writes that shard file on a worker.
     """
     if output is None and not dry_run:
         raise EngramError("missing option -o/--output: the table store to write")
@@ -1079,7 +1092,7 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
     if workers is not None and workers < 1:
         raise EngramError(f"--workers must be a positive integer, got {workers}")
     spec, projection = _load_inputs(spec, projection, dtype)
-    output = None if output is None else str(output)
+    output = None if output is None else store_path(output)
     action, existing = "plan", None
     if output is not None:
         exists = _store_exists(output)
@@ -1117,13 +1130,17 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
     if dry_run:
         return report
 
-    started = time.perf_counter()
-    if action == "resume":
-        store = _repair_for_resume(output, spec, projection)
-    else:
-        store = create_store(output, spec, projection, shards=shards, shard_by=shard_by,
-                             overwrite=overwrite)
-    _fill(store, report, show_progress)
+    with dask_client(scheduler, dask_workers) as client:
+        started = time.perf_counter()
+        if action == "resume":
+            store = _repair_for_resume(output, spec, projection)
+        else:
+            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by,
+                                 overwrite=overwrite)
+        if client is None:
+            _fill(store, report, show_progress)
+        else:
+            _fill_on_cluster(client, store, report, show_progress)
     store.mark_complete()
     report.complete = True
     report.seconds = time.perf_counter() - started
@@ -1134,8 +1151,6 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
 def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
     """Run every shard through `ensure_shard`: a few shard threads, each with one reusable
     buffer, hand the generation to `report.workers` threads and write the result."""
-    from .report import progress
-
     jobs = [(layer, i) for layer, lay in store.layouts.items() for i in range(lay.shards)]
     local = threading.local()
     started = time.perf_counter()
@@ -1152,30 +1167,16 @@ def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
         start, stop = layout.shard_range(index)
         return stop - start, outcome, nbytes
 
-    bar = progress(TextColumn("rows"), TextColumn("{task.fields[rate]}"))
-    if not show_progress:
-        bar.disable = True
+    bar, task = _build_progress(store, report, show_progress)
     compute = concurrent.futures.ThreadPoolExecutor(max_workers=report.workers,
                                                     thread_name_prefix="engram-generate")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=report.shards_in_flight,
                                                  thread_name_prefix="engram-shard")
     try:
         with bar:
-            task = bar.add_task(f"{report.action} {Path(store.path).name}", rate="",
-                                total=sum(lay.rows for lay in store.layouts.values()))
             futures = [pool.submit(run, job) for job in jobs]
             for future in concurrent.futures.as_completed(futures):
-                rows, outcome, nbytes = future.result()
-                report.bytes_written += nbytes
-                if outcome == "kept":
-                    report.shards_kept += 1
-                elif outcome == "repaired":
-                    report.shards_repaired += 1
-                else:
-                    report.shards_written += 1
-                elapsed = time.perf_counter() - started
-                bar.update(task, advance=rows,
-                           rate=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else "")
+                _count_shard(report, bar, task, started, *future.result())
     except BaseException as exc:
         pool.shutdown(wait=True, cancel_futures=True)
         compute.shutdown(wait=True, cancel_futures=True)
@@ -1185,3 +1186,50 @@ def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
         raise
     pool.shutdown(wait=True)
     compute.shutdown(wait=True)
+
+
+def _build_progress(store: TableStore, report: BuildReport, show: bool) -> tuple[Any, Any]:
+    from .report import progress
+
+    bar = progress(TextColumn("rows"), TextColumn("{task.fields[rate]}"))
+    if not show:
+        bar.disable = True
+    task = bar.add_task(f"{report.action} {Path(store.path).name}", rate="",
+                        total=sum(lay.rows for lay in store.layouts.values()))
+    return bar, task
+
+
+def _count_shard(report: BuildReport, bar: Any, task: Any, started: float,
+                 rows: int, outcome: str, nbytes: int) -> None:
+    report.bytes_written += nbytes
+    if outcome == "kept":
+        report.shards_kept += 1
+    elif outcome == "repaired":
+        report.shards_repaired += 1
+    else:
+        report.shards_written += 1
+    elapsed = time.perf_counter() - started
+    bar.update(task, advance=rows,
+               rate=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else "")
+
+
+def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, int]:
+    """One Dask task: keep a good shard file or (re)build it; (rows, outcome, bytes written)."""
+    store = open_tables(path, allow_incomplete=True, writable=True)
+    outcome, nbytes = store.ensure_shard(layer_id, index)
+    start, stop = store.layout(layer_id).shard_range(index)
+    return stop - start, outcome, nbytes
+
+
+def _fill_on_cluster(client: Any, store: TableStore, report: BuildReport, show_progress: bool) -> None:
+    """One task per shard file, so no two workers ever write the same shard; only the
+    (rows, outcome, bytes) of each task come back to the client."""
+    jobs = [(f"layer{layer}-shard{i}", (store.path, layer, i))
+            for layer, lay in store.layouts.items() for i in range(lay.shards)]
+    report.workers = sum(client.nthreads().values())
+    report.shards_in_flight = min(report.workers, len(jobs))
+    bar, task = _build_progress(store, report, show_progress)
+    started = time.perf_counter()
+    with bar:
+        run_tasks(client, ensure_shard_task, jobs,
+                  on_done=lambda _name, result: _count_shard(report, bar, task, started, *result))

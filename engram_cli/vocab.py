@@ -31,6 +31,7 @@ from .tokenizer import TokenizerSource, load_tokenizer, tokenizer_from_bytes, un
 NORMALIZER_VERSION = "engram-nfkc-v1"
 FORMAT = "engram-projection"
 FORMAT_VERSION = "1"
+_FILE_KEYS = ("format", "format_version", "vocab_size", "compressed_size")  # derived on save
 _SENTINEL = "\ue000"
 _REPLACEMENT = "\ufffd"
 
@@ -217,7 +218,8 @@ def load_projection(path: str | Path) -> VocabProjection:
         raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
     zipped = tensors.get("tokenizer_zip")
     tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes())
-    return VocabProjection(tensors["lookup"], metadata, tokenizer_json)
+    own = {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
+    return VocabProjection(tensors["lookup"], own, tokenizer_json)
 
 
 def _cache_dir() -> Path:

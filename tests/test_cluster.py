@@ -1,0 +1,127 @@
+"""Scale-out on a real Dask LocalCluster: same bytes and numbers as the local path."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from engram_cli import EngramError
+from engram_cli.cluster import dask_client, run_tasks
+from engram_cli.spec import TableSpec
+from engram_cli.store import build_tables, open_tables
+from engram_cli.vocab import VocabProjection
+
+pytestmark = pytest.mark.slow
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield cluster, client
+
+
+@pytest.fixture(scope="module")
+def projection():
+    return VocabProjection(__import__("numpy").arange(1000) // 3)
+
+
+SMALL = TableSpec(layer_ids=(1, 4), max_ngram_size=3, n_head_per_ngram=2,
+                  engram_vocab_size=(3000, 2000), n_embed_per_ngram=32, pad_id=0, dtype="float32")
+
+
+def test_cluster_build_is_byte_identical_to_local(tmp_path, cluster, projection):
+    local = build_tables(SMALL, tmp_path / "local.zarr", projection=projection, shards=3,
+                         show_progress=False)
+    remote = build_tables(SMALL, f"file://{tmp_path / 'dask.zarr'}", projection=projection, shards=3,
+                          scheduler=cluster[0].scheduler_address, show_progress=False)
+    assert remote.complete and remote.shards_written == local.shards_written == 6
+    assert same_tree(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+    resumed = build_tables(SMALL, tmp_path / "dask.zarr", projection=projection, resume=True,
+                           scheduler=cluster[0].scheduler_address, show_progress=False)
+    assert resumed.shards_kept == 6 and resumed.shards_written == 0
+
+
+def test_cli_local_cluster_option(tmp_path, projection):
+    projection_file = tmp_path / "p.safetensors"
+    projection.save(projection_file)
+    spec_file = tmp_path / "small.toml"
+    spec_file.write_text(
+        "[engram]\nlayer_ids = [1, 4]\nmax_ngram_size = 3\nn_head_per_ngram = 2\n"
+        "engram_vocab_size = [3000, 2000]\nn_embed_per_ngram = 32\npad_id = 0\n"
+        "[table]\ndtype = \"float32\"\n")
+    build_tables(spec_file, tmp_path / "local.zarr", projection=projection_file, shards=2,
+                 show_progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engram_cli", "build-tables", str(spec_file), "--projection",
+         str(projection_file), "-o", str(tmp_path / "dask.zarr"), "--shards", "2",
+         "--dask-workers", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert same_tree(tmp_path / "local.zarr", tmp_path / "dask.zarr")
+
+
+def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
+    """SIGKILL one worker process while its shards are being written: Dask reschedules its
+    tasks (or a rerun with --resume finishes), and the bytes equal the local build's."""
+    spec = TableSpec(layer_ids=(1, 2), max_ngram_size=2, n_head_per_ngram=4,
+                     engram_vocab_size=(400_000,), n_embed_per_ngram=64, pad_id=0, dtype="float32")
+    build_tables(spec, tmp_path / "local.zarr", projection=projection, shards=8, show_progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        target = tmp_path / "dask.zarr"
+        script = ("import sys; from engram_cli.store import build_tables; from engram_cli.spec import "
+                  "spec_from_dict; from engram_cli.vocab import load_projection; import json;"
+                  "build_tables(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], "
+                  "projection=load_projection(sys.argv[3]), shards=8, scheduler=sys.argv[4], "
+                  "show_progress=False)")
+        projection.save(tmp_path / "p.safetensors")
+        import json
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(spec.to_dict()), str(target),
+                                 str(tmp_path / "p.safetensors"), cluster.scheduler_address],
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not list(target.glob("layer_*/c/*/0")) and time.time() < deadline:
+            time.sleep(0.005)
+        complete_at_kill = open_tables(target, allow_incomplete=True).is_complete
+        os.kill(pids[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            assert "engram" in err or "Dask" in err
+            build_tables(spec, target, projection=projection, resume=True,
+                         scheduler=cluster.scheduler_address, show_progress=False)
+    assert not complete_at_kill
+    assert open_tables(target).is_complete
+    assert same_tree(tmp_path / "local.zarr", target)
+
+
+def _fails(x: int) -> int:
+    raise ValueError(f"bad input {x}")
+
+
+def test_a_failing_task_is_one_line_naming_it(cluster):
+    with pytest.raises(EngramError, match=r"task shard-7 failed: ValueError: bad input 7"):
+        run_tasks(cluster[1], _fails, [("shard-7", (7,))])
+
+
+def test_scheduler_and_workers_exclude_each_other():
+    with pytest.raises(EngramError, match="not both"):
+        with dask_client("tcp://127.0.0.1:1", 2):
+            pass
+    with pytest.raises(EngramError, match="cannot reach"):
+        with dask_client("tcp://127.0.0.1:1", None):
+            pass
