@@ -309,7 +309,7 @@ def test_corrupt_and_missing_shards_are_named_and_repaired(tmp_path, demo_store,
     shard.write_bytes(bytes(data))
     with pytest.raises(EngramError, match=rf"layer 3 rows {start}-{stop - 1} \(shard 1\):.*crc32c"):
         store.verify()
-    with pytest.raises(EngramError, match=rf"layer 3 rows {start}-{stop - 1}.*crc32c"):
+    with pytest.raises(EngramError, match=rf"layer 3 rows {start}-\d+ \(shard 1\).*crc32c"):
         open_tables(path).read_rows(3, start, start + 5)
     report = build_tables(SPEC, path, projection=projection, resume=True, show_progress=False)
     assert report.shards_repaired == 1 and report.shards_kept == report.shards_total - 1
