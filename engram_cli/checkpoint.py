@@ -779,8 +779,10 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickl
     by = shard_by or sharding.get("shard_by") or "rows"
     init = {"algorithm": "imported", "source": str(checkpoint.absolute()), "format": kind, "layout": layout}
     started = time.perf_counter()
+    partial = set(source.layer_ids) != set(source.spec.layer_ids)
     store = create_store(output, source.spec, source.projection, shards=ranks, shard_by=by,
-                         dtype=store_dtype, overwrite=overwrite, init=init)
+                         dtype=store_dtype, overwrite=overwrite, init=init,
+                         layers=list(source.layer_ids) if partial else None)
     conversion = Conversion(source.dtype, store_dtype)
     target = TORCH_DTYPES[store_dtype]
     written = 0
@@ -795,14 +797,12 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickl
                 conversion.check(values, converted)
                 written += store.write_rows(layer_id, begin, to_numpy(converted))
                 advance(end - begin)
+    store.mark_complete()
+    complete = True
     notes = []
-    complete = set(source.layer_ids) == set(source.spec.layer_ids)
-    if complete:
-        store.mark_complete()
-    else:
-        left = [x for x in source.spec.layer_ids if x not in source.layer_ids]
-        notes.append(f"only layers {', '.join(map(str, source.layer_ids))} imported: the store stays "
-                     f"incomplete (layers {', '.join(map(str, left))} are not written)")
+    if partial:
+        notes.append(f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
+                     f"{', '.join(map(str, source.spec.layer_ids))} imported; the store holds just those")
     return ImportReport(
         checkpoint=str(checkpoint), format=kind, layout=layout, store=str(output), dtype=store_dtype,
         source_dtype=source.dtype,

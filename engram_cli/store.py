@@ -350,7 +350,7 @@ class TableStore:
             self.spec: TableSpec = spec_from_dict(attrs["spec"], name=attrs["spec"].get("name", "custom"))
             self.dtype: str = attrs["dtype"]
             self.layouts: dict[int, LayerLayout] = {}
-            for layer in self.spec.layer_ids:
+            for layer in attrs.get("stored_layers", self.spec.layer_ids):
                 info = attrs["layers"][str(layer)]
                 self.layouts[layer] = LayerLayout(
                     layer, info["rows"], info["dim"], info["chunk_rows"], info["shard_rows"],
@@ -368,7 +368,8 @@ class TableStore:
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
-        return self.spec.layer_ids
+        """The layers this store holds: all of the spec's, or those an import chose."""
+        return tuple(self.layouts)
 
     @property
     def ranks(self) -> int:
@@ -885,8 +886,13 @@ def _store_exists(path: str) -> bool:
 
 def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection, *,
                  shards: int = 1, shard_by: str = "rows", dtype: str | None = None,
-                 overwrite: bool = False, init: dict[str, Any] | None = None) -> TableStore:
+                 overwrite: bool = False, init: dict[str, Any] | None = None,
+                 layers: list[int] | None = None) -> TableStore:
     """An empty store with the standard layout, ready for `write_rows`/`build_shard`.
+
+    `layers` keeps only some of the spec's layers (an import of one layer of a published
+    model): head sizes and offsets still come from the whole spec, so rows stay where the
+    model's hasher puts them, and completeness counts only the layers kept.
 
     `init` records where the values come from (default: this module's generator and the spec's
     distribution); an importer passes e.g. {"algorithm": "imported", "source": "ckpt.pt"}.
@@ -896,12 +902,18 @@ def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection,
     if dtype is not None:
         spec = spec.replace(dtype=dtype)
     layouts = plan_layout(spec, shards, shard_by)
+    if layers is not None:
+        for layer in layers:
+            spec.head_sizes(layer)  # an EngramError naming the spec's layers if it has no such layer
+        layouts = {layer: layouts[layer] for layer in spec.layer_ids if layer in set(layers)}
     if _store_exists(path):
         if not overwrite:
             raise EngramError(f"{path} already exists; pass --overwrite to replace it "
                               "(or --resume to finish an interrupted build)")
         _remove_existing(path)
     attrs = _store_attrs(spec, projection, layouts, shards, shard_by, init or default_init(spec))
+    if layers is not None:
+        attrs["stored_layers"] = list(layouts)
     try:
         group = zarr.create_group(path, overwrite=False, attributes={ATTRS_KEY: attrs})
         for layout in layouts.values():

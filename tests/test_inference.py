@@ -211,8 +211,12 @@ def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection)
         import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection, show_progress=False)
     report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3],
                                show_progress=False)
-    assert list(report.layers) == [3] and not report.complete and report.notes
-    partial = open_tables(tmp_path / "c", allow_incomplete=True)
+    assert list(report.layers) == [3] and report.complete and report.notes
+    partial = open_tables(tmp_path / "c")
+    assert partial.layer_ids == (3,) and partial.head_sizes(3) == tiny_spec().head_sizes(3)
+    assert partial.spec.layer_ids == tiny_spec().layer_ids
+    with pytest.raises(EngramError, match="layer 1 is not in the store"):
+        partial.read_rows(1, 0, 1)
     tables = EngramTables.open(out, spec=tiny_spec(), projection=projection)
     assert torch.equal(as_float32(np.asarray(partial.read_rows(3, 0, tables.rows(3)))),
                        tables.gather(3, torch.arange(tables.rows(3))).float())
