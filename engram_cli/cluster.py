@@ -8,9 +8,11 @@ store's filesystem (or object-store URL), and nothing passes through the client 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from .errors import EngramError
@@ -44,6 +46,12 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         yield client
+
+
+def absolute_store_path(path: str | Path) -> str:
+    """What a worker on another machine can open: an absolute folder path, or the URL as is."""
+    path = str(path)
+    return path if "://" in path else os.path.abspath(path)
 
 
 def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tuple]],

@@ -29,6 +29,7 @@ import torch
 from .checkpoint import (DEFAULT_KEY_TEMPLATE, TORCH_DTYPES, Conversion, ExportReport, LayerSource,
                          TableSource, check_key_template, open_source_store, prefetched, prepare_output,
                          remove_tree, row_blocks, store_progress)
+from .cluster import absolute_store_path, dask_client, run_tasks
 from .errors import EngramError
 from .quant import BLOCK, QuantError, check_blockable, dequantize, gather_dequantize, quantize
 from .safetensors_io import (SAFETENSORS_DTYPES, MappedTensors, SafetensorsWriter, TensorPlan, open_set,
@@ -107,11 +108,15 @@ def _plan(source: TableSource, layout: str, dtype: str, key_template: str) -> tu
 def export_inference(store: str | Path, output: str | Path, *, dtype: str | None = None,
                      layout: str = "engram", max_shard_size: str | int = "5GB",
                      key_template: str | None = None, overwrite: bool = False,
-                     show_progress: bool = True) -> ExportReport:
+                     show_progress: bool = True, scheduler: str | None = None,
+                     dask_workers: int | None = None) -> ExportReport:
     """Stream a store into safetensors for inference, one row block in memory at a time.
 
     `output` ending in `.safetensors` is one file; otherwise a folder holding `model.safetensors`,
     or shards of at most `max_shard_size` with an index (always shards for `deepseek-v41`).
+    With `scheduler` or `dask_workers`, every row block is a Dask task that reads the store and
+    writes its bytes by position into the same files (every header is laid out first), so the
+    output folder must be on a filesystem the workers share.
     """
     if layout not in LAYOUTS:
         raise EngramError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
@@ -148,35 +153,26 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
     start = time.perf_counter()
     quant = QuantError() if dtype == "float8_e4m3fn" else None
     conversion = Conversion(source.spec.dtype, dtype)
+    block_rows = {t.layer_id: source.layer(t.layer_id).preferred_block(
+        max(1, _BLOCK_BYTES // (4 * source.spec.dim))) for t in tables}
+    blocks = [(t, begin, end) for t in tables
+              for begin, end in row_blocks(source.spec.rows(t.layer_id), block_rows[t.layer_id])]
     try:
         writer = SafetensorsWriter(layout_plan, tmp, create=True)
         try:
-            readers = {t.layer_id: source.layer(t.layer_id) for t in tables}
-            blocks = [(t, begin, end) for t in tables
-                      for begin, end in row_blocks(readers[t.layer_id].rows, readers[t.layer_id].preferred_block(
-                          max(1, _BLOCK_BYTES // (4 * source.spec.dim))))]
-            target = TORCH_DTYPES[dtype]
-
-            def read(block: tuple[_Table, int, int]) -> torch.Tensor:
-                table, begin, end = block
-                values = readers[table.layer_id].read(begin, end)
-                if quant is not None:
-                    return values
-                converted = values.to(target)
-                conversion.check(values, converted)
-                return converted
-
-            with store_progress(source, "export", show_progress) as advance:
-                for (table, begin, end), values in prefetched(blocks, read):
-                    if quant is None:
-                        writer.write_rows(table.weight, begin, values)
-                    else:
-                        codes, scales = quantize(values, quant, threads=2)
-                        writer.write_rows(table.weight, begin, codes)
-                        writer.write_rows(table.scale, begin, scales)
-                    advance(end - begin)
             for name, value in small.items():
                 writer.write_rows(name, 0, value)
+            with store_progress(source, "export", show_progress) as advance, \
+                    dask_client(scheduler, dask_workers) as client:
+                if client is None:
+                    readers = {t.layer_id: source.layer(t.layer_id) for t in tables}
+                    for (table, begin, end), values in prefetched(
+                            blocks, lambda block: readers[block[0].layer_id].read(block[1], block[2])):
+                        _write_block(writer, table, begin, values, dtype, quant, conversion)
+                        advance(end - begin)
+                else:
+                    _export_on_cluster(client, absolute_store_path(store), layout_plan, tmp, blocks, dtype, quant,
+                                       conversion, advance)
         finally:
             writer.close(sync=True)
         writer.write_index()
@@ -192,6 +188,51 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
                                               for t in tables},
         bytes=total, seconds=seconds, conversion=conversion.to_json(),
         quantization=None if quant is None else quant.to_json())
+
+
+def _write_block(writer: SafetensorsWriter, table: _Table, begin: int, values: torch.Tensor,
+                 dtype: str, quant: QuantError | None, conversion: Conversion) -> None:
+    """Convert (or quantize) one row block of a table and write it at its place."""
+    if quant is None:
+        converted = values.to(TORCH_DTYPES[dtype])
+        conversion.check(values, converted)
+        writer.write_rows(table.weight, begin, converted)
+    else:
+        codes, scales = quantize(values, quant, threads=2)
+        writer.write_rows(table.weight, begin, codes)
+        writer.write_rows(table.scale, begin, scales)
+
+
+def export_block_task(store: str, layout_plan: Any, directory: str, table: _Table, begin: int,
+                      end: int, dtype: str) -> tuple[int, QuantError | None, float]:
+    """One Dask task: rows [begin, end) of one table, read from the store and written by
+    position; returns (rows, quantization error, largest conversion error) for the merge."""
+    source = open_source_store(store)
+    conversion = Conversion(source.spec.dtype, dtype)
+    quant = QuantError() if dtype == "float8_e4m3fn" else None
+    writer = SafetensorsWriter(layout_plan, directory, create=False)
+    try:
+        values = source.layer(table.layer_id).read(begin, end)
+        _write_block(writer, table, begin, values, dtype, quant, conversion)
+    finally:
+        writer.close(sync=True)
+    return end - begin, quant, conversion.max_abs_error
+
+
+def _export_on_cluster(client: Any, store: str, layout_plan: Any, directory: Path,
+                       blocks: list[tuple[_Table, int, int]], dtype: str, quant: QuantError | None,
+                       conversion: Conversion, advance: Any) -> None:
+    def done(_name: str, result: tuple[int, QuantError | None, float]) -> None:
+        rows, block_quant, block_error = result
+        if quant is not None and block_quant is not None:
+            quant.merge(block_quant)
+        conversion.max_abs_error = max(conversion.max_abs_error, block_error)
+        advance(rows)
+
+    tasks = [(f"layer{table.layer_id}-rows{begin}-{end - 1}",
+              (store, layout_plan, str(directory), table, begin, end, dtype))
+             for table, begin, end in blocks]
+    run_tasks(client, export_block_task, tasks, on_done=done)
 
 
 class EngramTables:

@@ -48,7 +48,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .cluster import dask_client, run_tasks
+from .cluster import absolute_store_path, dask_client, run_tasks
 from .dtypes import BFloat16, numpy_dtype
 from .errors import EngramError
 from .init import INIT_ALGORITHM, fill_rows
@@ -1283,7 +1283,7 @@ def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, i
 def _fill_on_cluster(client: Any, store: TableStore, report: BuildReport, show_progress: bool) -> None:
     """One task per shard file, so no two workers ever write the same shard; only the
     (rows, outcome, bytes) of each task come back to the client."""
-    jobs = [(f"layer{layer}-shard{i}", (store.path, layer, i))
+    jobs = [(f"layer{layer}-shard{i}", (absolute_store_path(store.path), layer, i))
             for layer, lay in store.layouts.items() for i in range(lay.shards)]
     report.workers = sum(client.nthreads().values())
     report.shards_in_flight = min(report.workers, len(jobs))

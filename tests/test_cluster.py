@@ -125,3 +125,19 @@ def test_scheduler_and_workers_exclude_each_other():
     with pytest.raises(EngramError, match="cannot reach"):
         with dask_client("tcp://127.0.0.1:1", None):
             pass
+
+
+@pytest.mark.parametrize("layout,dtype", [("engram", "bfloat16"), ("deepseek-v41", "float8_e4m3fn")])
+def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, projection, layout, dtype):
+    from engram_cli.inference import export_inference
+
+    spec = SMALL.replace(n_embed_per_ngram=64)
+    build_tables(spec, tmp_path / "t.zarr", projection=projection, shards=2, show_progress=False)
+    local = export_inference(tmp_path / "t.zarr", tmp_path / "local", layout=layout, dtype=dtype,
+                             max_shard_size="100KB", show_progress=False)
+    remote = export_inference(tmp_path / "t.zarr", tmp_path / "dask", layout=layout, dtype=dtype,
+                              max_shard_size="100KB", scheduler=cluster[0].scheduler_address,
+                              show_progress=False)
+    assert len(local.files) > 1 and local.files == remote.files
+    assert same_tree(tmp_path / "local", tmp_path / "dask")
+    assert remote.to_json()["quantization"] == local.to_json()["quantization"]

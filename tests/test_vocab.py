@@ -154,3 +154,15 @@ def test_ascii_fast_path_equals_the_normalizer(text):
     from engram_cli.vocab import _ascii_key, build_normalizer
 
     assert _ascii_key(text) == (build_normalizer().normalize_str(text) or text)
+
+
+def test_embedded_tokenizer_zip_is_reproducible(tiny):
+    """Exports embed the zipped tokenizer: the same tokenizer must give the same bytes later."""
+    import time as _time
+
+    from engram_cli.tokenizer import unzip_bytes, zip_bytes
+
+    data = tiny.to_str().encode()
+    first = zip_bytes(data)
+    _time.sleep(2.1)  # a zip entry stamped with the clock would now differ
+    assert zip_bytes(data) == first and unzip_bytes(first) == data
