@@ -197,6 +197,8 @@ def inspect_command(
         None, "--max-memory", min=16, help="MiB of n-gram counts kept in memory before spilling to disk "
                                            "(default: a quarter of the free memory)."),
     spill_dir: Optional[Path] = typer.Option(None, "--spill-dir", help="Where to spill (default: the temp dir)."),
+    scheduler: Optional[str] = SCHEDULER_OPTION,
+    dask_workers: Optional[int] = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store."""
@@ -207,7 +209,8 @@ def inspect_command(
                             glob=glob, max_tokens=max_tokens)
     emit(inspect(source, projection=projection, corpus=corpus, options=options,
                  sweep=parse_factors(sweep) if sweep else None, plot=plot, top=top, verify=verify,
-                 memory_budget=max_memory << 20 if max_memory else None, spill_dir=spill_dir), as_json)
+                 memory_budget=max_memory << 20 if max_memory else None, spill_dir=spill_dir,
+                 scheduler=scheduler, dask_workers=dask_workers), as_json)
 
 
 def main() -> None:

@@ -166,7 +166,8 @@ class Corpus:
 
     def __init__(self, paths: list[str | Path], projection: VocabProjection,
                  options: CorpusOptions | None = None, context: int = 1,
-                 id_batch_tokens: int = ID_BATCH_TOKENS, text_batch_chars: int = TEXT_BATCH_CHARS) -> None:
+                 id_batch_tokens: int = ID_BATCH_TOKENS, text_batch_chars: int = TEXT_BATCH_CHARS,
+                 part: CorpusPart | None = None) -> None:
         if not paths:
             raise EngramError("no corpus given: pass --corpus PATH (files or folders)")
         self.projection = projection
@@ -174,12 +175,19 @@ class Corpus:
         self.context = context
         self.id_batch_tokens = id_batch_tokens
         self.text_batch_chars = text_batch_chars
-        self.sources = find_sources(paths, self.options.glob)
+        self.part = part
+        self.sources = list(part.sources) if part is not None else find_sources(paths, self.options.glob)
         self.summary = CorpusSummary(inputs=[str(p) for p in paths])
         self.total_bytes = sum(s.path.stat().st_size for s in self.sources)
         self.bytes_done = 0
         self._tokenizer = None
         self._read = dict.fromkeys(_READ_COUNTS, 0)
+
+    def add_summary(self, other: CorpusSummary) -> None:
+        """Fold in what a cluster task read of one part of this corpus."""
+        for name in (*_READ_COUNTS, "documents", "tokens"):
+            setattr(self.summary, name, getattr(self.summary, name) + getattr(other, name))
+        self.summary.tokenized |= other.tokenized
 
     def _count(self, name: str, amount: int = 1) -> None:
         self._read[name] += amount
@@ -337,32 +345,38 @@ class Corpus:
     # pre-tokenized ids ------------------------------------------------------------------
 
     def _id_batches(self, sources: list[_Source]) -> Iterator[DocBatch]:
+        ids_range = None if self.part is None else self.part.id_range
         for source in sources:
-            self._count("files")
+            if ids_range is None or ids_range[0] == 0:  # a file split over parts counts once
+                self._count("files")
             array = _open_ids(source.path, source.kind, self.options.bin_dtype)
-            batches = self._row_batches if array.ndim == 2 else self._stream_batches
-            for batch in batches(array, source.path):
+            if array.ndim == 2:
+                batches = self._row_batches(array, source.path, *(ids_range or (0, array.shape[0])))
+            else:
+                batches = self._stream_batches(array, source.path, *(ids_range or (0, array.shape[0])))
+            for batch in batches:
                 yield self._tagged(batch)
             self.bytes_done += source.path.stat().st_size
         yield from self._leftover()
 
-    def _row_batches(self, array: _IdFile, path: Path) -> Iterator[DocBatch]:
-        rows, length = array.shape
+    def _row_batches(self, array: _IdFile, path: Path, first: int, end: int) -> Iterator[DocBatch]:
+        """Documents (rows) [first, end) of a 2-D array."""
+        length = array.shape[1]
         if length == 0:
             return
         step = max(1, self.id_batch_tokens // length)
-        for lo in range(0, rows, step):
-            chunk = array.read(lo, lo + step)
+        for lo in range(first, end, step):
+            chunk = array.read(lo, min(lo + step, end))
             _check_chunk(chunk, path, self.projection.vocab_size, lambda i: [lo + i[0], i[1]])
             yield DocBatch(chunk.reshape(-1), np.arange(chunk.shape[0], dtype=np.int64) * length)
 
-    def _stream_batches(self, array: _IdFile, path: Path) -> Iterator[DocBatch]:
-        """One stream, split at --doc-sep (the separators themselves are dropped)."""
+    def _stream_batches(self, array: _IdFile, path: Path, first: int, end: int) -> Iterator[DocBatch]:
+        """Ids [first, end) of one stream, split at --doc-sep (the separators themselves are
+        dropped); a range that starts inside a document carries that document's left context."""
         sep = self.options.doc_sep
-        tail = np.zeros(0, np.int64)
-        at_start = True
-        for lo in range(0, array.shape[0], self.id_batch_tokens):
-            raw = array.read(lo, lo + self.id_batch_tokens)
+        at_start, tail = _stream_state(array, first, sep, self.context)
+        for lo in range(first, end, self.id_batch_tokens):
+            raw = array.read(lo, min(lo + self.id_batch_tokens, end))
             if sep is None:
                 ids, flags = raw, np.zeros(raw.size, bool)
                 flags[:1] = at_start
@@ -384,6 +398,78 @@ class Corpus:
             at_start = bool(sep is not None and raw.size and raw[-1] == sep) or (at_start and ids.size == 0)
             if ids.size:
                 yield DocBatch(ids, starts, context)
+
+
+def _stream_state(array: _IdFile, position: int, sep: int | None, context: int) -> tuple[bool, np.ndarray]:
+    """Whether a document starts at `position` of a stream, and the last `context` ids of the
+    document that runs into it: what a reader that started at 0 would carry there."""
+    empty = np.zeros(0, np.int64)
+    if position == 0:
+        return True, empty
+    if sep is None:
+        return False, array.read(max(0, position - context), position).astype(np.int64)
+    window = max(64, 2 * context)
+    while True:
+        lo = max(0, position - window)
+        before = array.read(lo, position).astype(np.int64)
+        cuts = np.flatnonzero(before == sep)
+        if cuts.size and cuts[-1] == before.size - 1:
+            return True, empty
+        kept = before[cuts[-1] + 1:] if cuts.size else before
+        if cuts.size or kept.size >= context or lo == 0:
+            return False, kept[max(0, kept.size - context):].copy()
+        window *= 2
+
+
+@dataclass(frozen=True)
+class CorpusPart:
+    """A piece of a corpus that a cluster task reads alone: whole files, or a range of the
+    ids (of the documents, for a 2-D array) of one pre-tokenized file."""
+
+    sources: tuple[_Source, ...]
+    id_range: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        first = self.sources[0].path.name
+        span = f"[{self.id_range[0]}:{self.id_range[1]}]" if self.id_range else ""
+        more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""
+        return f"{first}{span}{more}"
+
+
+def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> list[CorpusPart]:
+    """Cut a corpus into about `parts` pieces of similar size, in input order: text files in
+    groups, each pre-tokenized file in ranges of at least `min_ids` ids (rows of a 2-D array)."""
+    options, sources = corpus.options, corpus.sources
+    if options.max_tokens is not None:
+        raise EngramError("--max-tokens reads the inputs in order and cannot be split over a cluster; "
+                          "drop it, or run without --scheduler/--dask-workers")
+    texts = [s for s in sources if s.kind in ("text", "jsonl")]
+    total = sum(s.path.stat().st_size for s in sources) or 1
+    target = max(1, total // max(1, parts))
+    pieces: list[CorpusPart] = []
+    group: list[_Source] = []
+    size = 0
+    for source in texts:
+        group.append(source)
+        size += source.path.stat().st_size
+        if size >= target:
+            pieces.append(CorpusPart(tuple(group)))
+            group, size = [], 0
+    if group:
+        pieces.append(CorpusPart(tuple(group)))
+    for source in sources:
+        if source.kind not in ("npy", "bin"):
+            continue
+        array = _open_ids(source.path, source.kind, options.bin_dtype)
+        count = array.shape[0]
+        width = array.shape[1] if array.ndim == 2 else 1
+        unit_bytes = max(1, source.path.stat().st_size // max(1, count))
+        step = max(1, -(-min_ids // max(1, width)), target // unit_bytes)
+        pieces += [CorpusPart((source,), (lo, min(lo + step, count))) for lo in range(0, count, step)]
+        if count == 0:
+            pieces.append(CorpusPart((source,), (0, 0)))
+    return pieces
 
 
 def _read_bytes(path: Path) -> bytes:

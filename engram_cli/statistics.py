@@ -36,7 +36,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .corpus import Corpus, CorpusOptions, CorpusSummary, DocBatch, cpu_count
+from .corpus import Corpus, CorpusOptions, CorpusPart, CorpusSummary, DocBatch, cpu_count
 from .errors import EngramError
 from .hashing import FLOAT_REDUCTION_MIN_PRIME
 from .spec import DTYPE_BYTES, TableSpec, human_bytes, load_spec
@@ -439,6 +439,20 @@ def _append_file(path: Path, data: np.ndarray) -> None:
                           "free some space or point --spill-dir elsewhere") from None
 
 
+def partition_file(order: int, index: int) -> str:
+    return f"order{order}-part{index:04d}.u64"
+
+
+def _as_rows(part: KeyCounts) -> np.ndarray:
+    """Key counts as the rows of a spill file: the key words, then the count."""
+    return np.concatenate([part.keys, part.counts.view(np.uint64).reshape(-1, 1)], axis=1)
+
+
+def read_counts(path: Path, words: int) -> KeyCounts:
+    rows = np.fromfile(path, dtype=np.uint64).reshape(-1, words + 1)
+    return KeyCounts(np.ascontiguousarray(rows[:, :-1]), rows[:, -1].view(np.int64).copy())
+
+
 class KeyCountStore:
     """Key counts per order: in memory while they fit the budget, then spilled by partition.
 
@@ -457,6 +471,7 @@ class KeyCountStore:
         self._merged: dict[int, KeyCounts] = {}
         self._buffered = 0
         self.spilled_bytes = 0
+        self.cleanup: Path | None = None  # a folder to remove with the counts (cluster runs)
         self.distinct: dict[int, int] = {}
         self.occurrences: dict[int, int] = {}
 
@@ -480,7 +495,7 @@ class KeyCountStore:
 
     def _file(self, order: int, index: int) -> Path:
         assert self._dir is not None
-        return self._dir / f"order{order}-part{index:04d}.u64"
+        return self._dir / partition_file(order, index)
 
     def _spill(self) -> None:
         if self._dir is None:
@@ -489,8 +504,7 @@ class KeyCountStore:
             for chunk in chunks:
                 for index, part in enumerate(split_partitions(chunk, self.partition_bits)):
                     if part.rows:
-                        rows = np.concatenate([part.keys, part.counts.view(np.uint64).reshape(-1, 1)], axis=1)
-                        self._append(self._file(order, index), rows)
+                        self._append(self._file(order, index), _as_rows(part))
             self._chunks[order] = []
         self._buffered = 0
 
@@ -499,9 +513,26 @@ class KeyCountStore:
         self.spilled_bytes += rows.nbytes
 
     def _read(self, order: int, index: int) -> KeyCounts:
-        rows = np.fromfile(self._file(order, index), dtype=np.uint64)
-        rows = rows.reshape(-1, self.window.layout(order).words + 1)
-        return KeyCounts(np.ascontiguousarray(rows[:, :-1]), rows[:, -1].view(np.int64).copy())
+        return read_counts(self._file(order, index), self.window.layout(order).words)
+
+    def save_partitions(self, directory: Path) -> None:
+        """After `finish`: every partition of every order in a file of its own in `directory`
+        (the output of one cluster map task, merged per partition by `merge_partition_task`)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for order in self._chunks:
+            for part in self.parts(order):
+                for index, piece in enumerate(split_partitions(part, self.partition_bits)):
+                    if piece.rows:
+                        _append_file(directory / partition_file(order, index), _as_rows(piece))
+
+    @classmethod
+    def merged_in(cls, window: WindowKeys, budget: int, directory: Path,
+                  distinct: dict[int, int], occurrences: dict[int, int]) -> KeyCountStore:
+        """The finished counts that cluster tasks merged into `directory`, one file a partition."""
+        store = cls(window, budget)
+        store._dir = directory
+        store.distinct, store.occurrences = dict(distinct), dict(occurrences)
+        return store
 
     def finish(self, pool: ThreadPoolExecutor | None = None) -> None:
         """Merge every partition (on `pool` when given); then `parts(order)` yields exact counts."""
@@ -530,9 +561,8 @@ class KeyCountStore:
         """Merge one spilled partition file in place: (distinct keys, occurrences)."""
         path = self._file(*job)
         merged = merge_partition([self._read(*job)])
-        rows = np.concatenate([merged.keys, merged.counts.view(np.uint64).reshape(-1, 1)], axis=1)
         tmp = path.with_suffix(".merged")
-        _append_file(tmp, rows)
+        _append_file(tmp, _as_rows(merged))
         tmp.replace(path)
         return merged.rows, int(merged.counts.sum())
 
@@ -549,8 +579,9 @@ class KeyCountStore:
         return None if self.spilled else self._merged[order]
 
     def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        for folder in (self._dir, self.cleanup):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> KeyCountStore:
         return self
@@ -577,6 +608,91 @@ def count_corpus(batches: Iterable[DocBatch], window: WindowKeys, store: KeyCoun
         drain(1)
     drain(0)
     store.finish(pool)
+
+
+# ---- counting on a Dask cluster --------------------------------------------------------------
+
+MERGE_GROUP = 16  # partitions merged by one reduce task
+
+
+def count_part_task(part: CorpusPart, spec: TableSpec, projection: VocabProjection,
+                    options: CorpusOptions, budget: int, root: str, name: str) -> CorpusSummary:
+    """Map: one corpus part to its key counts, saved one file per (order, partition) under
+    `root/name`; what was read comes back. A retried task starts its folder afresh."""
+    window = WindowKeys.of(spec, projection)
+    corpus = Corpus([part.sources[0].path], projection, options, context=spec.max_ngram_size - 1, part=part)
+    final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    with ThreadPoolExecutor(max_workers=1) as pool, KeyCountStore(window, budget, root) as store:
+        count_corpus(corpus.batches(), window, store, pool)
+        store.save_partitions(scratch)
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.rename(final)
+    return corpus.summary
+
+
+def merge_partition_task(root: str, maps: list[str], order: int, indices: list[int],
+                         words: int) -> tuple[int, int]:
+    """Reduce: merge partitions `indices` of one order over every map output into
+    `root/merged`; returns (distinct keys, occurrences). Only these partitions are in memory."""
+    distinct = occurrences = 0
+    target = Path(root) / "merged"
+    for index in indices:
+        name = partition_file(order, index)
+        chunks = [read_counts(Path(root) / m / name, words) for m in maps if (Path(root) / m / name).exists()]
+        if not chunks:
+            continue
+        merged = merge_partition(chunks)
+        tmp = target / f"{name}.partial"
+        tmp.unlink(missing_ok=True)
+        _append_file(tmp, _as_rows(merged))
+        tmp.replace(target / name)
+        distinct += merged.rows
+        occurrences += int(merged.counts.sum())
+    return distinct, occurrences
+
+
+def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: VocabProjection,
+                     window: WindowKeys, budget: int, spill_dir: str | Path | None,
+                     on_part: Callable[[], None] | None = None, part_ids: int | None = None) -> KeyCountStore:
+    """Map the corpus parts and merge the partitions as Dask tasks; the key counts move only
+    between workers through `spill_dir` (a folder every worker sees), never through the client."""
+    from .cluster import run_tasks
+    from .corpus import ID_BATCH_TOKENS, split_corpus
+
+    workers = max(1, sum(client.nthreads().values()))
+    parts = split_corpus(corpus, parts=4 * workers, min_ids=part_ids or ID_BATCH_TOKENS)
+    root = _spill_folder("engram-cluster-counts-", spill_dir)
+    (root / "merged").mkdir()
+    names = [f"map-{i:05d}" for i in range(len(parts))]
+    per_worker = max(64 << 20, budget // workers)
+    [spec_f, projection_f] = client.scatter([spec, projection], broadcast=True)
+
+    def mapped(_: str, summary: CorpusSummary) -> None:
+        corpus.add_summary(summary)
+        corpus.bytes_done = min(corpus.total_bytes, corpus.bytes_done + corpus.total_bytes // len(parts))
+        if on_part:
+            on_part()
+
+    run_tasks(client, count_part_task,
+              [(f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n))
+               for p, n in zip(parts, names)], on_done=mapped)
+    groups = [list(range(a, min(a + MERGE_GROUP, 1 << PARTITION_BITS)))
+              for a in range(0, 1 << PARTITION_BITS, MERGE_GROUP)]
+    jobs = [(order, g) for order in window.orders for g in groups]
+    results = run_tasks(client, merge_partition_task,
+                        [(f"merge-order{order}-parts{g[0]}-{g[-1]}",
+                          (str(root), names, order, g, window.layout(order).words)) for order, g in jobs])
+    distinct = {n: 0 for n in window.orders}
+    occurrences = {n: 0 for n in window.orders}
+    for (order, _), (rows, total) in zip(jobs, results):
+        distinct[order] += rows
+        occurrences[order] += total
+    for name in names:
+        shutil.rmtree(root / name, ignore_errors=True)
+    store = KeyCountStore.merged_in(window, budget, root / "merged", distinct, occurrences)
+    store.cleanup = root
+    return store
 
 
 # ---- collision statistics -------------------------------------------------------------------
@@ -1156,21 +1272,30 @@ def _resolve(source: str, projection: str | Path | None) -> tuple[TableSpec, Voc
 def collision_statistics(spec: TableSpec, projection: VocabProjection, corpus: Corpus | Iterable[DocBatch], *,
                          factors: list[float] | None = None, top: int = 0,
                          memory_budget: int | None = None, spill_dir: str | Path | None = None,
-                         on_batch: Callable[[DocBatch], None] | None = None,
-                         on_statistic: Callable[[], None] | None = None
+                         on_batch: Callable[[DocBatch | None], None] | None = None,
+                         on_statistic: Callable[[], None] | None = None, client: Any = None,
+                         part_ids: int | None = None
                          ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
     """Statistics at the spec's sizes and at every sweep factor, and the bytes spilled to disk.
 
     `corpus` is a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
-    `on_statistic` is called after each (layer, order, size) is done.
+    `on_statistic` is called after each (layer, order, size) is done. With a Dask `client`
+    (and a `Corpus`), counting is mapped over corpus parts and merged by partition on the
+    cluster (`part_ids`: the smallest range of a pre-tokenized file one task reads).
     """
     budget = memory_budget or default_memory_budget()
     window = WindowKeys.of(spec, projection)
     decoder = NgramDecoder(projection) if top else None
     scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]
-    with ThreadPoolExecutor(max_workers=cpu_count()) as pool, \
-            KeyCountStore(window, budget, spill_dir) as store:
-        count_corpus(corpus.batches() if isinstance(corpus, Corpus) else corpus, window, store, pool, on_batch)
+    if client is not None:
+        counts = count_on_cluster(client, corpus, spec, projection, window, budget, spill_dir,
+                                  (lambda: on_batch(None)) if on_batch else None, part_ids)
+    else:
+        counts = KeyCountStore(window, budget, spill_dir)
+    with ThreadPoolExecutor(max_workers=cpu_count()) as pool, counts as store:
+        if client is None:
+            count_corpus(corpus.batches() if isinstance(corpus, Corpus) else corpus, window, store, pool,
+                         on_batch)
         if not store.occurrences[2]:
             detail = ""
             if isinstance(corpus, Corpus):
@@ -1209,8 +1334,14 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
             options: CorpusOptions | None = None, sweep: list[float] | None = None,
             plot: str | Path | None = None, top: int = 0, verify: bool = False,
             memory_budget: int | None = None, spill_dir: str | Path | None = None,
-            show_progress: bool = True) -> InspectReport:
-    """The whole `engram inspect` job: table health of a STORE, collision statistics on a corpus."""
+            show_progress: bool = True, scheduler: str | None = None,
+            dask_workers: int | None = None, part_ids: int | None = None) -> InspectReport:
+    """The whole `engram inspect` job: table health of a STORE, collision statistics on a corpus.
+
+    With `scheduler` or `dask_workers` the corpus is counted on a Dask cluster (see
+    `count_on_cluster`); the numbers are the same to the last count.
+    """
+    from .cluster import dask_client
     from .report import progress
 
     spec, proj, store = _resolve(source, projection)
@@ -1240,7 +1371,7 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
             reading = bar.add_task("reading corpus (bytes)", total=max(1, reader.total_bytes)) if bar else None
             counting = bar.add_task("collision statistics", total=steps) if bar else None
 
-            def advance(_: DocBatch) -> None:
+            def advance(_: DocBatch | None) -> None:
                 if bar is not None:
                     bar.update(reading, completed=reader.bytes_done)
 
@@ -1249,9 +1380,11 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
                     bar.update(reading, completed=reader.total_bytes)
                     bar.advance(counting)
 
-            layers, points, spilled = collision_statistics(
-                spec, proj, reader, factors=sweep, top=top, memory_budget=memory_budget,
-                spill_dir=spill_dir, on_batch=advance, on_statistic=step)
+            with dask_client(scheduler, dask_workers) as client:
+                layers, points, spilled = collision_statistics(
+                    spec, proj, reader, factors=sweep, top=top, memory_budget=memory_budget,
+                    spill_dir=spill_dir, on_batch=advance, on_statistic=step, client=client,
+                    part_ids=part_ids)
             report.corpus, report.layers, report.sweep = reader.summary, layers, points
             report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
     if plot is not None:

@@ -141,3 +141,55 @@ def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, 
     assert len(local.files) > 1 and local.files == remote.files
     assert same_tree(tmp_path / "local", tmp_path / "dask")
     assert remote.to_json()["quantization"] == local.to_json()["quantization"]
+
+
+def _numbers(report) -> dict:
+    out = report.to_json()
+    corpus = {k: v for k, v in out["corpus"].items() if k not in ("seconds", "spilled_bytes")}
+    return {"corpus": corpus, "layers": out["layers"], "sweep": out["sweep"]}
+
+
+def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
+    from engram_cli.statistics import inspect
+
+    src = Path(__import__("json").__file__).parent
+    kwargs = dict(corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3],
+                  top=2, show_progress=False)
+    local = inspect("demo", **kwargs)
+    remote = inspect("demo", scheduler=cluster[0].scheduler_address, **kwargs)
+    assert local.corpus.files > 5 and _numbers(local) == _numbers(remote)
+
+
+@pytest.mark.parametrize("doc_sep", [None, 7])
+def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
+    """Ranges of one .bin stream (and rows of a 2-D .npy) read by separate tasks give the
+    local numbers to the last count: each range carries its document's left context."""
+    from engram_cli.corpus import CorpusOptions
+    from engram_cli.statistics import inspect
+
+    rng = __import__("numpy").random.default_rng(5)
+    stream = rng.integers(0, 40, size=30_000).astype("uint16")
+    stream[rng.integers(0, stream.size, 300)] = 7
+    stream.tofile(tmp_path / "ids.bin")
+    __import__("numpy").save(tmp_path / "rows.npy", rng.integers(0, 40, size=(50, 333)).astype("int32"))
+    spec = tmp_path / "s.toml"
+    spec.write_text("[engram]\nlayer_ids = [1]\nmax_ngram_size = 4\nn_head_per_ngram = 2\n"
+                    "engram_vocab_size = [97, 89, 83]\nn_embed_per_ngram = 8\npad_id = 0\n")
+    projection = tmp_path / "p.safetensors"
+    VocabProjection(__import__("numpy").arange(64) % 23).save(projection)
+    kwargs = dict(projection=projection, corpus=[tmp_path / "ids.bin", tmp_path / "rows.npy"],
+                  options=CorpusOptions(doc_sep=doc_sep), show_progress=False)
+    local = inspect(str(spec), **kwargs)
+    remote = inspect(str(spec), scheduler=cluster[0].scheduler_address, part_ids=997, **kwargs)
+    assert _numbers(local) == _numbers(remote)
+    assert local.corpus.files == 2
+
+
+def test_cluster_refuses_max_tokens(cluster):
+    from engram_cli.corpus import CorpusOptions
+    from engram_cli.statistics import inspect
+
+    with pytest.raises(EngramError, match="--max-tokens"):
+        inspect("demo", corpus=[Path(__import__("json").__file__).parent],
+                options=CorpusOptions(max_tokens=100), scheduler=cluster[0].scheduler_address,
+                show_progress=False)
