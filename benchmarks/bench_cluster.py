@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import interleaved, markdown_table  # noqa: E402
 
+from engram_cli.corpus import CorpusOptions  # noqa: E402
 from engram_cli.spec import load_spec  # noqa: E402
+from engram_cli.statistics import inspect  # noqa: E402
 from engram_cli.store import build_tables  # noqa: E402
 from engram_cli.vocab import VocabProjection  # noqa: E402
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.25,
                         help="fraction of the engram-demo-v1 head sizes to build")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=8_000_000, help="ids in the inspect corpus")
     args = parser.parse_args()
     spec = load_spec("engram-demo-v1").scaled(args.scale)
     projection = VocabProjection(np.arange(128_815) % 98_627)
@@ -60,6 +63,29 @@ def main() -> None:
         print(f"build-tables, {spec.name}, {spec.parameters:,} bf16 parameters; "
               f"cluster start-up {startup:.1f} s (not in the times)")
         print(markdown_table(["build", "median s", "M params/s", "throughput vs local"], rows))
+
+        tokens = args.tokens
+        rng = np.random.default_rng(0)
+        ids = np.minimum(rng.zipf(1.2, size=tokens), 128_000).astype(np.uint32)  # a word-like skew
+        ids.tofile(root / "corpus.bin")
+        demo = load_spec("engram-demo-v1")
+        options = CorpusOptions(bin_dtype="uint32", doc_sep=1)
+        projection_file = root / "p.safetensors"
+        projection.save(projection_file)
+
+        def count(**kw) -> None:
+            inspect("engram-demo-v1", projection=projection_file, corpus=[root / "corpus.bin"],
+                    options=options, show_progress=False, **kw)
+
+        count(scheduler=cluster.scheduler_address)  # warm the workers
+        medians = interleaved({
+            "local (threads)": lambda: count(),
+            "Dask LocalCluster, 2 workers": lambda: count(scheduler=cluster.scheduler_address),
+        }, repeats=args.repeats)
+        base = medians["local (threads)"]
+        rows = [[name, f"{t:.2f}", f"{tokens / t / 1e6:.1f}", f"{base / t:.2f}x"] for name, t in medians.items()]
+        print(f"\ninspect, {demo.name}, {tokens:,} pre-tokenized ids (.bin, uint32)")
+        print(markdown_table(["inspect", "median s", "M tokens/s", "throughput vs local"], rows))
     finally:
         client.close()
         cluster.close()
