@@ -171,6 +171,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise EngramError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -166,3 +166,14 @@ def test_embedded_tokenizer_zip_is_reproducible(tiny):
     first = zip_bytes(data)
     _time.sleep(2.1)  # a zip entry stamped with the clock would now differ
     assert zip_bytes(data) == first and unzip_bytes(first) == data
+
+
+def test_saved_file_has_ordinary_permissions(tiny, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        compress_vocab(tiny).save(tmp_path / "p.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o644
