@@ -37,7 +37,7 @@ from rich.text import Text
 
 from .errors import EngramError
 from .spec import TableSpec, load_spec
-from .vocab import VocabProjection, resolve_projection
+from .vocab import VocabProjection, check_output_file, resolve_projection
 
 # Below this the float quotient can be off by more than 2, so the kernel uses the exact `%`.
 FLOAT_REDUCTION_MIN_PRIME = 1 << 13
@@ -476,17 +476,6 @@ def _load_ids(path: Path) -> np.ndarray:
     return ids
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.is_dir():
-        raise EngramError(f"output {output} is a directory; give a file path")
-    if output.exists() and not overwrite:
-        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise EngramError(f"output folder {output.parent} is not writable")
-
-
 def hash_ids_file(ids_path: str | Path, output: str | Path, spec: TableSpec,
                   projection: VocabProjection, *, layers: Iterable[int] | None = None,
                   rows: bool = False, overwrite: bool = False,
@@ -499,7 +488,7 @@ def hash_ids_file(ids_path: str | Path, output: str | Path, spec: TableSpec,
     from .report import progress
 
     ids_path, output = Path(ids_path), Path(output)
-    _check_output(output, overwrite)
+    check_output_file(output, overwrite)
     ids = _load_ids(ids_path)
     _check_rank(ids.shape)
     projection.check_ids(ids)

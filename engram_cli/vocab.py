@@ -164,6 +164,18 @@ def _cached_tokenizer(json_bytes: bytes) -> Tokenizer:
     return tokenizer_from_bytes(json_bytes)
 
 
+def check_output_file(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file that cannot or may not be written."""
+    if output.is_dir():
+        raise EngramError(f"output {output} is a directory; give a file path")
+    if output.exists() and not overwrite:
+        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise EngramError(f"output folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise EngramError(f"output folder {output.parent} is not writable")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     try:
@@ -315,14 +327,7 @@ def write_projection(tokenizer: str | None, output: str | Path, *, overwrite: bo
                      top: int = 10) -> CompressReport:
     """The whole `engram compress-vocab` job: check the target, derive, write atomically, report."""
     output = Path(output)
-    if output.is_dir():
-        raise EngramError(f"output {output} is a directory; give a file path")
-    if output.exists() and not overwrite:
-        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise EngramError(f"output folder {output.parent} is not writable")
+    check_output_file(output, overwrite)
     source = load_tokenizer(tokenizer)
     projection = compress_vocab(source)
     projection.save(output)
