@@ -21,7 +21,8 @@ TASK_RETRIES = 2
 
 
 @contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int | None = None,
+                connect_timeout: str = "15s") -> Iterator[Any]:
     """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
     if scheduler and workers:
         raise EngramError("give either --scheduler or --dask-workers, not both")
@@ -34,7 +35,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
         raise EngramError("scale-out needs Dask: pip install 'dask[distributed]'") from None
     if scheduler:
         try:
-            client = Client(scheduler, timeout="15s")
+            client = Client(scheduler, timeout=connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise EngramError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:

@@ -123,7 +123,7 @@ def test_scheduler_and_workers_exclude_each_other():
         with dask_client("tcp://127.0.0.1:1", 2):
             pass
     with pytest.raises(EngramError, match="cannot reach"):
-        with dask_client("tcp://127.0.0.1:1", None):
+        with dask_client("tcp://127.0.0.1:1", None, connect_timeout="2s"):
             pass
 
 
