@@ -526,12 +526,19 @@ class KeyCountStore:
                         _append_file(directory / partition_file(order, index), _as_rows(piece))
 
     @classmethod
-    def merged_in(cls, window: WindowKeys, budget: int, directory: Path,
+    def merged_in(cls, window: WindowKeys, budget: int, directory: Path, partition_bits: int,
                   distinct: dict[int, int], occurrences: dict[int, int]) -> KeyCountStore:
-        """The finished counts that cluster tasks merged into `directory`, one file a partition."""
-        store = cls(window, budget)
+        """The finished counts that cluster tasks merged into `directory`, one file a partition:
+        read into memory when they fit the budget (as a local run keeps them), else streamed."""
+        store = cls(window, budget, partition_bits=partition_bits)
         store._dir = directory
         store.distinct, store.occurrences = dict(distinct), dict(occurrences)
+        if sum(p.stat().st_size for p in directory.iterdir()) <= budget:
+            for order in window.orders:
+                parts = list(store.parts(order)) or [KeyCounts.empty(window.layout(order).words)]
+                store._merged[order] = KeyCounts(np.concatenate([p.keys for p in parts]),
+                                                 np.concatenate([p.counts for p in parts]))
+            store._dir = None  # partitions are key ranges in order: concatenated, still sorted
         return store
 
     def finish(self, pool: ThreadPoolExecutor | None = None) -> None:
@@ -612,18 +619,16 @@ def count_corpus(batches: Iterable[DocBatch], window: WindowKeys, store: KeyCoun
 
 # ---- counting on a Dask cluster --------------------------------------------------------------
 
-MERGE_GROUP = 16  # partitions merged by one reduce task
-
-
 def count_part_task(part: CorpusPart, spec: TableSpec, projection: VocabProjection,
-                    options: CorpusOptions, budget: int, root: str, name: str) -> CorpusSummary:
+                    options: CorpusOptions, budget: int, root: str, name: str, bits: int) -> CorpusSummary:
     """Map: one corpus part to its key counts, saved one file per (order, partition) under
     `root/name`; what was read comes back. A retried task starts its folder afresh."""
     window = WindowKeys.of(spec, projection)
     corpus = Corpus([part.sources[0].path], projection, options, context=spec.max_ngram_size - 1, part=part)
     final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    with ThreadPoolExecutor(max_workers=1) as pool, KeyCountStore(window, budget, root) as store:
+    with ThreadPoolExecutor(max_workers=cpu_count()) as pool, \
+            KeyCountStore(window, budget, root, partition_bits=bits) as store:
         count_corpus(corpus.batches(), window, store, pool)
         store.save_partitions(scratch)
     shutil.rmtree(final, ignore_errors=True)
@@ -666,6 +671,11 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
     (root / "merged").mkdir()
     names = [f"map-{i:05d}" for i in range(len(parts))]
     per_worker = max(64 << 20, budget // workers)
+    # Enough partitions to keep every worker busy merging, and for one to fit a worker's budget
+    # (keys take about 8 bytes per token and order; tokens are about a quarter of the input bytes).
+    key_bytes = 2 * corpus.total_bytes * len(window.orders)
+    bits = min(PARTITION_BITS, max(1, math.ceil(math.log2(max(4 * workers, key_bytes / per_worker)))))
+    group = max(1, (1 << bits) // (4 * workers))
     [spec_f, projection_f] = client.scatter([spec, projection], broadcast=True)
 
     def mapped(_: str, summary: CorpusSummary) -> None:
@@ -675,10 +685,9 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
             on_part()
 
     run_tasks(client, count_part_task,
-              [(f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n))
+              [(f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n, bits))
                for p, n in zip(parts, names)], on_done=mapped)
-    groups = [list(range(a, min(a + MERGE_GROUP, 1 << PARTITION_BITS)))
-              for a in range(0, 1 << PARTITION_BITS, MERGE_GROUP)]
+    groups = [list(range(a, min(a + group, 1 << bits))) for a in range(0, 1 << bits, group)]
     jobs = [(order, g) for order in window.orders for g in groups]
     results = run_tasks(client, merge_partition_task,
                         [(f"merge-order{order}-parts{g[0]}-{g[-1]}",
@@ -690,7 +699,7 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
         occurrences[order] += total
     for name in names:
         shutil.rmtree(root / name, ignore_errors=True)
-    store = KeyCountStore.merged_in(window, budget, root / "merged", distinct, occurrences)
+    store = KeyCountStore.merged_in(window, budget, root / "merged", bits, distinct, occurrences)
     store.cleanup = root
     return store
 

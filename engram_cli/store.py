@@ -1273,9 +1273,13 @@ def _count_shard(report: BuildReport, bar: Any, task: Any, started: float,
 
 
 def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, int]:
-    """One Dask task: keep a good shard file or (re)build it; (rows, outcome, bytes written)."""
+    """One Dask task: keep a good shard file or (re)build it; (rows, outcome, bytes written).
+
+    The shard is generated in pieces on all of the worker's cores (the kernels release the GIL),
+    so the last shards of a build do not leave cores idle."""
     store = open_tables(path, allow_incomplete=True, writable=True)
-    outcome, nbytes = store.ensure_shard(layer_id, index)
+    with concurrent.futures.ThreadPoolExecutor(_cpu_count(), thread_name_prefix="engram-generate") as pool:
+        outcome, nbytes = store.ensure_shard(layer_id, index, pool=pool)
     start, stop = store.layout(layer_id).shard_range(index)
     return stop - start, outcome, nbytes
 
