@@ -675,7 +675,7 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
     # (keys take about 8 bytes per token and order; tokens are about a quarter of the input bytes).
     key_bytes = 2 * corpus.total_bytes * len(window.orders)
     bits = min(PARTITION_BITS, max(1, math.ceil(math.log2(max(4 * workers, key_bytes / per_worker)))))
-    group = max(1, (1 << bits) // (4 * workers))
+    group = max(1, (1 << bits) // workers)
     [spec_f, projection_f] = client.scatter([spec, projection], broadcast=True)
 
     def mapped(_: str, summary: CorpusSummary) -> None:
