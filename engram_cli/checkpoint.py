@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -180,6 +181,30 @@ def prefetched(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T
             if i + 1 < len(items):
                 pending = pool.submit(read, items[i + 1])
             yield item, result
+
+
+def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Iterator[Any]:
+    """work(item) for every item on `threads` threads, results as they finish.
+
+    At most `threads` items are in flight, so memory stays at `threads` items' worth; the first
+    error stops what has not started and is raised once the running items are done.
+    """
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="engram-work") as pool:
+        pending: set[concurrent.futures.Future[Any]] = set()
+        try:
+            for item in items:
+                if len(pending) >= threads:
+                    done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+                pending.add(pool.submit(work, item))
+            while pending:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def row_blocks(total: int, block: int) -> Iterator[tuple[int, int]]:
@@ -448,6 +473,10 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
     final = output.absolute()
 
     class Writer(FileSystemWriter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fs = _writeback_filesystem()
+
         def storage_meta(self) -> StorageMeta:
             return StorageMeta(checkpoint_id=str(final), save_id=self.save_id)
 
@@ -477,6 +506,36 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
         layers={layer_id: {"keys": [entry["key"] for entry in tables[str(layer_id)]],
                            "rows": spec.rows(layer_id)} for layer_id in source.layer_ids},
         bytes=total, seconds=seconds, conversion=conversion.to_json(), shards=count, per_head=per_head)
+
+
+class _WritebackFile(io.FileIO):
+    """A file whose every write starts on its way to disk at once (`start_writeback`)."""
+
+    def write(self, data: Any) -> int:
+        from .safetensors_io import start_writeback
+
+        position = self.tell()
+        written = super().write(data)
+        start_writeback(self.fileno(), position, written or 0)
+        return written
+
+
+def _writeback_filesystem() -> Any:
+    """DCP's FileSystem, writing through `_WritebackFile`: the same bytes, and the closing
+    fsync of each file then waits only for its last writes."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class WritebackFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with io.BufferedWriter(_WritebackFile(path, "wb")) as stream:
+                yield stream
+
+    return WritebackFileSystem()
 
 
 def remove_tree(path: Path) -> None:

@@ -17,6 +17,7 @@ reads the file directly.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ import numpy as np
 import torch
 
 from .checkpoint import (DEFAULT_KEY_TEMPLATE, TORCH_DTYPES, Conversion, ExportReport, LayerSource,
-                         TableSource, check_key_template, open_source_store, prefetched, prepare_output,
+                         TableSource, check_key_template, in_parallel, open_source_store, prepare_output,
                          remove_tree, row_blocks, store_progress)
 from .cluster import absolute_store_path, dask_client, run_tasks
 from .errors import EngramError
 from .quant import BLOCK, QuantError, check_blockable, dequantize, gather_dequantize, quantize
 from .safetensors_io import (SAFETENSORS_DTYPES, MappedTensors, SafetensorsWriter, TensorPlan, open_set,
                              parse_size, plan_layout, replace_output)
-from .spec import TableSpec, spec_from_dict
+from .spec import DTYPE_BYTES, TableSpec, spec_from_dict
 from .tokenizer import unzip_bytes, zip_bytes
 from .vocab import VocabProjection
 
@@ -44,7 +45,9 @@ FORMAT = "engram-tables"
 FORMAT_VERSION = "1"
 DEEPSEEK_WEIGHT = "layers.{layer_id}.engram.embed.weight"
 DEEPSEEK_SCALE = "layers.{layer_id}.engram.embed.scale"
-_BLOCK_BYTES = 32 << 20  # rows read, converted and written per step
+_BLOCK_BYTES = 32 << 20  # rows (as float32) read, converted and written by one Dask task
+_LOCAL_BLOCK_BYTES = 4 << 20  # rows (as stored) one export thread reads, converts and writes at a time
+_EXPORT_THREADS = max(2, min(8, os.cpu_count() or 1))
 _GATHER_THREADS = 2
 _PARALLEL_VALUES = 1 << 20  # fp8 gathers at least this large dequantize on all gather threads
 
@@ -153,10 +156,13 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
     start = time.perf_counter()
     quant = QuantError() if dtype == "float8_e4m3fn" else None
     conversion = Conversion(source.spec.dtype, dtype)
-    block_rows = {t.layer_id: source.layer(t.layer_id).preferred_block(
-        max(1, _BLOCK_BYTES // (4 * source.spec.dim))) for t in tables}
-    blocks = [(t, begin, end) for t in tables
-              for begin, end in row_blocks(source.spec.rows(t.layer_id), block_rows[t.layer_id])]
+    readers = {t.layer_id: source.layer(t.layer_id) for t in tables}
+
+    def blocks(block_bytes: int, row_bytes: int) -> list[tuple[_Table, int, int]]:
+        """Every table's rows in blocks of about `block_bytes`, in whole storage chunks."""
+        return [(t, begin, end) for t in tables
+                for begin, end in row_blocks(source.spec.rows(t.layer_id), readers[t.layer_id].preferred_block(
+                    max(1, block_bytes // row_bytes)))]
     try:
         writer = SafetensorsWriter(layout_plan, tmp, create=True)
         try:
@@ -165,14 +171,12 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
             with store_progress(source, "export", show_progress) as advance, \
                     dask_client(scheduler, dask_workers) as client:
                 if client is None:
-                    readers = {t.layer_id: source.layer(t.layer_id) for t in tables}
-                    for (table, begin, end), values in prefetched(
-                            blocks, lambda block: readers[block[0].layer_id].read(block[1], block[2])):
-                        _write_block(writer, table, begin, values, dtype, quant, conversion)
-                        advance(end - begin)
+                    stored_row = source.spec.dim * DTYPE_BYTES[source.dtype]
+                    _export_locally(readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant,
+                                    conversion, advance)
                 else:
-                    _export_on_cluster(client, absolute_store_path(store), layout_plan, tmp, blocks, dtype, quant,
-                                       conversion, advance)
+                    _export_on_cluster(client, absolute_store_path(store), layout_plan, tmp,
+                                       blocks(_BLOCK_BYTES, 4 * source.spec.dim), dtype, quant, conversion, advance)
         finally:
             writer.close(sync=True)
         writer.write_index()
@@ -191,14 +195,14 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
 
 
 def _write_block(writer: SafetensorsWriter, table: _Table, begin: int, values: torch.Tensor,
-                 dtype: str, quant: QuantError | None, conversion: Conversion) -> None:
-    """Convert (or quantize) one row block of a table and write it at its place."""
+                 dtype: str, quant: QuantError | None, conversion: Conversion, threads: int = 1) -> None:
+    """Convert (or quantize, on `threads` threads) one row block of a table and write it at its place."""
     if quant is None:
         converted = values.to(TORCH_DTYPES[dtype])
         conversion.check(values, converted)
         writer.write_rows(table.weight, begin, converted)
     else:
-        codes, scales = quantize(values, quant, threads=2)
+        codes, scales = quantize(values, quant, threads=threads)
         writer.write_rows(table.weight, begin, codes)
         writer.write_rows(table.scale, begin, scales)
 
@@ -213,10 +217,38 @@ def export_block_task(store: str, layout_plan: Any, directory: str, table: _Tabl
     writer = SafetensorsWriter(layout_plan, directory, create=False)
     try:
         values = source.layer(table.layer_id).read(begin, end)
-        _write_block(writer, table, begin, values, dtype, quant, conversion)
+        _write_block(writer, table, begin, values, dtype, quant, conversion, threads=2)
     finally:
         writer.close(sync=True)
     return end - begin, quant, conversion.max_abs_error
+
+
+def _export_locally(readers: dict[int, LayerSource], writer: SafetensorsWriter,
+                    blocks: list[tuple[_Table, int, int]], dtype: str, quant: QuantError | None,
+                    conversion: Conversion, advance: Any) -> None:
+    """Each block read, converted and written by position, `_EXPORT_THREADS` blocks at a time.
+
+    Reading (checksums included), quantizing and writing all run outside the GIL, so every core
+    works on a block of its own from start to end, with no hand-over between threads.
+    """
+    def export_block(block: tuple[_Table, int, int]) -> tuple[int, QuantError | None, float]:
+        table, begin, end = block
+        values = readers[table.layer_id].read(begin, end)
+        block_quant = None if quant is None else QuantError()
+        block_conversion = Conversion(conversion.source, conversion.target)
+        _write_block(writer, table, begin, values, dtype, block_quant, block_conversion)
+        return end - begin, block_quant, block_conversion.max_abs_error
+
+    for rows, block_quant, block_error in in_parallel(blocks, export_block, _EXPORT_THREADS):
+        _merge(quant, conversion, block_quant, block_error)
+        advance(rows)
+
+
+def _merge(quant: QuantError | None, conversion: Conversion, block_quant: QuantError | None,
+           block_error: float) -> None:
+    if quant is not None and block_quant is not None:
+        quant.merge(block_quant)
+    conversion.max_abs_error = max(conversion.max_abs_error, block_error)
 
 
 def _export_on_cluster(client: Any, store: str, layout_plan: Any, directory: Path,
@@ -224,9 +256,7 @@ def _export_on_cluster(client: Any, store: str, layout_plan: Any, directory: Pat
                        conversion: Conversion, advance: Any) -> None:
     def done(_name: str, result: tuple[int, QuantError | None, float]) -> None:
         rows, block_quant, block_error = result
-        if quant is not None and block_quant is not None:
-            quant.merge(block_quant)
-        conversion.max_abs_error = max(conversion.max_abs_error, block_error)
+        _merge(quant, conversion, block_quant, block_error)
         advance(rows)
 
     tasks = [(f"layer{table.layer_id}-rows{begin}-{end - 1}",

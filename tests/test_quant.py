@@ -87,6 +87,35 @@ def test_quantize_matches_brute_force_on_table_like_rows(seed):
     assert np.array_equal(codes.view(torch.uint8).numpy(), expected_codes)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_precision_rows_quantize_as_their_float32_values(seed, dtype):
+    x = torch.from_numpy(scaled_normals(seed, 3, 96)).clamp(-6e4, 6e4).to(dtype)
+    codes, scales = quantize(x, threads=2)
+    expected_codes, expected_scales = brute_quantize(x.float().numpy())
+    assert np.array_equal(scales.view(torch.uint8).numpy(), expected_scales)
+    assert np.array_equal(codes.view(torch.uint8).numpy(), expected_codes)
+
+
+def test_subnormal_blocks_and_finite_blocks_beside_inf_or_nan_match_brute_force():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 4 * BLOCK)).astype(np.float32)
+    x[0, :BLOCK] *= np.float32(2.0**-140)  # one block of float32 subnormals in a normal row
+    x[1] *= np.float32(2.0**-131)  # a row of them
+    x[2, BLOCK:2 * BLOCK] = 0.0
+    x[2, BLOCK + 3] = -np.float32(2.0**-149)  # the smallest subnormal, alone in a block of zeros
+    x[3, 5], x[3, BLOCK + 7] = np.inf, np.nan  # the row's other blocks are still exact
+    codes, scales = quantize(torch.from_numpy(x))
+    codes, scales = codes.view(torch.uint8).numpy(), scales.view(torch.uint8).numpy()
+    finite = x.copy()
+    finite[3, :2 * BLOCK] = 0.0
+    expected_codes, expected_scales = brute_quantize(finite)
+    assert np.array_equal(scales[:3], expected_scales[:3])
+    assert np.array_equal(codes[:3], expected_codes[:3])
+    assert np.array_equal(scales[3, 2:], expected_scales[3, 2:])
+    assert np.array_equal(codes[3, 2 * BLOCK:], expected_codes[3, 2 * BLOCK:])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_error_bounds_and_no_saturation(seed, dtype):
