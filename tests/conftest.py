@@ -52,6 +52,14 @@ def deepseek_v3_path() -> Path:
     return embedded_tokenizer_path("deepseek-v3")
 
 
+@pytest.fixture(scope="module")
+def projection_file(tmp_path_factory, projection) -> Path:
+    """The test module's own `projection` fixture, saved as a file for the CLI."""
+    path = tmp_path_factory.mktemp("proj") / "proj.safetensors"
+    projection.save(path)
+    return path
+
+
 def shipped_tokenizer(name: str) -> Path:
     return embedded_tokenizer_path(name)
 

@@ -315,13 +315,6 @@ def projection() -> VocabProjection:
 
 
 @pytest.fixture(scope="module")
-def projection_file(tmp_path_factory, projection) -> Path:
-    path = tmp_path_factory.mktemp("proj") / "proj.safetensors"
-    projection.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def store_path(tmp_path_factory, projection) -> Path:
     path = tmp_path_factory.mktemp("stores") / "small.zarr"
     build_tables(SMALL, path, projection=projection, shards=2, show_progress=False)

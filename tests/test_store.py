@@ -36,13 +36,6 @@ def projection() -> VocabProjection:
 
 
 @pytest.fixture(scope="module")
-def projection_file(tmp_path_factory, projection) -> Path:
-    path = tmp_path_factory.mktemp("proj") / "proj.safetensors"
-    projection.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def demo_store(tmp_path_factory, projection) -> Path:
     path = tmp_path_factory.mktemp("stores") / "demo.zarr"
     build_tables(SPEC, path, projection=projection, shards=3, show_progress=False)
