@@ -908,8 +908,7 @@ def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection,
         layouts = {layer: layouts[layer] for layer in spec.layer_ids if layer in set(layers)}
     if _store_exists(path):
         if not overwrite:
-            raise EngramError(f"{path} already exists; pass --overwrite to replace it "
-                              "(or --resume to finish an interrupted build)")
+            raise EngramError(f"{path} already exists; pass --overwrite to replace it")
         _remove_existing(path)
     attrs = _store_attrs(spec, projection, layouts, shards, shard_by, init or default_init(spec))
     if layers is not None:
