@@ -244,6 +244,8 @@ def prepare_output(output: Path, overwrite: bool) -> Path:
             raise EngramError(f"{output} already exists; pass --overwrite to replace it")
         if output.is_dir() and any(output.iterdir()) and not _looks_like_export(output):
             raise EngramError(f"{output} is a non-empty folder that is not a checkpoint; refusing to replace it")
+        if not output.is_dir() and output.suffix != ".safetensors":
+            raise EngramError(f"{output} is a file that is not a safetensors export; refusing to replace it")
     parent = output.absolute().parent
     if not parent.is_dir():
         raise EngramError(f"output folder {parent} does not exist")
@@ -396,6 +398,11 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
     if shards is not None and shards < 1:
         raise EngramError(f"--shards must be a positive integer, got {shards}")
     source = open_source_store(store)
+    smallest = min(min(source.spec.head_sizes(layer)) if per_head else source.spec.rows(layer)
+                   for layer in source.layer_ids)
+    if shards is not None and shards > smallest:
+        raise EngramError(f"--shards {shards} is more than the {smallest:,} rows of the smallest "
+                          f"{'head table' if per_head else 'layer table'}")
     dtype = dtype or source.dtype
     if dtype not in STORE_DTYPES:
         raise EngramError(f"unknown dtype {dtype!r} for training; allowed: {', '.join(STORE_DTYPES)}")

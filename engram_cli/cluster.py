@@ -36,7 +36,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
     if scheduler:
         try:
             client = Client(scheduler, timeout=connect_timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: not a HOST:PORT address
             raise EngramError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
             yield client

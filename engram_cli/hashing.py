@@ -279,7 +279,8 @@ class NgramHasher:
     def _run_numpy(self, ids: np.ndarray, layer_ids: list[int], with_offsets: bool,
                    buffers: dict[int, np.ndarray] | None) -> dict[int, np.ndarray]:
         self.projection.check_ids(ids)
-        batch = np.ascontiguousarray(ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64)
+        batch = np.require(ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64,
+                           requirements="CW")  # the kernel takes writable arrays; a read-only map is copied
         result = {}
         for layer_id in layer_ids:
             layer = self._layer(layer_id)

@@ -1354,11 +1354,11 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
     from .report import progress
 
     spec, proj, store = _resolve(source, projection)
+    if verify and store is None:
+        raise EngramError("--verify needs a table store, not a spec")
     if store is None and not corpus:
         raise EngramError("nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
                           "statistics (or pass a table store)")
-    if verify and store is None:
-        raise EngramError("--verify needs a table store, not a spec")
     if (sweep or plot or top) and not corpus:
         raise EngramError("--sweep, --plot and --top describe collisions: give --corpus PATH")
     if plot is not None:

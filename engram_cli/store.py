@@ -767,7 +767,7 @@ def _open_group(path: str, mode: str) -> zarr.Group:
         return zarr.open_group(path, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise EngramError(f"no table store at {path}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: an fsspec backend not installed
         raise EngramError(f"cannot open table store {path}: {exc}") from None
 
 
@@ -918,8 +918,8 @@ def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection,
         for layout in layouts.values():
             _create_layer_array(group, spec.dtype, layout)
         _write_projection(group, projection)
-    except OSError as exc:
-        raise EngramError(f"cannot create table store {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: e.g. s3fs not installed for s3://
+        raise EngramError(f"cannot create table store {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return TableStore(path, group, writable=True)
 
 

@@ -338,3 +338,21 @@ def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
             for rank in range(world):
                 outcome = results[rank][f"{job['ckpt']}:{key}"]
                 assert outcome["local_equal"] and outcome["full_equal"], (rank, key)
+
+
+def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
+    from engram_cli.checkpoint import export_training
+
+    with pytest.raises(EngramError, match="more than the"):
+        export_training(stores["float32"], tmp_path / "dcp", shards=10**8, show_progress=False)
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    with pytest.raises(EngramError, match="not a safetensors export"):
+        export_training(stores["float32"], keep, overwrite=True, show_progress=False)
+    assert keep.read_text() == "mine" and not (tmp_path / "dcp").exists()
+
+
+def test_unknown_store_url_scheme_is_one_line(tmp_path):
+    with pytest.raises(EngramError, match="cannot create table store nosuch://x"):
+        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7),
+                     show_progress=False)

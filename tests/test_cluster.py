@@ -125,6 +125,9 @@ def test_scheduler_and_workers_exclude_each_other():
     with pytest.raises(EngramError, match="cannot reach"):
         with dask_client("tcp://127.0.0.1:1", None, connect_timeout="2s"):
             pass
+    with pytest.raises(EngramError, match="cannot reach"):
+        with dask_client("not-an-address", None):
+            pass
 
 
 @pytest.mark.parametrize("layout,dtype", [("engram", "bfloat16"), ("deepseek-v41", "float8_e4m3fn")])

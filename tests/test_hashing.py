@@ -515,3 +515,17 @@ def test_cli_hash_errors(tmp_path):
         assert proc.stderr.startswith("engram: error: ") and message in proc.stderr, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.npz").exists() and list(tmp_path.glob(".o.npz*")) == []
+
+
+def test_read_only_memory_mapped_int64_input(tmp_path):
+    """`np.load(..., mmap_mode="r")` gives a read-only int64 array, the commonest loader input."""
+    spec = load_spec("demo")
+    projection = VocabProjection(np.arange(1000) % 311)
+    ids = np.random.default_rng(3).integers(-2, 1000, size=(3, 40)).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    mapped = np.load(tmp_path / "ids.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    hasher = NgramHasher(spec, projection)
+    expected = hasher.rows(ids.copy())
+    got = hasher.rows(mapped)
+    assert all(np.array_equal(got[layer], expected[layer]) for layer in spec.layer_ids)

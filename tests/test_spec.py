@@ -108,6 +108,7 @@ def mutate(section, key, value):
     ("engram", "max_ngram_size", 1, "max_ngram_size"),
     ("engram", "engram_vocab_size", [100], "engram_vocab_size"),
     ("engram", "engram_vocab_size", [100, 0], "engram_vocab_size"),
+    ("engram", "engram_vocab_size", [100, 10**20], "engram_vocab_size"),
     ("engram", "n_embed_per_ngram", 100, "n_embed_per_ngram"),
     ("engram", "n_head_per_ngram", 0, "n_head_per_ngram"),
     ("engram", "layer_ids", [1, 1], "layer_ids"),
@@ -137,3 +138,8 @@ def test_bad_spec_files_give_one_line_errors(tmp_path):
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_scaling_past_the_size_limit_is_refused():
+    with pytest.raises(EngramError, match="scaling head sizes"):
+        load_spec("demo").scaled(1e308)
