@@ -23,7 +23,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
 INT64_MAX = np.iinfo(np.int64).max
-MAX_HEAD_SIZE = 1 << 40  # rows of one head; far past any table, and int64 offsets stay exact
+MAX_HEAD_SIZE = 1 << 48  # rows of one head: far past any table; offsets and float reductions stay exact
 
 _ENGRAM_KEYS = {
     "layer_ids", "max_ngram_size", "n_head_per_ngram", "engram_vocab_size",
@@ -115,7 +115,7 @@ class TableSpec:
         """The same spec with every order's minimum head size scaled (for size sweeps)."""
         scaled = [v * factor for v in self.engram_vocab_size]
         if not all(0 < v <= MAX_HEAD_SIZE for v in scaled):
-            raise EngramError(f"scaling head sizes by {factor:g} leaves 1..2**40 rows per head")
+            raise EngramError(f"scaling head sizes by {factor:g} leaves 1..2**48 rows per head")
         sizes = tuple(max(2, int(round(v))) for v in scaled)
         return dataclasses.replace(self, engram_vocab_size=sizes, name=f"{self.name}x{factor:g}")
 
@@ -192,7 +192,7 @@ def _validate(spec: TableSpec) -> None:
         _fail("engram_vocab_size", f"needs one size per order 2..{spec.max_ngram_size} "
               f"({orders} values), got {len(spec.engram_vocab_size)}")
     if not all(_is_int(v) and 0 < v <= MAX_HEAD_SIZE for v in spec.engram_vocab_size):
-        _fail("engram_vocab_size", f"sizes must be integers from 1 to 2**40, got {list(spec.engram_vocab_size)!r}")
+        _fail("engram_vocab_size", f"sizes must be integers from 1 to 2**48, got {list(spec.engram_vocab_size)!r}")
     if not _is_int(spec.n_embed_per_ngram) or spec.n_embed_per_ngram < 1:
         _fail("n_embed_per_ngram", f"must be a positive integer, got {spec.n_embed_per_ngram!r}")
     if spec.n_embed_per_ngram % spec.n_head_per_ngram:
