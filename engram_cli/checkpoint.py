@@ -705,18 +705,14 @@ class DcpSource(TableSource):
         return buffers
 
     def _stored_projection(self, entries: dict[str, Any], meta: dict[str, Any]) -> Any:
-        from .tokenizer import unzip_bytes
-        from .vocab import VocabProjection
+        from .vocab import restore_projection
 
         keys = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
         loaded = self._load_small(keys)
         zipped = loaded.get("engram.projection.tokenizer_zip")
-        tokenizer = None if zipped is None else unzip_bytes(zipped.numpy().tobytes())
-        metadata = {k: v for k, v in meta["projection"].items() if k != "fingerprint"}
-        projection = VocabProjection(loaded["engram.projection.lookup"].numpy(), metadata, tokenizer)
-        if projection.fingerprint() != meta["projection"]["fingerprint"]:
-            raise EngramError(f"{self.path}: the projection lookup does not match its recorded fingerprint")
-        return projection
+        return restore_projection(loaded["engram.projection.lookup"].numpy(),
+                                  None if zipped is None else zipped.numpy().tobytes(),
+                                  meta["projection"], str(self.path))
 
     def boundaries(self, layer_id: int) -> list[int]:
         """Layer rows where a saved piece ends: reads aligned to them load each piece once."""

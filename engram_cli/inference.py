@@ -36,8 +36,8 @@ from .quant import BLOCK, QuantError, check_blockable, dequantize, gather_dequan
 from .safetensors_io import (SAFETENSORS_DTYPES, MappedTensors, SafetensorsWriter, TensorPlan, open_set,
                              parse_size, plan_layout, replace_output)
 from .spec import DTYPE_BYTES, TableSpec, spec_from_dict
-from .tokenizer import unzip_bytes, zip_bytes
-from .vocab import VocabProjection
+from .tokenizer import zip_bytes
+from .vocab import VocabProjection, restore_projection
 
 LAYOUTS = ("engram", "deepseek-v41")
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
@@ -320,7 +320,7 @@ class EngramTables:
         if missing:
             raise EngramError(f"{path} lacks tensor {missing[0]!r} (an incomplete shard set?)")
         if layout != "deepseek-v41" and projection is None:
-            projection = _stored_projection(found.tensors, mapped, projection_meta)
+            projection = _stored_projection(found.tensors, mapped, projection_meta, str(path))
         opened = cls(path, mapped, tables, layout, spec, projection)
         if spec is not None:
             opened._check_spec(spec)
@@ -394,14 +394,13 @@ class EngramTables:
                                   f"says {spec.rows(layer_id):,} x {spec.dim}")
 
 
-def _stored_projection(tensors: dict[str, Any], mapped: MappedTensors, metadata: dict[str, str]) -> VocabProjection:
-    lookup = mapped.tensor("engram.projection.lookup").numpy().copy()
+def _stored_projection(tensors: dict[str, Any], mapped: MappedTensors, metadata: dict[str, str],
+                       where: str) -> VocabProjection:
     zipped = tensors.get("engram.projection.tokenizer_zip")
-    tokenizer_json = None
-    if zipped is not None:
-        tokenizer_json = unzip_bytes(mapped.tensor("engram.projection.tokenizer_zip").numpy().tobytes())
-    metadata = {k: v for k, v in metadata.items() if k != "fingerprint"}
-    return VocabProjection(lookup, metadata, tokenizer_json)
+    return restore_projection(
+        mapped.tensor("engram.projection.lookup").numpy().copy(),
+        None if zipped is None else mapped.tensor("engram.projection.tokenizer_zip").numpy().tobytes(),
+        metadata, where)
 
 
 def _deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, _Table]:

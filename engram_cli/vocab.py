@@ -237,6 +237,17 @@ def load_projection(path: str | Path) -> VocabProjection:
     return VocabProjection(tensors["lookup"], own, tokenizer_json)
 
 
+def restore_projection(lookup: np.ndarray, tokenizer_zip: bytes | None, recorded: dict[str, str],
+                       where: str) -> VocabProjection:
+    """The projection an export carries, refused if its lookup no longer matches the
+    fingerprint recorded beside it (a damaged or edited file would hash to other rows)."""
+    metadata = {k: v for k, v in recorded.items() if k != "fingerprint"}
+    projection = VocabProjection(lookup, metadata, None if tokenizer_zip is None else unzip_bytes(tokenizer_zip))
+    if "fingerprint" in recorded and projection.fingerprint() != recorded["fingerprint"]:
+        raise EngramError(f"{where}: the projection lookup does not match its recorded fingerprint")
+    return projection
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("ENGRAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "engram")

@@ -296,3 +296,22 @@ def test_refuses_incomplete_stores_and_odd_widths(tmp_path, projection):
     with pytest.raises(EngramError, match="multiple of 32"):
         export_inference(tmp_path / "narrow", tmp_path / "o", dtype="float8_e4m3fn", show_progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_projection_in_an_export_is_refused(stores, tmp_path):
+    """Edit one id of the lookup inside a safetensors export: its recorded fingerprint no
+    longer matches, and opening it (for lookups or import) says so instead of hashing wrongly."""
+    path = tmp_path / "t.safetensors"
+    export_inference(stores["float32"], path, show_progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as handle:
+        lookup = handle.get_tensor("engram.projection.lookup")
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    import json as _json
+    begin = _json.loads(data[8:8 + header])["engram.projection.lookup"]["data_offsets"][0] + 8 + header
+    data[begin:begin + 8] = int(lookup[0] + 1).to_bytes(8, "little", signed=True)
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngramError, match="does not match its recorded fingerprint"):
+        EngramTables.open(path)
