@@ -204,3 +204,39 @@ def quantize_row_exactly(xr, cr, sr):
                 block_sum += error * error
             total += block_sum
     return worst, total
+
+
+@numba.njit(inline="always")
+def block_scale(code):
+    """2**(code - 127) for an E8M0 code, built from its bits (code 0 is the subnormal 2**-127)."""
+    e = np.uint32(code)
+    return as_float((e << 23) if e > 0 else np.uint32(1 << 22))
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_float32(codes, scales, index, lut, out):
+    """out[j, i] = lut[codes[index[j], i]] * 2**(scales[index[j], i // 32] - 127)."""
+    dim = codes.shape[1]
+    for j in range(index.size):
+        r = index[j]
+        for base in range(0, dim, BLOCK):
+            scale = block_scale(scales[r, base // BLOCK])
+            for i in range(BLOCK):
+                out[j, base + i] = lut[codes[r, base + i]] * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_bfloat16(codes, scales, index, lut, out):
+    """The same, written as bfloat16 bits (float32 rounded to nearest even) in one pass."""
+    dim = codes.shape[1]
+    word = np.empty(BLOCK, np.float32)
+    word_bits = word.view(np.uint32)
+    for j in range(index.size):
+        r = index[j]
+        for base in range(0, dim, BLOCK):
+            scale = block_scale(scales[r, base // BLOCK])
+            for i in range(BLOCK):
+                word[i] = lut[codes[r, base + i]] * scale
+            for i in range(BLOCK):
+                bits = word_bits[i]
+                out[j, base + i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)

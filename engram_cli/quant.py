@@ -37,42 +37,7 @@ def check_blockable(dim: int) -> None:
 @functools.cache
 def _kernels() -> tuple[Callable[..., tuple[float, float]], Callable[..., None], Callable[..., None]]:
     """Compile (or load from numba's cache) the quantize and dequantize kernels on first use."""
-    import numba
-
-    from .fp8_kernels import quantize_rows
-
-    @numba.njit(nogil=True, cache=True)
-    def gather_float32(codes, scales, index, lut, out):
-        """out[j, i] = lut[codes[index[j], i]] * 2**(scales[index[j], i // 32] - 127)."""
-        dim = codes.shape[1]
-        word = np.empty(1, np.float32)
-        word_bits = word.view(np.uint32)
-        for j in range(index.size):
-            r = index[j]
-            for base in range(0, dim, BLOCK):
-                e = np.uint32(scales[r, base // BLOCK])
-                word_bits[0] = (e << 23) if e > 0 else np.uint32(1 << 22)
-                scale = word[0]
-                for i in range(BLOCK):
-                    out[j, base + i] = lut[codes[r, base + i]] * scale
-
-    @numba.njit(nogil=True, cache=True)
-    def gather_bfloat16(codes, scales, index, lut, out):
-        """The same, written as bfloat16 bits (float32 rounded to nearest even) in one pass."""
-        dim = codes.shape[1]
-        word = np.empty(BLOCK, np.float32)
-        word_bits = word.view(np.uint32)
-        for j in range(index.size):
-            r = index[j]
-            for base in range(0, dim, BLOCK):
-                e = np.uint32(scales[r, base // BLOCK])
-                word_bits[0] = (e << 23) if e > 0 else np.uint32(1 << 22)
-                scale = word[0]
-                for i in range(BLOCK):
-                    word[i] = lut[codes[r, base + i]] * scale
-                for i in range(BLOCK):
-                    bits = word_bits[i]
-                    out[j, base + i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
+    from .fp8_kernels import gather_bfloat16, gather_float32, quantize_rows
 
     return quantize_rows, gather_float32, gather_bfloat16
 
