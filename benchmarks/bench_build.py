@@ -31,12 +31,13 @@ from zarr.codecs import Crc32cCodec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import interleaved, markdown_table  # noqa: E402
-
-from engram_cli.dtypes import BFloat16  # noqa: E402
 from engram_cli.spec import load_spec  # noqa: E402
-from engram_cli.store import build_tables, plan_layout  # noqa: E402
+from engram_cli.store.build import build_tables
+from engram_cli.store.layout import plan_layout  # noqa: E402
+from engram_cli.store.zarr_bfloat16 import BFloat16  # noqa: E402
 from engram_cli.vocab import VocabProjection  # noqa: E402
+
+from common import interleaved, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_BLOCK = 1 << 26

@@ -24,13 +24,13 @@ from distributed import Client, LocalCluster
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import interleaved, markdown_table  # noqa: E402
-
-from engram_cli.corpus import CorpusOptions  # noqa: E402
+from engram_cli.corpus.base import CorpusOptions  # noqa: E402
+from engram_cli.inspection import inspect  # noqa: E402
 from engram_cli.spec import load_spec  # noqa: E402
-from engram_cli.statistics import inspect  # noqa: E402
-from engram_cli.store import build_tables  # noqa: E402
+from engram_cli.store.build import build_tables  # noqa: E402
 from engram_cli.vocab import VocabProjection  # noqa: E402
+
+from common import interleaved, markdown_table  # noqa: E402
 
 
 def main() -> None:

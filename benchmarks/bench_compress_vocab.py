@@ -6,11 +6,11 @@ Run: .venv/bin/python benchmarks/bench_compress_vocab.py
 from __future__ import annotations
 
 import numpy as np
+from engram_cli.tokenizer import load_tokenizer
+from engram_cli.vocab import compress_vocab
 from tokenizers import Regex, normalizers
 
 from common import interleaved, markdown_table
-from engram_cli.tokenizer import load_tokenizer
-from engram_cli.vocab import compress_vocab
 
 
 def straightforward(tok) -> np.ndarray:

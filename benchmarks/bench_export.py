@@ -33,14 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import markdown_table  # noqa: E402
-
-from engram_cli.checkpoint import export_training  # noqa: E402
-from engram_cli.inference import EngramTables, export_inference  # noqa: E402
-from engram_cli.safetensors_io import start_writeback  # noqa: E402
+from engram_cli.checkpoints.dcp import export_training  # noqa: E402
+from engram_cli.checkpoints.safetensors_export import export_inference  # noqa: E402
+from engram_cli.checkpoints.safetensors_format import start_writeback  # noqa: E402
+from engram_cli.checkpoints.tables import EngramTables
 from engram_cli.spec import load_spec  # noqa: E402
-from engram_cli.store import build_tables  # noqa: E402
+from engram_cli.store.build import build_tables  # noqa: E402
 from engram_cli.vocab import VocabProjection  # noqa: E402
+
+from common import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 32 << 20
@@ -149,9 +150,9 @@ def main() -> None:
 
     rss_rows = []
     for name, code in [
-        ("export --for training", f"from engram_cli.checkpoint import export_training; "
+        ("export --for training", f"from engram_cli.checkpoints.dcp import export_training; "
                                   f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r}, show_progress=False)"),
-        ("export --for inference, fp8", f"from engram_cli.inference import export_inference; "
+        ("export --for inference, fp8", f"from engram_cli.checkpoints.safetensors_export import export_inference; "
                                         f"export_inference({str(store)!r}, {str(work / 'rss-fp8')!r}, "
                                         "layout='deepseek-v41', show_progress=False)"),
     ]:

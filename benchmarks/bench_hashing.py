@@ -21,7 +21,6 @@ import tracemalloc
 
 import numba
 import numpy as np
-
 from engram_cli import NgramHasher, load_spec
 from engram_cli.spec import TableSpec
 from engram_cli.vocab import VocabProjection, default_projection

@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from engram_cli.collisions.statistics import collision_statistics
+from engram_cli.corpus.base import TEXT_BATCH_CHARS, CorpusOptions
+from engram_cli.corpus.reader import Corpus
+from engram_cli.corpus.sources import find_sources
+from engram_cli.spec import load_spec
+from engram_cli.vocab import default_projection
 
 from common import interleaved, markdown_table
-from engram_cli.corpus import TEXT_BATCH_CHARS, Corpus, CorpusOptions, find_sources
-from engram_cli.spec import load_spec
-from engram_cli.statistics import collision_statistics
-from engram_cli.vocab import default_projection
 
 SEP = 1  # DeepSeek-V3's end-of-sentence id: never produced by tokenizing plain text
 

@@ -1,25 +1,27 @@
 """engram: build the memory tables of Engram-style language models."""
 
+import importlib
+
 from .errors import EngramError
 from .hashing import NgramHasher
 from .spec import InitSpec, TableSpec, load_spec
 from .vocab import VocabProjection, compress_vocab, default_projection, load_projection
 
 __all__ = [
-    "EngramError", "InitSpec", "NgramHasher", "TableSpec", "VocabProjection", "compress_vocab",
-    "default_projection", "load_projection", "load_spec", "TableStore", "build_tables", "open_tables",
-    "EngramTables",
+    "Corpus", "CorpusOptions", "DocBatch", "EngramError", "EngramTables", "InitSpec", "NgramHasher",
+    "TableSpec", "TableStore", "VocabProjection", "build_shard", "build_tables", "collision_statistics",
+    "compress_vocab", "create_store", "default_projection", "inspect", "load_projection", "load_spec",
+    "open_tables",
 ]
 
-_LAZY = {"TableStore": "store", "build_tables": "store", "open_tables": "store",
-         "EngramTables": "inference"}
+_LAZY = {"TableStore": "store", "build_tables": "store", "open_tables": "store", "create_store": "store",
+         "build_shard": "store", "EngramTables": "checkpoints", "collision_statistics": "collisions",
+         "inspect": "inspection", "Corpus": "corpus", "CorpusOptions": "corpus", "DocBatch": "corpus"}
 
 
 def __getattr__(name: str) -> object:
-    """Stores and inference tables pull in zarr, numba and torch: load them on first use, not
-    on every CLI start."""
+    """Stores, checkpoints and statistics pull in zarr, numba and torch: load them on first use,
+    not on every CLI start."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'engram_cli' has no attribute {name!r}")

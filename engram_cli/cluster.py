@@ -88,3 +88,4 @@ def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tu
         for future in futures:
             future.cancel()
     return [results[name] for name, _ in tasks]
+

@@ -1,98 +1,93 @@
-"""The zarr v3 "bfloat16" data type, which zarr-python 3.1 does not ship.
+"""One registry of the element types engram reads and writes, under every name each format uses.
 
-The zarr-extensions registry names it "bfloat16": 2 bytes, the upper half of an
-IEEE float32, fill values written as JSON numbers. Registering it under that
-name (rather than storing raw uint16) lets tensorstore, zarrs and any later
-zarr-python read our tables natively. In memory the values are
-`ml_dtypes.bfloat16`, the numpy dtype that torch and JAX interoperate with.
-Importing this module registers the type; it is idempotent.
+A table dtype has one engram name ("float32", "bfloat16", "float16"), which is also its zarr v3
+data type name and its torch attribute name; safetensors headers spell it "F32", "BF16", "F16".
+In memory, numpy holds bfloat16 as `ml_dtypes.bfloat16` and the fp8 types as their ml_dtypes
+counterparts, the dtypes torch and JAX interoperate with. torch is imported only when a torch
+dtype is asked for, so that commands which never touch torch do not pay for loading it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
-from zarr.core.dtype import data_type_registry
-from zarr.core.dtype.common import DataTypeValidationError, HasEndianness, HasItemSize
-from zarr.core.dtype.npy.common import check_json_float_v3, float_from_json_v3, float_to_json_v3
-from zarr.core.dtype.wrapper import ZDType
+
+if TYPE_CHECKING:
+    import torch
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
-@dataclass(frozen=True, kw_only=True)
-class BFloat16(ZDType[Any, Any], HasEndianness, HasItemSize):
-    """zarr v3 data type "bfloat16" backed by `ml_dtypes.bfloat16`.
+@dataclass(frozen=True)
+class DType:
+    """An element type: engram's name, bytes per element, and its safetensors and numpy forms."""
 
-    Only little-endian encodings can be held in memory (ml_dtypes has no byte-swapped
-    variant), which is what every writer we know of, this one included, produces.
-    """
-
-    dtype_cls: ClassVar[type] = type(BFLOAT16)
-    _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"
-    endianness: Literal["little", "big"] | None = "little"
-
-    @classmethod
-    def from_native_dtype(cls, dtype: Any) -> BFloat16:
-        if dtype == BFLOAT16:
-            return cls()
-        raise DataTypeValidationError(f"{dtype} is not ml_dtypes.bfloat16")
-
-    def to_native_dtype(self) -> np.dtype:
-        if self.endianness == "big":
-            raise ValueError("big-endian bfloat16 chunks cannot be decoded: ml_dtypes has no "
-                             "byte-swapped bfloat16")
-        return BFLOAT16
-
-    @classmethod
-    def _from_json_v2(cls, data: Any) -> BFloat16:
-        raise DataTypeValidationError("bfloat16 is a zarr v3 extension data type only")
-
-    @classmethod
-    def _from_json_v3(cls, data: Any) -> BFloat16:
-        if data == cls._zarr_v3_name:
-            return cls()
-        raise DataTypeValidationError(f"{data!r} is not 'bfloat16'")
-
-    def to_json(self, zarr_format: int) -> str:  # type: ignore[override]
-        if zarr_format != 3:
-            raise ValueError("bfloat16 is a zarr v3 extension data type only")
-        return self._zarr_v3_name
-
-    def _check_scalar(self, data: object) -> bool:
-        return isinstance(data, (int, float, np.floating, np.integer)) and not isinstance(data, bool)
-
-    def cast_scalar(self, data: object) -> Any:
-        if self._check_scalar(data) or isinstance(data, ml_dtypes.bfloat16):
-            return ml_dtypes.bfloat16(data)
-        raise TypeError(f"cannot cast {data!r} to bfloat16")
-
-    def default_scalar(self) -> Any:
-        return ml_dtypes.bfloat16(0)
-
-    def from_json_scalar(self, data: Any, *, zarr_format: int) -> Any:
-        if check_json_float_v3(data):
-            return ml_dtypes.bfloat16(float_from_json_v3(data))
-        raise TypeError(f"invalid bfloat16 fill value {data!r}")
-
-    def to_json_scalar(self, data: object, *, zarr_format: int) -> Any:
-        return float_to_json_v3(np.float32(self.cast_scalar(data)))
+    name: str  # engram's name; also the torch attribute and, for table dtypes, the zarr v3 name
+    itemsize: int
+    safetensors: str
+    numpy: np.dtype
 
     @property
-    def item_size(self) -> int:
-        return 2
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)  # type: ignore[no-any-return]
 
 
-def register() -> None:
-    data_type_registry.register(BFloat16._zarr_v3_name, BFloat16)
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("float32", 4, "F32", np.dtype(np.float32)),
+    DType("bfloat16", 2, "BF16", BFLOAT16),
+    DType("float16", 2, "F16", np.dtype(np.float16)),
+    DType("float64", 8, "F64", np.dtype(np.float64)),
+    DType("float8_e4m3fn", 1, "F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn)),
+    DType("float8_e5m2", 1, "F8_E5M2", np.dtype(ml_dtypes.float8_e5m2)),
+    DType("float8_e8m0fnu", 1, "F8_E8M0", np.dtype(ml_dtypes.float8_e8m0fnu)),
+    DType("int64", 8, "I64", np.dtype(np.int64)),
+    DType("int32", 4, "I32", np.dtype(np.int32)),
+    DType("int16", 2, "I16", np.dtype(np.int16)),
+    DType("int8", 1, "I8", np.dtype(np.int8)),
+    DType("uint8", 1, "U8", np.dtype(np.uint8)),
+    DType("bool", 1, "BOOL", np.dtype(np.bool_)),
+)}
+SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in DTYPES.values()}
+
+# What a table store holds, and what its values can be exported as.
+STORE_DTYPES = ("float32", "bfloat16", "float16")
+INFERENCE_DTYPES = (*STORE_DTYPES, "float8_e4m3fn")
+DTYPE_BYTES = {name: DTYPES[name].itemsize for name in STORE_DTYPES}
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """The in-memory dtype of a table dtype name ("float32", "float16", "bfloat16")."""
-    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    """The in-memory numpy dtype of a dtype name ("bfloat16" is `ml_dtypes.bfloat16`)."""
+    return DTYPES[name].numpy
 
 
-register()
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name].torch
+
+
+def from_torch(dtype: torch.dtype) -> DType:
+    """The registry entry of a torch dtype (`torch.bfloat16` -> "bfloat16")."""
+    return DTYPES[str(dtype).removeprefix("torch.")]
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A numpy table block as a torch tensor without copying (ml_dtypes bfloat16 included)."""
+    import torch
+
+    if array.dtype == BFLOAT16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """The inverse of `to_torch`: bfloat16 comes back as ml_dtypes.bfloat16, what stores hold."""
+    import torch
+
+    tensor = tensor.detach().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    return tensor.numpy()

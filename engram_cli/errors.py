@@ -1,8 +1,32 @@
-"""The one exception type for mistakes a user can make: the CLI prints it as one line."""
+"""Errors a user can cause. The CLI prints any of them as one line; library callers can tell them apart.
+
+Bugs raise ordinary exceptions so that they still show a traceback.
+"""
 
 
 class EngramError(Exception):
-    """Bad input, a missing file, a refused overwrite: anything the user can fix.
+    """Bad input, a missing file, a refused overwrite: anything the user can fix."""
 
-    Bugs raise ordinary exceptions so that they still show a traceback.
-    """
+
+class UsageError(EngramError):
+    """An argument, option or spec value that cannot work (a bad dtype, too many shards, ...)."""
+
+
+class FormatError(EngramError):
+    """A file or store that is not what it claims to be: unreadable, malformed or self-contradictory."""
+
+
+class ChecksumError(FormatError):
+    """Bytes that fail the checksum their format carries (a damaged shard, checkpoint or archive)."""
+
+
+class IncompleteStoreError(EngramError):
+    """A table store whose build or import has not finished: resume or rebuild it before use."""
+
+
+class OutputExistsError(EngramError):
+    """The output already exists and replacing it was not asked for."""
+
+
+class ResourceError(EngramError):
+    """Not enough disk space or memory for the work asked, or a limit that bounds it."""

@@ -18,35 +18,27 @@ floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%
 from __future__ import annotations
 
 import functools
-import json
 import os
-import secrets
 import sys
 import threading
-import time
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from .errors import EngramError
-from .spec import TableSpec, load_spec
-from .vocab import VocabProjection, check_output_file, resolve_projection
+from .kernels import FLOAT_REDUCTION_MIN_PRIME
+from .spec import TableSpec
+from .vocab import VocabProjection
 
-# Below this the float quotient can be off by more than 2, so the kernel uses the exact `%`.
-FLOAT_REDUCTION_MIN_PRIME = 1 << 13
 # Tokens of one row that one thread projects and mixes in cache before reducing them.
 BLOCK_TOKENS = 512
+
+
 # Below this many tokens a call hashes on one thread.
 PARALLEL_MIN_TOKENS = 1 << 15
-# Tokens per piece when `engram hash --ids` streams a large array to disk.
-FILE_CHUNK_TOKENS = 1 << 19
+
 
 _KERNEL_LOCK = threading.Lock()
 
@@ -60,7 +52,7 @@ os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 @functools.cache
-def _kernel() -> Callable[..., None]:
+def hash_kernel() -> Callable[..., None]:
     """Compile (or load from numba's on-disk cache) the hashing kernel, once per process.
 
     numba's default OpenMP layer kills a forked child that hashes after its parent
@@ -144,7 +136,7 @@ def _launch(ids: np.ndarray, *args: Any) -> None:
     """
     import numba
 
-    kernel = _kernel()
+    kernel = hash_kernel()
     with _KERNEL_LOCK:
         if ids.size >= PARALLEL_MIN_TOKENS:
             kernel(ids, *args, BLOCK_TOKENS)
@@ -235,7 +227,7 @@ class NgramHasher:
         if torch is not None and isinstance(input_ids, torch.Tensor):
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise EngramError(f"token ids must be integers, got dtype {input_ids.dtype}")
-            _check_rank(tuple(input_ids.shape))
+            check_rank(tuple(input_ids.shape))
             buffers = self._buffers(out, layer_ids, tuple(input_ids.shape), input_ids.device)
             if input_ids.device.type != "cpu":
                 return self._run_torch(input_ids, layer_ids, with_offsets, buffers)
@@ -246,7 +238,7 @@ class NgramHasher:
             array = np.asarray(input_ids)
         except (OverflowError, ValueError, TypeError) as exc:
             raise EngramError(f"token ids must be an integer array: {exc}") from None
-        _check_rank(array.shape)
+        check_rank(array.shape)
         return self._run_numpy(array, layer_ids, with_offsets,
                                self._buffers(out, layer_ids, array.shape, None))
 
@@ -324,233 +316,8 @@ class NgramHasher:
         return result if buffers is None else buffers
 
 
-def _check_rank(shape: tuple[int, ...]) -> None:
+def check_rank(shape: tuple[int, ...]) -> None:
     if len(shape) not in (1, 2):
         raise EngramError(f"token ids must be 1-D (one sequence) or 2-D (batch, time), got shape "
                           f"{tuple(shape)}")
 
-
-def _values_key(rows: bool) -> str:
-    return "rows" if rows else "buckets"
-
-
-@dataclass
-class HashTextReport:
-    """What `engram hash TEXT` shows: every token's n-grams and where each head looks them up."""
-
-    spec_name: str
-    projection: str
-    compressed_size: int
-    pad_id: int
-    pad_text: str
-    rows: bool
-    layers: list[dict[str, Any]]
-    tokens: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec_name, "projection": self.projection,
-            "compressed_size": self.compressed_size, "pad_id": self.pad_id,
-            "values": _values_key(self.rows), "layers": self.layers, "tokens": self.tokens,
-        }
-
-    def render(self, console: Console) -> None:
-        kind = _values_key(self.rows)
-        console.print(f"[bold]{len(self.tokens)}[/] tokens, spec [bold]{self.spec_name}[/], projection "
-                      f"{self.projection} ({self.compressed_size:,} canonical ids); "
-                      f"∅ = pad {self.pad_text!r} (id {self.pad_id})")
-        for layer in self.layers:
-            layer_id = str(layer["layer_id"])
-            table = Table(title=f"layer {layer_id}: {kind} per head "
-                                f"(head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})")
-            table.add_column("#", justify="right")
-            table.add_column("token")
-            for order in layer["orders"]:
-                table.add_column(f"{order}-gram")
-                table.add_column(kind)
-            for token in self.tokens:
-                cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
-                for ngram in token["ngrams"]:
-                    cell = Text("∅ " * ngram["pads"], style="dim")
-                    cell.append(json.dumps(ngram["text"], ensure_ascii=False))
-                    cells += [cell, " ".join(str(v) for v in ngram[kind][layer_id])]
-                table.add_row(*cells)
-            console.print(table)
-
-
-@dataclass
-class HashFileReport:
-    """What `engram hash --ids` wrote: one array per layer in an .npz."""
-
-    input: str
-    output: str
-    shape: list[int]
-    dtype: str
-    rows: bool
-    layers: list[dict[str, Any]]
-    seconds: float
-
-    @property
-    def tokens(self) -> int:
-        return int(np.prod(self.shape))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "input": self.input, "output": self.output, "shape": self.shape, "dtype": self.dtype,
-            "tokens": self.tokens, "values": _values_key(self.rows), "layers": self.layers,
-            "seconds": self.seconds,
-            "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else None,
-        }
-
-    def render(self, console: Console) -> None:
-        rate = f", {self.tokens / self.seconds / 1e6:.1f} M tokens/s" if self.seconds > 0 else ""
-        console.print(f"hashed {self.tokens:,} tokens {tuple(self.shape)} ({self.dtype}) of {self.input} "
-                      f"in {self.seconds:.2f} s{rate}")
-        table = Table()
-        for column in ("layer", "array", "shape", "heads", _values_key(self.rows) + " range"):
-            table.add_column(column)
-        for layer in self.layers:
-            span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
-            table.add_row(str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])),
-                          str(layer["shape"][-1]), span)
-        console.print(table)
-        console.print(f"wrote {self.output}")
-
-
-def hash_text(text: str, spec: TableSpec, projection: VocabProjection, *,
-              layers: Iterable[int] | None = None, rows: bool = False,
-              special_tokens: bool = True) -> HashTextReport:
-    """Tokenize with the projection's tokenizer, hash, and pair every n-gram's text with its buckets."""
-    tokenizer = projection.tokenizer()
-    ids = np.array(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
-    hasher = NgramHasher(spec, projection)
-    layer_ids = hasher._layer_ids(layers)
-    values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids)
-    per_order = spec.n_head_per_ngram
-    tokens = []
-    for t, tid in enumerate(ids.tolist()):
-        ngrams = []
-        for n in spec.orders:
-            first = t - n + 1
-            real = ids[max(first, 0):t + 1].tolist()
-            heads = slice((n - 2) * per_order, (n - 1) * per_order)
-            ngrams.append({
-                "n": n, "pads": max(0, -first), "ids": [spec.pad_id] * max(0, -first) + real,
-                "text": tokenizer.decode(real, skip_special_tokens=False),
-                _values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
-            })
-        tokens.append({"position": t, "id": tid, "compressed_id": int(projection.lookup[tid]),
-                       "text": tokenizer.decode([tid], skip_special_tokens=False), "ngrams": ngrams})
-    layer_info = [{
-        "layer_id": k, "orders": list(spec.orders), "multipliers": hasher.multipliers(k).tolist(),
-        "head_sizes": hasher.head_sizes(k).tolist(), "offsets": hasher.offsets(k).tolist(),
-    } for k in layer_ids]
-    return HashTextReport(
-        spec_name=spec.name, projection=projection.fingerprint()[:12],
-        compressed_size=hasher.compressed_size, pad_id=spec.pad_id,
-        pad_text=tokenizer.decode([spec.pad_id], skip_special_tokens=False),
-        rows=rows, layers=layer_info, tokens=tokens,
-    )
-
-
-def _pieces(rows: int, length: int, chunk_tokens: int) -> Iterator[tuple[int, int, int, int]]:
-    """(b0, b1, t0, t1) pieces of about chunk_tokens tokens, in the output's C order."""
-    if length <= chunk_tokens:
-        step = max(1, chunk_tokens // max(length, 1))
-        for b0 in range(0, rows, step):
-            yield b0, min(rows, b0 + step), 0, length
-    else:
-        for b in range(rows):
-            for t0 in range(0, length, chunk_tokens):
-                yield b, b + 1, t0, min(length, t0 + chunk_tokens)
-
-
-def _load_ids(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise EngramError(f"no such token-id file: {path}")
-    try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise EngramError(f"{path} is not a readable .npy array: {exc}") from None
-    if not isinstance(ids, np.ndarray):
-        raise EngramError(f"{path} is an .npz archive; give one .npy array of token ids")
-    return ids
-
-
-def hash_ids_file(ids_path: str | Path, output: str | Path, spec: TableSpec,
-                  projection: VocabProjection, *, layers: Iterable[int] | None = None,
-                  rows: bool = False, overwrite: bool = False,
-                  chunk_tokens: int = FILE_CHUNK_TOKENS) -> HashFileReport:
-    """Hash a .npy of token ids into an .npz with one array `layer_<id>` per layer.
-
-    The output is streamed piece by piece into the archive (written beside the
-    target, then renamed), so memory stays at one piece however large the file.
-    """
-    from .report import progress
-
-    ids_path, output = Path(ids_path), Path(output)
-    check_output_file(output, overwrite)
-    ids = _load_ids(ids_path)
-    _check_rank(ids.shape)
-    projection.check_ids(ids)
-    hasher = NgramHasher(spec, projection)
-    layer_ids = hasher._layer_ids(layers)
-    batch = ids.reshape(1, -1) if ids.ndim == 1 else ids
-    n_rows, length = batch.shape
-    context = spec.max_ngram_size - 1
-    pieces = list(_pieces(n_rows, length, max(1, chunk_tokens)))
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(6)}.tmp")  # mode from the umask
-    summary = []
-    _kernel()  # compiling or loading it is not hashing time
-    start = time.perf_counter()
-    try:
-        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive, \
-                progress() as bar:
-            task = bar.add_task("hashing", total=len(pieces) * len(layer_ids))
-            for layer_id in layer_ids:
-                shape = ids.shape + (hasher.head_sizes(layer_id).size,)
-                low, high = None, None
-                with archive.open(f"layer_{layer_id}.npy", "w", force_zip64=True) as entry:
-                    np.lib.format.write_array_header_2_0(
-                        entry, {"descr": "<i8", "fortran_order": False, "shape": shape})
-                    for b0, b1, t0, t1 in pieces:
-                        first = max(0, t0 - context)
-                        piece = np.asarray(batch[b0:b1, first:t1])
-                        out = (hasher.rows if rows else hasher.hash)(piece, layers=[layer_id])[layer_id]
-                        out = np.ascontiguousarray(out[:, t0 - first:])
-                        if out.size:
-                            low = int(out.min()) if low is None else min(low, int(out.min()))
-                            high = int(out.max()) if high is None else max(high, int(out.max()))
-                            entry.write(memoryview(out.astype("<i8", copy=False)).cast("B"))
-                        bar.advance(task)
-                summary.append({"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape),
-                                "min": low, "max": high})
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise EngramError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return HashFileReport(input=str(ids_path), output=str(output), shape=list(ids.shape),
-                          dtype=str(ids.dtype), rows=rows, layers=summary,
-                          seconds=time.perf_counter() - start)
-
-
-def run_hash(text: str | None, *, spec: str | Path = "demo", projection: str | Path | None = None,
-             ids: str | Path | None = None, output: str | Path | None = None,
-             layers: Iterable[int] | None = None, rows: bool = False, special_tokens: bool = True,
-             overwrite: bool = False) -> HashTextReport | HashFileReport:
-    """The whole `engram hash` job: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays."""
-    if (text is None) == (ids is None):
-        raise EngramError("give either TEXT to tokenize or --ids FILE.npy, not both" if text is not None
-                          else "give TEXT to tokenize, or --ids FILE.npy with -o OUT.npz")
-    if ids is not None and output is None:
-        raise EngramError("--ids needs -o OUT.npz, the archive to write one array per layer into")
-    if text is not None and output is not None:
-        raise EngramError("-o is for --ids; TEXT is shown, not written (use --json for scripts)")
-    table_spec = load_spec(spec)
-    vocab = resolve_projection(projection)
-    layers = None if not layers else list(layers)
-    if ids is not None:
-        return hash_ids_file(ids, output, table_spec, vocab, layers=layers, rows=rows,
-                             overwrite=overwrite)
-    return hash_text(text, table_spec, vocab, layers=layers, rows=rows, special_tokens=special_tokens)

@@ -1,5 +1,7 @@
 """Primality and the reference's walk to the next unused prime."""
 
+from __future__ import annotations
+
 from collections.abc import Iterable
 
 # These bases make Miller-Rabin exact for every n < 3.3e24, far past int64.
@@ -35,3 +37,4 @@ def next_unused_prime(start: int, taken: Iterable[int] | set[int]) -> int:
     while not (is_prime(candidate) and candidate not in taken):
         candidate += 1
     return candidate
+

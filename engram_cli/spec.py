@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .dtypes import DTYPE_BYTES
 from .errors import EngramError
 from .primes import next_unused_prime
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
+
+
 INT64_MAX = np.iinfo(np.int64).max
+
+
 MAX_HEAD_SIZE = 1 << 48  # rows of one head: far past any table; offsets and float reductions stay exact
+
 
 _ENGRAM_KEYS = {
     "layer_ids", "max_ngram_size", "n_head_per_ngram", "engram_vocab_size",
     "n_embed_per_ngram", "pad_id", "seed",
 }
+
+
 _TABLE_KEYS = {"dtype", "init"}
 
 
@@ -263,20 +270,31 @@ def spec_from_dict(raw: dict[str, Any], name: str = "custom") -> TableSpec:
     )
 
 
+def _presets() -> Traversable:
+    """The preset folder: `tables/` of the repository, installed as the package data `engram_cli.presets`.
+
+    A source checkout imported directly (the repository on `sys.path`, as pytest does) has no such
+    package: there `tables/` beside the package folder is the same folder.
+    """
+    try:
+        return importlib.resources.files("engram_cli.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "tables"
+
+
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _presets().iterdir() if p.name.endswith(".toml"))
 
 
 def load_spec(path_or_preset: str | Path) -> TableSpec:
     """Read a spec from a TOML file, or from a preset name in `tables/` (`engram-27b`)."""
     path = Path(path_or_preset)
     if not path.exists():
-        preset = PRESET_DIR / f"{path_or_preset}.toml"
-        if path.suffix != ".toml" and preset.exists():
-            path = preset
-        else:
-            raise EngramError(f"no spec file or preset named {str(path_or_preset)!r} "
-                              f"(presets: {', '.join(preset_names())})")
+        if path.suffix != ".toml" and str(path_or_preset) in preset_names():
+            preset = _presets() / f"{path_or_preset}.toml"
+            return spec_from_dict(tomllib.loads(preset.read_text(encoding="utf-8")), name=str(path_or_preset))
+        raise EngramError(f"no spec file or preset named {str(path_or_preset)!r} "
+                          f"(presets: {', '.join(preset_names())})")
     if path.is_dir():
         raise EngramError(f"{path} is a directory, not a TOML spec")
     try:
@@ -287,54 +305,3 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
         raise EngramError(f"spec {path} is not valid TOML: {exc}") from None
     return spec_from_dict(raw, name=path.stem)
 
-
-@dataclass
-class PlanReport:
-    """Rows, parameters and bytes of a spec, per layer and in total, for every dtype."""
-
-    spec: TableSpec
-
-    def _layer(self, layer_id: int) -> dict[str, Any]:
-        rows = self.spec.rows(layer_id)
-        params = rows * self.spec.dim
-        return {
-            "rows": rows, "parameters": params,
-            "bytes": {dtype: params * size for dtype, size in DTYPE_BYTES.items()},
-            "head_sizes": self.spec.head_sizes(layer_id),
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        spec = self.spec
-        return {
-            "spec": spec.to_dict(),
-            "dim": spec.dim,
-            "layers": {str(layer): self._layer(layer) for layer in spec.layer_ids},
-            "total": {
-                "rows": spec.total_rows, "parameters": spec.parameters,
-                "bytes": {dtype: spec.parameters * size for dtype, size in DTYPE_BYTES.items()},
-            },
-        }
-
-    def render(self, console: Any) -> None:
-        from rich.table import Table
-
-        spec = self.spec
-        table = Table(title=f"{spec.name}: {len(spec.layer_ids)} layers, orders 2..{spec.max_ngram_size}, "
-                            f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head")
-        for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
-            table.add_column(column, justify="right")
-        for layer in spec.layer_ids:
-            info = self._layer(layer)
-            table.add_row(str(layer), f"{info['rows']:,}", f"{info['parameters']:,}",
-                          *(human_bytes(b) for b in info["bytes"].values()))
-        table.add_row("total", f"{spec.total_rows:,}", f"{spec.parameters:,}",
-                      *(human_bytes(spec.parameters * s) for s in DTYPE_BYTES.values()), style="bold")
-        console.print(table)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")

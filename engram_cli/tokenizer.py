@@ -18,6 +18,8 @@ from tokenizers import Tokenizer
 from .errors import EngramError
 
 EMBEDDED_NAME = "deepseek-v3"
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -137,3 +139,4 @@ def zip_bytes(json_bytes: bytes) -> bytes:
 def unzip_bytes(data: bytes) -> bytes:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return archive.read("tokenizer.json")
+

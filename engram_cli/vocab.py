@@ -12,27 +12,35 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 from tokenizers import Regex, Tokenizer, normalizers
 
 from .errors import EngramError
+from .helpers import atomic_write
 from .tokenizer import TokenizerSource, load_tokenizer, tokenizer_from_bytes, unzip_bytes, zip_bytes
 
 NORMALIZER_VERSION = "engram-nfkc-v1"
+
+
 FORMAT = "engram-projection"
+
+
 FORMAT_VERSION = "1"
+
+
 _FILE_KEYS = ("format", "format_version", "vocab_size", "compressed_size")  # derived on save
+
+
 _SENTINEL = "\ue000"
+
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -51,6 +59,8 @@ def build_normalizer() -> normalizers.Normalizer:
 
 
 _ASCII_SPACE_RUN = re.compile(r"[ \t\r\n]+")
+
+
 _ASCII_WHITESPACE = " \t\n\r\x0b\x0c"  # Rust's char::is_whitespace restricted to ASCII
 
 
@@ -164,36 +174,6 @@ def _cached_tokenizer(json_bytes: bytes) -> Tokenizer:
     return tokenizer_from_bytes(json_bytes)
 
 
-def check_output_file(output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output file that cannot or may not be written."""
-    if output.is_dir():
-        raise EngramError(f"output {output} is a directory; give a file path")
-    if output.exists() and not overwrite:
-        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise EngramError(f"output folder {output.parent} is not writable")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise EngramError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise EngramError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def compress_vocab(tokenizer: Tokenizer | TokenizerSource | str | Path | None = None) -> VocabProjection:
     """Derive the projection of a tokenizer (object, file, folder, Hub id, or None: the default)."""
     if isinstance(tokenizer, Tokenizer):
@@ -276,75 +256,3 @@ def default_projection() -> VocabProjection:
 def resolve_projection(path: str | Path | None) -> VocabProjection:
     return default_projection() if path is None else load_projection(path)
 
-
-@dataclass
-class CompressReport:
-    """What `engram compress-vocab` did: sizes, the largest merge groups, the file written."""
-
-    output: str
-    source: str
-    tokenizer_sha256: str
-    vocab_size: int
-    compressed_size: int
-    raw_fallbacks: int
-    top_groups: list[dict[str, Any]]
-
-    @property
-    def reduction(self) -> float:
-        return 1.0 - self.compressed_size / self.vocab_size
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "output": self.output, "source": self.source, "tokenizer_sha256": self.tokenizer_sha256,
-            "vocab_size": self.vocab_size, "compressed_size": self.compressed_size,
-            "reduction": self.reduction, "raw_fallbacks": self.raw_fallbacks,
-            "top_groups": self.top_groups,
-        }
-
-    def render(self, console: Console) -> None:
-        console.print(f"[bold]{self.source}[/]: {self.vocab_size:,} ids -> "
-                      f"{self.compressed_size:,} canonical ids "
-                      f"([green]{self.reduction:.2%}[/] fewer); "
-                      f"{self.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)")
-        table = Table(title=f"{len(self.top_groups)} largest merge groups")
-        for column in ("canonical id", "key", "ids", "examples"):
-            table.add_column(column)
-        for group in self.top_groups:
-            table.add_row(str(group["canonical_id"]), repr(group["key"]), str(group["size"]),
-                          " ".join(repr(e) for e in group["examples"]))
-        console.print(table)
-        console.print(f"wrote {self.output}")
-
-
-def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[dict[str, Any]]:
-    """The k canonical ids that merge the most tokenizer ids, with a few decoded members."""
-    counts = np.bincount(projection.lookup)
-    order = np.argsort(-counts, kind="stable")[:max(k, 0)]
-    tokenizer = projection.tokenizer()
-    groups = []
-    for cid in order:
-        members = np.flatnonzero(projection.lookup == cid)
-        groups.append({
-            "canonical_id": int(cid),
-            "key": key_of(tokenizer, int(members[0])),
-            "size": int(counts[cid]),
-            "examples": [tokenizer.decode([int(m)], skip_special_tokens=False)
-                         for m in members[:examples]],
-        })
-    return groups
-
-
-def write_projection(tokenizer: str | None, output: str | Path, *, overwrite: bool = False,
-                     top: int = 10) -> CompressReport:
-    """The whole `engram compress-vocab` job: check the target, derive, write atomically, report."""
-    output = Path(output)
-    check_output_file(output, overwrite)
-    source = load_tokenizer(tokenizer)
-    projection = compress_vocab(source)
-    projection.save(output)
-    return CompressReport(
-        output=str(output), source=source.source, tokenizer_sha256=source.sha256,
-        vocab_size=projection.vocab_size, compressed_size=projection.compressed_size,
-        raw_fallbacks=int(projection.metadata["raw_fallbacks"]),
-        top_groups=top_groups(projection, top),
-    )

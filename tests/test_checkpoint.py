@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from engram_cli.checkpoint import (DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, META_KEY,
-                                   export_store, export_training, import_checkpoint)
+from engram_cli.checkpoints.dcp import export_training
+from engram_cli.checkpoints.exporting import export_store
+from engram_cli.checkpoints.importing import import_checkpoint
+from engram_cli.checkpoints.keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE
+from engram_cli.checkpoints.metadata import META_KEY
 from engram_cli.errors import EngramError
 from engram_cli.spec import TableSpec, spec_from_dict
-from engram_cli.store import build_tables, open_tables
+from engram_cli.store.build import build_tables
+from engram_cli.store.tables import open_tables
 from engram_cli.vocab import VocabProjection, compress_vocab
 
 
@@ -269,15 +272,15 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
 
 
 def test_import_reads_each_piece_about_once():
-    from engram_cli.checkpoint import _windows
+    from engram_cli.checkpoints.dcp import read_windows
 
     shards = [(i * 10, min(i * 10 + 10, 95)) for i in range(10)]
-    windows = _windows(shards, [33, 66, 95])
+    windows = read_windows(shards, [33, 66, 95])
     assert windows == [(0, 40), (40, 70), (70, 95)]
     assert windows[0][0] == 0 and windows[-1][1] == 95
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
-    assert _windows(shards, [95]) == [(0, 95)]
-    assert _windows(shards, [10 * i for i in range(1, 10)] + [95]) == shards
+    assert read_windows(shards, [95]) == [(0, 95)]
+    assert read_windows(shards, [10 * i for i in range(1, 10)] + [95]) == shards
 
 
 # ---- gloo ranks at other world sizes --------------------------------------------------------
@@ -341,7 +344,7 @@ def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
 
 
 def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
-    from engram_cli.checkpoint import export_training
+    from engram_cli.checkpoints.dcp import export_training
 
     with pytest.raises(EngramError, match="more than the"):
         export_training(stores["float32"], tmp_path / "dcp", shards=10**8, show_progress=False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from engram_cli.vocab import load_projection
 
 from conftest import make_byte_level_tokenizer, run_engram
-from engram_cli.vocab import load_projection
 
 
 def test_json_report_and_file(tmp_path):

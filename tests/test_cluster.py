@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
-
 from engram_cli import EngramError
 from engram_cli.cluster import dask_client, run_tasks
 from engram_cli.spec import TableSpec
-from engram_cli.store import build_tables, open_tables
+from engram_cli.store.build import build_tables
+from engram_cli.store.tables import open_tables
 from engram_cli.vocab import VocabProjection
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_scheduler_and_workers_exclude_each_other():
 
 @pytest.mark.parametrize("layout,dtype", [("engram", "bfloat16"), ("deepseek-v41", "float8_e4m3fn")])
 def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, projection, layout, dtype):
-    from engram_cli.inference import export_inference
+    from engram_cli.checkpoints.safetensors_export import export_inference
 
     spec = SMALL.replace(n_embed_per_ngram=64)
     build_tables(spec, tmp_path / "t.zarr", projection=projection, shards=2, show_progress=False)
@@ -153,7 +153,7 @@ def _numbers(report) -> dict:
 
 
 def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
-    from engram_cli.statistics import inspect
+    from engram_cli.inspection import inspect
 
     src = Path(__import__("json").__file__).parent
     kwargs = dict(corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3],
@@ -167,8 +167,8 @@ def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
 def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
     """Ranges of one .bin stream (and rows of a 2-D .npy) read by separate tasks give the
     local numbers to the last count: each range carries its document's left context."""
-    from engram_cli.corpus import CorpusOptions
-    from engram_cli.statistics import inspect
+    from engram_cli.corpus.base import CorpusOptions
+    from engram_cli.inspection import inspect
 
     rng = __import__("numpy").random.default_rng(5)
     stream = rng.integers(0, 40, size=30_000).astype("uint16")
@@ -189,8 +189,8 @@ def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
 
 
 def test_cluster_refuses_max_tokens(cluster):
-    from engram_cli.corpus import CorpusOptions
-    from engram_cli.statistics import inspect
+    from engram_cli.corpus.base import CorpusOptions
+    from engram_cli.inspection import inspect
 
     with pytest.raises(EngramError, match="--max-tokens"):
         inspect("demo", corpus=[Path(__import__("json").__file__).parent],

@@ -7,14 +7,19 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from engram_cli.collisions.statistics import collision_statistics
+from engram_cli.corpus.base import CorpusOptions
+from engram_cli.corpus.reader import Corpus
+from engram_cli.corpus.sources import find_sources
+from engram_cli.corpus.text import decode_utf8
+from engram_cli.errors import EngramError
+from engram_cli.inspection import InspectReport
+from engram_cli.spec import load_spec
+from engram_cli.vocab import VocabProjection, compress_vocab, default_projection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import make_byte_level_tokenizer
-from engram_cli.corpus import Corpus, CorpusOptions, decode_utf8, find_sources
-from engram_cli.errors import EngramError
-from engram_cli.spec import load_spec
-from engram_cli.statistics import InspectReport, collision_statistics
-from engram_cli.vocab import VocabProjection, compress_vocab, default_projection
 
 TEXTS = [
     "Only Alexander the Great could tame the horse Bucephalus.",

@@ -10,14 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from engram_cli import EngramError, NgramHasher
+from engram_cli.hash_jobs import hash_ids_file
+from engram_cli.hashing import PARALLEL_MIN_TOKENS
+from engram_cli.kernels import FLOAT_REDUCTION_MIN_PRIME
+from engram_cli.spec import TableSpec, load_spec
+from engram_cli.vocab import VocabProjection, compress_vocab, default_projection
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from conftest import engram_json, make_byte_level_tokenizer, run_engram
-from engram_cli import EngramError, NgramHasher
-from engram_cli.hashing import FLOAT_REDUCTION_MIN_PRIME, PARALLEL_MIN_TOKENS, hash_ids_file
-from engram_cli.spec import TableSpec, load_spec
-from engram_cli.vocab import VocabProjection, compress_vocab, default_projection
 
 INT64_MAX = (1 << 63) - 1
 SENTENCE = "Only Alexander the Great could tame the horse Bucephalus."

@@ -9,17 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engram_cli.checkpoints.exporting import export_store
+from engram_cli.checkpoints.fp8_format import BLOCK
+from engram_cli.checkpoints.importing import import_checkpoint
+from engram_cli.checkpoints.keys import DEFAULT_KEY_TEMPLATE
+from engram_cli.checkpoints.safetensors_export import export_inference
+from engram_cli.checkpoints.safetensors_format import INDEX_NAME, SafetensorsWriter, TensorPlan, plan_layout
+from engram_cli.checkpoints.tables import EngramTables
+from engram_cli.errors import EngramError
+from engram_cli.spec import TableSpec
+from engram_cli.store.build import build_tables
+from engram_cli.store.create import create_store
+from engram_cli.store.tables import open_tables
+from engram_cli.vocab import VocabProjection, compress_vocab
 from safetensors import safe_open
 
 from conftest import engram_json, make_byte_level_tokenizer, run_engram
-from engram_cli.checkpoint import DEFAULT_KEY_TEMPLATE, export_store, import_checkpoint
-from engram_cli.errors import EngramError
-from engram_cli.inference import EngramTables, export_inference
-from engram_cli.quant import BLOCK
-from engram_cli.safetensors_io import INDEX_NAME, SafetensorsWriter, TensorPlan, plan_layout
-from engram_cli.spec import TableSpec
-from engram_cli.store import build_tables, create_store, open_tables
-from engram_cli.vocab import VocabProjection, compress_vocab
 
 
 def tiny_spec(dtype: str = "bfloat16", layer_ids: tuple[int, ...] = (1, 3)) -> TableSpec:

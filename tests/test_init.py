@@ -8,13 +8,12 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engram_cli import init as init_module
 from engram_cli.errors import EngramError
 from engram_cli.init import INIT_ALGORITHM, fill_rows, generate_rows, layer_key
 from engram_cli.spec import InitSpec, load_spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 M64 = (1 << 64) - 1
 G = 0x9E3779B97F4A7C15

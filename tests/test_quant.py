@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from engram_cli.checkpoints.fp8 import QuantError, dequantize, gather_dequantize, quantize
+from engram_cli.checkpoints.fp8_format import BLOCK
+from engram_cli.errors import EngramError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from engram_cli.errors import EngramError
-from engram_cli.quant import BLOCK, QuantError, dequantize, gather_dequantize, quantize
 
 
 def e4m3_value(code: int) -> float:

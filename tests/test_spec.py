@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from conftest import engram_json, run_engram
 from engram_cli import EngramError, load_spec
 from engram_cli.spec import TableSpec, preset_names, spec_from_dict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import engram_json, run_engram
 
 
 def brute_primes(limit: int) -> list[int]:

@@ -12,19 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from engram_cli.cli.commands import parse_factors
+from engram_cli.collisions.keys import WindowKeys, map_part, merge_partition
+from engram_cli.collisions.spill import KeyCountStore, count_corpus
+from engram_cli.collisions.statistics import collision_statistics, expected_rate
+from engram_cli.corpus.base import DocBatch
+from engram_cli.errors import EngramError
+from engram_cli.hashing import NgramHasher
+from engram_cli.inspection import inspect
+from engram_cli.kernels import FLOAT_REDUCTION_MIN_PRIME
+from engram_cli.spec import TableSpec
+from engram_cli.store.build import build_tables
+from engram_cli.store.tables import open_tables
+from engram_cli.vocab import VocabProjection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from matplotlib.image import imread
 
 from conftest import engram_json, run_engram
-from engram_cli.corpus import DocBatch
-from engram_cli.errors import EngramError
-from engram_cli.hashing import FLOAT_REDUCTION_MIN_PRIME, NgramHasher
-from engram_cli.spec import TableSpec
-from engram_cli.statistics import (KeyCountStore, WindowKeys, collision_statistics,
-                                   count_corpus, expected_rate, inspect, map_part, merge_partition,
-                                   parse_factors)
-from engram_cli.store import build_tables, open_tables
-from engram_cli.vocab import VocabProjection
 
 INT64_MAX = (1 << 63) - 1
 

@@ -13,16 +13,17 @@ import ml_dtypes
 import numpy as np
 import pytest
 import zarr
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engram_cli.errors import EngramError
 from engram_cli.hashing import NgramHasher
 from engram_cli.init import generate_rows
 from engram_cli.spec import load_spec
-from engram_cli.store import (CHUNK_BYTES, SHARD_BYTES, build_shard, build_tables, create_store,
-                              open_tables, plan_layout)
+from engram_cli.store.build import build_shard, build_tables
+from engram_cli.store.create import create_store
+from engram_cli.store.layout import CHUNK_BYTES, SHARD_BYTES, plan_layout
+from engram_cli.store.tables import open_tables
 from engram_cli.vocab import VocabProjection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, run_engram
 

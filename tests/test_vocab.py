@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from engram_cli import EngramError
+from engram_cli.vocab import VocabProjection, compress_vocab, key_of, load_projection
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Regex, normalizers
 
 from conftest import make_byte_level_tokenizer, shipped_tokenizer
-from engram_cli import EngramError
-from engram_cli.vocab import VocabProjection, compress_vocab, load_projection, key_of
 
 
 def reference_lookup(tok) -> np.ndarray:

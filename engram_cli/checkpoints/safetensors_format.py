@@ -11,12 +11,10 @@ filling their own ranges of the same files.
 
 from __future__ import annotations
 
-import functools
 import json
 import mmap
 import os
 import re
-import shutil
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -27,24 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EngramError
+from ..dtypes import SAFETENSORS
+from ..errors import EngramError
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
 _HEADER_ALIGN = 8
+
+
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-@functools.cache
-def itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
 
 
 @dataclass(frozen=True)
@@ -57,11 +47,11 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * itemsize(self.dtype)
+        return prod(self.shape) * SAFETENSORS[self.dtype].itemsize
 
     @property
     def row_bytes(self) -> int:
-        return prod(self.shape[1:]) * itemsize(self.dtype)
+        return prod(self.shape[1:]) * SAFETENSORS[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -105,7 +95,7 @@ def _header(tensors: list[TensorPlan], metadata: dict[str, str]) -> tuple[bytes,
     Wider dtypes go first so that every tensor starts at a multiple of its item size
     (the data section itself starts at a multiple of 8), which zero-copy views need.
     """
-    ordered = sorted(tensors, key=lambda t: -itemsize(t.dtype))
+    ordered = sorted(tensors, key=lambda t: -SAFETENSORS[t.dtype].itemsize)
     entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     starts, position = {}, 0
     for tensor in ordered:
@@ -226,6 +216,8 @@ def _as_bytes(rows: torch.Tensor | np.ndarray) -> memoryview:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -287,8 +279,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             continue
         try:
             begin, end = entry["data_offsets"]
-            ok = (entry["dtype"] in TORCH_DTYPES and 0 <= begin <= end <= size - data_start
-                  and end - begin == prod(entry["shape"]) * itemsize(entry["dtype"]))
+            ok = (entry["dtype"] in SAFETENSORS and 0 <= begin <= end <= size - data_start
+                  and end - begin == prod(entry["shape"]) * SAFETENSORS[entry["dtype"]].itemsize)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -356,8 +348,8 @@ class MappedTensors:
         if mapped is None:
             with open(entry.path, "rb") as handle:
                 mapped = self._maps[entry.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        dtype = TORCH_DTYPES[entry.dtype]
-        count = (entry.end - entry.start) // itemsize(entry.dtype)
+        dtype = SAFETENSORS[entry.dtype].torch
+        count = (entry.end - entry.start) // SAFETENSORS[entry.dtype].itemsize
         if count == 0:
             return torch.empty(entry.shape, dtype=dtype)
         with warnings.catch_warnings():
@@ -368,16 +360,3 @@ class MappedTensors:
     def close(self) -> None:
         self._maps.clear()  # the maps close once the last view of them is gone
 
-
-def replace_output(tmp: Path, target: Path) -> None:
-    """Move a finished output into place, replacing an old one only now that the new one is whole."""
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, target)

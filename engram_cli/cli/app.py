@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .errors import EngramError
-from .report import emit
+from ..errors import EngramError
+from .render import emit
 
 app = typer.Typer(
     name="engram",
@@ -19,12 +19,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+
+
 SPEC_HELP = "A TOML table spec, or a preset name from tables/ (demo, engram-27b, ...)."
+
+
 SCHEDULER_OPTION = typer.Option(
     None, "--scheduler", help="Run on an existing Dask cluster: its scheduler address, tcp://HOST:PORT.")
+
+
 DASK_WORKERS_OPTION = typer.Option(
     None, "--dask-workers", min=1, help="Run on a local Dask cluster of N worker processes.")
+
+
 PROJECTION_HELP = "A projection file from `engram compress-vocab` (default: embedded DeepSeek-V3)."
 
 
@@ -38,7 +47,7 @@ def compress_vocab_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Derive the vocab projection (normalized text -> canonical id) of a tokenizer."""
-    from .vocab import write_projection
+    from ..compress import write_projection
 
     emit(write_projection(tokenizer, output, overwrite=overwrite, top=top), as_json)
 
@@ -49,7 +58,8 @@ def plan_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show rows, parameters and bytes of a spec, per layer and in total."""
-    from .spec import PlanReport, load_spec
+    from ..plan import PlanReport
+    from ..spec import load_spec
 
     emit(PlanReport(load_spec(spec)), as_json)
 
@@ -73,7 +83,7 @@ def hash_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the n-grams of a text and their bucket in every head, or hash a token-id array."""
-    from .hashing import run_hash
+    from .commands import run_hash
 
     emit(run_hash(text, spec=spec, projection=projection, ids=ids, output=output, layers=layers,
                   rows=rows, special_tokens=special_tokens, overwrite=overwrite), as_json)
@@ -102,7 +112,7 @@ def build_tables_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Build the initialized tables of a spec as a sharded zarr v3 store, reproducibly."""
-    from .store import build_tables
+    from ..store.build import build_tables
 
     emit(build_tables(spec, output, projection=projection, shards=shards,
                       shard_by=shard_by, workers=workers, dtype=dtype, resume=resume,
@@ -134,7 +144,7 @@ def export_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a store as a DCP training checkpoint or as safetensors for inference engines."""
-    from .checkpoint import export_store
+    from ..checkpoints.exporting import export_store
 
     emit(export_store(store, output, target=target, shards=shards, key_template=key_template,
                       per_head=per_head, dtype=dtype, layout=layout, max_shard_size=max_shard_size,
@@ -165,7 +175,7 @@ def import_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Turn a checkpoint made by `engram export` (or a trained one) back into a table store."""
-    from .checkpoint import import_checkpoint
+    from ..checkpoints.importing import import_checkpoint
 
     emit(import_checkpoint(checkpoint, output, trust_pickle=trust_pickle, spec=spec, projection=projection,
                            key_template=key_template, layers=layers, dtype=dtype, shards=shards,
@@ -202,8 +212,9 @@ def inspect_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store."""
-    from .corpus import CorpusOptions
-    from .statistics import inspect, parse_factors
+    from ..corpus.base import CorpusOptions
+    from ..inspection import inspect
+    from .commands import parse_factors
 
     options = CorpusOptions(doc_per=doc_per, text_field=text_field, bin_dtype=bin_dtype, doc_sep=doc_sep,
                             glob=glob, max_tokens=max_tokens)
@@ -234,3 +245,4 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("engram: interrupted\n")
         sys.exit(130)
+

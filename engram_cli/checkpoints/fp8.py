@@ -19,19 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import EngramError
-
-BLOCK = 32
-E4M3_MAX = 448.0
-E8M0_BIAS = 127
-_MIN_EXPONENT = -127  # E8M0 codes 0..254 are 2**-127 .. 2**127; 255 is NaN
-_MAX_EXPONENT = 127
-
-
-def check_blockable(dim: int) -> None:
-    if dim % BLOCK:
-        raise EngramError(f"fp8 export needs a row width that is a multiple of {BLOCK} "
-                          f"(one E8M0 scale per {BLOCK} values); this table has dim {dim}")
+from .fp8_format import BLOCK, check_blockable
 
 
 @functools.cache
@@ -149,3 +137,4 @@ def gather_dequantize(quantized: torch.Tensor, scales: torch.Tensor, index: torc
             run(part)
     result = torch.from_numpy(out)
     return result.view(torch.bfloat16) if bf16 else result.to(dtype)
+

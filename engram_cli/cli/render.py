@@ -7,8 +7,7 @@ import sys
 from typing import Any, Protocol
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class Report(Protocol):
@@ -44,3 +43,4 @@ def progress(*extra_columns: Any, transient: bool = False) -> Progress:
         transient=transient,
         disable=not console.is_terminal,
     )
+

@@ -8,15 +8,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .errors import EngramError
-from .spec import DTYPE_BYTES, TableSpec, human_bytes
-
-if TYPE_CHECKING:
-    from .statistics import InspectReport, LayerStats
+from ..collisions.statistics import LayerStats
+from ..dtypes import DTYPE_BYTES
+from ..errors import EngramError
+from ..helpers import human_bytes
+from ..inspection import InspectReport
+from ..spec import TableSpec
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
 
@@ -140,3 +141,4 @@ def _save(fig: Any, path: Path) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise EngramError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+

@@ -13,7 +13,7 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .quant import BLOCK
+from .fp8_format import BLOCK
 
 u32 = np.uint32
 
@@ -240,3 +240,4 @@ def gather_bfloat16(codes, scales, index, lut, out):
             for i in range(BLOCK):
                 bits = word_bits[i]
                 out[j, base + i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
+

@@ -1,0 +1,430 @@
+"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+
+`export_training` writes what N training ranks would have written with DCP: every table is one
+logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
+chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
+`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
+next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
+plain tensors, or into `Shard(0)` DTensors on M ranks).
+The hashing metadata rides along as small tensors under `engram.*`, so training code can
+rebuild the hasher from the checkpoint alone.
+
+`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
+store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import string
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dtypes import INFERENCE_DTYPES, STORE_DTYPES, from_torch, torch_dtype
+from ..errors import EngramError
+from ..helpers import prefetched, row_blocks
+from ..spec import TableSpec, spec_from_dict
+from .conversion import Conversion
+from .keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, check_key_template
+from .metadata import META_KEY, meta_tensors
+from .output import prepare_output, remove_tree
+from .reports import ExportReport, store_progress
+from .sources import LayerSource, StoreSource, TableSource, open_source_store
+
+DCP_FORMAT = "engram-dcp"
+
+
+DCP_FORMAT_VERSION = "1"
+
+
+_CHUNK_BYTES = 32 << 20  # one DCP chunk: what the writer and each loading rank hold at a time
+
+
+def even_pieces(rows: int, pieces: int) -> list[tuple[int, int]]:
+    """Row ranges of `torch.chunk`/DTensor `Shard(0)`: ceil-sized, trailing ones may be empty."""
+    size = -(-rows // pieces)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(pieces)]
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One logical tensor of the checkpoint: rows [start, stop) of a layer table, in pieces."""
+
+    key: str
+    layer_id: int
+    start: int
+    stop: int
+    pieces: tuple[tuple[int, int], ...]
+
+
+def _training_tensors(source: StoreSource, key_template: str, per_head: bool,
+                      shards: int | None) -> list[_Tensor]:
+    spec = source.spec
+    tensors = []
+    for layer_id in source.layer_ids:
+        rows = spec.rows(layer_id)
+        if not per_head:
+            pieces = (source.store.partition(layer_id) if shards is None else even_pieces(rows, shards))
+            tensors.append(_Tensor(key_template.format(layer_id=layer_id), layer_id, 0, rows, tuple(pieces)))
+            continue
+        count = shards or source.store.ranks
+        for head, (offset, size) in enumerate(zip(spec.offsets(layer_id), spec.head_sizes(layer_id))):
+            order, order_head = divmod(head, spec.n_head_per_ngram)
+            key = key_template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
+            tensors.append(_Tensor(key, layer_id, offset, offset + size, tuple(even_pieces(size, count))))
+    keys = [t.key for t in tensors]
+    if len(set(keys)) != len(keys):
+        raise EngramError(f"key template {key_template!r} gives two tensors the same key")
+    return tensors
+
+
+def export_training(store: str | Path, output: str | Path, *, shards: int | None = None,
+                    key_template: str | None = None, per_head: bool = False, dtype: str | None = None,
+                    overwrite: bool = False, show_progress: bool = True) -> ExportReport:
+    """Write a store as a DCP checkpoint of row-sharded tensors, one piece in memory at a time."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    output = Path(output)
+    if shards is not None and shards < 1:
+        raise EngramError(f"--shards must be a positive integer, got {shards}")
+    source = open_source_store(store)
+    smallest = min(min(source.spec.head_sizes(layer)) if per_head else source.spec.rows(layer)
+                   for layer in source.layer_ids)
+    if shards is not None and shards > smallest:
+        raise EngramError(f"--shards {shards} is more than the {smallest:,} rows of the smallest "
+                          f"{'head table' if per_head else 'layer table'}")
+    dtype = dtype or source.dtype
+    if dtype not in STORE_DTYPES:
+        raise EngramError(f"unknown dtype {dtype!r} for training; allowed: {', '.join(STORE_DTYPES)}")
+    key_template = key_template or (DEFAULT_HEAD_TEMPLATE if per_head else DEFAULT_KEY_TEMPLATE)
+    check_key_template(key_template, per_head=per_head)
+    tensors = _training_tensors(source, key_template, per_head, shards)
+    count = max(len(t.pieces) for t in tensors)
+    spec, target = source.spec, torch_dtype(dtype)
+    tables: dict[str, Any] = {}
+    for t in tensors:
+        tables.setdefault(str(t.layer_id), []).append({"key": t.key, "start": t.start, "stop": t.stop})
+    meta = {"format": DCP_FORMAT, "format_version": DCP_FORMAT_VERSION, "spec": spec.to_dict(),
+            "dtype": dtype, "store_dtype": source.dtype, "per_head": per_head,
+            "key_template": key_template, "tables": tables, "sharding": source.sharding,
+            "projection": {**source.projection.metadata, "fingerprint": source.projection.fingerprint()}}
+    small = meta_tensors(source, meta)
+    conversion = Conversion(source.dtype, dtype)
+
+    properties = TensorProperties(dtype=target)
+    state_md: dict[str, Any] = {t.key: TensorStorageMetadata(properties, torch.Size([t.stop - t.start, spec.dim]), [])
+                                for t in tensors}
+    readers = {layer_id: source.layer(layer_id) for layer_id in source.layer_ids}
+    plans: list[SavePlan] = []
+    blocks: list[list[tuple[_Tensor, int, int]]] = []  # per plan, in write order
+    for rank in range(count):
+        for t in tensors:
+            begin, end = t.pieces[rank] if rank < len(t.pieces) else (0, 0)
+            if begin == end:
+                continue
+            size = torch.Size([t.stop - t.start, spec.dim])
+            step = readers[t.layer_id].preferred_block(max(1, _CHUNK_BYTES // (spec.dim * target.itemsize)))
+            items, reads = [], []
+            for a, b in row_blocks(end - begin, step):
+                chunk = ChunkStorageMetadata(torch.Size([begin + a, 0]), torch.Size([b - a, spec.dim]))
+                state_md[t.key].chunks.append(chunk)
+                items.append(WriteItem(MetadataIndex(t.key, chunk.offsets), WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk, properties, size)))
+                reads.append((t, begin + a, begin + b))
+            plans.append(SavePlan(items))
+            blocks.append(reads)
+    small_items = []
+    for key, value in small.items():
+        chunk = ChunkStorageMetadata(torch.Size([0]), value.shape)
+        props = TensorProperties(dtype=value.dtype)
+        state_md[key] = TensorStorageMetadata(props, value.shape, [chunk])
+        small_items.append(WriteItem(MetadataIndex(key, chunk.offsets), WriteItemType.TENSOR,
+                                     tensor_data=TensorWriteData(chunk, props, value.shape)))
+    plans.append(SavePlan(small_items))
+    blocks.append([])
+    advance: Callable[[int], None] = lambda rows: None
+
+    def read(block: tuple[_Tensor, int, int]) -> torch.Tensor:
+        t, a, b = block
+        values = readers[t.layer_id].read(t.start + a, t.start + b)
+        converted = values.to(target)
+        conversion.check(values, converted)
+        return converted
+
+    class StorePlanner(DefaultSavePlanner):
+        """Hands the writer each block as it asks, the next one already being read meanwhile."""
+
+        def __init__(self, reads: list[tuple[_Tensor, int, int]]) -> None:
+            super().__init__()
+            self.blocks = prefetched(reads, read)
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.index.fqn in small:
+                return small[write_item.index.fqn]
+            (t, a, b), values = next(self.blocks)
+            if (t.key, a) != (write_item.index.fqn, write_item.index.offset[0]):
+                raise RuntimeError(f"DCP asked for {write_item.index} out of the planned order")
+            advance(b - a)
+            return values
+
+    final = output.absolute()
+
+    class Writer(FileSystemWriter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fs = _writeback_filesystem()
+
+        def storage_meta(self) -> StorageMeta:
+            return StorageMeta(checkpoint_id=str(final), save_id=self.save_id)
+
+    tmp = prepare_output(output, overwrite)
+    started = time.perf_counter()
+    try:
+        writer = Writer(tmp, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=False)
+        writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+        plans = writer.prepare_global_plan([writer.prepare_local_plan(p) for p in plans])
+        results = []
+        with store_progress(source, "export", show_progress) as advance:
+            for plan, reads in zip(plans, blocks):
+                results.append(writer.write_data(plan, StorePlanner(reads)).value())
+        metadata = Metadata(state_dict_metadata=state_md, planner_data={k: (k,) for k in state_md})
+        writer.finish(metadata, results)
+        from .output import replace_output
+
+        replace_output(tmp, output)
+    finally:
+        remove_tree(tmp)
+    seconds = time.perf_counter() - started
+    files = sorted(p.name for p in output.iterdir())
+    total = sum((output / name).stat().st_size for name in files)
+    return ExportReport(
+        target="training", layout="dcp", output=str(output), store=str(store), dtype=dtype,
+        source_dtype=source.dtype, files=files, index=True,
+        layers={layer_id: {"keys": [entry["key"] for entry in tables[str(layer_id)]],
+                           "rows": spec.rows(layer_id)} for layer_id in source.layer_ids},
+        bytes=total, seconds=seconds, conversion=conversion.to_json(), shards=count, per_head=per_head)
+
+
+class _WritebackFile(io.FileIO):
+    """A file whose every write starts on its way to disk at once (`start_writeback`)."""
+
+    def write(self, data: Any) -> int:
+        from .safetensors_format import start_writeback
+
+        position = self.tell()
+        written = super().write(data)
+        start_writeback(self.fileno(), position, written or 0)
+        return written
+
+
+def _writeback_filesystem() -> Any:
+    """DCP's FileSystem, writing through `_WritebackFile`: the same bytes, and the closing
+    fsync of each file then waits only for its last writes."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class WritebackFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with io.BufferedWriter(_WritebackFile(path, "wb")) as stream:
+                yield stream
+
+    return WritebackFileSystem()
+
+
+def _read_dcp_metadata(path: Path, trust_pickle: bool) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not trust_pickle:
+        raise EngramError(f"{path} is a DCP checkpoint, whose .metadata is a Python pickle that can run "
+                          "code when read; pass --trust-pickle if you trust where it came from")
+    try:
+        return FileSystemReader(path).read_metadata()
+    except Exception as exc:  # any unpickling failure means this is no DCP metadata we can use
+        raise EngramError(f"{path}/.metadata is not readable DCP metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
+    """Fill each buffer with rows [start, start + len) of its key, through DCP's resharding reads."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class WindowPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (start, buffer) in windows.items():
+                offsets = torch.Size([start] + [0] * (buffer.dim() - 1))
+                chunk = ChunkStorageMetadata(offsets, buffer.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index: Any) -> torch.Tensor:
+            return windows[index.fqn][1]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({}, storage_reader=FileSystemReader(path), planner=WindowPlanner())
+
+
+class DcpSource(TableSource):
+    """A DCP checkpoint read back row window by row window (never a whole table at once)."""
+
+    def __init__(self, path: Path, *, trust_pickle: bool, spec: TableSpec | None,
+                 projection: Any, key_template: str | None, layers: Iterable[int] | None) -> None:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        metadata = _read_dcp_metadata(path, trust_pickle)
+        entries = metadata.state_dict_metadata
+        self.entries = entries
+        meta = self._load_meta()
+        if meta is not None:
+            stored_spec = spec_from_dict(meta["spec"])
+            spec = spec or stored_spec
+            projection = projection or self._stored_projection(entries, meta)
+            tables = {int(k): [(e["key"], e["start"], e["stop"]) for e in v] for k, v in meta["tables"].items()}
+            self.sharding = meta.get("sharding")
+            self.store_dtype = meta.get("store_dtype")
+        else:
+            if spec is None or projection is None:
+                raise EngramError(f"{path} carries no engram hashing metadata (not made by `engram export`): "
+                                  "pass --spec and --projection")
+            template = key_template or DEFAULT_KEY_TEMPLATE
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+            names = check_key_template(template, per_head=bool(fields & {"head", "order", "order_head"}))
+            tables = {}
+            for layer_id in spec.layer_ids:
+                if len(names) == 1:
+                    tables[layer_id] = [(template.format(layer_id=layer_id), 0, spec.rows(layer_id))]
+                    continue
+                tables[layer_id] = []
+                for head, (offset, size) in enumerate(zip(spec.offsets(layer_id), spec.head_sizes(layer_id))):
+                    order, order_head = divmod(head, spec.n_head_per_ngram)
+                    key = template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
+                    tables[layer_id].append((key, offset, offset + size))
+            tables = {k: v for k, v in tables.items() if any(key in entries for key, _, _ in v)}
+            if not tables:
+                raise EngramError(f"{path} has no tensor named like {template!r} (keys: "
+                                  f"{', '.join(sorted(entries)[:4])}, ...); pass --key-template")
+            self.store_dtype = None
+        chosen = tuple(sorted(tables)) if layers is None else tuple(int(x) for x in layers)
+        for layer_id in chosen:
+            if layer_id not in tables:
+                raise EngramError(f"{path} holds no table for layer {layer_id} (layers: {sorted(tables)})")
+            if layer_id not in spec.layer_ids:
+                raise EngramError(f"layer {layer_id} of {path} is not in spec {spec.name} "
+                                  f"(layer_ids = {list(spec.layer_ids)})")
+            for key, start, stop in tables[layer_id]:
+                entry = entries.get(key)
+                if not isinstance(entry, TensorStorageMetadata):
+                    raise EngramError(f"{path} lacks tensor {key!r} of layer {layer_id}")
+                if tuple(entry.size) != (stop - start, spec.dim):
+                    raise EngramError(f"{key} in {path} is {tuple(entry.size)} but spec {spec.name} "
+                                      f"needs {(stop - start, spec.dim)}")
+            if tables[layer_id][-1][2] != spec.rows(layer_id) or tables[layer_id][0][1] != 0:
+                raise EngramError(f"the tensors of layer {layer_id} in {path} do not cover its "
+                                  f"{spec.rows(layer_id):,} rows")
+        super().__init__(spec, projection, chosen)
+        self.tables = tables
+        dtypes = {entries[key].properties.dtype for layer in chosen for key, _, _ in tables[layer]}
+        names = [from_torch(d).name for d in dtypes if str(d).removeprefix('torch.') in INFERENCE_DTYPES]
+        if len(dtypes) != 1 or not names:
+            raise EngramError(f"{path}: tables of dtype {', '.join(map(str, dtypes))} cannot go into a store")
+        self.dtype = names[0]
+
+    def _load_meta(self) -> dict[str, Any] | None:
+        if META_KEY not in self.entries:
+            return None
+        raw = self._load_small([META_KEY])[META_KEY]
+        try:
+            meta = json.loads(raw.numpy().tobytes())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != DCP_FORMAT:
+            raise EngramError(f"{self.path}: {META_KEY} is not the metadata `engram export` writes")
+        return meta
+
+    def _load_small(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        buffers = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype)
+                   for k in keys}
+        _dcp_load(self.path, {k: (0, v) for k, v in buffers.items()})
+        return buffers
+
+    def _stored_projection(self, entries: dict[str, Any], meta: dict[str, Any]) -> Any:
+        from ..vocab import restore_projection
+
+        keys = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
+        loaded = self._load_small(keys)
+        zipped = loaded.get("engram.projection.tokenizer_zip")
+        return restore_projection(loaded["engram.projection.lookup"].numpy(),
+                                  None if zipped is None else zipped.numpy().tobytes(),
+                                  meta["projection"], str(self.path))
+
+    def boundaries(self, layer_id: int) -> list[int]:
+        """Layer rows where a saved piece ends: reads aligned to them load each piece once."""
+        ends = set()
+        for key, start, _ in self.tables[layer_id]:
+            for chunk in self.entries[key].chunks:
+                ends.add(start + chunk.offsets[0] + chunk.sizes[0])
+        return sorted(ends)
+
+    def layer(self, layer_id: int) -> LayerSource:
+        spec = self.spec
+        parts = self.tables[layer_id]
+        target = torch_dtype(self.dtype)
+
+        def read(begin: int, end: int) -> torch.Tensor:
+            out = torch.empty((end - begin, spec.dim), dtype=target)
+            windows = {}
+            for key, start, stop in parts:
+                lo, hi = max(begin, start), min(end, stop)
+                if lo < hi:
+                    windows[key] = (lo - start, out[lo - begin:hi - begin])
+            _dcp_load(self.path, windows)
+            return out
+
+        return LayerSource(layer_id, spec.rows(layer_id), spec.dim, read)
+
+
+def read_windows(shards: list[tuple[int, int]], boundaries: list[int]) -> list[tuple[int, int]]:
+    """Runs of whole store shards, each ending at the first shard end at or past the end of the
+    source piece it starts in: every source piece is then loaded about once, and a window holds
+    at most one piece plus a shard."""
+    windows, i = [], 0
+    while i < len(shards):
+        begin = shards[i][0]
+        piece_end = next((b for b in boundaries if b > begin), shards[-1][1])
+        j = i
+        while j < len(shards) - 1 and shards[j][1] < piece_end:
+            j += 1
+        windows.append((begin, shards[j][1]))
+        i = j + 1
+    return windows
+

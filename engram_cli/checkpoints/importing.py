@@ -1,0 +1,115 @@
+"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+
+`export_training` writes what N training ranks would have written with DCP: every table is one
+logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
+chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
+`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
+next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
+plain tensors, or into `Shard(0)` DTensors on M ranks).
+The hashing metadata rides along as small tensors under `engram.*`, so training code can
+rebuild the hasher from the checkpoint alone.
+
+`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
+store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..dtypes import STORE_DTYPES, to_numpy, torch_dtype
+from ..errors import EngramError
+from ..spec import TableSpec, load_spec
+from .conversion import Conversion
+from .dcp import DcpSource, read_windows
+from .reports import ImportReport, store_progress
+
+
+def detect_format(path: Path) -> str:
+    """"dcp" or "safetensors"; a one-line error for anything else."""
+    if path.is_dir() and (path / ".metadata").is_file():
+        return "dcp"
+    if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
+        return "safetensors"
+    if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
+        return "safetensors"
+    if not path.exists():
+        raise EngramError(f"no such checkpoint: {path}")
+    raise EngramError(f"{path} is not a checkpoint engram can import (expected a DCP folder with "
+                      ".metadata, or safetensors from `engram export`)")
+
+
+def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickle: bool = False,
+                      spec: str | Path | TableSpec | None = None, projection: str | Path | Any = None,
+                      key_template: str | None = None, layers: Iterable[int] | None = None,
+                      dtype: str | None = None, shards: int | None = None, shard_by: str | None = None,
+                      overwrite: bool = False, show_progress: bool = True) -> ImportReport:
+    """Turn a DCP checkpoint or a safetensors export back into a store, one shard run at a time.
+
+    Hashing metadata comes from the checkpoint when `engram export` wrote it; otherwise (the
+    deepseek-v41 layout, a framework's own checkpoint) `spec` and `projection` are required and
+    every table's shape is checked against them.
+    """
+    from ..store.create import create_store
+    from ..vocab import VocabProjection, load_projection
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    kind = detect_format(checkpoint)
+    if dtype is not None and dtype not in STORE_DTYPES:
+        raise EngramError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
+    if spec is not None and not isinstance(spec, TableSpec):
+        spec = load_spec(spec)
+    if projection is not None and not isinstance(projection, VocabProjection):
+        projection = load_projection(projection)
+    layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
+    source: Any
+    if kind == "dcp":
+        source = DcpSource(checkpoint, trust_pickle=trust_pickle, spec=spec, projection=projection,
+                           key_template=key_template, layers=layers)
+        layout = "dcp"
+    else:
+        from .safetensors_source import open_safetensors_source
+
+        source = open_safetensors_source(checkpoint, spec, projection, layers)
+        layout = source.tables.layout
+    store_dtype = dtype or source.store_dtype or (source.dtype if source.dtype in STORE_DTYPES
+                                                  else source.spec.dtype)
+    sharding = source.sharding or {}
+    ranks = shards or sharding.get("ranks") or 1
+    by = shard_by or sharding.get("shard_by") or "rows"
+    init = {"algorithm": "imported", "source": str(checkpoint.absolute()), "format": kind, "layout": layout}
+    started = time.perf_counter()
+    partial = set(source.layer_ids) != set(source.spec.layer_ids)
+    store = create_store(output, source.spec, source.projection, shards=ranks, shard_by=by,
+                         dtype=store_dtype, overwrite=overwrite, init=init,
+                         layers=list(source.layer_ids) if partial else None)
+    conversion = Conversion(source.dtype, store_dtype)
+    target = torch_dtype(store_dtype)
+    written = 0
+    with store_progress(source, "import", show_progress) as advance:
+        for layer_id in source.layer_ids:
+            reader = source.layer(layer_id)
+            shards = store.shard_ranges(layer_id)
+            windows = read_windows(shards, source.boundaries(layer_id)) if kind == "dcp" else shards
+            for begin, end in windows:
+                values = reader.read(begin, end)
+                converted = values.to(target)
+                conversion.check(values, converted)
+                written += store.write_rows(layer_id, begin, to_numpy(converted))
+                advance(end - begin)
+    store.mark_complete()
+    complete = True
+    notes = []
+    if partial:
+        notes.append(f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
+                     f"{', '.join(map(str, source.spec.layer_ids))} imported; the store holds just those")
+    return ImportReport(
+        checkpoint=str(checkpoint), format=kind, layout=layout, store=str(output), dtype=store_dtype,
+        source_dtype=source.dtype,
+        layers={layer_id: {"rows": source.spec.rows(layer_id)} for layer_id in source.layer_ids},
+        complete=complete, bytes=written, seconds=time.perf_counter() - started,
+        conversion=conversion.to_json(), notes=notes)
+

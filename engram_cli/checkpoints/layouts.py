@@ -1,0 +1,69 @@
+"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+
+Two layouts:
+
+* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
+  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
+  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
+  so an engine needs nothing else.
+* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
+  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
+  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
+
+Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
+reads the file directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EngramError
+from ..vocab import VocabProjection, restore_projection
+from .keys import DEEPSEEK_SCALE
+from .safetensors_format import MappedTensors
+
+LAYOUTS = ("engram", "deepseek-v41")
+
+
+
+
+FORMAT = "engram-tables"
+
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Table:
+    layer_id: int
+    weight: str
+    scale: str | None
+
+
+def stored_projection(tensors: dict[str, Any], mapped: MappedTensors, metadata: dict[str, str],
+                       where: str) -> VocabProjection:
+    zipped = tensors.get("engram.projection.tokenizer_zip")
+    return restore_projection(
+        mapped.tensor("engram.projection.lookup").numpy().copy(),
+        None if zipped is None else mapped.tensor("engram.projection.tokenizer_zip").numpy().tobytes(),
+        metadata, where)
+
+
+def deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, Table]:
+    import re
+
+    pattern = re.compile(r"^layers\.(\d+)\.engram\.embed\.weight$")
+    tables = {}
+    for name in tensors:
+        match = pattern.match(name)
+        if match:
+            layer_id = int(match.group(1))
+            tables[layer_id] = Table(layer_id, name, DEEPSEEK_SCALE.format(layer_id=layer_id))
+    if not tables:
+        raise EngramError(f"{path} holds no Engram tables (neither an engram export nor "
+                          "layers.N.engram.embed.weight of the deepseek-v41 layout)")
+    return tables
+

@@ -1,0 +1,247 @@
+"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+
+Two layouts:
+
+* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
+  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
+  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
+  so an engine needs nothing else.
+* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
+  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
+  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
+
+Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
+reads the file directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..cluster import absolute_store_path, dask_client, run_tasks
+from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, torch_dtype
+from ..errors import EngramError
+from ..helpers import in_parallel, row_blocks
+from ..tokenizer import zip_bytes
+from .conversion import Conversion
+from .fp8 import QuantError, quantize
+from .fp8_format import BLOCK, check_blockable
+from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, meta_keys, scale_key
+from .layouts import FORMAT, FORMAT_VERSION, LAYOUTS, Table
+from .output import prepare_output, remove_tree, replace_output
+from .reports import ExportReport, store_progress
+from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
+from .sources import LayerSource, TableSource, open_source_store
+
+_BLOCK_BYTES = 32 << 20  # rows (as float32) read, converted and written by one Dask task
+
+
+_LOCAL_BLOCK_BYTES = 4 << 20  # rows (as stored) one export thread reads, converts and writes at a time
+
+
+_EXPORT_THREADS = max(2, min(8, os.cpu_count() or 1))
+
+
+def _plan(source: TableSource, layout: str, dtype: str, key_template: str) -> tuple[list[Table], list[TensorPlan],
+                                                                                 dict[str, str], dict[str, Any]]:
+    """Tensor names, shapes and file metadata of an export, and the small tensors' values."""
+    spec, dim = source.spec, source.spec.dim
+    fp8 = dtype == "float8_e4m3fn"
+    tables, plans, small = [], [], {}
+    for layer_id in source.layer_ids:
+        if layout == "deepseek-v41":
+            weight, scale = DEEPSEEK_WEIGHT.format(layer_id=layer_id), DEEPSEEK_SCALE.format(layer_id=layer_id)
+        else:
+            weight = key_template.format(layer_id=layer_id)
+            scale = scale_key(weight) if fp8 else None
+        tables.append(Table(layer_id, weight, scale))
+        rows = spec.rows(layer_id)
+        plans.append(TensorPlan(weight, DTYPES[dtype].safetensors, (rows, dim)))
+        if scale is not None:
+            plans.append(TensorPlan(scale, "F8_E8M0", (rows, dim // BLOCK)))
+    if layout == "deepseek-v41":
+        return tables, plans, {"format": "pt"}, small
+    projection = source.projection
+    for layer_id in source.layer_ids:
+        keys = meta_keys(layer_id)
+        small[keys["head_sizes"]] = np.array(spec.head_sizes(layer_id), dtype=np.int64)
+        small[keys["offsets"]] = np.array(spec.offsets(layer_id), dtype=np.int64)
+        small[keys["multipliers"]] = spec.multipliers(layer_id, projection.compressed_size)
+    small["engram.projection.lookup"] = projection.lookup
+    if projection.tokenizer_json is not None:
+        small["engram.projection.tokenizer_zip"] = np.frombuffer(zip_bytes(projection.tokenizer_json), np.uint8)
+    for name, value in small.items():
+        plans.append(TensorPlan(name, "I64" if value.dtype == np.int64 else "U8", value.shape))
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout, "dtype": dtype,
+        "spec": json.dumps(spec.to_dict()),
+        "projection": json.dumps({**projection.metadata, "fingerprint": projection.fingerprint()}),
+        "tables": json.dumps({str(t.layer_id): {"weight": t.weight, "scale": t.scale} for t in tables}),
+        "sharding": json.dumps(source.sharding),
+    }
+    return tables, plans, metadata, small
+
+
+def export_inference(store: str | Path, output: str | Path, *, dtype: str | None = None,
+                     layout: str = "engram", max_shard_size: str | int = "5GB",
+                     key_template: str | None = None, overwrite: bool = False,
+                     show_progress: bool = True, scheduler: str | None = None,
+                     dask_workers: int | None = None) -> ExportReport:
+    """Stream a store into safetensors for inference, one row block in memory at a time.
+
+    `output` ending in `.safetensors` is one file; otherwise a folder holding `model.safetensors`,
+    or shards of at most `max_shard_size` with an index (always shards for `deepseek-v41`).
+    With `scheduler` or `dask_workers`, every row block is a Dask task that reads the store and
+    writes its bytes by position into the same files (every header is laid out first), so the
+    output folder must be on a filesystem the workers share.
+    """
+    if layout not in LAYOUTS:
+        raise EngramError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    output = Path(output)
+    source = open_source_store(store)
+    dtype = dtype or ("float8_e4m3fn" if layout == "deepseek-v41" else source.spec.dtype)
+    if dtype not in INFERENCE_DTYPES:
+        raise EngramError(f"unknown dtype {dtype!r} for inference; allowed: {', '.join(INFERENCE_DTYPES)}")
+    if layout == "deepseek-v41" and dtype != "float8_e4m3fn":
+        raise EngramError("the deepseek-v41 layout is fp8 only (F8_E4M3 weights, F8_E8M0 scales); "
+                          "drop --dtype or use --layout engram")
+    if dtype == "float8_e4m3fn":
+        check_blockable(source.spec.dim)
+    if key_template is not None and layout == "deepseek-v41":
+        raise EngramError("the deepseek-v41 layout has fixed tensor names; --key-template applies to --layout engram")
+    key_template = key_template or DEFAULT_KEY_TEMPLATE
+    check_key_template(key_template, per_head=False)
+    single = output.name.endswith(".safetensors")
+    if single and layout == "deepseek-v41":
+        raise EngramError("the deepseek-v41 layout is a folder of shards with an index; give a folder, "
+                          f"not {output.name}")
+    max_bytes = parse_size(max_shard_size)
+    tables, plans, metadata, small = _plan(source, layout, dtype, key_template)
+    total = sum(p.nbytes for p in plans)
+    if single:
+        single_name = output.name
+    elif layout == "engram" and total <= max_bytes:
+        single_name = "model.safetensors"
+    else:
+        single_name = None
+    layout_plan = plan_layout(plans, metadata, max_shard_bytes=max_bytes, single_file=single_name,
+                              index_metadata={"format": FORMAT, "layout": layout} if layout == "engram" else None)
+    tmp = prepare_output(output, overwrite)
+    start = time.perf_counter()
+    quant = QuantError() if dtype == "float8_e4m3fn" else None
+    conversion = Conversion(source.spec.dtype, dtype)
+    readers = {t.layer_id: source.layer(t.layer_id) for t in tables}
+
+    def blocks(block_bytes: int, row_bytes: int) -> list[tuple[Table, int, int]]:
+        """Every table's rows in blocks of about `block_bytes`, in whole storage chunks."""
+        return [(t, begin, end) for t in tables
+                for begin, end in row_blocks(source.spec.rows(t.layer_id), readers[t.layer_id].preferred_block(
+                    max(1, block_bytes // row_bytes)))]
+    try:
+        writer = SafetensorsWriter(layout_plan, tmp, create=True)
+        try:
+            for name, value in small.items():
+                writer.write_rows(name, 0, value)
+            with store_progress(source, "export", show_progress) as advance, \
+                    dask_client(scheduler, dask_workers) as client:
+                if client is None:
+                    stored_row = source.spec.dim * DTYPE_BYTES[source.dtype]
+                    _export_locally(readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant,
+                                    conversion, advance)
+                else:
+                    _export_on_cluster(client, absolute_store_path(store), layout_plan, tmp,
+                                       blocks(_BLOCK_BYTES, 4 * source.spec.dim), dtype, quant, conversion, advance)
+        finally:
+            writer.close(sync=True)
+        writer.write_index()
+        replace_output(tmp / output.name if single else tmp, output)
+    finally:
+        remove_tree(tmp)
+    seconds = time.perf_counter() - start
+    return ExportReport(
+        target="inference", layout=layout, output=str(output), store=str(store), dtype=dtype,
+        source_dtype=source.spec.dtype, files=[f.name for f in layout_plan.files],
+        index=layout_plan.with_index, layers={t.layer_id: {"key": t.weight, "scale": t.scale,
+                                                           "rows": source.spec.rows(t.layer_id)}
+                                              for t in tables},
+        bytes=total, seconds=seconds, conversion=conversion.to_json(),
+        quantization=None if quant is None else quant.to_json())
+
+
+def _write_block(writer: SafetensorsWriter, table: Table, begin: int, values: torch.Tensor,
+                 dtype: str, quant: QuantError | None, conversion: Conversion, threads: int = 1) -> None:
+    """Convert (or quantize, on `threads` threads) one row block of a table and write it at its place."""
+    if quant is None:
+        converted = values.to(torch_dtype(dtype))
+        conversion.check(values, converted)
+        writer.write_rows(table.weight, begin, converted)
+    else:
+        codes, scales = quantize(values, quant, threads=threads)
+        writer.write_rows(table.weight, begin, codes)
+        writer.write_rows(table.scale, begin, scales)
+
+
+def export_block_task(store: str, layout_plan: Any, directory: str, table: Table, begin: int,
+                      end: int, dtype: str) -> tuple[int, QuantError | None, float]:
+    """One Dask task: rows [begin, end) of one table, read from the store and written by
+    position; returns (rows, quantization error, largest conversion error) for the merge."""
+    source = open_source_store(store)
+    conversion = Conversion(source.spec.dtype, dtype)
+    quant = QuantError() if dtype == "float8_e4m3fn" else None
+    writer = SafetensorsWriter(layout_plan, directory, create=False)
+    try:
+        values = source.layer(table.layer_id).read(begin, end)
+        _write_block(writer, table, begin, values, dtype, quant, conversion, threads=2)
+    finally:
+        writer.close(sync=True)
+    return end - begin, quant, conversion.max_abs_error
+
+
+def _export_locally(readers: dict[int, LayerSource], writer: SafetensorsWriter,
+                    blocks: list[tuple[Table, int, int]], dtype: str, quant: QuantError | None,
+                    conversion: Conversion, advance: Any) -> None:
+    """Each block read, converted and written by position, `_EXPORT_THREADS` blocks at a time.
+
+    Reading (checksums included), quantizing and writing all run outside the GIL, so every core
+    works on a block of its own from start to end, with no hand-over between threads.
+    """
+    def export_block(block: tuple[Table, int, int]) -> tuple[int, QuantError | None, float]:
+        table, begin, end = block
+        values = readers[table.layer_id].read(begin, end)
+        block_quant = None if quant is None else QuantError()
+        block_conversion = Conversion(conversion.source, conversion.target)
+        _write_block(writer, table, begin, values, dtype, block_quant, block_conversion)
+        return end - begin, block_quant, block_conversion.max_abs_error
+
+    for rows, block_quant, block_error in in_parallel(blocks, export_block, _EXPORT_THREADS):
+        _merge(quant, conversion, block_quant, block_error)
+        advance(rows)
+
+
+def _merge(quant: QuantError | None, conversion: Conversion, block_quant: QuantError | None,
+           block_error: float) -> None:
+    if quant is not None and block_quant is not None:
+        quant.merge(block_quant)
+    conversion.max_abs_error = max(conversion.max_abs_error, block_error)
+
+
+def _export_on_cluster(client: Any, store: str, layout_plan: Any, directory: Path,
+                       blocks: list[tuple[Table, int, int]], dtype: str, quant: QuantError | None,
+                       conversion: Conversion, advance: Any) -> None:
+    def done(_name: str, result: tuple[int, QuantError | None, float]) -> None:
+        rows, block_quant, block_error = result
+        _merge(quant, conversion, block_quant, block_error)
+        advance(rows)
+
+    tasks = [(f"layer{table.layer_id}-rows{begin}-{end - 1}",
+              (store, layout_plan, str(directory), table, begin, end, dtype))
+             for table, begin, end in blocks]
+    run_tasks(client, export_block_task, tasks, on_done=done)
+

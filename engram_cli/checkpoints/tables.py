@@ -1,0 +1,167 @@
+"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+
+Two layouts:
+
+* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
+  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
+  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
+  so an engine needs nothing else.
+* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
+  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
+  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
+
+Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
+reads the file directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import EngramError
+from ..spec import TableSpec, spec_from_dict
+from ..vocab import VocabProjection
+from .fp8 import gather_dequantize
+from .fp8_format import BLOCK
+from .layouts import FORMAT, Table, deepseek_tables, stored_projection
+from .safetensors_format import MappedTensors, open_set
+
+_GATHER_THREADS = 2
+
+
+_PARALLEL_VALUES = 1 << 20  # fp8 gathers at least this large dequantize on all gather threads
+
+
+class EngramTables:
+    """Memory-mapped Engram tables of an inference export, either layout.
+
+    `lookup(input_ids)` hashes with the tables' own metadata (or the spec and projection given to
+    `open`, which a deepseek-v41 shard set needs) and gathers rows straight from the mapped
+    files: the host-offload read path. fp8 rows come back dequantized to bfloat16.
+    """
+
+    def __init__(self, path: Path, mapped: MappedTensors, tables: dict[int, Table], layout: str,
+                 spec: TableSpec | None, projection: VocabProjection | None) -> None:
+        self.path = path
+        self.layout = layout
+        self.metadata = mapped.found.metadata
+        self.spec = spec
+        self.projection = projection
+        self._mapped = mapped
+        self._tables = tables
+        self._weights = {layer: mapped.tensor(t.weight) for layer, t in tables.items()}
+        self._scales = {layer: mapped.tensor(t.scale) for layer, t in tables.items() if t.scale}
+        self._hasher = None
+        for layer, scale in self._scales.items():
+            rows, dim = self._weights[layer].shape
+            if tuple(scale.shape) != (rows, dim // BLOCK) or dim % BLOCK:
+                raise EngramError(f"{path}: layer {layer} has scales of shape {tuple(scale.shape)} for a "
+                                  f"{rows} x {dim} table; expected one per {BLOCK} values, ({rows}, {dim // BLOCK})")
+
+    @classmethod
+    def open(cls, path: str | Path, spec: TableSpec | None = None,
+             projection: VocabProjection | None = None) -> EngramTables:
+        """Open a .safetensors file, an index json, or a folder holding either."""
+        path = Path(path)
+        found = open_set(path)
+        mapped = MappedTensors(found)
+        metadata = found.metadata
+        if metadata.get("format") == FORMAT:
+            try:
+                tables = {int(k): Table(int(k), v["weight"], v["scale"])
+                          for k, v in json.loads(metadata["tables"]).items()}
+                stored_spec = spec_from_dict(json.loads(metadata["spec"]))
+                projection_meta = json.loads(metadata.get("projection", "{}"))
+            except (KeyError, ValueError, TypeError, AttributeError):
+                raise EngramError(f"{path}: the engram metadata in its header is damaged") from None
+            layout = metadata.get("layout", "engram")
+            spec = spec or stored_spec
+            needed = [t.weight for t in tables.values()] + [t.scale for t in tables.values() if t.scale]
+            if projection is None:
+                needed.append("engram.projection.lookup")
+        else:
+            tables = deepseek_tables(found.tensors, path)
+            layout = "deepseek-v41"
+            needed = [name for t in tables.values() for name in (t.weight, t.scale)]
+        missing = [name for name in needed if name not in found.tensors]
+        if missing:
+            raise EngramError(f"{path} lacks tensor {missing[0]!r} (an incomplete shard set?)")
+        if layout != "deepseek-v41" and projection is None:
+            projection = stored_projection(found.tensors, mapped, projection_meta, str(path))
+        opened = cls(path, mapped, tables, layout, spec, projection)
+        if spec is not None:
+            opened._check_spec(spec)
+        return opened
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self._tables))
+
+    @property
+    def dim(self) -> int:
+        return int(next(iter(self._weights.values())).shape[1])
+
+    def rows(self, layer_id: int) -> int:
+        return int(self.weight(layer_id).shape[0])
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._scales)
+
+    def weight(self, layer_id: int) -> torch.Tensor:
+        """The mapped table of a layer (fp8 codes when quantized); read-only."""
+        try:
+            return self._weights[int(layer_id)]
+        except KeyError:
+            raise EngramError(f"layer {layer_id} is not in {self.path} (layers: {list(self.layer_ids)})") from None
+
+    def scale(self, layer_id: int) -> torch.Tensor | None:
+        self.weight(layer_id)
+        return self._scales.get(int(layer_id))
+
+    def gather(self, layer_id: int, rows: Any) -> torch.Tensor:
+        """Rows of a layer's table for an index tensor of any shape -> (*shape, dim)."""
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        weight = self.weight(layer_id)
+        flat = index.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
+            raise EngramError(f"row indices must lie in [0, {weight.shape[0]}) for layer {layer_id}")
+        scale = self._scales.get(int(layer_id))
+        if scale is None:
+            picked = weight.index_select(0, flat)
+        else:
+            threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
+            picked = gather_dequantize(weight, scale, flat, threads=threads)
+        return picked.reshape(*index.shape, weight.shape[1])
+
+    def hasher(self) -> Any:
+        if self.spec is None or self.projection is None:
+            raise EngramError(f"{self.path} carries no hashing metadata ({self.layout} layout); "
+                              "open it with spec= and projection= (e.g. the deepseek-v4.1-flash preset)")
+        if self._hasher is None:
+            from ..hashing import NgramHasher
+
+            self._hasher = NgramHasher(self.spec, self.projection)
+        return self._hasher
+
+    def lookup(self, input_ids: Any, layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+        """{layer_id: (B, T, heads, dim)} for token ids (B, T) (or (T, heads, dim) for 1-D ids)."""
+        chosen = list(self.layer_ids if layers is None else layers)
+        rows = self.hasher().rows(input_ids, layers=chosen)
+        return {layer: self.gather(layer, torch.as_tensor(r)) for layer, r in rows.items()}
+
+    def _check_spec(self, spec: TableSpec) -> None:
+        for layer_id in self.layer_ids:
+            if layer_id not in spec.layer_ids:
+                raise EngramError(f"{self.path} holds layer {layer_id}, which spec {spec.name} does not have "
+                                  f"(layer_ids = {list(spec.layer_ids)})")
+            rows, dim = self.weight(layer_id).shape
+            if (rows, dim) != (spec.rows(layer_id), spec.dim):
+                raise EngramError(f"layer {layer_id} of {self.path} is {rows:,} x {dim} but spec {spec.name} "
+                                  f"says {spec.rows(layer_id):,} x {spec.dim}")
+

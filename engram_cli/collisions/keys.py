@@ -1,0 +1,355 @@
+"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+
+Everything is counted exactly on the distinct n-grams of the corpus. A window (the
+projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
+what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
+documents maps to the distinct keys of each order with their occurrence counts, and
+these partial counts merge by key. Keys are stored through an invertible multiply,
+so their top bits spread them evenly over partitions: when the counts outgrow the
+memory budget they spill to disk one file per partition, and each partition merges
+on its own, with bounded memory and the same exact result.
+
+Per layer, order and head size, two passes over the distinct n-grams follow: the
+first counts distinct n-grams per bucket, the second flags those in a bucket with
+others. An n-gram that shares its bucket in every head with one same other n-gram is
+one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
+theorem); only n-grams crowded in every head can be one, so grouping those candidates
+by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
+exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..corpus.base import DocBatch
+from ..errors import EngramError
+from ..spec import TableSpec
+from ..vocab import VocabProjection
+
+# Invertible multiply that turns a packed window into a stored key (Fibonacci hashing).
+KEY_MUL = 0x9E3779B97F4A7C15
+
+
+KEY_INV = pow(KEY_MUL, -1, 1 << 64)
+
+
+# Folds the extra words of a long window into the first one, so partitions stay balanced.
+FOLD_MUL = 0xC2B2AE3D27D4EB4F
+
+
+# Partitions of spilled key counts: the top bits of a stored key.
+PARTITION_BITS = 8
+
+
+KEY_MUL_U64 = np.uint64(KEY_MUL)
+
+
+_KEY_INV = np.uint64(KEY_INV)
+
+
+_FOLD_MUL = np.uint64(FOLD_MUL)
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold(keys: np.ndarray, i: int) -> np.uint64:
+    h = np.uint64(0)
+    for w in range(1, keys.shape[1]):
+        h = (h ^ keys[i, w]) * _FOLD_MUL
+        h ^= h >> np.uint64(29)
+    return h
+
+
+@numba.njit(nogil=True, cache=True)
+def _slots(order, bits, per_word):
+    """Word and bit shift of the id k tokens back, for every k (no division in the hot loops)."""
+    word = np.empty(order, np.int64)
+    shift = np.empty(order, np.uint64)
+    for k in range(order):
+        word[k] = k // per_word
+        shift[k] = np.uint64((k - word[k] * per_word) * bits)
+    return word, shift
+
+
+@numba.njit(nogil=True, cache=True)
+def _pack_one_word(ids, lookup, is_start, context, pad, order, bits, out):
+    """`_pack_windows` for windows that fit one word: shift the previous window in."""
+    step = np.uint64(bits)
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - order * bits)
+    padded = np.uint64(0)
+    key = np.uint64(0)
+    for k in range(order - 1):
+        padded |= np.uint64(pad) << np.uint64(k * bits)
+        key |= np.uint64(context[context.size - 1 - k]) << np.uint64(k * bits)
+    for i in range(ids.size):
+        if is_start[i]:
+            key = padded
+        key = ((key << step) | np.uint64(lookup[ids[i]])) & mask
+        out[i, 0] = key * KEY_MUL_U64
+
+
+@numba.njit(nogil=True, cache=True)
+def _pack_windows(ids, lookup, is_start, context, pad, order, bits, per_word, out):
+    """Stored key of the order-`order` window ending at every token."""
+    if out.shape[1] == 1:
+        _pack_one_word(ids, lookup, is_start, context, pad, order, bits, out)
+        return
+    word, shift = _slots(order, bits, per_word)
+    hist = np.empty(order, np.int64)  # hist[k] = projected id k tokens back
+    for k in range(1, order):
+        hist[k] = context[context.size - k]
+    for i in range(ids.size):
+        if is_start[i]:
+            for k in range(1, order):
+                hist[k] = pad
+        hist[0] = lookup[ids[i]]
+        for w in range(out.shape[1]):
+            out[i, w] = 0
+        for k in range(order):
+            out[i, word[k]] |= np.uint64(hist[k]) << shift[k]
+        out[i, 0] = (out[i, 0] ^ _fold(out, i)) * KEY_MUL_U64
+        for k in range(order - 1, 0, -1):
+            hist[k] = hist[k - 1]
+
+
+@numba.njit(nogil=True, cache=True)
+def unpack_windows(keys, order, bits, per_word, mask, out):
+    """Projected ids of stored keys, out[i, k] = the id k tokens back."""
+    word, shift = _slots(order, bits, per_word)
+    for i in range(keys.shape[0]):
+        first = (keys[i, 0] * _KEY_INV) ^ _fold(keys, i)
+        for k in range(order):
+            value = first if word[k] == 0 else keys[i, word[k]]
+            out[i, k] = np.int64((value >> shift[k]) & mask)
+
+
+@numba.njit(nogil=True, cache=True)
+def mix_keys(keys, order, bits, per_word, mask, multipliers, out):
+    """The hasher's pre-modulo mix x[t]*m[0] ^ x[t-1]*m[1] ^ ... of stored keys."""
+    word, shift = _slots(order, bits, per_word)
+    for i in range(keys.shape[0]):
+        first = (keys[i, 0] * _KEY_INV) ^ _fold(keys, i)
+        mix = np.int64(0)
+        for k in range(order):
+            value = first if word[k] == 0 else keys[i, word[k]]
+            mix ^= np.int64((value >> shift[k]) & mask) * multipliers[k]
+        out[i] = mix
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_sorted(k1, c1, k2, c2):
+    """Two sorted one-word key runs into one, summing the counts of equal keys."""
+    keys = np.empty(k1.size + k2.size, np.uint64)
+    counts = np.empty(k1.size + k2.size, np.int64)
+    i = j = n = 0
+    while i < k1.size and j < k2.size:
+        if k1[i] < k2[j]:
+            keys[n], counts[n] = k1[i], c1[i]
+            i += 1
+        elif k2[j] < k1[i]:
+            keys[n], counts[n] = k2[j], c2[j]
+            j += 1
+        else:
+            keys[n], counts[n] = k1[i], c1[i] + c2[j]
+            i += 1
+            j += 1
+        n += 1
+    while i < k1.size:
+        keys[n], counts[n] = k1[i], c1[i]
+        i += 1
+        n += 1
+    while j < k2.size:
+        keys[n], counts[n] = k2[j], c2[j]
+        j += 1
+        n += 1
+    return keys[:n], counts[:n]
+
+
+@numba.njit(nogil=True, cache=True)
+def _aggregate_rows(keys, counts):
+    """Distinct multi-word keys and summed counts, by open addressing (first-seen order)."""
+    rows, words = keys.shape
+    shift = 63
+    capacity = 2
+    while capacity < 2 * rows:
+        capacity <<= 1
+        shift -= 1
+    slots = np.full(capacity, -1, np.int64)
+    out_keys = np.empty((rows, words), np.uint64)
+    out_counts = np.empty(rows, np.int64)
+    n = 0
+    for i in range(rows):
+        s = np.int64((keys[i, 0] * _FOLD_MUL) >> np.uint64(shift))
+        while True:
+            j = slots[s]
+            if j < 0:
+                slots[s] = n
+                for w in range(words):
+                    out_keys[n, w] = keys[i, w]
+                out_counts[n] = counts[i]
+                n += 1
+                break
+            same = True
+            for w in range(words):
+                if out_keys[j, w] != keys[i, w]:
+                    same = False
+                    break
+            if same:
+                out_counts[j] += counts[i]
+                break
+            s = (s + 1) & (capacity - 1)
+    return out_keys[:n], out_counts[:n]
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How an order-n window packs into words: `per_word` ids of `bits` bits in each."""
+
+    order: int
+    bits: int
+
+    @property
+    def per_word(self) -> int:
+        return 64 // self.bits
+
+    @property
+    def words(self) -> int:
+        return -(-self.order // self.per_word)
+
+    @property
+    def mask(self) -> np.uint64:
+        return np.uint64((1 << self.bits) - 1)
+
+
+@dataclass
+class KeyCounts:
+    """Distinct stored keys of one order and how often each occurred.
+
+    One-word keys are kept sorted (runs merge in linear time); longer keys are not.
+    """
+
+    keys: np.ndarray  # (rows, words) uint64
+    counts: np.ndarray  # (rows,) int64
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.counts.nbytes)
+
+    @staticmethod
+    def empty(words: int) -> KeyCounts:
+        return KeyCounts(np.zeros((0, words), np.uint64), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True)
+class WindowKeys:
+    """What turns token ids into stored keys: the projection, the projected pad, the orders."""
+
+    lookup: np.ndarray
+    pad: int
+    max_order: int
+    bits: int
+
+    @staticmethod
+    def of(spec: TableSpec, projection: VocabProjection) -> WindowKeys:
+        if spec.pad_id >= projection.vocab_size:
+            raise EngramError(f"spec pad_id {spec.pad_id} is not below the projection's vocab size "
+                              f"{projection.vocab_size}")
+        bits = max(1, (projection.compressed_size - 1).bit_length())
+        return WindowKeys(projection.lookup, int(projection.lookup[spec.pad_id]), spec.max_ngram_size, bits)
+
+    def layout(self, order: int) -> KeyLayout:
+        return KeyLayout(order, self.bits)
+
+    @property
+    def orders(self) -> range:
+        return range(2, self.max_order + 1)
+
+
+def count_keys(keys: np.ndarray) -> KeyCounts:
+    """Distinct rows of `keys` and how often each occurs."""
+    if keys.shape[1] == 1:
+        unique, found = np.unique(keys[:, 0], return_counts=True)
+        return KeyCounts(unique.reshape(-1, 1), found.astype(np.int64))
+    return _aggregate(keys, np.ones(keys.shape[0], np.int64))
+
+
+def _aggregate(keys: np.ndarray, counts: np.ndarray) -> KeyCounts:
+    out_keys, out_counts = _aggregate_rows(np.ascontiguousarray(keys), np.ascontiguousarray(counts))
+    return KeyCounts(out_keys.copy(), out_counts.copy())
+
+
+def map_order(batch: DocBatch, window: WindowKeys, order: int) -> KeyCounts:
+    """Distinct windows of one order in a batch of documents, with their counts."""
+    layout = window.layout(order)
+    ids = batch.ids.astype(np.int64, copy=False)
+    is_start = np.zeros(ids.size, np.bool_)
+    is_start[batch.starts] = True
+    context = np.full(window.max_order - 1, window.pad, np.int64)
+    if batch.context.size:
+        tail = window.lookup[batch.context[-(window.max_order - 1):]]
+        context[context.size - tail.size:] = tail
+    out = np.empty((ids.size, layout.words), np.uint64)
+    _pack_windows(ids, window.lookup, is_start, context, window.pad, order, layout.bits,
+                  layout.per_word, out)
+    return count_keys(out)
+
+
+def split_partitions(part: KeyCounts, bits: int = PARTITION_BITS) -> list[KeyCounts]:
+    """A key count split by the top `bits` bits of its keys (contiguous for sorted one-word keys)."""
+    first = part.keys[:, 0]
+    shift = np.uint64(64 - bits)
+    if part.keys.shape[1] == 1:
+        bounds = np.searchsorted(first, np.arange(1, 1 << bits, dtype=np.uint64) << shift)
+        edges = [0, *bounds.tolist(), part.rows]
+        return [KeyCounts(part.keys[a:b], part.counts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    pid = (first >> shift).astype(np.uint16)
+    order = np.argsort(pid, kind="stable")
+    edges = np.concatenate([[0], np.cumsum(np.bincount(pid, minlength=1 << bits))])
+    keys, counts = part.keys[order], part.counts[order]
+    return [KeyCounts(keys[a:b], counts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def map_part(batch: DocBatch, window: WindowKeys, bits: int = PARTITION_BITS) -> dict[int, list[KeyCounts]]:
+    """One part of a corpus to its key counts per order, split into 2**bits partitions."""
+    return {n: split_partitions(map_order(batch, window, n), bits) for n in window.orders}
+
+
+def merge_partition(chunks: list[KeyCounts]) -> KeyCounts:
+    """Key counts of one partition from many parts: one row per distinct key, counts summed."""
+    words = chunks[0].keys.shape[1] if chunks else 1
+    chunks = [c for c in chunks if c.rows]
+    if not chunks:
+        return KeyCounts.empty(words)
+    if words > 1:
+        return _aggregate(np.concatenate([c.keys for c in chunks]), np.concatenate([c.counts for c in chunks]))
+    runs = []
+    for chunk in chunks:
+        keys = chunk.keys[:, 0]
+        if np.all(keys[1:] > keys[:-1]):
+            runs.append((keys, chunk.counts))
+        else:  # several runs appended to one spill file
+            runs += _sorted_runs(keys, chunk.counts)
+    while len(runs) > 1:
+        merged = [_merge_sorted(*runs[i], *runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+        runs = merged + runs[len(runs) - len(runs) % 2:]
+    keys, counts = runs[0]
+    return KeyCounts(keys.reshape(-1, 1).copy(), counts.copy())
+
+
+def _sorted_runs(keys: np.ndarray, counts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split one-word keys into maximal non-decreasing runs, each with equal keys summed."""
+    breaks = np.flatnonzero(keys[1:] < keys[:-1]) + 1
+    runs = []
+    for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), keys.size]):
+        k, c = keys[a:b], counts[a:b]
+        starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+        runs.append((k[starts], np.add.reduceat(c, starts)))
+    return runs
+

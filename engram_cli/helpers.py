@@ -1,0 +1,124 @@
+"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+
+`export_training` writes what N training ranks would have written with DCP: every table is one
+logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
+chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
+`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
+next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
+plain tensors, or into `Shard(0)` DTensors on M ranks).
+The hashing metadata rides along as small tensors under `engram.*`, so training code can
+rebuild the hasher from the checkpoint alone.
+
+`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
+store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import EngramError
+
+T = TypeVar("T")
+
+
+def prefetched(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
+    """(item, read(item)) in order, the next item read in a background thread meanwhile: reading
+    overlaps writing, and at most two blocks are in memory."""
+    if not items:
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-read") as pool:
+        pending = pool.submit(read, items[0])
+        for i, item in enumerate(items):
+            result = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(read, items[i + 1])
+            yield item, result
+
+
+def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Iterator[Any]:
+    """work(item) for every item on `threads` threads, results as they finish.
+
+    At most `threads` items are in flight, so memory stays at `threads` items' worth; the first
+    error stops what has not started and is raised once the running items are done.
+    """
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="engram-work") as pool:
+        pending: set[concurrent.futures.Future[Any]] = set()
+        try:
+            for item in items:
+                if len(pending) >= threads:
+                    done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+                pending.add(pool.submit(work, item))
+            while pending:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def row_blocks(total: int, block: int) -> Iterator[tuple[int, int]]:
+    for begin in range(0, total, block):
+        yield begin, min(begin + block, total)
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.3f}%" if x < 0.01 else f"{100 * x:.2f}%"
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def check_output_file(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file that cannot or may not be written."""
+    if output.is_dir():
+        raise EngramError(f"output {output} is a directory; give a file path")
+    if output.exists() and not overwrite:
+        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise EngramError(f"output folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise EngramError(f"output folder {output.parent} is not writable")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise EngramError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise EngramError(f"cannot write {path}: {exc.strerror or exc}") from None
+
