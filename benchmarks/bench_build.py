@@ -31,13 +31,13 @@ from zarr.codecs import Crc32cCodec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_cli.spec import load_spec  # noqa: E402
+from engram_cli.spec import load_spec
 from engram_cli.store.build import build_tables
-from engram_cli.store.layout import plan_layout  # noqa: E402
-from engram_cli.store.zarr_bfloat16 import BFloat16  # noqa: E402
-from engram_cli.vocab import VocabProjection  # noqa: E402
+from engram_cli.store.layout import plan_layout
+from engram_cli.store.zarr_bfloat16 import BFloat16
+from engram_cli.vocab import VocabProjection
 
-from common import interleaved, markdown_table  # noqa: E402
+from common import interleaved, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_BLOCK = 1 << 26
@@ -54,19 +54,28 @@ def torch_normal(parameters: int) -> None:
 def naive_zarr(spec, path: Path) -> None:
     group = zarr.open_group(str(path), mode="w")
     for layer, layout in plan_layout(spec).items():
-        array = group.create_array(f"layer_{layer}", shape=(layout.rows, layout.dim), dtype=BFloat16(),
-                                   chunks=(layout.chunk_rows, layout.dim),
-                                   shards=(layout.shard_rows, layout.dim),
-                                   compressors=[Crc32cCodec()], fill_value=0.0)
+        array = group.create_array(
+            f"layer_{layer}",
+            shape=(layout.rows, layout.dim),
+            dtype=BFloat16(),
+            chunks=(layout.chunk_rows, layout.dim),
+            shards=(layout.shard_rows, layout.dim),
+            compressors=[Crc32cCodec()],
+            fill_value=0.0,
+        )
         for start, stop in layout.shard_ranges():
             values = torch.empty(stop - start, layout.dim).normal_().to(torch.bfloat16)
             array[start:stop] = values.view(torch.int16).numpy().view(BFloat16().to_native_dtype())
 
 
 def cli_build(spec: str, out: Path, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "engram_cli", "build-tables", spec, "-o", str(out),
-                           "--overwrite", "--json", *extra], capture_output=True, text=True, cwd=ROOT,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engram_cli", "build-tables", spec, "-o", str(out), "--overwrite", "--json", *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     return json.loads(proc.stdout)
 
 
@@ -85,12 +94,16 @@ def main() -> None:
     ours_path, naive_path = work / "ours.zarr", work / "naive.zarr"
     params = spec.parameters
     build_tables(spec, ours_path, projection=projection, overwrite=True, show_progress=False)  # compile
-    medians = interleaved({
-        "torch normal_ (no write)": lambda: torch_normal(params),
-        "naive zarr loop": lambda: naive_zarr(spec, naive_path),
-        "engram build-tables": lambda: build_tables(spec, ours_path, projection=projection,
-                                                    overwrite=True, show_progress=False),
-    }, args.repeats)
+    medians = interleaved(
+        {
+            "torch normal_ (no write)": lambda: torch_normal(params),
+            "naive zarr loop": lambda: naive_zarr(spec, naive_path),
+            "engram build-tables": lambda: build_tables(
+                spec, ours_path, projection=projection, overwrite=True, show_progress=False
+            ),
+        },
+        args.repeats,
+    )
     spec_file = work / "bench.toml"
     spec_file.write_text(_toml(spec))
     rss = cli_build(str(spec_file), work / "rss.zarr")["peak_rss_bytes"]
@@ -98,10 +111,19 @@ def main() -> None:
     rows = []
     for name, seconds in medians.items():
         rate = params / seconds
-        rows.append([name, f"{seconds:.2f}", f"{rate / 1e6:.0f}", f"{rate / base:.2f}x",
-                     f"{rss / 2**30:.2f} GiB" if name == "engram build-tables" else ""])
-    print(f"{spec.name}: {params:,} bfloat16 parameters ({params * 2 / 1e9:.2f} GB), "
-          f"{args.repeats} interleaved repeats, {torch.get_num_threads()} torch threads\n")
+        rows.append(
+            [
+                name,
+                f"{seconds:.2f}",
+                f"{rate / 1e6:.0f}",
+                f"{rate / base:.2f}x",
+                f"{rss / 2**30:.2f} GiB" if name == "engram build-tables" else "",
+            ]
+        )
+    print(
+        f"{spec.name}: {params:,} bfloat16 parameters ({params * 2 / 1e9:.2f} GB), "
+        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} torch threads\n"
+    )
     print(markdown_table(["method", "median s", "M params/s", "vs torch normal_", "peak RSS"], rows))
 
     if args.full:
@@ -110,11 +132,13 @@ def main() -> None:
         result = cli_build("engram-27b", work / "engram-27b.zarr")
         wall = time.perf_counter() - started
         rate = result["parameters_per_second"]
-        print(f"\nengram-27b: {result['total']['parameters']:,} parameters, "
-              f"{result['total']['bytes'] / 1e9:.1f} GB in {result['seconds']:.0f} s "
-              f"({wall:.0f} s with start-up), {rate / 1e6:.0f} M params/s "
-              f"({rate / torch_rate:.2f}x torch normal_ at {torch_rate / 1e6:.0f} M/s), "
-              f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+        print(
+            f"\nengram-27b: {result['total']['parameters']:,} parameters, "
+            f"{result['total']['bytes'] / 1e9:.1f} GB in {result['seconds']:.0f} s "
+            f"({wall:.0f} s with start-up), {rate / 1e6:.0f} M params/s "
+            f"({rate / torch_rate:.2f}x torch normal_ at {torch_rate / 1e6:.0f} M/s), "
+            f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
         shutil.rmtree(work / "engram-27b.zarr")
     if args.workdir is None:
         shutil.rmtree(work)
@@ -128,10 +152,12 @@ def _timed(fn) -> float:
 
 def _toml(spec) -> str:
     e = spec.to_dict()["engram"]
-    return (f"[engram]\nlayer_ids = {e['layer_ids']}\nmax_ngram_size = {e['max_ngram_size']}\n"
-            f"n_head_per_ngram = {e['n_head_per_ngram']}\nengram_vocab_size = {e['engram_vocab_size']}\n"
-            f"n_embed_per_ngram = {e['n_embed_per_ngram']}\npad_id = {e['pad_id']}\nseed = {e['seed']}\n"
-            f"[table]\ndtype = \"bfloat16\"\n")
+    return (
+        f"[engram]\nlayer_ids = {e['layer_ids']}\nmax_ngram_size = {e['max_ngram_size']}\n"
+        f"n_head_per_ngram = {e['n_head_per_ngram']}\nengram_vocab_size = {e['engram_vocab_size']}\n"
+        f"n_embed_per_ngram = {e['n_embed_per_ngram']}\npad_id = {e['pad_id']}\nseed = {e['seed']}\n"
+        f'[table]\ndtype = "bfloat16"\n'
+    )
 
 
 if __name__ == "__main__":

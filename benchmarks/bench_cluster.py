@@ -24,19 +24,18 @@ from distributed import Client, LocalCluster
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_cli.corpus.base import CorpusOptions  # noqa: E402
-from engram_cli.inspection import inspect  # noqa: E402
-from engram_cli.spec import load_spec  # noqa: E402
-from engram_cli.store.build import build_tables  # noqa: E402
-from engram_cli.vocab import VocabProjection  # noqa: E402
+from engram_cli.corpus.base import CorpusOptions
+from engram_cli.inspection import inspect
+from engram_cli.spec import load_spec
+from engram_cli.store.build import build_tables
+from engram_cli.vocab import VocabProjection
 
-from common import interleaved, markdown_table  # noqa: E402
+from common import interleaved, markdown_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scale", type=float, default=0.25,
-                        help="fraction of the engram-demo-v1 head sizes to build")
+    parser.add_argument("--scale", type=float, default=0.25, help="fraction of the engram-demo-v1 head sizes to build")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=8_000_000, help="ids in the inspect corpus")
     args = parser.parse_args()
@@ -48,20 +47,27 @@ def main() -> None:
     client = Client(cluster)
     startup = time.perf_counter() - started
     try:
+
         def build(target: str, **kw) -> None:
             shutil.rmtree(root / target, ignore_errors=True)
             build_tables(spec, root / target, projection=projection, show_progress=False, **kw)
 
         build("warm", scheduler=cluster.scheduler_address)  # numba caches and imports on workers
-        medians = interleaved({
-            "local (threads)": lambda: build("local"),
-            "Dask LocalCluster, 2 workers": lambda: build("dask", scheduler=cluster.scheduler_address),
-        }, repeats=args.repeats)
+        medians = interleaved(
+            {
+                "local (threads)": lambda: build("local"),
+                "Dask LocalCluster, 2 workers": lambda: build("dask", scheduler=cluster.scheduler_address),
+            },
+            repeats=args.repeats,
+        )
         base = medians["local (threads)"]
-        rows = [[name, f"{t:.2f}", f"{spec.parameters / t / 1e6:.0f}", f"{base / t:.2f}x"]
-                for name, t in medians.items()]
-        print(f"build-tables, {spec.name}, {spec.parameters:,} bf16 parameters; "
-              f"cluster start-up {startup:.1f} s (not in the times)")
+        rows = [
+            [name, f"{t:.2f}", f"{spec.parameters / t / 1e6:.0f}", f"{base / t:.2f}x"] for name, t in medians.items()
+        ]
+        print(
+            f"build-tables, {spec.name}, {spec.parameters:,} bf16 parameters; "
+            f"cluster start-up {startup:.1f} s (not in the times)"
+        )
         print(markdown_table(["build", "median s", "M params/s", "throughput vs local"], rows))
 
         tokens = args.tokens
@@ -74,14 +80,23 @@ def main() -> None:
         projection.save(projection_file)
 
         def count(**kw) -> None:
-            inspect("engram-demo-v1", projection=projection_file, corpus=[root / "corpus.bin"],
-                    options=options, show_progress=False, **kw)
+            inspect(
+                "engram-demo-v1",
+                projection=projection_file,
+                corpus=[root / "corpus.bin"],
+                options=options,
+                show_progress=False,
+                **kw,
+            )
 
         count(scheduler=cluster.scheduler_address)  # warm the workers
-        medians = interleaved({
-            "local (threads)": lambda: count(),
-            "Dask LocalCluster, 2 workers": lambda: count(scheduler=cluster.scheduler_address),
-        }, repeats=args.repeats)
+        medians = interleaved(
+            {
+                "local (threads)": lambda: count(),
+                "Dask LocalCluster, 2 workers": lambda: count(scheduler=cluster.scheduler_address),
+            },
+            repeats=args.repeats,
+        )
         base = medians["local (threads)"]
         rows = [[name, f"{t:.2f}", f"{tokens / t / 1e6:.1f}", f"{base / t:.2f}x"] for name, t in medians.items()]
         print(f"\ninspect, {demo.name}, {tokens:,} pre-tokenized ids (.bin, uint32)")

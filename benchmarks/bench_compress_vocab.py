@@ -14,11 +14,18 @@ from common import interleaved, markdown_table
 
 
 def straightforward(tok) -> np.ndarray:
-    norm = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), "\ue000"),
-        normalizers.Strip(), normalizers.Replace("\ue000", " "),
-    ])
+    norm = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), "\ue000"),
+            normalizers.Strip(),
+            normalizers.Replace("\ue000", " "),
+        ]
+    )
     seen: dict[str, int] = {}
     out = []
     for tid in range(tok.get_vocab_size(with_added_tokens=True)):
@@ -31,10 +38,13 @@ def straightforward(tok) -> np.ndarray:
 def main() -> None:
     source = load_tokenizer(None)
     assert np.array_equal(straightforward(source.tokenizer), compress_vocab(source).lookup)
-    medians = interleaved({
-        "straightforward loop": lambda: straightforward(source.tokenizer),
-        "engram compress_vocab": lambda: compress_vocab(source),
-    }, repeats=5)
+    medians = interleaved(
+        {
+            "straightforward loop": lambda: straightforward(source.tokenizer),
+            "engram compress_vocab": lambda: compress_vocab(source),
+        },
+        repeats=5,
+    )
     base = medians["straightforward loop"]
     rows = [[name, f"{t:.2f}", f"{base / t:.2f}x"] for name, t in medians.items()]
     print(markdown_table(["DeepSeek-V3 (128,815 ids)", "median s", "speed vs loop"], rows))

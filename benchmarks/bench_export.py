@@ -33,15 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_cli.checkpoints.dcp import export_training  # noqa: E402
-from engram_cli.checkpoints.safetensors_export import export_inference  # noqa: E402
-from engram_cli.checkpoints.safetensors_format import start_writeback  # noqa: E402
+from engram_cli.checkpoints.dcp import export_training
+from engram_cli.checkpoints.safetensors_export import export_inference
+from engram_cli.checkpoints.safetensors_format import start_writeback
 from engram_cli.checkpoints.tables import EngramTables
-from engram_cli.spec import load_spec  # noqa: E402
-from engram_cli.store.build import build_tables  # noqa: E402
-from engram_cli.vocab import VocabProjection  # noqa: E402
+from engram_cli.spec import load_spec
+from engram_cli.store.build import build_tables
+from engram_cli.vocab import VocabProjection
 
-from common import markdown_table  # noqa: E402
+from common import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 32 << 20
@@ -52,7 +52,7 @@ def sequential_write(path: Path, nbytes: int, writeback: bool = False) -> int:
     with open(path, "wb") as handle:
         written = 0
         while written < nbytes:
-            count = handle.write(block[:min(BLOCK, nbytes - written)])
+            count = handle.write(block[: min(BLOCK, nbytes - written)])
             if writeback:
                 handle.flush()
                 start_writeback(handle.fileno(), written, count)
@@ -88,11 +88,13 @@ def peak_rss(code: str) -> tuple[int, int]:
 
     VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
     """
-    script = ("import torch, engram_cli.checkpoint, engram_cli.inference, engram_cli.store\n"
-              "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
-              "before = hwm()\n"
-              f"{code}\n"
-              "print(before, hwm())\n")
+    script = (
+        "import torch, engram_cli.checkpoint, engram_cli.inference, engram_cli.store\n"
+        "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+        "before = hwm()\n"
+        f"{code}\n"
+        "print(before, hwm())\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
     before, after = out.stdout.split()[-2:]
     return int(before) * 1024, int(after) * 1024
@@ -122,46 +124,78 @@ def main() -> None:
     store = work / "store"
     build_tables(spec, store, projection=projection, show_progress=False)
     store_bytes = spec.parameters * 2
-    print(f"store: {spec.name}, {spec.total_rows:,} rows x {spec.dim}, bfloat16, {store_bytes / 1e6:.0f} MB; "
-          f"{args.repeats} interleaved repeats, medians\n")
+    print(
+        f"store: {spec.name}, {spec.total_rows:,} rows x {spec.dim}, bfloat16, {store_bytes / 1e6:.0f} MB; "
+        f"{args.repeats} interleaved repeats, medians\n"
+    )
 
     outs = {name: work / name for name in ("seq.bin", "seq-wb.bin", "dcp", "engram", "fp8")}
     candidates = {
-        "sequential write + fsync (baseline)": (outs["seq.bin"], lambda: sequential_write(outs["seq.bin"], store_bytes)),
-        "the same, writeback started per block (reference)": (outs["seq-wb.bin"], lambda: sequential_write(
-            outs["seq-wb.bin"], store_bytes, writeback=True)),
-        "export --for training (DCP, bfloat16)": (outs["dcp"], lambda: export_training(
-            store, outs["dcp"], show_progress=False).bytes),
-        "export --for inference (engram, bfloat16)": (outs["engram"], lambda: export_inference(
-            store, outs["engram"], show_progress=False).bytes),
-        "export --for inference (deepseek-v41, fp8)": (outs["fp8"], lambda: export_inference(
-            store, outs["fp8"], layout="deepseek-v41", show_progress=False).bytes),
+        "sequential write + fsync (baseline)": (
+            outs["seq.bin"],
+            lambda: sequential_write(outs["seq.bin"], store_bytes),
+        ),
+        "the same, writeback started per block (reference)": (
+            outs["seq-wb.bin"],
+            lambda: sequential_write(outs["seq-wb.bin"], store_bytes, writeback=True),
+        ),
+        "export --for training (DCP, bfloat16)": (
+            outs["dcp"],
+            lambda: export_training(store, outs["dcp"], show_progress=False).bytes,
+        ),
+        "export --for inference (engram, bfloat16)": (
+            outs["engram"],
+            lambda: export_inference(store, outs["engram"], show_progress=False).bytes,
+        ),
+        "export --for inference (deepseek-v41, fp8)": (
+            outs["fp8"],
+            lambda: export_inference(store, outs["fp8"], layout="deepseek-v41", show_progress=False).bytes,
+        ),
     }
     results = timed_runs(candidates, args.repeats)
     base_seconds, base_bytes = results["sequential write + fsync (baseline)"]
     base_rate = base_bytes / base_seconds
     ref_seconds, ref_bytes = results["the same, writeback started per block (reference)"]
     ref_rate = ref_bytes / ref_seconds
-    rows = [[name, f"{nbytes / 1e6:.0f}", f"{seconds:.2f}", f"{nbytes / seconds / 1e6:.0f}",
-             f"{nbytes / seconds / base_rate:.2f}x", f"{nbytes / seconds / ref_rate:.2f}x"]
-            for name, (seconds, nbytes) in results.items()]
-    print(markdown_table(["export", "MB written", "median s", "MB/s", "vs sequential write",
-                          "vs the reference"], rows))
+    rows = [
+        [
+            name,
+            f"{nbytes / 1e6:.0f}",
+            f"{seconds:.2f}",
+            f"{nbytes / seconds / 1e6:.0f}",
+            f"{nbytes / seconds / base_rate:.2f}x",
+            f"{nbytes / seconds / ref_rate:.2f}x",
+        ]
+        for name, (seconds, nbytes) in results.items()
+    ]
+    print(markdown_table(["export", "MB written", "median s", "MB/s", "vs sequential write", "vs the reference"], rows))
 
     rss_rows = []
     for name, code in [
-        ("export --for training", f"from engram_cli.checkpoints.dcp import export_training; "
-                                  f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r}, show_progress=False)"),
-        ("export --for inference, fp8", f"from engram_cli.checkpoints.safetensors_export import export_inference; "
-                                        f"export_inference({str(store)!r}, {str(work / 'rss-fp8')!r}, "
-                                        "layout='deepseek-v41', show_progress=False)"),
+        (
+            "export --for training",
+            f"from engram_cli.checkpoints.dcp import export_training; "
+            f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r}, show_progress=False)",
+        ),
+        (
+            "export --for inference, fp8",
+            f"from engram_cli.checkpoints.safetensors_export import export_inference; "
+            f"export_inference({str(store)!r}, {str(work / 'rss-fp8')!r}, "
+            "layout='deepseek-v41', show_progress=False)",
+        ),
     ]:
         before, after = peak_rss(code)
-        rss_rows.append([name, f"{store_bytes / 1e6:.0f}", f"{before / 1e6:.0f}", f"{after / 1e6:.0f}",
-                         f"{(after - before) / 1e6:.0f}"])
+        rss_rows.append(
+            [
+                name,
+                f"{store_bytes / 1e6:.0f}",
+                f"{before / 1e6:.0f}",
+                f"{after / 1e6:.0f}",
+                f"{(after - before) / 1e6:.0f}",
+            ]
+        )
     print()
-    print(markdown_table(["peak RSS", "table MB", "after imports MB", "peak MB", "added by the export MB"],
-                         rss_rows))
+    print(markdown_table(["peak RSS", "table MB", "after imports MB", "peak MB", "added by the export MB"], rss_rows))
 
     layer = spec.layer_ids[0]
     engram = EngramTables.open(outs["engram"])
@@ -187,11 +221,19 @@ def main() -> None:
             rates[name].append(rows_per_second(fn, count, 1))
     base = statistics.median(rates["torch.index_select, table in RAM (baseline)"])
     print()
-    print(f"gathers of {count:,} random rows ({batch} x {length} tokens x {spec.heads_per_layer} heads) "
-          f"from a {mapped.shape[0]:,} x {mapped.shape[1]} table, {repeats} interleaved repeats:\n")
-    print(markdown_table(["read path", "M rows/s", "time vs index_select"],
-                         [[name, f"{statistics.median(r) / 1e6:.2f}", f"{base / statistics.median(r):.2f}x"]
-                          for name, r in rates.items()]))
+    print(
+        f"gathers of {count:,} random rows ({batch} x {length} tokens x {spec.heads_per_layer} heads) "
+        f"from a {mapped.shape[0]:,} x {mapped.shape[1]} table, {repeats} interleaved repeats:\n"
+    )
+    print(
+        markdown_table(
+            ["read path", "M rows/s", "time vs index_select"],
+            [
+                [name, f"{statistics.median(r) / 1e6:.2f}", f"{base / statistics.median(r):.2f}x"]
+                for name, r in rates.items()
+            ],
+        )
+    )
     shutil.rmtree(work)
 
 

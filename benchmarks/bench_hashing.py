@@ -32,8 +32,9 @@ def straightforward(ids: np.ndarray, spec: TableSpec, projection: VocabProjectio
     x = np.where(x >= 0, projection.lookup[np.maximum(x, 0)], x)
     pad = int(projection.lookup[spec.pad_id])
     length = x.shape[1]
-    shifted = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=pad)[:, :length]
-                     for k in range(1, spec.max_ngram_size)]
+    shifted = [x] + [
+        np.pad(x, ((0, 0), (k, 0)), constant_values=pad)[:, :length] for k in range(1, spec.max_ngram_size)
+    ]
     out = {}
     for layer in spec.layer_ids:
         mults = spec.multipliers(layer, projection.compressed_size)
@@ -109,49 +110,68 @@ def main() -> None:
     hasher = NgramHasher(spec, projection)
     rng = np.random.default_rng(0)
     threads = numba.get_num_threads()
-    print(f"spec {spec.name}: {len(spec.layer_ids)} layers x {spec.heads_per_layer} heads; "
-          f"numba threads {threads}; cpus {os.cpu_count()}; "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    print(
+        f"spec {spec.name}: {len(spec.layer_ids)} layers x {spec.heads_per_layer} heads; "
+        f"numba threads {threads}; cpus {os.cpu_count()}; "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n"
+    )
 
     rows = []
     for shape, rounds, repeats in (((256, 4096), args.rounds, 1), ((1, 4096), args.rounds, 30)):
         ids = rng.integers(0, projection.vocab_size, size=shape).astype(np.int32)
         expected, got = straightforward(ids, spec, projection), hasher.hash(ids)
         identical = all(np.array_equal(expected[k], got[k]) for k in spec.layer_ids)
-        base, ours, ratio = paired(lambda: straightforward(ids, spec, projection),
-                                   lambda: hasher.hash(ids), rounds, repeats)
+        base, ours, ratio = paired(
+            lambda: straightforward(ids, spec, projection), lambda: hasher.hash(ids), rounds, repeats
+        )
         buffers = {k: np.empty_like(v) for k, v in got.items()}
-        _, reused, reused_ratio = paired(lambda: straightforward(ids, spec, projection),
-                                         lambda: hasher.hash(ids, out=buffers), rounds, repeats)
+        _, reused, reused_ratio = paired(
+            lambda: straightforward(ids, spec, projection), lambda: hasher.hash(ids, out=buffers), rounds, repeats
+        )
         numba.set_num_threads(1)
         one = seconds(lambda: hasher.hash(ids), rounds * repeats)
         numba.set_num_threads(threads)
-        rows.append({
-            "label": f"{shape[0]} x {shape[1]}", "tokens": ids.size, "base": base, "ours": ours,
-            "one": one, "ratio": ratio, "identical": identical, "reused": reused,
-            "reused_ratio": reused_ratio,
-            "out_mb": sum(v.nbytes for v in got.values()) / 2**20, "in_mb": ids.nbytes / 2**20,
-            "base_peak_mb": peak_bytes(lambda: straightforward(ids, spec, projection)) / 2**20,
-            "ours_peak_mb": peak_bytes(lambda: hasher.hash(ids)) / 2**20,
-        })
+        rows.append(
+            {
+                "label": f"{shape[0]} x {shape[1]}",
+                "tokens": ids.size,
+                "base": base,
+                "ours": ours,
+                "one": one,
+                "ratio": ratio,
+                "identical": identical,
+                "reused": reused,
+                "reused_ratio": reused_ratio,
+                "out_mb": sum(v.nbytes for v in got.values()) / 2**20,
+                "in_mb": ids.nbytes / 2**20,
+                "base_peak_mb": peak_bytes(lambda: straightforward(ids, spec, projection)) / 2**20,
+                "ours_peak_mb": peak_bytes(lambda: hasher.hash(ids)) / 2**20,
+            }
+        )
 
-    print("| tokens | numpy tok/s | NgramHasher tok/s | ratio | 1 thread | into reused `out=` "
-          "| identical | input | output | numpy peak | NgramHasher peak |")
+    print(
+        "| tokens | numpy tok/s | NgramHasher tok/s | ratio | 1 thread | into reused `out=` "
+        "| identical | input | output | numpy peak | NgramHasher peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["tokens"]
-        print(f"| {r['label']} | {n / r['base'] / 1e6:.2f} M | {n / r['ours'] / 1e6:.1f} M | "
-              f"**{r['ratio']:.1f}x** | {n / r['one'] / 1e6:.1f} M | "
-              f"{n / r['reused'] / 1e6:.1f} M ({r['reused_ratio']:.1f}x) | {r['identical']} | "
-              f"{r['in_mb']:.2f} MiB | {r['out_mb']:.2f} MiB | {r['base_peak_mb']:.2f} MiB | "
-              f"{r['ours_peak_mb']:.2f} MiB |")
+        print(
+            f"| {r['label']} | {n / r['base'] / 1e6:.2f} M | {n / r['ours'] / 1e6:.1f} M | "
+            f"**{r['ratio']:.1f}x** | {n / r['one'] / 1e6:.1f} M | "
+            f"{n / r['reused'] / 1e6:.1f} M ({r['reused_ratio']:.1f}x) | {r['identical']} | "
+            f"{r['in_mb']:.2f} MiB | {r['out_mb']:.2f} MiB | {r['base_peak_mb']:.2f} MiB | "
+            f"{r['ours_peak_mb']:.2f} MiB |"
+        )
     print(f"\nload average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
     with tempfile.TemporaryDirectory() as cold:
         compile_s = first_call_seconds(args.spec, cold)
         cached_s = first_call_seconds(args.spec, cold)
-    print(f"\nfirst call in a fresh process: {compile_s:.2f} s with a cold numba cache "
-          f"(compile), {cached_s:.2f} s with it warm")
+    print(
+        f"\nfirst call in a fresh process: {compile_s:.2f} s with a cold numba cache "
+        f"(compile), {cached_s:.2f} s with it warm"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ SEP = 1  # DeepSeek-V3's end-of-sentence id: never produced by tokenizing plain 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, without any third-party packages installed beside them."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return [s.path for s in find_sources([root], "*.py")
-            if not {"site-packages", "dist-packages"} & set(s.path.relative_to(root).parts)]
+    return [
+        s.path
+        for s in find_sources([root], "*.py")
+        if not {"site-packages", "dist-packages"} & set(s.path.relative_to(root).parts)
+    ]
 
 
 def read_texts(files: list[Path]) -> list[str]:
@@ -83,7 +86,7 @@ def straightforward(path: Path, spec, projection) -> dict:
             mix = np.zeros(grams.size, np.int64)
             for k in range(n):
                 mix ^= ((grams >> np.uint64(k * bits)) & np.uint64((1 << bits) - 1)).astype(np.int64) * mults[k]
-            for j, size in enumerate(sizes[(n - 2) * spec.n_head_per_ngram:(n - 1) * spec.n_head_per_ngram]):
+            for j, size in enumerate(sizes[(n - 2) * spec.n_head_per_ngram : (n - 1) * spec.n_head_per_ngram]):
                 _, inverse, load = np.unique(mix % size, return_inverse=True, return_counts=True)
                 crowded = load[inverse] > 1
                 result[layer, n, j] = (grams.size, int(crowded.sum()), int(counts[crowded].sum()))
@@ -93,22 +96,29 @@ def straightforward(path: Path, spec, projection) -> dict:
 def ours(path: Path, spec, projection) -> dict:
     corpus = Corpus([path], projection, CorpusOptions(bin_dtype="uint32", doc_sep=SEP), context=2)
     layers, _, _ = collision_statistics(spec, projection, corpus)
-    return {(layer, n, j): (s.distinct, h.colliding, round(h.weighted_rate * s.occurrences))
-            for layer, orders in layers.items() for n, s in orders.items() for j, h in enumerate(s.heads)}
+    return {
+        (layer, n, j): (s.distinct, h.colliding, round(h.weighted_rate * s.occurrences))
+        for layer, orders in layers.items()
+        for n, s in orders.items()
+        for j, h in enumerate(s.heads)
+    }
 
 
 # VmHWM (Linux) is the peak RSS of this process image; ru_maxrss would also count the parent's
 # memory at fork time.
-_MEASURED = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('\\npeak-rss ' + "
-             "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1] + '\\n')); "
-             "sys.argv = ['engram'] + sys.argv[1:]; from engram_cli.cli import main; main()")
+_MEASURED = (
+    "import atexit, sys; atexit.register(lambda: sys.stderr.write('\\npeak-rss ' + "
+    "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1] + '\\n')); "
+    "sys.argv = ['engram'] + sys.argv[1:]; from engram_cli.cli import main; main()"
+)
 
 
 def peak_rss_run(args: list[str]) -> tuple[dict, int, float]:
     """Run the command in a fresh process: its JSON, its peak resident memory in bytes, seconds."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args, "--json"], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args, "--json"], capture_output=True, text=True, check=True
+    )
     seconds = time.perf_counter() - started
     peak = int(proc.stderr.rsplit("peak-rss ", 1)[1].split()[0])
     return json.loads(proc.stdout), peak * 1024, seconds
@@ -134,15 +144,21 @@ def main() -> None:
         del encodings
 
         assert ours(ids, spec, projection) == straightforward(ids, spec, projection)
-        medians = interleaved({
-            "straightforward numpy": lambda: straightforward(ids, spec, projection),
-            "engram (collision_statistics)": lambda: ours(ids, spec, projection),
-        }, args.repeats)
+        medians = interleaved(
+            {
+                "straightforward numpy": lambda: straightforward(ids, spec, projection),
+                "engram (collision_statistics)": lambda: ours(ids, spec, projection),
+            },
+            args.repeats,
+        )
         base = medians["straightforward numpy"]
         print(f"\nPre-tokenized: {len(files):,} stdlib files, {tokens:,} tokens, engram-demo-v1\n")
-        print(markdown_table(["pre-tokenized .bin", "median s", "M tokens/s", "speed vs numpy"],
-                             [[name, f"{t:.2f}", f"{tokens / t / 1e6:.1f}", f"{base / t:.2f}x"]
-                              for name, t in medians.items()]))
+        print(
+            markdown_table(
+                ["pre-tokenized .bin", "median s", "M tokens/s", "speed vs numpy"],
+                [[name, f"{t:.2f}", f"{tokens / t / 1e6:.1f}", f"{base / t:.2f}x"] for name, t in medians.items()],
+            )
+        )
 
         subset, size = [], 0
         for f in files:
@@ -151,16 +167,23 @@ def main() -> None:
             subset.append(f)
             size += f.stat().st_size
         text_tokens = tokenize_alone(tokenizer, subset)
-        medians = interleaved({
-            "tokenize alone": lambda: tokenize_alone(tokenizer, subset),
-            "engram (read, tokenize, statistics)": lambda: collision_statistics(
-                spec, projection, Corpus(subset, projection, context=2)),
-        }, args.repeats)
+        medians = interleaved(
+            {
+                "tokenize alone": lambda: tokenize_alone(tokenizer, subset),
+                "engram (read, tokenize, statistics)": lambda: collision_statistics(
+                    spec, projection, Corpus(subset, projection, context=2)
+                ),
+            },
+            args.repeats,
+        )
         base = medians["tokenize alone"]
         print(f"\nText: {len(subset):,} stdlib files, {size / 1e6:.1f} MB, {text_tokens:,} tokens\n")
-        print(markdown_table(["text", "median s", "M tokens/s", "time vs tokenizing"],
-                             [[name, f"{t:.2f}", f"{text_tokens / t / 1e6:.2f}", f"{t / base:.2f}x"]
-                              for name, t in medians.items()]))
+        print(
+            markdown_table(
+                ["text", "median s", "M tokens/s", "time vs tokenizing"],
+                [[name, f"{t:.2f}", f"{text_tokens / t / 1e6:.2f}", f"{t / base:.2f}x"] for name, t in medians.items()],
+            )
+        )
 
         # Distinct n-grams are what the counts hold: uniform random ids make nearly every one distinct.
         rng = np.random.default_rng(0)
@@ -168,20 +191,45 @@ def main() -> None:
         stream = rng.integers(2, projection.vocab_size, args.random_tokens, dtype=np.uint32)
         stream[rng.choice(stream.size, 1000, replace=False)] = SEP
         stream.tofile(synthetic)
-        command = ["inspect", "engram-demo-v1", "--corpus", str(synthetic), "--bin-dtype", "uint32",
-                   "--doc-sep", str(SEP)]
+        command = [
+            "inspect",
+            "engram-demo-v1",
+            "--corpus",
+            str(synthetic),
+            "--bin-dtype",
+            "uint32",
+            "--doc-sep",
+            str(SEP),
+        ]
         free, free_peak, free_s = peak_rss_run(command)
         bounded, bounded_peak, bounded_s = peak_rss_run([*command, "--max-memory", "64"])
         assert bounded["layers"] == free["layers"]
         distinct = sum(o["distinct"] for o in free["layers"][str(spec.layer_ids[0])]["orders"].values())
-        print(f"\nMemory: {args.random_tokens:,} uniform random ids ({distinct:,} distinct 2- and 3-grams), "
-              "as a command\n")
-        print(markdown_table(["n-gram counts held in memory", "spilled to disk", "peak RSS", "s", "numbers"], [
-            ["default (a quarter of free memory)", f"{free['corpus']['spilled_bytes'] / 1e6:.0f} MB",
-             f"{free_peak / 1e9:.2f} GB", f"{free_s:.1f}", "-"],
-            ["--max-memory 64 (MiB)", f"{bounded['corpus']['spilled_bytes'] / 1e6:.0f} MB",
-             f"{bounded_peak / 1e9:.2f} GB", f"{bounded_s:.1f}", "identical"],
-        ]))
+        print(
+            f"\nMemory: {args.random_tokens:,} uniform random ids ({distinct:,} distinct 2- and 3-grams), "
+            "as a command\n"
+        )
+        print(
+            markdown_table(
+                ["n-gram counts held in memory", "spilled to disk", "peak RSS", "s", "numbers"],
+                [
+                    [
+                        "default (a quarter of free memory)",
+                        f"{free['corpus']['spilled_bytes'] / 1e6:.0f} MB",
+                        f"{free_peak / 1e9:.2f} GB",
+                        f"{free_s:.1f}",
+                        "-",
+                    ],
+                    [
+                        "--max-memory 64 (MiB)",
+                        f"{bounded['corpus']['spilled_bytes'] / 1e6:.0f} MB",
+                        f"{bounded_peak / 1e9:.2f} GB",
+                        f"{bounded_s:.1f}",
+                        "identical",
+                    ],
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -8,15 +8,41 @@ from .spec import InitSpec, TableSpec, load_spec
 from .vocab import VocabProjection, compress_vocab, default_projection, load_projection
 
 __all__ = [
-    "Corpus", "CorpusOptions", "DocBatch", "EngramError", "EngramTables", "InitSpec", "NgramHasher",
-    "TableSpec", "TableStore", "VocabProjection", "build_shard", "build_tables", "collision_statistics",
-    "compress_vocab", "create_store", "default_projection", "inspect", "load_projection", "load_spec",
+    "Corpus",
+    "CorpusOptions",
+    "DocBatch",
+    "EngramError",
+    "EngramTables",
+    "InitSpec",
+    "NgramHasher",
+    "TableSpec",
+    "TableStore",
+    "VocabProjection",
+    "build_shard",
+    "build_tables",
+    "collision_statistics",
+    "compress_vocab",
+    "create_store",
+    "default_projection",
+    "inspect",
+    "load_projection",
+    "load_spec",
     "open_tables",
 ]
 
-_LAZY = {"TableStore": "store", "build_tables": "store", "open_tables": "store", "create_store": "store",
-         "build_shard": "store", "EngramTables": "checkpoints", "collision_statistics": "collisions",
-         "inspect": "inspection", "Corpus": "corpus", "CorpusOptions": "corpus", "DocBatch": "corpus"}
+_LAZY = {
+    "TableStore": "store",
+    "build_tables": "store",
+    "open_tables": "store",
+    "create_store": "store",
+    "build_shard": "store",
+    "EngramTables": "checkpoints",
+    "collision_statistics": "collisions",
+    "inspect": "inspection",
+    "Corpus": "corpus",
+    "CorpusOptions": "corpus",
+    "DocBatch": "corpus",
+}
 
 
 def __getattr__(name: str) -> object:

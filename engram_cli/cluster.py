@@ -21,8 +21,9 @@ TASK_RETRIES = 2
 
 
 @contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None,
-                connect_timeout: str = "15s") -> Iterator[Any]:
+def dask_client(
+    scheduler: str | None = None, workers: int | None = None, connect_timeout: str = "15s"
+) -> Iterator[Any]:
     """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
     if scheduler and workers:
         raise EngramError("give either --scheduler or --dask-workers, not both")
@@ -43,9 +44,12 @@ def dask_client(scheduler: str | None = None, workers: int | None = None,
         return
     if workers < 1:
         raise EngramError(f"--dask-workers must be at least 1, got {workers}")
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -55,8 +59,12 @@ def absolute_store_path(path: str | Path) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tuple]],
-              on_done: Callable[[str, Any], None] | None = None) -> list[Any]:
+def run_tasks(
+    client: Any,
+    fn: Callable[..., Any],
+    tasks: Sequence[tuple[str, tuple]],
+    on_done: Callable[[str, Any], None] | None = None,
+) -> list[Any]:
     """Run `fn(*args)` for every (name, args) on the cluster; results in the order given.
 
     Dask retries a failing task and reschedules the tasks of a worker that died; a task that
@@ -79,8 +87,9 @@ def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tu
                 raise
             except Exception as exc:  # a worker's exception or a KilledWorker, reported as one line
                 detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise EngramError(f"Dask task {name} failed: {type(exc).__name__}"
-                                  f"{': ' + detail if detail else ''}") from None
+                raise EngramError(
+                    f"Dask task {name} failed: {type(exc).__name__}{': ' + detail if detail else ''}"
+                ) from None
             results[name] = result
             if on_done is not None:
                 on_done(name, result)
@@ -88,4 +97,3 @@ def run_tasks(client: Any, fn: Callable[..., Any], tasks: Sequence[tuple[str, tu
         for future in futures:
             future.cancel()
     return [results[name] for name, _ in tasks]
-

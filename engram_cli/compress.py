@@ -39,23 +39,33 @@ class CompressReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "output": self.output, "source": self.source, "tokenizer_sha256": self.tokenizer_sha256,
-            "vocab_size": self.vocab_size, "compressed_size": self.compressed_size,
-            "reduction": self.reduction, "raw_fallbacks": self.raw_fallbacks,
+            "output": self.output,
+            "source": self.source,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size,
+            "compressed_size": self.compressed_size,
+            "reduction": self.reduction,
+            "raw_fallbacks": self.raw_fallbacks,
             "top_groups": self.top_groups,
         }
 
     def render(self, console: Console) -> None:
-        console.print(f"[bold]{self.source}[/]: {self.vocab_size:,} ids -> "
-                      f"{self.compressed_size:,} canonical ids "
-                      f"([green]{self.reduction:.2%}[/] fewer); "
-                      f"{self.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)")
+        console.print(
+            f"[bold]{self.source}[/]: {self.vocab_size:,} ids -> "
+            f"{self.compressed_size:,} canonical ids "
+            f"([green]{self.reduction:.2%}[/] fewer); "
+            f"{self.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)"
+        )
         table = Table(title=f"{len(self.top_groups)} largest merge groups")
         for column in ("canonical id", "key", "ids", "examples"):
             table.add_column(column)
         for group in self.top_groups:
-            table.add_row(str(group["canonical_id"]), repr(group["key"]), str(group["size"]),
-                          " ".join(repr(e) for e in group["examples"]))
+            table.add_row(
+                str(group["canonical_id"]),
+                repr(group["key"]),
+                str(group["size"]),
+                " ".join(repr(e) for e in group["examples"]),
+            )
         console.print(table)
         console.print(f"wrote {self.output}")
 
@@ -63,23 +73,25 @@ class CompressReport:
 def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[dict[str, Any]]:
     """The k canonical ids that merge the most tokenizer ids, with a few decoded members."""
     counts = np.bincount(projection.lookup)
-    order = np.argsort(-counts, kind="stable")[:max(k, 0)]
+    order = np.argsort(-counts, kind="stable")[: max(k, 0)]
     tokenizer = projection.tokenizer()
     groups = []
     for cid in order:
         members = np.flatnonzero(projection.lookup == cid)
-        groups.append({
-            "canonical_id": int(cid),
-            "key": key_of(tokenizer, int(members[0])),
-            "size": int(counts[cid]),
-            "examples": [tokenizer.decode([int(m)], skip_special_tokens=False)
-                         for m in members[:examples]],
-        })
+        groups.append(
+            {
+                "canonical_id": int(cid),
+                "key": key_of(tokenizer, int(members[0])),
+                "size": int(counts[cid]),
+                "examples": [tokenizer.decode([int(m)], skip_special_tokens=False) for m in members[:examples]],
+            }
+        )
     return groups
 
 
-def write_projection(tokenizer: str | None, output: str | Path, *, overwrite: bool = False,
-                     top: int = 10) -> CompressReport:
+def write_projection(
+    tokenizer: str | None, output: str | Path, *, overwrite: bool = False, top: int = 10
+) -> CompressReport:
     """The whole `engram compress-vocab` job: check the target, derive, write atomically, report."""
     output = Path(output)
     check_output_file(output, overwrite)
@@ -87,9 +99,11 @@ def write_projection(tokenizer: str | None, output: str | Path, *, overwrite: bo
     projection = compress_vocab(source)
     projection.save(output)
     return CompressReport(
-        output=str(output), source=source.source, tokenizer_sha256=source.sha256,
-        vocab_size=projection.vocab_size, compressed_size=projection.compressed_size,
+        output=str(output),
+        source=source.source,
+        tokenizer_sha256=source.sha256,
+        vocab_size=projection.vocab_size,
+        compressed_size=projection.compressed_size,
         raw_fallbacks=int(projection.metadata["raw_fallbacks"]),
         top_groups=top_groups(projection, top),
     )
-

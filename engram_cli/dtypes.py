@@ -37,21 +37,24 @@ class DType:
         return getattr(torch, self.name)  # type: ignore[no-any-return]
 
 
-DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("float32", 4, "F32", np.dtype(np.float32)),
-    DType("bfloat16", 2, "BF16", BFLOAT16),
-    DType("float16", 2, "F16", np.dtype(np.float16)),
-    DType("float64", 8, "F64", np.dtype(np.float64)),
-    DType("float8_e4m3fn", 1, "F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn)),
-    DType("float8_e5m2", 1, "F8_E5M2", np.dtype(ml_dtypes.float8_e5m2)),
-    DType("float8_e8m0fnu", 1, "F8_E8M0", np.dtype(ml_dtypes.float8_e8m0fnu)),
-    DType("int64", 8, "I64", np.dtype(np.int64)),
-    DType("int32", 4, "I32", np.dtype(np.int32)),
-    DType("int16", 2, "I16", np.dtype(np.int16)),
-    DType("int8", 1, "I8", np.dtype(np.int8)),
-    DType("uint8", 1, "U8", np.dtype(np.uint8)),
-    DType("bool", 1, "BOOL", np.dtype(np.bool_)),
-)}
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("float32", 4, "F32", np.dtype(np.float32)),
+        DType("bfloat16", 2, "BF16", BFLOAT16),
+        DType("float16", 2, "F16", np.dtype(np.float16)),
+        DType("float64", 8, "F64", np.dtype(np.float64)),
+        DType("float8_e4m3fn", 1, "F8_E4M3", np.dtype(ml_dtypes.float8_e4m3fn)),
+        DType("float8_e5m2", 1, "F8_E5M2", np.dtype(ml_dtypes.float8_e5m2)),
+        DType("float8_e8m0fnu", 1, "F8_E8M0", np.dtype(ml_dtypes.float8_e8m0fnu)),
+        DType("int64", 8, "I64", np.dtype(np.int64)),
+        DType("int32", 4, "I32", np.dtype(np.int32)),
+        DType("int16", 2, "I16", np.dtype(np.int16)),
+        DType("int8", 1, "I8", np.dtype(np.int8)),
+        DType("uint8", 1, "U8", np.dtype(np.uint8)),
+        DType("bool", 1, "BOOL", np.dtype(np.bool_)),
+    )
+}
 SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in DTYPES.values()}
 
 # What a table store holds, and what its values can be exported as.

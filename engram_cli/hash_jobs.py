@@ -61,20 +61,28 @@ class HashTextReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "spec": self.spec_name, "projection": self.projection,
-            "compressed_size": self.compressed_size, "pad_id": self.pad_id,
-            "values": _values_key(self.rows), "layers": self.layers, "tokens": self.tokens,
+            "spec": self.spec_name,
+            "projection": self.projection,
+            "compressed_size": self.compressed_size,
+            "pad_id": self.pad_id,
+            "values": _values_key(self.rows),
+            "layers": self.layers,
+            "tokens": self.tokens,
         }
 
     def render(self, console: Console) -> None:
         kind = _values_key(self.rows)
-        console.print(f"[bold]{len(self.tokens)}[/] tokens, spec [bold]{self.spec_name}[/], projection "
-                      f"{self.projection} ({self.compressed_size:,} canonical ids); "
-                      f"∅ = pad {self.pad_text!r} (id {self.pad_id})")
+        console.print(
+            f"[bold]{len(self.tokens)}[/] tokens, spec [bold]{self.spec_name}[/], projection "
+            f"{self.projection} ({self.compressed_size:,} canonical ids); "
+            f"∅ = pad {self.pad_text!r} (id {self.pad_id})"
+        )
         for layer in self.layers:
             layer_id = str(layer["layer_id"])
-            table = Table(title=f"layer {layer_id}: {kind} per head "
-                                f"(head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})")
+            table = Table(
+                title=f"layer {layer_id}: {kind} per head "
+                f"(head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
+            )
             table.add_column("#", justify="right")
             table.add_column("token")
             for order in layer["orders"]:
@@ -108,30 +116,44 @@ class HashFileReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "input": self.input, "output": self.output, "shape": self.shape, "dtype": self.dtype,
-            "tokens": self.tokens, "values": _values_key(self.rows), "layers": self.layers,
+            "input": self.input,
+            "output": self.output,
+            "shape": self.shape,
+            "dtype": self.dtype,
+            "tokens": self.tokens,
+            "values": _values_key(self.rows),
+            "layers": self.layers,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else None,
         }
 
     def render(self, console: Console) -> None:
         rate = f", {self.tokens / self.seconds / 1e6:.1f} M tokens/s" if self.seconds > 0 else ""
-        console.print(f"hashed {self.tokens:,} tokens {tuple(self.shape)} ({self.dtype}) of {self.input} "
-                      f"in {self.seconds:.2f} s{rate}")
+        console.print(
+            f"hashed {self.tokens:,} tokens {tuple(self.shape)} ({self.dtype}) of {self.input} "
+            f"in {self.seconds:.2f} s{rate}"
+        )
         table = Table()
         for column in ("layer", "array", "shape", "heads", _values_key(self.rows) + " range"):
             table.add_column(column)
         for layer in self.layers:
             span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
-            table.add_row(str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])),
-                          str(layer["shape"][-1]), span)
+            table.add_row(
+                str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])), str(layer["shape"][-1]), span
+            )
         console.print(table)
         console.print(f"wrote {self.output}")
 
 
-def hash_text(text: str, spec: TableSpec, projection: VocabProjection, *,
-              layers: Iterable[int] | None = None, rows: bool = False,
-              special_tokens: bool = True) -> HashTextReport:
+def hash_text(
+    text: str,
+    spec: TableSpec,
+    projection: VocabProjection,
+    *,
+    layers: Iterable[int] | None = None,
+    rows: bool = False,
+    special_tokens: bool = True,
+) -> HashTextReport:
     """Tokenize with the projection's tokenizer, hash, and pair every n-gram's text with its buckets."""
     tokenizer = projection.tokenizer()
     ids = np.array(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
@@ -144,24 +166,45 @@ def hash_text(text: str, spec: TableSpec, projection: VocabProjection, *,
         ngrams = []
         for n in spec.orders:
             first = t - n + 1
-            real = ids[max(first, 0):t + 1].tolist()
+            real = ids[max(first, 0) : t + 1].tolist()
             heads = slice((n - 2) * per_order, (n - 1) * per_order)
-            ngrams.append({
-                "n": n, "pads": max(0, -first), "ids": [spec.pad_id] * max(0, -first) + real,
-                "text": tokenizer.decode(real, skip_special_tokens=False),
-                _values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
-            })
-        tokens.append({"position": t, "id": tid, "compressed_id": int(projection.lookup[tid]),
-                       "text": tokenizer.decode([tid], skip_special_tokens=False), "ngrams": ngrams})
-    layer_info = [{
-        "layer_id": k, "orders": list(spec.orders), "multipliers": hasher.multipliers(k).tolist(),
-        "head_sizes": hasher.head_sizes(k).tolist(), "offsets": hasher.offsets(k).tolist(),
-    } for k in layer_ids]
+            ngrams.append(
+                {
+                    "n": n,
+                    "pads": max(0, -first),
+                    "ids": [spec.pad_id] * max(0, -first) + real,
+                    "text": tokenizer.decode(real, skip_special_tokens=False),
+                    _values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
+                }
+            )
+        tokens.append(
+            {
+                "position": t,
+                "id": tid,
+                "compressed_id": int(projection.lookup[tid]),
+                "text": tokenizer.decode([tid], skip_special_tokens=False),
+                "ngrams": ngrams,
+            }
+        )
+    layer_info = [
+        {
+            "layer_id": k,
+            "orders": list(spec.orders),
+            "multipliers": hasher.multipliers(k).tolist(),
+            "head_sizes": hasher.head_sizes(k).tolist(),
+            "offsets": hasher.offsets(k).tolist(),
+        }
+        for k in layer_ids
+    ]
     return HashTextReport(
-        spec_name=spec.name, projection=projection.fingerprint()[:12],
-        compressed_size=hasher.compressed_size, pad_id=spec.pad_id,
+        spec_name=spec.name,
+        projection=projection.fingerprint()[:12],
+        compressed_size=hasher.compressed_size,
+        pad_id=spec.pad_id,
         pad_text=tokenizer.decode([spec.pad_id], skip_special_tokens=False),
-        rows=rows, layers=layer_info, tokens=tokens,
+        rows=rows,
+        layers=layer_info,
+        tokens=tokens,
     )
 
 
@@ -189,10 +232,17 @@ def _load_ids(path: Path) -> np.ndarray:
     return ids
 
 
-def hash_ids_file(ids_path: str | Path, output: str | Path, spec: TableSpec,
-                  projection: VocabProjection, *, layers: Iterable[int] | None = None,
-                  rows: bool = False, overwrite: bool = False,
-                  chunk_tokens: int = FILE_CHUNK_TOKENS) -> HashFileReport:
+def hash_ids_file(
+    ids_path: str | Path,
+    output: str | Path,
+    spec: TableSpec,
+    projection: VocabProjection,
+    *,
+    layers: Iterable[int] | None = None,
+    rows: bool = False,
+    overwrite: bool = False,
+    chunk_tokens: int = FILE_CHUNK_TOKENS,
+) -> HashFileReport:
     """Hash a .npy of token ids into an .npz with one array `layer_<id>` per layer.
 
     The output is streamed piece by piece into the archive (written beside the
@@ -216,33 +266,39 @@ def hash_ids_file(ids_path: str | Path, output: str | Path, spec: TableSpec,
     hash_kernel()  # compiling or loading it is not hashing time
     start = time.perf_counter()
     try:
-        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive, \
-                progress() as bar:
+        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive, progress() as bar:
             task = bar.add_task("hashing", total=len(pieces) * len(layer_ids))
             for layer_id in layer_ids:
                 shape = ids.shape + (hasher.head_sizes(layer_id).size,)
                 low, high = None, None
                 with archive.open(f"layer_{layer_id}.npy", "w", force_zip64=True) as entry:
                     np.lib.format.write_array_header_2_0(
-                        entry, {"descr": "<i8", "fortran_order": False, "shape": shape})
+                        entry, {"descr": "<i8", "fortran_order": False, "shape": shape}
+                    )
                     for b0, b1, t0, t1 in pieces:
                         first = max(0, t0 - context)
                         piece = np.asarray(batch[b0:b1, first:t1])
                         out = (hasher.rows if rows else hasher.hash)(piece, layers=[layer_id])[layer_id]
-                        out = np.ascontiguousarray(out[:, t0 - first:])
+                        out = np.ascontiguousarray(out[:, t0 - first :])
                         if out.size:
                             low = int(out.min()) if low is None else min(low, int(out.min()))
                             high = int(out.max()) if high is None else max(high, int(out.max()))
                             entry.write(memoryview(out.astype("<i8", copy=False)).cast("B"))
                         bar.advance(task)
-                summary.append({"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape),
-                                "min": low, "max": high})
+                summary.append(
+                    {"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape), "min": low, "max": high}
+                )
         os.replace(tmp, output)
     except OSError as exc:
         raise EngramError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return HashFileReport(input=str(ids_path), output=str(output), shape=list(ids.shape),
-                          dtype=str(ids.dtype), rows=rows, layers=summary,
-                          seconds=time.perf_counter() - start)
-
+    return HashFileReport(
+        input=str(ids_path),
+        output=str(output),
+        shape=list(ids.shape),
+        dtype=str(ids.dtype),
+        rows=rows,
+        layers=summary,
+        seconds=time.perf_counter() - start,
+    )

@@ -66,8 +66,10 @@ def hash_kernel() -> Callable[..., None]:
         numba.config.THREADING_LAYER = "workqueue"
     min_float_prime = FLOAT_REDUCTION_MIN_PRIME
 
-    signature = "void(int64[:, ::1], int64[::1], int64, int64[::1], int64[::1], float64[::1], " \
-                "int64[::1], int64[:, :, ::1], int64)"
+    signature = (
+        "void(int64[:, ::1], int64[::1], int64, int64[::1], int64[::1], float64[::1], "
+        "int64[::1], int64[:, :, ::1], int64)"
+    )
 
     @numba.njit(signature, parallel=True, nogil=True, cache=True)
     def hash_layer(ids, lookup, pad, mults, primes, inv_primes, offsets, out, block):
@@ -87,7 +89,7 @@ def hash_kernel() -> Callable[..., None]:
             pads = max(0, context - t0)
             for i in range(pads):
                 x[i] = pad
-            src = ids[b, t0 - context + pads:t0 + width]
+            src = ids[b, t0 - context + pads : t0 + width]
             known = x[pads:]
             for i in range(src.size):
                 v = src[i]
@@ -97,26 +99,26 @@ def hash_kernel() -> Callable[..., None]:
             m0 = mults[0]
             for i in range(width):
                 mix[i] = current[i] * m0
-            dest = out[b, t0:t0 + width]
+            dest = out[b, t0 : t0 + width]
             for n in range(1, order_max):
                 m = mults[n]
-                earlier = x[context - n:context - n + width]
+                earlier = x[context - n : context - n + width]
                 for i in range(width):
                     mix[i] ^= earlier[i] * m
                 first = (n - 1) * per_order
-                order_primes = primes[first:first + per_order]
-                order_inv = inv_primes[first:first + per_order]
-                order_offsets = offsets[first:first + per_order]
+                order_primes = primes[first : first + per_order]
+                order_inv = inv_primes[first : first + per_order]
+                order_offsets = offsets[first : first + per_order]
                 if order_primes.min() < min_float_prime:
                     for i in range(width):
-                        row = dest[i, first:first + per_order]
+                        row = dest[i, first : first + per_order]
                         for j in range(per_order):
                             row[j] = mix[i] % order_primes[j] + order_offsets[j]
                     continue
                 for i in range(width):
                     value = mix[i]
                     approx = np.float64(value)
-                    row = dest[i, first:first + per_order]
+                    row = dest[i, first : first + per_order]
                     for j in range(per_order):
                         p = order_primes[j]
                         r = value - np.int64(approx * order_inv[j]) * p
@@ -171,8 +173,9 @@ class NgramHasher:
         self.projection = projection
         self.compressed_size = projection.compressed_size
         if spec.pad_id >= projection.vocab_size:
-            raise EngramError(f"spec pad_id {spec.pad_id} is not below the projection's vocab size "
-                              f"{projection.vocab_size}")
+            raise EngramError(
+                f"spec pad_id {spec.pad_id} is not below the projection's vocab size {projection.vocab_size}"
+            )
         self.pad = int(projection.lookup[spec.pad_id])
         self._layers: dict[int, _Layer] = {}
 
@@ -185,8 +188,9 @@ class NgramHasher:
     def head_sizes(self, layer_id: int) -> np.ndarray:
         return self._layer(layer_id).primes.copy()
 
-    def hash(self, input_ids: Any, layers: Iterable[int] | None = None, *,
-             out: Mapping[int, Any] | None = None) -> dict[int, Any]:
+    def hash(
+        self, input_ids: Any, layers: Iterable[int] | None = None, *, out: Mapping[int, Any] | None = None
+    ) -> dict[int, Any]:
         """Head-local bucket of every head, per layer (all layers of the spec by default).
 
         `out` ({layer_id: int64 array or tensor of the output's shape}) receives the
@@ -195,8 +199,9 @@ class NgramHasher:
         """
         return self._run(input_ids, layers, with_offsets=False, out=out)
 
-    def rows(self, input_ids: Any, layers: Iterable[int] | None = None, *,
-             out: Mapping[int, Any] | None = None) -> dict[int, Any]:
+    def rows(
+        self, input_ids: Any, layers: Iterable[int] | None = None, *, out: Mapping[int, Any] | None = None
+    ) -> dict[int, Any]:
         """The same buckets plus each head's offset: the row index into the layer's table."""
         return self._run(input_ids, layers, with_offsets=True, out=out)
 
@@ -220,8 +225,9 @@ class NgramHasher:
             self._layer(layer_id)
         return [int(layer_id) for layer_id in chosen]
 
-    def _run(self, input_ids: Any, layers: Iterable[int] | None, with_offsets: bool,
-             out: Mapping[int, Any] | None) -> dict[int, Any]:
+    def _run(
+        self, input_ids: Any, layers: Iterable[int] | None, with_offsets: bool, out: Mapping[int, Any] | None
+    ) -> dict[int, Any]:
         layer_ids = self._layer_ids(layers)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(input_ids, torch.Tensor):
@@ -239,11 +245,11 @@ class NgramHasher:
         except (OverflowError, ValueError, TypeError) as exc:
             raise EngramError(f"token ids must be an integer array: {exc}") from None
         check_rank(array.shape)
-        return self._run_numpy(array, layer_ids, with_offsets,
-                               self._buffers(out, layer_ids, array.shape, None))
+        return self._run_numpy(array, layer_ids, with_offsets, self._buffers(out, layer_ids, array.shape, None))
 
-    def _buffers(self, out: Mapping[int, Any] | None, layer_ids: list[int], shape: tuple[int, ...],
-                 device: Any) -> dict[int, Any] | None:
+    def _buffers(
+        self, out: Mapping[int, Any] | None, layer_ids: list[int], shape: tuple[int, ...], device: Any
+    ) -> dict[int, Any] | None:
         """Check caller-given outputs: int64, C-contiguous, the output's shape, the input's kind."""
         if out is None:
             return None
@@ -255,24 +261,36 @@ class NgramHasher:
             buffer = out[layer_id]
             want = shape + (self._layer(layer_id).primes.size,)
             if device is None:
-                ok = (isinstance(buffer, np.ndarray) and buffer.dtype == np.int64
-                      and buffer.flags.c_contiguous and buffer.flags.writeable)
+                ok = (
+                    isinstance(buffer, np.ndarray)
+                    and buffer.dtype == np.int64
+                    and buffer.flags.c_contiguous
+                    and buffer.flags.writeable
+                )
             else:
-                ok = (isinstance(buffer, torch.Tensor) and buffer.dtype == torch.int64
-                      and buffer.is_contiguous() and buffer.device == device)
+                ok = (
+                    isinstance(buffer, torch.Tensor)
+                    and buffer.dtype == torch.int64
+                    and buffer.is_contiguous()
+                    and buffer.device == device
+                )
             if not ok or tuple(buffer.shape) != want:
                 kind = "a writable numpy" if device is None else f"a torch ({device})"
-                raise EngramError(f"out[{layer_id}] must be {kind} C-contiguous int64 array of shape "
-                                  f"{want}, got {type(buffer).__name__} {getattr(buffer, 'dtype', '')} "
-                                  f"{tuple(getattr(buffer, 'shape', ()))}")
+                raise EngramError(
+                    f"out[{layer_id}] must be {kind} C-contiguous int64 array of shape "
+                    f"{want}, got {type(buffer).__name__} {getattr(buffer, 'dtype', '')} "
+                    f"{tuple(getattr(buffer, 'shape', ()))}"
+                )
             buffers[layer_id] = buffer
         return buffers
 
-    def _run_numpy(self, ids: np.ndarray, layer_ids: list[int], with_offsets: bool,
-                   buffers: dict[int, np.ndarray] | None) -> dict[int, np.ndarray]:
+    def _run_numpy(
+        self, ids: np.ndarray, layer_ids: list[int], with_offsets: bool, buffers: dict[int, np.ndarray] | None
+    ) -> dict[int, np.ndarray]:
         self.projection.check_ids(ids)
-        batch = np.require(ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64,
-                           requirements="CW")  # the kernel takes writable arrays; a read-only map is copied
+        batch = np.require(
+            ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64, requirements="CW"
+        )  # the kernel takes writable arrays; a read-only map is copied
         result = {}
         for layer_id in layer_ids:
             layer = self._layer(layer_id)
@@ -284,13 +302,22 @@ class NgramHasher:
                 if np.may_share_memory(out, batch):
                     raise EngramError(f"out[{layer_id}] overlaps the token ids it is computed from")
             if out.size:
-                _launch(batch, self.projection.lookup, self.pad, layer.multipliers, layer.primes,
-                        layer.inv_primes, layer.offsets if with_offsets else layer.zeros, out)
+                _launch(
+                    batch,
+                    self.projection.lookup,
+                    self.pad,
+                    layer.multipliers,
+                    layer.primes,
+                    layer.inv_primes,
+                    layer.offsets if with_offsets else layer.zeros,
+                    out,
+                )
             result[layer_id] = out[0] if ids.ndim == 1 else out
         return result if buffers is None else buffers
 
-    def _run_torch(self, ids: Any, layer_ids: list[int], with_offsets: bool,
-                   buffers: dict[int, Any] | None) -> dict[int, Any]:
+    def _run_torch(
+        self, ids: Any, layer_ids: list[int], with_offsets: bool, buffers: dict[int, Any] | None
+    ) -> dict[int, Any]:
         """Plain torch ops for tensors on an accelerator, where the numba kernel cannot run."""
         import torch
 
@@ -308,7 +335,7 @@ class NgramHasher:
             out = batch.new_empty(shape) if buffers is None else buffers[layer_id].view(shape)
             mix = batch * mults[0]
             for n in range(1, len(mults)):
-                mix = mix ^ (padded[:, context - n:context - n + length] * mults[n])
+                mix = mix ^ (padded[:, context - n : context - n + length] * mults[n])
                 for h in range((n - 1) * per_order, n * per_order):
                     bucket = torch.remainder(mix, int(layer.primes[h]))
                     out[..., h] = bucket + int(layer.offsets[h]) if with_offsets else bucket
@@ -318,6 +345,4 @@ class NgramHasher:
 
 def check_rank(shape: tuple[int, ...]) -> None:
     if len(shape) not in (1, 2):
-        raise EngramError(f"token ids must be 1-D (one sequence) or 2-D (batch, time), got shape "
-                          f"{tuple(shape)}")
-
+        raise EngramError(f"token ids must be 1-D (one sequence) or 2-D (batch, time), got shape {tuple(shape)}")

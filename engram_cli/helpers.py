@@ -121,4 +121,3 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise EngramError(f"cannot write {path}: {exc.strerror or exc}") from None
-

@@ -238,12 +238,11 @@ def _fill_bf16(dist, key, row0, param, block_rows, out):
         block = scratch[:n]
         _fill_f32(dist, key, row0 + start, param, block)
         bits = block.view(np.uint32)
-        dest = out[start:start + n]
+        dest = out[start : start + n]
         for i in range(n):
             for c in range(dim):
                 v = bits[i, c]
-                dest[i, c] = np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1)))
-                                       >> np.uint32(16))
+                dest[i, c] = np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 def _block_rows(dim: int) -> int:
@@ -278,14 +277,12 @@ def fill_rows(spec: TableSpec, layer_id: int, start: int, out: np.ndarray) -> No
         for lo in range(0, out.shape[0], block):
             n = min(block, out.shape[0] - lo)
             _fill_f32(dist, key, start + lo, param, scratch[:n])
-            np.copyto(out[lo:lo + n], scratch[:n], casting="unsafe")
+            np.copyto(out[lo : lo + n], scratch[:n], casting="unsafe")
 
 
-def generate_rows(spec: TableSpec, layer_id: int, start: int, stop: int,
-                  dtype: str | None = None) -> np.ndarray:
+def generate_rows(spec: TableSpec, layer_id: int, start: int, stop: int, dtype: str | None = None) -> np.ndarray:
     """Rows [start, stop) of a layer table as a new array in `dtype` (default: the spec's)."""
     spec.head_sizes(layer_id)  # validates the layer id
     out = np.empty((max(0, stop - start), spec.dim), dtype=numpy_dtype(dtype or spec.dtype))
     fill_rows(spec, layer_id, start, out)
     return out
-

@@ -59,14 +59,20 @@ class InspectReport:
     def to_json(self) -> dict[str, Any]:
         corpus = None
         if self.corpus is not None:
-            corpus = {**self.corpus.to_json(), "spilled_bytes": self.spilled_bytes,
-                      "seconds": self.seconds, "warnings": self.corpus.warnings()}
+            corpus = {
+                **self.corpus.to_json(),
+                "spilled_bytes": self.spilled_bytes,
+                "seconds": self.seconds,
+                "warnings": self.corpus.warnings(),
+            }
         return {
             "source": self.source,
             "spec": self.spec.to_dict(),
-            "projection": {"fingerprint": self.projection.fingerprint(),
-                           "vocab_size": self.projection.vocab_size,
-                           "compressed_size": self.projection.compressed_size},
+            "projection": {
+                "fingerprint": self.projection.fingerprint(),
+                "vocab_size": self.projection.vocab_size,
+                "compressed_size": self.projection.compressed_size,
+            },
             "corpus": corpus,
             "layers": None if self.layers is None else layers_json(self.layers),
             "sweep": None if self.sweep is None else [p.to_json() for p in self.sweep],
@@ -94,8 +100,10 @@ def _render_corpus(report: InspectReport, console: Console) -> None:
     assert c is not None
     text = f", {human_bytes(c.text_bytes)} of text tokenized" if c.text_bytes else ""
     spilled = f"; spilled {human_bytes(report.spilled_bytes)} to disk" if report.spilled_bytes else ""
-    console.print(f"[bold]corpus[/]: {plural(c.files, 'file')}, {plural(c.documents, 'document')}, "
-                  f"{plural(c.tokens, 'token')}{text}; {report.seconds:.1f} s{spilled}")
+    console.print(
+        f"[bold]corpus[/]: {plural(c.files, 'file')}, {plural(c.documents, 'document')}, "
+        f"{plural(c.tokens, 'token')}{text}; {report.seconds:.1f} s{spilled}"
+    )
     for note in c.warnings():
         console.print(f"[yellow]warning[/]: {note}")
 
@@ -106,20 +114,28 @@ def _render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> Non
         table.add_column(column, justify="right")
     for layer, orders in layers.items():
         for n, s in orders.items():
-            table.add_row(str(layer), str(n), f"{s.distinct:,}", pct(s.mean("collision_rate")),
-                          pct(s.mean("expected_rate")), pct(s.mean("weighted_rate")),
-                          str(max(h.max_load for h in s.heads)), f"{s.all_heads_colliding:,}",
-                          f"{s.mix_colliding:,}")
+            table.add_row(
+                str(layer),
+                str(n),
+                f"{s.distinct:,}",
+                pct(s.mean("collision_rate")),
+                pct(s.mean("expected_rate")),
+                pct(s.mean("weighted_rate")),
+                str(max(h.max_load for h in s.heads)),
+                f"{s.all_heads_colliding:,}",
+                f"{s.mix_colliding:,}",
+            )
     console.print(table)
-    console.print("per head: distinct n-grams that share their bucket (mean over heads); ideal: the same "
-                  "under uniform hashing; windows: share of occurrences whose n-gram collides; all heads, "
-                  "mix: n-grams that collide with one same n-gram in every head, or in the mix itself",
-                  style="dim")
+    console.print(
+        "per head: distinct n-grams that share their bucket (mean over heads); ideal: the same "
+        "under uniform hashing; windows: share of occurrences whose n-gram collides; all heads, "
+        "mix: n-grams that collide with one same n-gram in every head, or in the mix itself",
+        style="dim",
+    )
 
 
 def _render_top(layers: LayerStats, console: Console) -> None:
-    rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items()
-            for b in (s.top_buckets or [])]
+    rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items() for b in (s.top_buckets or [])]
     if not rows:
         console.print("--top: no bucket holds more than one distinct n-gram")
         return
@@ -130,8 +146,14 @@ def _render_top(layers: LayerStats, console: Console) -> None:
     for layer, n, b in rows:
         shown = ", ".join(f"{''.join(g['tokens'])!r} x{g['count']:,}" for g in b["ngrams"][:TOP_SHOWN])
         more = b["load"] - min(len(b["ngrams"]), TOP_SHOWN)
-        table.add_row(str(layer), str(n), str(b["head"]), f"{b['bucket']:,}", str(b["load"]),
-                      shown + (f", +{more} more" if more > 0 else ""))
+        table.add_row(
+            str(layer),
+            str(n),
+            str(b["head"]),
+            f"{b['bucket']:,}",
+            str(b["load"]),
+            shown + (f", +{more} more" if more > 0 else ""),
+        )
     console.print(table)
 
 
@@ -145,22 +167,27 @@ def _render_sweep(sweep: list[SweepPoint], console: Console) -> None:
             stats = [o[n] for o in point.layers.values()]
             sizes = [h.size for s in stats for h in s.heads]
             table.add_row(
-                str(n), f"{point.factor:g}x", f"{int(np.mean(sizes)):,}",
+                str(n),
+                f"{point.factor:g}x",
+                f"{int(np.mean(sizes)):,}",
                 human_bytes(point.spec.parameters * DTYPE_BYTES[point.spec.dtype]),
                 pct(np.mean([s.mean("collision_rate") for s in stats])),
                 pct(np.mean([s.mean("expected_rate") for s in stats])),
                 pct(np.mean([s.mean("weighted_rate") for s in stats])),
-                f"{sum(s.all_heads_colliding for s in stats):,}")
+                f"{sum(s.all_heads_colliding for s in stats):,}",
+            )
         table.add_section()
     console.print(table)
 
 
 def _render_tables(health: TableHealth, console: Console) -> None:
-    console.print(f"[bold]tables[/]: {health.store} ({health.dtype}, "
-                  f"{'complete' if health.complete else '[red]incomplete[/]'})")
+    console.print(
+        f"[bold]tables[/]: {health.store} ({health.dtype}, {'complete' if health.complete else '[red]incomplete[/]'})"
+    )
     if health.verify is not None:
-        console.print(f"verified {health.verify['shards']} shards, {human_bytes(health.verify['bytes'])}: "
-                      "every checksum matches")
+        console.print(
+            f"verified {health.verify['shards']} shards, {human_bytes(health.verify['bytes'])}: every checksum matches"
+        )
     table = Table(title="Table health per head")
     for column in ("layer", "order", "head", "rows", "mean", "std", "max |x|", "non-finite"):
         table.add_column(column, justify="right")
@@ -169,8 +196,16 @@ def _render_tables(health: TableHealth, console: Console) -> None:
             bad = h["nonfinite"]
             mean, std = ("-", "-") if h["mean"] is None else (f"{h['mean']:+.4f}", f"{h['std']:.4f}")
             rows = f"{h['size']:,}" if not h["unread_rows"] else f"{h['size'] - h['unread_rows']:,}/{h['size']:,}"
-            table.add_row(str(layer), str(h["order"]), str(h["head"]), rows, mean, std,
-                          f"{h['max_abs']:.4f}", f"[red]{bad:,}[/]" if bad else "0")
+            table.add_row(
+                str(layer),
+                str(h["order"]),
+                str(h["head"]),
+                rows,
+                mean,
+                std,
+                f"{h['max_abs']:.4f}",
+                f"[red]{bad:,}[/]" if bad else "0",
+            )
     console.print(table)
     layout = Table(title="Table layout")
     for column in ("layer", "rows", "dim", "on disk", "shards", "shard rows", "ranks", "missing"):
@@ -178,9 +213,16 @@ def _render_tables(health: TableHealth, console: Console) -> None:
     for layer, info in health.layers.items():
         plan = info["shard_plan"]
         missing = len(info["missing_shards"])
-        layout.add_row(str(layer), f"{info['rows']:,}", str(info["dim"]), human_bytes(info["bytes_on_disk"]),
-                       str(plan["shards"]), f"{plan['shard_rows']:,}", str(len(plan["partition"])),
-                       f"[red]{missing}[/]" if missing else "0")
+        layout.add_row(
+            str(layer),
+            f"{info['rows']:,}",
+            str(info["dim"]),
+            human_bytes(info["bytes_on_disk"]),
+            str(plan["shards"]),
+            f"{plan['shard_rows']:,}",
+            str(len(plan["partition"])),
+            f"[red]{missing}[/]" if missing else "0",
+        )
     console.print(layout)
 
 
@@ -195,18 +237,31 @@ def _resolve(source: str, projection: str | Path | None) -> tuple[TableSpec, Voc
         if projection is not None:
             given = resolve_projection(projection)
             if given.fingerprint() != stored.fingerprint():
-                raise EngramError(f"projection {projection} does not match the one store {source} was built "
-                                  f"with (fingerprints {given.fingerprint()[:12]} and {stored.fingerprint()[:12]})")
+                raise EngramError(
+                    f"projection {projection} does not match the one store {source} was built "
+                    f"with (fingerprints {given.fingerprint()[:12]} and {stored.fingerprint()[:12]})"
+                )
         return store.spec, stored, store
     return load_spec(source), resolve_projection(projection), None
 
 
-def inspect(source: str, *, projection: str | Path | None = None, corpus: list[str | Path] | None = None,
-            options: CorpusOptions | None = None, sweep: list[float] | None = None,
-            plot: str | Path | None = None, top: int = 0, verify: bool = False,
-            memory_budget: int | None = None, spill_dir: str | Path | None = None,
-            show_progress: bool = True, scheduler: str | None = None,
-            dask_workers: int | None = None, part_ids: int | None = None) -> InspectReport:
+def inspect(
+    source: str,
+    *,
+    projection: str | Path | None = None,
+    corpus: list[str | Path] | None = None,
+    options: CorpusOptions | None = None,
+    sweep: list[float] | None = None,
+    plot: str | Path | None = None,
+    top: int = 0,
+    verify: bool = False,
+    memory_budget: int | None = None,
+    spill_dir: str | Path | None = None,
+    show_progress: bool = True,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
+    part_ids: int | None = None,
+) -> InspectReport:
     """The whole `engram inspect` job: table health of a STORE, collision statistics on a corpus.
 
     With `scheduler` or `dask_workers` the corpus is counted on a Dask cluster (see
@@ -219,8 +274,10 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
     if verify and store is None:
         raise EngramError("--verify needs a table store, not a spec")
     if store is None and not corpus:
-        raise EngramError("nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
-                          "statistics (or pass a table store)")
+        raise EngramError(
+            "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
+            "statistics (or pass a table store)"
+        )
     if (sweep or plot or top) and not corpus:
         raise EngramError("--sweep, --plot and --top describe collisions: give --corpus PATH")
     if plot is not None:
@@ -233,8 +290,7 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
         if store is not None:
             rows = sum(store.layout(layer).rows for layer in store.layer_ids)
             task = bar.add_task("table health", total=rows) if bar is not None else None
-            report.tables = table_health(
-                store, verify, (lambda n: bar.advance(task, n)) if bar is not None else None)
+            report.tables = table_health(store, verify, (lambda n: bar.advance(task, n)) if bar is not None else None)
         if corpus:
             started = time.perf_counter()
             reader = Corpus(list(corpus), proj, options, context=spec.max_ngram_size - 1)
@@ -253,9 +309,18 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
 
             with dask_client(scheduler, dask_workers) as client:
                 layers, points, spilled = collision_statistics(
-                    spec, proj, reader, factors=sweep, top=top, memory_budget=memory_budget,
-                    spill_dir=spill_dir, on_batch=advance, on_statistic=step, client=client,
-                    part_ids=part_ids)
+                    spec,
+                    proj,
+                    reader,
+                    factors=sweep,
+                    top=top,
+                    memory_budget=memory_budget,
+                    spill_dir=spill_dir,
+                    on_batch=advance,
+                    on_statistic=step,
+                    client=client,
+                    part_ids=part_ids,
+                )
             report.corpus, report.layers, report.sweep = reader.summary, layers, points
             report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
     if plot is not None:
@@ -264,4 +329,3 @@ def inspect(source: str, *, projection: str | Path | None = None, corpus: list[s
         draw_collisions(report, plot)
         report.plot = str(plot)
     return report
-

@@ -38,4 +38,3 @@ def bucket(mix, fmix, size, inverse):
     r += size & (r >> 63)
     r -= size & ~((r - size) >> 63)
     return r
-

@@ -37,4 +37,3 @@ def next_unused_prime(start: int, taken: Iterable[int] | set[int]) -> int:
     while not (is_prime(candidate) and candidate not in taken):
         candidate += 1
     return candidate
-

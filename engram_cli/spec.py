@@ -31,8 +31,13 @@ MAX_HEAD_SIZE = 1 << 48  # rows of one head: far past any table; offsets and flo
 
 
 _ENGRAM_KEYS = {
-    "layer_ids", "max_ngram_size", "n_head_per_ngram", "engram_vocab_size",
-    "n_embed_per_ngram", "pad_id", "seed",
+    "layer_ids",
+    "max_ngram_size",
+    "n_head_per_ngram",
+    "engram_vocab_size",
+    "n_embed_per_ngram",
+    "pad_id",
+    "seed",
 }
 
 
@@ -123,7 +128,7 @@ class TableSpec:
         scaled = [v * factor for v in self.engram_vocab_size]
         if not all(0 < v <= MAX_HEAD_SIZE for v in scaled):
             raise EngramError(f"scaling head sizes by {factor:g} leaves 1..2**48 rows per head")
-        sizes = tuple(max(2, int(round(v))) for v in scaled)
+        sizes = tuple(max(2, round(v)) for v in scaled)
         return dataclasses.replace(self, engram_vocab_size=sizes, name=f"{self.name}x{factor:g}")
 
     def replace(self, **changes: Any) -> TableSpec:
@@ -149,18 +154,16 @@ class TableSpec:
         try:
             return self.layer_ids.index(int(layer_id))
         except ValueError:
-            raise EngramError(
-                f"layer {layer_id} is not in the spec (layer_ids = {list(self.layer_ids)})"
-            ) from None
+            raise EngramError(f"layer {layer_id} is not in the spec (layer_ids = {list(self.layer_ids)})") from None
 
     def _all_head_sizes(self) -> tuple[tuple[int, ...], ...]:
-        return _walk_primes(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram,
-                            self.engram_vocab_size)
+        return _walk_primes(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram, self.engram_vocab_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _walk_primes(layer_ids: tuple[int, ...], max_ngram_size: int, n_head: int,
-                 vocab_sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+def _walk_primes(
+    layer_ids: tuple[int, ...], max_ngram_size: int, n_head: int, vocab_sizes: tuple[int, ...]
+) -> tuple[tuple[int, ...], ...]:
     """The reference's prime walk: layers, then orders, then heads, never reusing a prime."""
     taken: set[int] = set()
     per_layer = []
@@ -196,15 +199,19 @@ def _validate(spec: TableSpec) -> None:
         _fail("layer_ids", f"has duplicate layer ids: {list(spec.layer_ids)}")
     orders = spec.max_ngram_size - 1
     if len(spec.engram_vocab_size) != orders:
-        _fail("engram_vocab_size", f"needs one size per order 2..{spec.max_ngram_size} "
-              f"({orders} values), got {len(spec.engram_vocab_size)}")
+        _fail(
+            "engram_vocab_size",
+            f"needs one size per order 2..{spec.max_ngram_size} ({orders} values), got {len(spec.engram_vocab_size)}",
+        )
     if not all(_is_int(v) and 0 < v <= MAX_HEAD_SIZE for v in spec.engram_vocab_size):
         _fail("engram_vocab_size", f"sizes must be integers from 1 to 2**48, got {list(spec.engram_vocab_size)!r}")
     if not _is_int(spec.n_embed_per_ngram) or spec.n_embed_per_ngram < 1:
         _fail("n_embed_per_ngram", f"must be a positive integer, got {spec.n_embed_per_ngram!r}")
     if spec.n_embed_per_ngram % spec.n_head_per_ngram:
-        _fail("n_embed_per_ngram", f"{spec.n_embed_per_ngram} is not divisible by "
-              f"n_head_per_ngram = {spec.n_head_per_ngram}")
+        _fail(
+            "n_embed_per_ngram",
+            f"{spec.n_embed_per_ngram} is not divisible by n_head_per_ngram = {spec.n_head_per_ngram}",
+        )
     if not _is_int(spec.pad_id) or spec.pad_id < 0:
         _fail("pad_id", f"must be a non-negative token id, got {spec.pad_id!r}")
     if not _is_int(spec.seed) or spec.seed < 0:
@@ -213,8 +220,10 @@ def _validate(spec: TableSpec) -> None:
         _fail("table.dtype", f"unknown dtype {spec.dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     init = spec.init
     if init.distribution not in DISTRIBUTIONS:
-        _fail("table.init.distribution", f"unknown distribution {init.distribution!r}; "
-              f"allowed: {', '.join(DISTRIBUTIONS)}")
+        _fail(
+            "table.init.distribution",
+            f"unknown distribution {init.distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}",
+        )
     if not (isinstance(init.std, int | float) and init.std > 0):
         _fail("table.init.std", f"must be a positive number, got {init.std!r}")
     if not (isinstance(init.bound, int | float) and init.bound > 0):
@@ -223,15 +232,17 @@ def _validate(spec: TableSpec) -> None:
 
 def _init_from_dict(raw: Any) -> InitSpec:
     if not isinstance(raw, dict):
-        _fail("table.init", "must be a table such as { distribution = \"normal\", std = 1.0 }")
+        _fail("table.init", 'must be a table such as { distribution = "normal", std = 1.0 }')
     allowed = {"normal": {"std"}, "uniform": {"bound"}, "zeros": set()}
     dist = raw.get("distribution", "normal")
     if dist not in allowed:
         _fail("table.init.distribution", f"unknown distribution {dist!r}; allowed: {', '.join(allowed)}")
     extra = set(raw) - {"distribution"} - allowed[dist]
     if extra:
-        _fail(f"table.init.{sorted(extra)[0]}", f"not a parameter of {dist}; "
-              f"allowed: {', '.join(sorted(allowed[dist])) or 'none'}")
+        _fail(
+            f"table.init.{sorted(extra)[0]}",
+            f"not a parameter of {dist}; allowed: {', '.join(sorted(allowed[dist])) or 'none'}",
+        )
     return InitSpec(distribution=dist, std=raw.get("std", 1.0), bound=raw.get("bound", 1.0))
 
 
@@ -293,8 +304,9 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
         if path.suffix != ".toml" and str(path_or_preset) in preset_names():
             preset = _presets() / f"{path_or_preset}.toml"
             return spec_from_dict(tomllib.loads(preset.read_text(encoding="utf-8")), name=str(path_or_preset))
-        raise EngramError(f"no spec file or preset named {str(path_or_preset)!r} "
-                          f"(presets: {', '.join(preset_names())})")
+        raise EngramError(
+            f"no spec file or preset named {str(path_or_preset)!r} (presets: {', '.join(preset_names())})"
+        )
     if path.is_dir():
         raise EngramError(f"{path} is a directory, not a TOML spec")
     try:
@@ -304,4 +316,3 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
     except tomllib.TOMLDecodeError as exc:
         raise EngramError(f"spec {path} is not valid TOML: {exc}") from None
     return spec_from_dict(raw, name=path.stem)
-

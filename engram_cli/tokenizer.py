@@ -71,15 +71,18 @@ def _read_hub(repo_id: str) -> bytes:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise EngramError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed "
-                          "to fetch it from the Hub") from None
+        raise EngramError(
+            f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it from the Hub"
+        ) from None
     offline = bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
     try:
         return Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=offline)).read_bytes()
     except Exception as exc:  # the hub client raises many kinds of network errors
         if offline:
-            raise EngramError(f"cannot fetch Hub repo {repo_id!r}: offline, and its tokenizer.json "
-                              "is not in the local Hugging Face cache") from None
+            raise EngramError(
+                f"cannot fetch Hub repo {repo_id!r}: offline, and its tokenizer.json "
+                "is not in the local Hugging Face cache"
+            ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngramError(f"cannot fetch tokenizer.json of Hub repo {repo_id!r}: {reason}") from None
 
@@ -139,4 +142,3 @@ def zip_bytes(json_bytes: bytes) -> bytes:
 def unzip_bytes(data: bytes) -> bytes:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return archive.read("tokenizer.json")
-

@@ -46,16 +46,18 @@ _REPLACEMENT = "\ufffd"
 
 def build_normalizer() -> normalizers.Normalizer:
     """The reference key normalizer; the sentinel keeps a lone space from being stripped."""
-    return normalizers.Sequence([
-        normalizers.NFKC(),
-        normalizers.NFD(),
-        normalizers.StripAccents(),
-        normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
-        normalizers.Replace(Regex(r"^ $"), _SENTINEL),
-        normalizers.Strip(),
-        normalizers.Replace(_SENTINEL, " "),
-    ])
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
 
 
 _ASCII_SPACE_RUN = re.compile(r"[ \t\r\n]+")
@@ -127,8 +129,7 @@ class VocabProjection:
 
     def tokenizer(self) -> Tokenizer:
         if self.tokenizer_json is None:
-            raise EngramError("this projection carries no tokenizer; pass one that was made by "
-                              "`engram compress-vocab`")
+            raise EngramError("this projection carries no tokenizer; pass one that was made by `engram compress-vocab`")
         return _cached_tokenizer(self.tokenizer_json)
 
     def check_ids(self, ids: np.ndarray) -> None:
@@ -137,8 +138,10 @@ class VocabProjection:
             raise EngramError(f"token ids must be integers, got dtype {ids.dtype}")
         if ids.size and ids.max() >= self.vocab_size:
             position = tuple(int(i) for i in np.argwhere(ids >= self.vocab_size)[0])
-            raise EngramError(f"token id {int(ids[position])} at position {list(position)} is not "
-                              f"below the vocab size {self.vocab_size}")
+            raise EngramError(
+                f"token id {int(ids[position])} at position {list(position)} is not "
+                f"below the vocab size {self.vocab_size}"
+            )
 
     def compress(self, ids: Any) -> Any:
         """Map ids of any shape (numpy or torch); negative ids pass through unchanged."""
@@ -164,8 +167,13 @@ class VocabProjection:
         tensors = {"lookup": self.lookup}
         if self.tokenizer_json is not None:
             tensors["tokenizer_zip"] = np.frombuffer(zip_bytes(self.tokenizer_json), dtype=np.uint8)
-        meta = {**self.metadata, "format": FORMAT, "format_version": FORMAT_VERSION,
-                "vocab_size": str(self.vocab_size), "compressed_size": str(self.compressed_size)}
+        meta = {
+            **self.metadata,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vocab_size": str(self.vocab_size),
+            "compressed_size": str(self.compressed_size),
+        }
         atomic_write(Path(path), save(tensors, metadata=meta))
 
 
@@ -185,8 +193,7 @@ def compress_vocab(tokenizer: Tokenizer | TokenizerSource | str | Path | None = 
     if not keys:
         raise EngramError(f"{tokenizer.source} has an empty vocabulary")
     canonical: dict[str, int] = {}
-    lookup = np.fromiter((canonical.setdefault(k, len(canonical)) for k in keys),
-                         dtype=np.int64, count=len(keys))
+    lookup = np.fromiter((canonical.setdefault(k, len(canonical)) for k in keys), dtype=np.int64, count=len(keys))
     metadata = {
         "tokenizer_source": tokenizer.source,
         "tokenizer_sha256": tokenizer.sha256,
@@ -205,10 +212,11 @@ def load_projection(path: str | Path) -> VocabProjection:
     try:
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
     except (SafetensorError, ValueError, json.JSONDecodeError):
-        raise EngramError(f"{path} is not a projection file (expected safetensors from "
-                          "`engram compress-vocab`)") from None
+        raise EngramError(
+            f"{path} is not a projection file (expected safetensors from `engram compress-vocab`)"
+        ) from None
     if metadata.get("format") != FORMAT or "lookup" not in tensors:
         raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
     zipped = tensors.get("tokenizer_zip")
@@ -217,8 +225,9 @@ def load_projection(path: str | Path) -> VocabProjection:
     return VocabProjection(tensors["lookup"], own, tokenizer_json)
 
 
-def restore_projection(lookup: np.ndarray, tokenizer_zip: bytes | None, recorded: dict[str, str],
-                       where: str) -> VocabProjection:
+def restore_projection(
+    lookup: np.ndarray, tokenizer_zip: bytes | None, recorded: dict[str, str], where: str
+) -> VocabProjection:
     """The projection an export carries, refused if its lookup no longer matches the
     fingerprint recorded beside it (a damaged or edited file would hash to other rows)."""
     metadata = {k: v for k, v in recorded.items() if k != "fingerprint"}
@@ -230,7 +239,8 @@ def restore_projection(lookup: np.ndarray, tokenizer_zip: bytes | None, recorded
 
 def _cache_dir() -> Path:
     root = os.environ.get("ENGRAM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "engram")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "engram"
+    )
     return Path(root)
 
 
@@ -255,4 +265,3 @@ def default_projection() -> VocabProjection:
 
 def resolve_projection(path: str | Path | None) -> VocabProjection:
     return default_projection() if path is None else load_projection(path)
-

@@ -34,8 +34,7 @@ def byte_level_token(text: str | bytes) -> str:
     return "".join(table[b] for b in data)
 
 
-def make_byte_level_tokenizer(pieces: list[str | bytes], special: list[str] = (),
-                              added: list[str] = ()) -> Tokenizer:
+def make_byte_level_tokenizer(pieces: list[str | bytes], special: list[str] = (), added: list[str] = ()) -> Tokenizer:
     """A real byte-level BPE tokenizer whose vocab is exactly `pieces` (in id order)."""
     vocab = {byte_level_token(p): i for i, p in enumerate(pieces)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -63,12 +62,14 @@ def shipped_tokenizer(name: str) -> Path:
     return embedded_tokenizer_path(name)
 
 
-def run_engram(*args: str, check: bool = False, cwd: Path | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_engram(
+    *args: str, check: bool = False, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "engram_cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engram_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"engram {' '.join(args)} failed:\n{proc.stderr}")
     return proc

@@ -27,8 +27,12 @@ def main(rank: int, world: int, init: str, jobs_json: str, out: str) -> None:
     result = {}
     for job in json.loads(jobs_json):
         entries = FileSystemReader(job["ckpt"]).read_metadata().state_dict_metadata
-        state = {key: dtensor_empty(*entries[key].size, dtype=entries[key].properties.dtype,
-                                    device_mesh=mesh, placements=[Shard(0)]) for key in job["keys"]}
+        state = {
+            key: dtensor_empty(
+                *entries[key].size, dtype=entries[key].properties.dtype, device_mesh=mesh, placements=[Shard(0)]
+            )
+            for key in job["keys"]
+        }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=job["ckpt"])
@@ -44,7 +48,7 @@ def main(rank: int, world: int, init: str, jobs_json: str, out: str) -> None:
             row_bytes = expected.shape[1]
             result[f"{job['ckpt']}:{key}"] = {
                 "sizes": per_rank,
-                "local_equal": local.tobytes() == expected[offset:offset + per_rank[rank]].tobytes()
+                "local_equal": local.tobytes() == expected[offset : offset + per_rank[rank]].tobytes()
                 and local.shape[1] == row_bytes,
                 "full_equal": full.tobytes() == expected.tobytes(),
             }

@@ -26,8 +26,17 @@ from engram_cli.vocab import VocabProjection, compress_vocab
 
 
 def tiny_spec(dtype: str = "bfloat16") -> TableSpec:
-    return TableSpec(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(300, 410),
-                     n_embed_per_ngram=128, pad_id=2, seed=7, dtype=dtype, name="tiny")
+    return TableSpec(
+        layer_ids=(1, 3),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(300, 410),
+        n_embed_per_ngram=128,
+        pad_id=2,
+        seed=7,
+        dtype=dtype,
+        name="tiny",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +106,10 @@ def test_round_trip_is_bit_exact(stores, tmp_path, dtype):
     assert (restored.ranks, restored.shard_by) == (original.ranks, original.shard_by)
     for layer_id in original.layer_ids:
         assert same_bits(table(stores[dtype], layer_id), table(back, layer_id))
-        assert restored.attrs["layers"][str(layer_id)]["multipliers"] == \
-            original.attrs["layers"][str(layer_id)]["multipliers"]
+        assert (
+            restored.attrs["layers"][str(layer_id)]["multipliers"]
+            == original.attrs["layers"][str(layer_id)]["multipliers"]
+        )
 
 
 def test_plain_load_and_hasher_from_the_checkpoint_alone(stores, tmp_path):
@@ -126,8 +137,7 @@ def test_plain_load_and_hasher_from_the_checkpoint_alone(stores, tmp_path):
         assert np.array_equal(got[layer_id], want[layer_id])
         assert loaded[f"engram.layers.{layer_id}.head_sizes"].tolist() == spec.head_sizes(layer_id)
         assert loaded[f"engram.layers.{layer_id}.offsets"].tolist() == spec.offsets(layer_id)
-        assert np.array_equal(loaded[f"engram.layers.{layer_id}.multipliers"].numpy(),
-                              reference.multipliers(layer_id))
+        assert np.array_equal(loaded[f"engram.layers.{layer_id}.multipliers"].numpy(), reference.multipliers(layer_id))
 
 
 def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
@@ -152,7 +162,7 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
         module = Engram(sum(store.head_sizes(layer_id)), store.spec.dim)
         prefix = f"model.layers.{layer_id}.engram."
         loaded = load_plain(ckpt, [DEFAULT_KEY_TEMPLATE.format(layer_id=layer_id)])
-        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()})
+        module.load_state_dict({k[len(prefix) :]: v for k, v in loaded.items()})
         with torch.no_grad():
             out = module.multi_head_embedding.embedding(torch.from_numpy(rows[layer_id]))
         assert out.shape == (2, 11, store.spec.heads_per_layer, store.spec.dim)
@@ -206,19 +216,37 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
     with pytest.raises(EngramError, match="--spec and --projection"):
         import_checkpoint(tmp_path / "trained", tmp_path / "x", trust_pickle=True, show_progress=False)
     with pytest.raises(EngramError, match="no tensor named like"):
-        import_checkpoint(tmp_path / "trained", tmp_path / "x", trust_pickle=True, spec=spec,
-                          projection=projection, show_progress=False)
-    report = import_checkpoint(tmp_path / "trained", tmp_path / "back", trust_pickle=True, spec=spec,
-                               projection=projection, key_template="blocks.{layer_id}.memory.weight",
-                               show_progress=False)
+        import_checkpoint(
+            tmp_path / "trained",
+            tmp_path / "x",
+            trust_pickle=True,
+            spec=spec,
+            projection=projection,
+            show_progress=False,
+        )
+    report = import_checkpoint(
+        tmp_path / "trained",
+        tmp_path / "back",
+        trust_pickle=True,
+        spec=spec,
+        projection=projection,
+        key_template="blocks.{layer_id}.memory.weight",
+        show_progress=False,
+    )
     assert report.complete and report.dtype == "float32"
     for layer_id in spec.layer_ids:
         assert np.array_equal(table(tmp_path / "back", layer_id), table(stores["float32"], layer_id) * 2)
     bad = tiny_spec("float32").replace(engram_vocab_size=(300, 420))
     with pytest.raises(EngramError, match="needs"):
-        import_checkpoint(tmp_path / "trained", tmp_path / "y", trust_pickle=True, spec=bad,
-                          projection=projection, key_template="blocks.{layer_id}.memory.weight",
-                          show_progress=False)
+        import_checkpoint(
+            tmp_path / "trained",
+            tmp_path / "y",
+            trust_pickle=True,
+            spec=bad,
+            projection=projection,
+            key_template="blocks.{layer_id}.memory.weight",
+            show_progress=False,
+        )
 
 
 def test_cli_and_bad_input(stores, tmp_path, projection):
@@ -247,11 +275,13 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
     assert (keep / "mine.txt").read_text() == "keep me"
     with pytest.raises(EngramError, match="not a checkpoint engram can import"):
         import_checkpoint(keep, tmp_path / "x", show_progress=False)
-    for options, message in [({"dtype": "float8_e4m3fn"}, "unknown dtype"),
-                             ({"key_template": "w.{layer_id}.{head}"}, "--per-head"),
-                             ({"key_template": "w.{layer_id}", "per_head": True}, "needs {head}"),
-                             ({"key_template": "w.weight"}, "needs {layer_id}"),
-                             ({"layout": "engram"}, "apply to --for inference")]:
+    for options, message in [
+        ({"dtype": "float8_e4m3fn"}, "unknown dtype"),
+        ({"key_template": "w.{layer_id}.{head}"}, "--per-head"),
+        ({"key_template": "w.{layer_id}", "per_head": True}, "needs {head}"),
+        ({"key_template": "w.weight"}, "needs {layer_id}"),
+        ({"layout": "engram"}, "apply to --for inference"),
+    ]:
         with pytest.raises(EngramError, match=message):
             export_store(stores["bfloat16"], tmp_path / "x", target="training", show_progress=False, **options)
     assert not (tmp_path / "x").exists()
@@ -285,6 +315,7 @@ def test_import_reads_each_piece_about_once():
 
 # ---- gloo ranks at other world sizes --------------------------------------------------------
 
+
 def run_ranks(tmp_path: Path, world: int, jobs: list[dict]) -> dict:
     """Spawn `world` real gloo processes that load every job's keys as Shard(0) DTensors."""
     init = f"file://{tmp_path}/rendezvous-{world}"
@@ -293,9 +324,23 @@ def run_ranks(tmp_path: Path, world: int, jobs: list[dict]) -> dict:
     for rank in range(world):
         out = tmp_path / f"rank{rank}-of-{world}.json"
         outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("dcp_rank_worker.py")), str(rank), str(world), init,
-             json.dumps(jobs), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("dcp_rank_worker.py")),
+                    str(rank),
+                    str(world),
+                    init,
+                    json.dumps(jobs),
+                    str(out),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
+        )
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log
@@ -310,10 +355,13 @@ def expected_bytes(tmp_path: Path, store_path: Path, layer_id: int, start: int, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,exports", [
-    (3, [{"shards": None, "per_head": False}, {"shards": 2, "per_head": True}]),
-    (2, [{"shards": 3, "per_head": False}]),
-])
+@pytest.mark.parametrize(
+    "world,exports",
+    [
+        (3, [{"shards": None, "per_head": False}, {"shards": 2, "per_head": True}]),
+        (2, [{"shards": 3, "per_head": False}]),
+    ],
+)
 def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
     store = open_tables(stores["bfloat16"])
     jobs = []
@@ -326,10 +374,12 @@ def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
             if options["per_head"]:
                 for head, (offset, size) in enumerate(zip(store.offsets(layer_id), store.head_sizes(layer_id))):
                     keys[DEFAULT_HEAD_TEMPLATE.format(layer_id=layer_id, head=head)] = expected_bytes(
-                        tmp_path, stores["bfloat16"], layer_id, offset, offset + size)
+                        tmp_path, stores["bfloat16"], layer_id, offset, offset + size
+                    )
             else:
                 keys[DEFAULT_KEY_TEMPLATE.format(layer_id=layer_id)] = expected_bytes(
-                    tmp_path, stores["bfloat16"], layer_id, 0, store.spec.rows(layer_id))
+                    tmp_path, stores["bfloat16"], layer_id, 0, store.spec.rows(layer_id)
+                )
         jobs.append({"ckpt": str(ckpt), "keys": keys})
     results = run_ranks(tmp_path, world, jobs)
     for job in jobs:
@@ -357,5 +407,4 @@ def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
 
 def test_unknown_store_url_scheme_is_one_line(tmp_path):
     with pytest.raises(EngramError, match="cannot create table store nosuch://x"):
-        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7),
-                     show_progress=False)
+        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7), show_progress=False)

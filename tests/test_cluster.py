@@ -30,8 +30,10 @@ def same_tree(a: Path, b: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         yield cluster, client
 
 
@@ -40,19 +42,37 @@ def projection():
     return VocabProjection(__import__("numpy").arange(1000) // 3)
 
 
-SMALL = TableSpec(layer_ids=(1, 4), max_ngram_size=3, n_head_per_ngram=2,
-                  engram_vocab_size=(3000, 2000), n_embed_per_ngram=32, pad_id=0, dtype="float32")
+SMALL = TableSpec(
+    layer_ids=(1, 4),
+    max_ngram_size=3,
+    n_head_per_ngram=2,
+    engram_vocab_size=(3000, 2000),
+    n_embed_per_ngram=32,
+    pad_id=0,
+    dtype="float32",
+)
 
 
 def test_cluster_build_is_byte_identical_to_local(tmp_path, cluster, projection):
-    local = build_tables(SMALL, tmp_path / "local.zarr", projection=projection, shards=3,
-                         show_progress=False)
-    remote = build_tables(SMALL, f"file://{tmp_path / 'dask.zarr'}", projection=projection, shards=3,
-                          scheduler=cluster[0].scheduler_address, show_progress=False)
+    local = build_tables(SMALL, tmp_path / "local.zarr", projection=projection, shards=3, show_progress=False)
+    remote = build_tables(
+        SMALL,
+        f"file://{tmp_path / 'dask.zarr'}",
+        projection=projection,
+        shards=3,
+        scheduler=cluster[0].scheduler_address,
+        show_progress=False,
+    )
     assert remote.complete and remote.shards_written == local.shards_written == 6
     assert same_tree(tmp_path / "local.zarr", tmp_path / "dask.zarr")
-    resumed = build_tables(SMALL, tmp_path / "dask.zarr", projection=projection, resume=True,
-                           scheduler=cluster[0].scheduler_address, show_progress=False)
+    resumed = build_tables(
+        SMALL,
+        tmp_path / "dask.zarr",
+        projection=projection,
+        resume=True,
+        scheduler=cluster[0].scheduler_address,
+        show_progress=False,
+    )
     assert resumed.shards_kept == 6 and resumed.shards_written == 0
 
 
@@ -63,13 +83,30 @@ def test_cli_local_cluster_option(tmp_path, projection):
     spec_file.write_text(
         "[engram]\nlayer_ids = [1, 4]\nmax_ngram_size = 3\nn_head_per_ngram = 2\n"
         "engram_vocab_size = [3000, 2000]\nn_embed_per_ngram = 32\npad_id = 0\n"
-        "[table]\ndtype = \"float32\"\n")
-    build_tables(spec_file, tmp_path / "local.zarr", projection=projection_file, shards=2,
-                 show_progress=False)
+        '[table]\ndtype = "float32"\n'
+    )
+    build_tables(spec_file, tmp_path / "local.zarr", projection=projection_file, shards=2, show_progress=False)
     proc = subprocess.run(
-        [sys.executable, "-m", "engram_cli", "build-tables", str(spec_file), "--projection",
-         str(projection_file), "-o", str(tmp_path / "dask.zarr"), "--shards", "2",
-         "--dask-workers", "2", "--json"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "engram_cli",
+            "build-tables",
+            str(spec_file),
+            "--projection",
+            str(projection_file),
+            "-o",
+            str(tmp_path / "dask.zarr"),
+            "--shards",
+            "2",
+            "--dask-workers",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert same_tree(tmp_path / "local.zarr", tmp_path / "dask.zarr")
 
@@ -77,23 +114,45 @@ def test_cli_local_cluster_option(tmp_path, projection):
 def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
     """SIGKILL one worker process while its shards are being written: Dask reschedules its
     tasks (or a rerun with --resume finishes), and the bytes equal the local build's."""
-    spec = TableSpec(layer_ids=(1, 2), max_ngram_size=2, n_head_per_ngram=4,
-                     engram_vocab_size=(400_000,), n_embed_per_ngram=64, pad_id=0, dtype="float32")
+    spec = TableSpec(
+        layer_ids=(1, 2),
+        max_ngram_size=2,
+        n_head_per_ngram=4,
+        engram_vocab_size=(400_000,),
+        n_embed_per_ngram=64,
+        pad_id=0,
+        dtype="float32",
+    )
     build_tables(spec, tmp_path / "local.zarr", projection=projection, shards=8, show_progress=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         pids = list(client.run(os.getpid).values())
         target = tmp_path / "dask.zarr"
-        script = ("import sys; from engram_cli.store import build_tables; from engram_cli.spec import "
-                  "spec_from_dict; from engram_cli.vocab import load_projection; import json;"
-                  "build_tables(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], "
-                  "projection=load_projection(sys.argv[3]), shards=8, scheduler=sys.argv[4], "
-                  "show_progress=False)")
+        script = (
+            "import sys; from engram_cli.store import build_tables; from engram_cli.spec import "
+            "spec_from_dict; from engram_cli.vocab import load_projection; import json;"
+            "build_tables(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], "
+            "projection=load_projection(sys.argv[3]), shards=8, scheduler=sys.argv[4], "
+            "show_progress=False)"
+        )
         projection.save(tmp_path / "p.safetensors")
         import json
-        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(spec.to_dict()), str(target),
-                                 str(tmp_path / "p.safetensors"), cluster.scheduler_address],
-                                stderr=subprocess.PIPE, text=True)
+
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                json.dumps(spec.to_dict()),
+                str(target),
+                str(tmp_path / "p.safetensors"),
+                cluster.scheduler_address,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 120
         while not list(target.glob("layer_*/c/*/0")) and time.time() < deadline:
             time.sleep(0.005)
@@ -102,8 +161,14 @@ def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
         _, err = proc.communicate(timeout=300)
         if proc.returncode != 0:
             assert "engram" in err or "Dask" in err
-            build_tables(spec, target, projection=projection, resume=True,
-                         scheduler=cluster.scheduler_address, show_progress=False)
+            build_tables(
+                spec,
+                target,
+                projection=projection,
+                resume=True,
+                scheduler=cluster.scheduler_address,
+                show_progress=False,
+            )
     assert not complete_at_kill
     assert open_tables(target).is_complete
     assert same_tree(tmp_path / "local.zarr", target)
@@ -136,11 +201,18 @@ def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, 
 
     spec = SMALL.replace(n_embed_per_ngram=64)
     build_tables(spec, tmp_path / "t.zarr", projection=projection, shards=2, show_progress=False)
-    local = export_inference(tmp_path / "t.zarr", tmp_path / "local", layout=layout, dtype=dtype,
-                             max_shard_size="100KB", show_progress=False)
-    remote = export_inference(tmp_path / "t.zarr", tmp_path / "dask", layout=layout, dtype=dtype,
-                              max_shard_size="100KB", scheduler=cluster[0].scheduler_address,
-                              show_progress=False)
+    local = export_inference(
+        tmp_path / "t.zarr", tmp_path / "local", layout=layout, dtype=dtype, max_shard_size="100KB", show_progress=False
+    )
+    remote = export_inference(
+        tmp_path / "t.zarr",
+        tmp_path / "dask",
+        layout=layout,
+        dtype=dtype,
+        max_shard_size="100KB",
+        scheduler=cluster[0].scheduler_address,
+        show_progress=False,
+    )
     assert len(local.files) > 1 and local.files == remote.files
     assert same_tree(tmp_path / "local", tmp_path / "dask")
     assert remote.to_json()["quantization"] == local.to_json()["quantization"]
@@ -156,8 +228,9 @@ def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
     from engram_cli.inspection import inspect
 
     src = Path(__import__("json").__file__).parent
-    kwargs = dict(corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3],
-                  top=2, show_progress=False)
+    kwargs = dict(
+        corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3], top=2, show_progress=False
+    )
     local = inspect("demo", **kwargs)
     remote = inspect("demo", scheduler=cluster[0].scheduler_address, **kwargs)
     assert local.corpus.files > 5 and _numbers(local) == _numbers(remote)
@@ -176,12 +249,18 @@ def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
     stream.tofile(tmp_path / "ids.bin")
     __import__("numpy").save(tmp_path / "rows.npy", rng.integers(0, 40, size=(50, 333)).astype("int32"))
     spec = tmp_path / "s.toml"
-    spec.write_text("[engram]\nlayer_ids = [1]\nmax_ngram_size = 4\nn_head_per_ngram = 2\n"
-                    "engram_vocab_size = [97, 89, 83]\nn_embed_per_ngram = 8\npad_id = 0\n")
+    spec.write_text(
+        "[engram]\nlayer_ids = [1]\nmax_ngram_size = 4\nn_head_per_ngram = 2\n"
+        "engram_vocab_size = [97, 89, 83]\nn_embed_per_ngram = 8\npad_id = 0\n"
+    )
     projection = tmp_path / "p.safetensors"
     VocabProjection(__import__("numpy").arange(64) % 23).save(projection)
-    kwargs = dict(projection=projection, corpus=[tmp_path / "ids.bin", tmp_path / "rows.npy"],
-                  options=CorpusOptions(doc_sep=doc_sep), show_progress=False)
+    kwargs = dict(
+        projection=projection,
+        corpus=[tmp_path / "ids.bin", tmp_path / "rows.npy"],
+        options=CorpusOptions(doc_sep=doc_sep),
+        show_progress=False,
+    )
     local = inspect(str(spec), **kwargs)
     remote = inspect(str(spec), scheduler=cluster[0].scheduler_address, part_ids=997, **kwargs)
     assert _numbers(local) == _numbers(remote)
@@ -193,6 +272,10 @@ def test_cluster_refuses_max_tokens(cluster):
     from engram_cli.inspection import inspect
 
     with pytest.raises(EngramError, match="--max-tokens"):
-        inspect("demo", corpus=[Path(__import__("json").__file__).parent],
-                options=CorpusOptions(max_tokens=100), scheduler=cluster[0].scheduler_address,
-                show_progress=False)
+        inspect(
+            "demo",
+            corpus=[Path(__import__("json").__file__).parent],
+            options=CorpusOptions(max_tokens=100),
+            scheduler=cluster[0].scheduler_address,
+            show_progress=False,
+        )

@@ -44,16 +44,18 @@ def documents(corpus: Corpus) -> list[list[int]]:
         starts = batch.starts.tolist()
         if not starts or starts[0] != 0:
             assert docs, "a batch continues a document nobody started"
-            expected = docs[-1][max(0, len(docs[-1]) - corpus.context):]
+            expected = docs[-1][max(0, len(docs[-1]) - corpus.context) :]
             assert batch.context.tolist() == expected
-            docs[-1] += ids[:starts[0] if starts else len(ids)]
+            docs[-1] += ids[: starts[0] if starts else len(ids)]
         for a, b in zip(starts, starts[1:] + [len(ids)]):
             docs.append(ids[a:b])
     return docs
 
 
 def layer_numbers(layers) -> dict:
-    return InspectReport(source="", spec=SPEC, projection=VocabProjection(np.arange(2)), layers=layers).to_json()["layers"]
+    return InspectReport(source="", spec=SPEC, projection=VocabProjection(np.arange(2)), layers=layers).to_json()[
+        "layers"
+    ]
 
 
 def tokenize(projection: VocabProjection, texts: list[str]) -> list[list[int]]:
@@ -68,8 +70,9 @@ def test_every_input_kind_gives_the_same_documents_and_statistics(tmp_path, proj
     (folder / "nested").mkdir(parents=True)
     for i, text in enumerate(TEXTS):
         (folder / ("nested" if i % 2 else ".") / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t, "id": i}) + "\n"
-                                                 for i, t in enumerate(TEXTS)), encoding="utf-8")
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)), encoding="utf-8"
+    )
     (tmp_path / "lines.txt").write_text("\r\n".join(t.replace("\n", " ") for t in TEXTS) + "\n\n", encoding="utf-8")
     stream = [v for doc in ids for v in [sep] + doc] + [sep, sep]
     np.save(tmp_path / "stream.npy", np.array(stream, np.int64))
@@ -104,14 +107,16 @@ def test_every_input_kind_gives_the_same_documents_and_statistics(tmp_path, proj
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.lists(st.integers(2, 60), max_size=12), min_size=1, max_size=10),
-       st.integers(1, 9), st.integers(1, 3))
+@given(
+    st.lists(st.lists(st.integers(2, 60), max_size=12), min_size=1, max_size=10), st.integers(1, 9), st.integers(1, 3)
+)
 def test_streams_split_at_separators_in_any_chunking(tmp_path_factory, docs, chunk, context):
     path = tmp_path_factory.mktemp("s") / "s.bin"
     sep = 1
     np.array([v for doc in docs for v in doc + [sep]], np.uint16).tofile(path)
-    corpus = Corpus([path], VocabProjection(np.arange(61)), CorpusOptions(doc_sep=sep), context=context,
-                    id_batch_tokens=chunk)
+    corpus = Corpus(
+        [path], VocabProjection(np.arange(61)), CorpusOptions(doc_sep=sep), context=context, id_batch_tokens=chunk
+    )
     assert documents(corpus) == [d for d in docs if d]
     plain = Corpus([path], VocabProjection(np.arange(61)), context=context, id_batch_tokens=chunk)
     assert documents(plain) == [[v for doc in docs for v in doc + [sep]]]
@@ -124,9 +129,14 @@ def test_rows_of_a_2d_npy_are_documents(tmp_path):
     assert documents(corpus) == rows.tolist()
     np.array([v for row in rows.tolist() for v in row + [49]], np.uint16).tofile(tmp_path / "rows.bin")
     spec = SPEC.replace(pad_id=3)
-    stats = [collision_statistics(spec, VocabProjection(np.arange(50)), Corpus(
-        [tmp_path / name], VocabProjection(np.arange(50)), CorpusOptions(doc_sep=sep), context=2))[0]
-        for name, sep in (("rows.npy", None), ("rows.bin", 49))]
+    stats = [
+        collision_statistics(
+            spec,
+            VocabProjection(np.arange(50)),
+            Corpus([tmp_path / name], VocabProjection(np.arange(50)), CorpusOptions(doc_sep=sep), context=2),
+        )[0]
+        for name, sep in (("rows.npy", None), ("rows.bin", 49))
+    ]
     assert layer_numbers(stats[0]) == layer_numbers(stats[1])
 
 
@@ -154,7 +164,7 @@ def test_invalid_utf8_binary_files_hidden_files_and_glob(tmp_path, projection):
     (folder / ".git").mkdir(parents=True)
     (folder / ".git" / "config.txt").write_text("hidden, not read")
     (folder / "a.py").write_bytes(b"print('caf\xe9')\n# \xef\xbf\xbd is a real U+FFFD\n")
-    (folder / "b.py").write_bytes("fine = 'ok'\n".encode())
+    (folder / "b.py").write_bytes(b"fine = 'ok'\n")
     (folder / "blob.pyc").write_bytes(b"\x00\x01binary")
     (folder / "notes.md").write_text("# notes\n")
     corpus = Corpus([folder], projection, context=2)
@@ -162,7 +172,8 @@ def test_invalid_utf8_binary_files_hidden_files_and_glob(tmp_path, projection):
     summary = corpus.summary
     assert (summary.files, summary.skipped_binary, summary.invalid_utf8, summary.invalid_utf8_files) == (3, 1, 1, 1)
     assert len(docs) == 3 and summary.text_bytes == sum(
-        (folder / n).stat().st_size for n in ("a.py", "b.py", "notes.md"))
+        (folder / n).stat().st_size for n in ("a.py", "b.py", "notes.md")
+    )
     assert any("replaced 1 invalid UTF-8 sequences in 1 file" in w for w in summary.warnings())
     only_py = Corpus([folder], projection, CorpusOptions(glob="*.py"), context=2)
     assert len(documents(only_py)) == 2 and only_py.summary.skipped_binary == 0
@@ -173,8 +184,13 @@ def test_invalid_utf8_binary_files_hidden_files_and_glob(tmp_path, projection):
 
 def test_max_tokens_cuts_the_corpus(tmp_path):
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "a.bin")
-    corpus = Corpus([tmp_path / "a.bin"], VocabProjection(np.arange(100)), CorpusOptions(max_tokens=42),
-                    context=2, id_batch_tokens=10)
+    corpus = Corpus(
+        [tmp_path / "a.bin"],
+        VocabProjection(np.arange(100)),
+        CorpusOptions(max_tokens=42),
+        context=2,
+        id_batch_tokens=10,
+    )
     assert documents(corpus) == [list(range(42))]
     assert corpus.summary.truncated and corpus.summary.tokens == 42
     exact = Corpus([tmp_path / "a.bin"], VocabProjection(np.arange(100)), CorpusOptions(max_tokens=100), context=2)
@@ -196,7 +212,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, projection):
     np.save(tmp_path / "big.npy", np.array([1, 2, 3, 10, 4]))
     cases.append(([tmp_path / "big.npy"], small, CorpusOptions(), r"big.npy: token id 10 at position 3 is not below"))
     np.save(tmp_path / "neg.npy", np.array([[1, 2], [3, -4]], np.int16))
-    cases.append(([tmp_path / "neg.npy"], small, CorpusOptions(), r"neg.npy: token id -4 at position \[1, 1\] is negative"))
+    cases.append(
+        ([tmp_path / "neg.npy"], small, CorpusOptions(), r"neg.npy: token id -4 at position \[1, 1\] is negative")
+    )
     np.array([5, 0, 0, 12, 5], np.uint16).tofile(tmp_path / "sep.bin")
     cases.append(([tmp_path / "sep.bin"], small, CorpusOptions(doc_sep=0), r"sep.bin: token id 12 at position 3 "))
     np.save(tmp_path / "float.npy", np.array([1.0, 2.0]))
@@ -204,13 +222,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path, projection):
     np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2), np.int32))
     cases.append(([tmp_path / "cube.npy"], small, CorpusOptions(), r"shape \(T,\) or \(B, T\)"))
     (tmp_path / "odd.bin").write_bytes(b"\x00" * 7)
-    cases.append(([tmp_path / "odd.bin"], small, CorpusOptions(bin_dtype="uint32"), "7 bytes is not a whole number of uint32"))
+    cases.append(
+        ([tmp_path / "odd.bin"], small, CorpusOptions(bin_dtype="uint32"), "7 bytes is not a whole number of uint32")
+    )
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     cases.append(([tmp_path / "junk.npy"], small, CorpusOptions(), "not a readable .npy file"))
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     cases.append(([tmp_path / "bad.jsonl"], projection, CorpusOptions(), r"bad.jsonl:2: not valid JSON"))
     (tmp_path / "field.jsonl").write_text('{"text": "a"}\n\n{"content": "b", "id": 1}\n')
-    cases.append(([tmp_path / "field.jsonl"], projection, CorpusOptions(), r"field.jsonl:3: no 'text' field \(has: content, id\)"))
+    cases.append(
+        (
+            [tmp_path / "field.jsonl"],
+            projection,
+            CorpusOptions(),
+            r"field.jsonl:3: no 'text' field \(has: content, id\)",
+        )
+    )
     (tmp_path / "null.jsonl").write_text('{"text": null}\n')
     cases.append(([tmp_path / "null.jsonl"], projection, CorpusOptions(), "field 'text' is NoneType, not a string"))
     (tmp_path / "t.txt").write_text("hello")

@@ -66,10 +66,10 @@ def brute_force(ids, spec: TableSpec, lookup: np.ndarray, with_offsets: bool = F
 
 
 HEAD_SIZES = st.one_of(
-    st.integers(1, 60),                                                # toy primes: the exact `%` path
+    st.integers(1, 60),  # toy primes: the exact `%` path
     st.integers(FLOAT_REDUCTION_MIN_PRIME - 40, FLOAT_REDUCTION_MIN_PRIME + 40),  # both sides of it
     st.integers(50_000, 700_000),
-    st.integers(2**31 - 300, 2**31 + 300),                             # near 2**31
+    st.integers(2**31 - 300, 2**31 + 300),  # near 2**31
     st.integers(2**45, 2**45 + 300),
 )
 
@@ -108,9 +108,13 @@ def token_ids(draw, vocab: int) -> np.ndarray:
     info = np.iinfo(dtype)
     valid = st.integers(0, min(vocab - 1, int(info.max)))
     elements = st.one_of(valid, st.integers(int(info.min), -1)) if info.min < 0 else valid
-    shape = draw(st.one_of(st.tuples(st.integers(0, 12)),
-                           st.tuples(st.integers(0, 3), st.integers(0, 12)),
-                           st.tuples(st.integers(1, 2), st.integers(500, 1100))))  # across blocks
+    shape = draw(
+        st.one_of(
+            st.tuples(st.integers(0, 12)),
+            st.tuples(st.integers(0, 3), st.integers(0, 12)),
+            st.tuples(st.integers(1, 2), st.integers(500, 1100)),
+        )
+    )  # across blocks
     return draw(arrays(dtype, shape, elements=elements))
 
 
@@ -138,21 +142,27 @@ def test_hash_and_rows_match_brute_force(case):
 
 
 @settings(max_examples=40, deadline=None)
-@given(size=HEAD_SIZES, seed=st.integers(0, 2**32),
-       extra=st.lists(st.integers(-2**63, 2**63 - 1), max_size=20))
+@given(size=HEAD_SIZES, seed=st.integers(0, 2**32), extra=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=20))
 def test_reduction_is_floor_mod_for_any_mix(size, seed, extra):
     """Drive the mix to any int64: a negative id passes the projection unchanged, and an odd
     multiplier is invertible mod 2**64. Multiples of the prime and their neighbours are where
     a quotient off by one or two would show."""
-    spec = TableSpec(layer_ids=(0,), max_ngram_size=2, n_head_per_ngram=2, engram_vocab_size=(size,),
-                     n_embed_per_ngram=2, pad_id=0, seed=seed % 1000)
+    spec = TableSpec(
+        layer_ids=(0,),
+        max_ngram_size=2,
+        n_head_per_ngram=2,
+        engram_vocab_size=(size,),
+        n_embed_per_ngram=2,
+        pad_id=0,
+        seed=seed % 1000,
+    )
     projection = VocabProjection(lookup=np.array([0, 5, 7]), metadata={})  # pad projects to 0
     hasher = NgramHasher(spec, projection)
     inverse = pow(int(hasher.multipliers(0)[0]), -1, 1 << 64)
     primes = spec.head_sizes(0)
     rng = np.random.default_rng(seed)
-    targets = [int(v) for v in rng.integers(-2**63, 2**63 - 1, size=3000, dtype=np.int64)]
-    mixes = {wrap64(v) for v in extra + [-2**63, 2**63 - 1, -1, 0, 1]}
+    targets = [int(v) for v in rng.integers(-(2**63), 2**63 - 1, size=3000, dtype=np.int64)]
+    mixes = {wrap64(v) for v in extra + [-(2**63), 2**63 - 1, -1, 0, 1]}
     mixes |= {wrap64(v // primes[0] * primes[0] + near) for v in targets for near in (-2, -1, 0, 1, 2)}
     tokens = {wrap64(mix * inverse): mix for mix in mixes}
     usable = {token: mix for token, mix in tokens.items() if token < 0}
@@ -192,17 +202,37 @@ def test_published_vector_by_hand():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.integers(1, 2**63 - 1), st.sampled_from(
-    [1, 2, 3, 98_627, 129_280, 2**31, 2**62, 2**62 + 1, INT64_MAX // 2, INT64_MAX // 2 + 1,
-     INT64_MAX // 3, INT64_MAX - 1, INT64_MAX])))
+@given(
+    st.one_of(
+        st.integers(1, 2**63 - 1),
+        st.sampled_from(
+            [
+                1,
+                2,
+                3,
+                98_627,
+                129_280,
+                2**31,
+                2**62,
+                2**62 + 1,
+                INT64_MAX // 2,
+                INT64_MAX // 2 + 1,
+                INT64_MAX // 3,
+                INT64_MAX - 1,
+                INT64_MAX,
+            ]
+        ),
+    )
+)
 def test_id_times_multiplier_never_overflows(compressed):
     """bound = max(1, (MAX // C) // 2) gives multipliers <= 2*bound - 1 <= MAX // C - 1 (or 1 when
     the bound is clamped), so (C - 1) * multiplier < C * (MAX // C) <= MAX for every C."""
     bound = max(1, (INT64_MAX // compressed) // 2)
     largest = 2 * (bound - 1) + 1
     assert (compressed - 1) * largest <= INT64_MAX
-    spec = TableSpec(layer_ids=(7,), max_ngram_size=5, n_head_per_ngram=1, engram_vocab_size=(3,) * 4,
-                     n_embed_per_ngram=1, pad_id=0)
+    spec = TableSpec(
+        layer_ids=(7,), max_ngram_size=5, n_head_per_ngram=1, engram_vocab_size=(3,) * 4, n_embed_per_ngram=1, pad_id=0
+    )
     drawn = spec.multipliers(7, compressed)
     assert all(int(v) % 2 == 1 and 0 < int(v) <= largest for v in drawn)
     assert all((compressed - 1) * int(v) <= INT64_MAX for v in drawn)
@@ -212,8 +242,14 @@ def test_largest_ids_hash_without_wrapping():
     """Every id at the top of the compressed vocab: the exact (unbounded) arithmetic agrees."""
     compressed = 7
     lookup = np.arange(20) % compressed
-    spec = TableSpec(layer_ids=(2, 4000), max_ngram_size=5, n_head_per_ngram=2,
-                     engram_vocab_size=(2**31,) * 4, n_embed_per_ngram=2, pad_id=6)
+    spec = TableSpec(
+        layer_ids=(2, 4000),
+        max_ngram_size=5,
+        n_head_per_ngram=2,
+        engram_vocab_size=(2**31,) * 4,
+        n_embed_per_ngram=2,
+        pad_id=6,
+    )
     hasher = NgramHasher(spec, VocabProjection(lookup=lookup, metadata={}))
     ids = np.full((2, 9), 6)
     for layer, got in hasher.hash(ids).items():
@@ -224,14 +260,20 @@ def test_largest_ids_hash_without_wrapping():
             mix = 0
             for p in products:
                 mix ^= p
-            for j, prime in enumerate(spec.head_sizes(layer)[(n - 2) * 2:(n - 1) * 2]):
+            for j, prime in enumerate(spec.head_sizes(layer)[(n - 2) * 2 : (n - 1) * 2]):
                 assert (got[:, :, (n - 2) * 2 + j] == mix % prime).all()
 
 
 @pytest.fixture(scope="module")
 def small():
-    spec = TableSpec(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=4,
-                     engram_vocab_size=(50_000, 50_000), n_embed_per_ngram=16, pad_id=2)
+    spec = TableSpec(
+        layer_ids=(1, 3),
+        max_ngram_size=3,
+        n_head_per_ngram=4,
+        engram_vocab_size=(50_000, 50_000),
+        n_embed_per_ngram=16,
+        pad_id=2,
+    )
     rng = np.random.default_rng(5)
     lookup = rng.integers(0, 700, size=1000)
     return spec, VocabProjection(lookup=lookup, metadata={})
@@ -308,8 +350,7 @@ def test_projected_pad_is_used(small):
     other = VocabProjection(lookup=lookup, metadata={})
     ids = np.array([[7, 8, 9]])
     assert NgramHasher(spec, other).pad == 123
-    np.testing.assert_array_equal(NgramHasher(spec, other).hash(ids)[1],
-                                  brute_force(ids, spec, lookup)[1])
+    np.testing.assert_array_equal(NgramHasher(spec, other).hash(ids)[1], brute_force(ids, spec, lookup)[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
@@ -409,6 +450,7 @@ def test_concurrent_threads_agree(small):
 
 def _hash_in_child(spec_dict: dict, lookup: np.ndarray, ids: np.ndarray) -> dict:
     from engram_cli.spec import spec_from_dict
+
     return NgramHasher(spec_from_dict(spec_dict), VocabProjection(lookup=lookup, metadata={})).hash(ids)
 
 
@@ -454,7 +496,7 @@ def test_cli_hash_text_json():
         for ngram in token["ngrams"]:
             n = ngram["n"]
             assert ngram["pads"] == max(0, n - 1 - t)
-            assert ngram["ids"][ngram["pads"]:] == ids[max(0, t - n + 1):t + 1].tolist()
+            assert ngram["ids"][ngram["pads"] :] == ids[max(0, t - n + 1) : t + 1].tolist()
             heads = slice((n - 2) * 4, (n - 1) * 4)
             for layer in spec.layer_ids:
                 assert ngram["buckets"][str(layer)] == expected[layer][t, heads].tolist()
@@ -466,13 +508,22 @@ def test_cli_hash_text_custom_projection_rows_and_layer(tmp_path):
     projection = compress_vocab(tokenizer)
     projection.save(tmp_path / "p.safetensors")
     spec = load_spec("demo")
-    proc = run_engram("hash", "abc ab xy", "--projection", str(tmp_path / "p.safetensors"),
-                      "--rows", "--layer", "3", "--json", check=True)
+    proc = run_engram(
+        "hash",
+        "abc ab xy",
+        "--projection",
+        str(tmp_path / "p.safetensors"),
+        "--rows",
+        "--layer",
+        "3",
+        "--json",
+        check=True,
+    )
     data = json.loads(proc.stdout)
     ids = np.array([t["id"] for t in data["tokens"]])
     assert data["values"] == "rows" and [layer["layer_id"] for layer in data["layers"]] == [3]
     expected = NgramHasher(spec, projection).rows(ids)[3]
-    got = [sum((g["rows"]["3"] for g in t["ngrams"]), []) for t in data["tokens"]]
+    got = [sum((g["rows"]["3"] for g in t["ngrams"]), []) for t in data["tokens"]]  # noqa: RUF017
     np.testing.assert_array_equal(np.array(got), expected)
     assert "abc" in proc.stderr and "layer 3" in proc.stderr
 
@@ -491,8 +542,9 @@ def test_cli_hash_ids_file(tmp_path):
     assert zipfile.is_zipfile(out)
     refused = run_engram("hash", "--ids", str(tmp_path / "ids.npy"), "-o", str(out))
     assert refused.returncode == 1 and "exists; pass --overwrite" in refused.stderr
-    assert run_engram("hash", "--ids", str(tmp_path / "ids.npy"), "-o", str(out), "--overwrite",
-                      "--rows").returncode == 0
+    assert (
+        run_engram("hash", "--ids", str(tmp_path / "ids.npy"), "-o", str(out), "--overwrite", "--rows").returncode == 0
+    )
     with np.load(out) as archive:
         np.testing.assert_array_equal(archive["layer_3"], NgramHasher(spec, projection).rows(ids)[3])
 

@@ -28,8 +28,17 @@ from conftest import engram_json, make_byte_level_tokenizer, run_engram
 
 
 def tiny_spec(dtype: str = "bfloat16", layer_ids: tuple[int, ...] = (1, 3)) -> TableSpec:
-    return TableSpec(layer_ids=layer_ids, max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(300, 410),
-                     n_embed_per_ngram=128, pad_id=2, seed=11, dtype=dtype, name="tiny")
+    return TableSpec(
+        layer_ids=layer_ids,
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(300, 410),
+        n_embed_per_ngram=128,
+        pad_id=2,
+        seed=11,
+        dtype=dtype,
+        name="tiny",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +77,20 @@ def read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             metadata = metadata or (handle.metadata() or {})
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118 (a safetensors handle, not a dict)
     return tensors, metadata
 
 
-@pytest.mark.parametrize("store_dtype,dtype", [
-    ("bfloat16", None), ("float32", None), ("float16", None), ("bfloat16", "float32"), ("float16", "float32"),
-])
+@pytest.mark.parametrize(
+    "store_dtype,dtype",
+    [
+        ("bfloat16", None),
+        ("float32", None),
+        ("float16", None),
+        ("bfloat16", "float32"),
+        ("float16", "float32"),
+    ],
+)
 def test_lossless_round_trips(stores, tmp_path, store_dtype, dtype):
     out, back = tmp_path / "tables.safetensors", tmp_path / "back"
     report = export_inference(stores[store_dtype], out, dtype=dtype, show_progress=False)
@@ -100,8 +116,16 @@ def test_lossy_conversion_is_announced(stores, tmp_path):
     tensors, _ = read_all(tmp_path / "t.safetensors")
     original = as_float32(table(stores["float32"], 3))
     assert torch.equal(tensors[DEFAULT_KEY_TEMPLATE.format(layer_id=3)], original.to(torch.bfloat16))
-    proc = run_engram("export", str(stores["float32"]), "--for", "inference", "--dtype", "float16",
-                      "-o", str(tmp_path / "h.safetensors"))
+    proc = run_engram(
+        "export",
+        str(stores["float32"]),
+        "--for",
+        "inference",
+        "--dtype",
+        "float16",
+        "-o",
+        str(tmp_path / "h.safetensors"),
+    )
     assert proc.returncode == 0 and "lossy conversion float32 -> float16" in proc.stderr
 
 
@@ -113,7 +137,7 @@ def check_fp8(weight: torch.Tensor, scale: torch.Tensor, original: torch.Tensor)
     blocks = original.reshape(rows, -1, BLOCK)
     amax = blocks.abs().amax(-1)
     s = scale.float()
-    assert bool((torch.log2(s) == torch.round(torch.log2(s))).all())     # powers of two
+    assert bool((torch.log2(s) == torch.round(torch.log2(s))).all())  # powers of two
     assert bool((amax <= 448 * s).all()) and bool(((amax == 0) | (amax > 224 * s)).all())  # smallest such
     back = weight.float().reshape(rows, -1, BLOCK) * s.unsqueeze(-1)
     relative = (back - blocks).abs() / amax.unsqueeze(-1)
@@ -124,15 +148,16 @@ def check_fp8(weight: torch.Tensor, scale: torch.Tensor, original: torch.Tensor)
 @pytest.mark.parametrize("layout", ["engram", "deepseek-v41"])
 def test_fp8_layouts(stores, tmp_path, layout, projection):
     out = tmp_path / "fp8"
-    report = export_inference(stores["bfloat16"], out, layout=layout, dtype="float8_e4m3fn",
-                              max_shard_size="100KB", show_progress=False)
+    report = export_inference(
+        stores["bfloat16"], out, layout=layout, dtype="float8_e4m3fn", max_shard_size="100KB", show_progress=False
+    )
     assert report.index and len(report.files) > 1
     index = json.loads((out / INDEX_NAME).read_text())
     tensors, metadata = read_all(out)
     assert set(index["weight_map"]) == set(tensors)
     for name, file in index["weight_map"].items():
         with safe_open(str(out / file), framework="pt") as handle:
-            assert name in handle.keys()
+            assert name in handle.keys()  # noqa: SIM118
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     relative = []
     for layer_id in (1, 3):
@@ -140,7 +165,7 @@ def test_fp8_layouts(stores, tmp_path, layout, projection):
             weight_key, scale_key = f"layers.{layer_id}.engram.embed.weight", f"layers.{layer_id}.engram.embed.scale"
         else:
             weight_key = DEFAULT_KEY_TEMPLATE.format(layer_id=layer_id)
-            scale_key = weight_key[:-len("weight")] + "scale"
+            scale_key = weight_key[: -len("weight")] + "scale"
         original = as_float32(table(stores["bfloat16"], layer_id))
         relative.append(check_fp8(tensors[weight_key], tensors[scale_key], original))
     relative = torch.cat(relative).double()
@@ -214,8 +239,9 @@ def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection)
     wrong = tiny_spec().replace(engram_vocab_size=(300, 420))
     with pytest.raises(EngramError, match="layer 1 .* says"):
         import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection, show_progress=False)
-    report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3],
-                               show_progress=False)
+    report = import_checkpoint(
+        out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3], show_progress=False
+    )
     assert list(report.layers) == [3] and report.complete and report.notes
     partial = open_tables(tmp_path / "c")
     assert partial.layer_ids == (3,) and partial.head_sizes(3) == tiny_spec().head_sizes(3)
@@ -223,8 +249,10 @@ def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection)
     with pytest.raises(EngramError, match="layer 1 is not in the store"):
         partial.read_rows(1, 0, 1)
     tables = EngramTables.open(out, spec=tiny_spec(), projection=projection)
-    assert torch.equal(as_float32(np.asarray(partial.read_rows(3, 0, tables.rows(3)))),
-                       tables.gather(3, torch.arange(tables.rows(3))).float())
+    assert torch.equal(
+        as_float32(np.asarray(partial.read_rows(3, 0, tables.rows(3)))),
+        tables.gather(3, torch.arange(tables.rows(3))).float(),
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -240,8 +268,11 @@ def test_writer_fills_row_ranges_independently_from_other_processes(tmp_path):
     a = rng.standard_normal((37, 8)).astype(np.float32)
     b = rng.integers(0, 255, (50, 3)).astype(np.uint8)
     ids = np.arange(5, dtype=np.int64)
-    layout = plan_layout([TensorPlan("a", "F32", a.shape), TensorPlan("b", "U8", b.shape),
-                          TensorPlan("ids", "I64", ids.shape)], {"k": "v"}, max_shard_bytes=1000)
+    layout = plan_layout(
+        [TensorPlan("a", "F32", a.shape), TensorPlan("b", "U8", b.shape), TensorPlan("ids", "I64", ids.shape)],
+        {"k": "v"},
+        max_shard_bytes=1000,
+    )
     assert len(layout.files) == 2
     writer = SafetensorsWriter(layout, tmp_path, create=True)
     pieces = [("b", 20, b[20:]), ("a", 0, a[:20]), ("a", 20, a[20:]), ("b", 0, b[:20]), ("ids", 0, ids)]
@@ -270,8 +301,18 @@ def test_cli_export_import_and_bad_input(stores, tmp_path):
     imported = engram_json("import", str(out), "-o", str(tmp_path / "back"))
     assert imported["complete"] and imported["layout"] == "engram"
     assert same_bits(table(tmp_path / "back", 1), table(stores["bfloat16"], 1))
-    proc = run_engram("export", str(stores["bfloat16"]), "--for", "inference", "-o", str(tmp_path / "x"),
-                      "--layout", "deepseek-v41", "--dtype", "float16")
+    proc = run_engram(
+        "export",
+        str(stores["bfloat16"]),
+        "--for",
+        "inference",
+        "-o",
+        str(tmp_path / "x"),
+        "--layout",
+        "deepseek-v41",
+        "--dtype",
+        "float16",
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "fp8 only" in lines[0], proc.stderr
     for options, message in [
@@ -315,8 +356,9 @@ def test_a_damaged_projection_in_an_export_is_refused(stores, tmp_path):
     data = bytearray(path.read_bytes())
     header = int.from_bytes(data[:8], "little")
     import json as _json
-    begin = _json.loads(data[8:8 + header])["engram.projection.lookup"]["data_offsets"][0] + 8 + header
-    data[begin:begin + 8] = int(lookup[0] + 1).to_bytes(8, "little", signed=True)
+
+    begin = _json.loads(data[8 : 8 + header])["engram.projection.lookup"]["data_offsets"][0] + 8 + header
+    data[begin : begin + 8] = int(lookup[0] + 1).to_bytes(8, "little", signed=True)
     path.write_bytes(bytes(data))
     with pytest.raises(EngramError, match="does not match its recorded fingerprint"):
         EngramTables.open(path)

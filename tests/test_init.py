@@ -35,8 +35,8 @@ def brute_neg2ln(hi: int) -> float:
     e = 0.0
     # Same exact power-of-two scaling steps as the kernel (the order matters for bit identity).
     for shift in (32, 16, 8, 4, 2, 1):
-        if x >= 2.0 ** shift:
-            x *= 2.0 ** -shift
+        if x >= 2.0**shift:
+            x *= 2.0**-shift
             e += shift
     if x > 1.4142135623730951:
         x *= 0.5
@@ -114,8 +114,13 @@ inits = st.one_of(
 
 
 @settings(max_examples=60, deadline=None)
-@given(dim=st.integers(1, 9), seed=st.integers(0, 2**40), layer=st.sampled_from([1, 3]),
-       row=st.integers(0, 100_000 - 4), init=inits)
+@given(
+    dim=st.integers(1, 9),
+    seed=st.integers(0, 2**40),
+    layer=st.sampled_from([1, 3]),
+    row=st.integers(0, 100_000 - 4),
+    init=inits,
+)
 def test_kernels_match_plain_python_bit_for_bit(dim, seed, layer, row, init):
     spec = small_spec(dim, seed, init)
     rows = generate_rows(spec, layer, row, row + 3, "float32")
@@ -123,8 +128,7 @@ def test_kernels_match_plain_python_bit_for_bit(dim, seed, layer, row, init):
         expected = np.array(brute_row(spec, layer, row + i), dtype=np.float32)
         assert rows[i].view(np.uint32).tolist() == expected.view(np.uint32).tolist()
     bf = generate_rows(spec, layer, row, row + 3, "bfloat16")
-    assert bf.view(np.uint16).tolist() == [[bf16_bits(v) for v in brute_row(spec, layer, row + i)]
-                                           for i in range(3)]
+    assert bf.view(np.uint16).tolist() == [[bf16_bits(v) for v in brute_row(spec, layer, row + i)] for i in range(3)]
     half = generate_rows(spec, layer, row, row + 3, "float16")
     assert half.view(np.uint16).tolist() == rows.astype(np.float16).view(np.uint16).tolist()
 
@@ -157,7 +161,7 @@ def test_values_do_not_depend_on_ranges_or_block_size(start, length, block_bytes
         part = generate_rows(spec, 1, start, start + length)
     finally:
         init_module._BLOCK_ROWS_BYTES = saved
-    assert part.view(np.uint16).tobytes() == whole[start:start + length].view(np.uint16).tobytes()
+    assert part.view(np.uint16).tobytes() == whole[start : start + length].view(np.uint16).tobytes()
 
 
 def test_normal_statistics():

@@ -20,7 +20,7 @@ def e4m3_value(code: int) -> float:
     sign = -1.0 if code & 0x80 else 1.0
     exponent, mantissa = (code >> 3) & 0xF, code & 0x7
     if exponent == 0:
-        return sign * mantissa / 8 * 2.0 ** -6
+        return sign * mantissa / 8 * 2.0**-6
     return sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
 
 
@@ -36,7 +36,7 @@ def brute_e4m3(y: float) -> int:
 
 def brute_exponent(amax: float) -> int:
     for k in range(-127, 128):
-        if amax <= 448.0 * 2.0 ** k:
+        if amax <= 448.0 * 2.0**k:
             return k
     raise AssertionError("no E8M0 scale holds this block")
 
@@ -47,18 +47,20 @@ def brute_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scales = np.zeros((rows, dim // BLOCK), dtype=np.uint8)
     for r in range(rows):
         for b in range(dim // BLOCK):
-            block = [float(v) for v in x[r, b * BLOCK:(b + 1) * BLOCK]]
+            block = [float(v) for v in x[r, b * BLOCK : (b + 1) * BLOCK]]
             k = brute_exponent(max(abs(v) for v in block))
             scales[r, b] = k + 127
             for i, v in enumerate(block):
-                codes[r, b * BLOCK + i] = brute_e4m3(v * 2.0 ** -k)
+                codes[r, b * BLOCK + i] = brute_e4m3(v * 2.0**-k)
     return codes, scales
 
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 wide_blocks = st.integers(1, 3).flatmap(
     lambda rows: st.sampled_from([BLOCK, 2 * BLOCK]).flatmap(
-        lambda dim: arrays(np.float32, (rows, dim), elements=finite32)))
+        lambda dim: arrays(np.float32, (rows, dim), elements=finite32)
+    )
+)
 
 
 def scaled_normals(seed: int, rows: int, dim: int) -> np.ndarray:
@@ -102,18 +104,18 @@ def test_subnormal_blocks_and_finite_blocks_beside_inf_or_nan_match_brute_force(
     x = rng.standard_normal((4, 4 * BLOCK)).astype(np.float32)
     x[0, :BLOCK] *= np.float32(2.0**-140)  # one block of float32 subnormals in a normal row
     x[1] *= np.float32(2.0**-131)  # a row of them
-    x[2, BLOCK:2 * BLOCK] = 0.0
+    x[2, BLOCK : 2 * BLOCK] = 0.0
     x[2, BLOCK + 3] = -np.float32(2.0**-149)  # the smallest subnormal, alone in a block of zeros
     x[3, 5], x[3, BLOCK + 7] = np.inf, np.nan  # the row's other blocks are still exact
     codes, scales = quantize(torch.from_numpy(x))
     codes, scales = codes.view(torch.uint8).numpy(), scales.view(torch.uint8).numpy()
     finite = x.copy()
-    finite[3, :2 * BLOCK] = 0.0
+    finite[3, : 2 * BLOCK] = 0.0
     expected_codes, expected_scales = brute_quantize(finite)
     assert np.array_equal(scales[:3], expected_scales[:3])
     assert np.array_equal(codes[:3], expected_codes[:3])
     assert np.array_equal(scales[3, 2:], expected_scales[3, 2:])
-    assert np.array_equal(codes[3, 2 * BLOCK:], expected_codes[3, 2 * BLOCK:])
+    assert np.array_equal(codes[3, 2 * BLOCK :], expected_codes[3, 2 * BLOCK :])
 
 
 @settings(max_examples=40, deadline=None)
@@ -131,7 +133,7 @@ def test_error_bounds_and_no_saturation(seed, dtype):
     assert bool((amax <= 448 * scale).all()) and bool(((amax == 0) | (amax > 224 * scale)).all())
     # each value is off by at most half a step of E4M3 (3 mantissa bits): |v| / 16 <= amax / 16
     back = dequantize(codes, scales, torch.float32).reshape(blocks.shape)
-    assert bool(((blocks - back).abs() <= blocks.abs() / 16 + 2.0 ** -10 * scale.unsqueeze(-1)).all())
+    assert bool(((blocks - back).abs() <= blocks.abs() / 16 + 2.0**-10 * scale.unsqueeze(-1)).all())
     relative = ((blocks - back).abs() / amax.clamp_min(1e-45).unsqueeze(-1)).where(amax.unsqueeze(-1) > 0, 0.0)
     assert error.max_relative == pytest.approx(float(relative.max()), rel=1e-5)
     assert error.rms_relative == pytest.approx(float(relative.double().square().mean().sqrt()), rel=1e-5)
@@ -156,8 +158,9 @@ def test_dequantize_any_leading_shape():
     assert torch.equal(dequantize(q, s, torch.float32), reference)
     assert torch.equal(dequantize(q, s).view(torch.int16), reference.to(torch.bfloat16).view(torch.int16))
     rows = torch.tensor([5, 0, 5, 2])
-    assert torch.equal(gather_dequantize(q, s, rows, threads=3).view(torch.int16),
-                       reference[rows].to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(
+        gather_dequantize(q, s, rows, threads=3).view(torch.int16), reference[rows].to(torch.bfloat16).view(torch.int16)
+    )
     flat = dequantize(q, s)
     assert flat.dtype == torch.bfloat16
     assert torch.equal(dequantize(q.reshape(2, 3, 64), s.reshape(2, 3, 2)), flat.reshape(2, 3, 64))

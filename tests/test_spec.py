@@ -14,19 +14,29 @@ from conftest import engram_json, run_engram
 def brute_primes(limit: int) -> list[int]:
     sieve = bytearray([1]) * (limit + 1)
     sieve[:2] = b"\x00\x00"
-    for i in range(2, int(limit ** 0.5) + 1):
+    for i in range(2, int(limit**0.5) + 1):
         if sieve[i]:
-            sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
+            sieve[i * i :: i] = bytearray(len(sieve[i * i :: i]))
     return [i for i, v in enumerate(sieve) if v]
 
 
 @settings(max_examples=40, deadline=None)
-@given(layers=st.lists(st.integers(0, 50), min_size=1, max_size=3, unique=True),
-       max_n=st.integers(2, 5), heads=st.integers(1, 4), data=st.data())
+@given(
+    layers=st.lists(st.integers(0, 50), min_size=1, max_size=3, unique=True),
+    max_n=st.integers(2, 5),
+    heads=st.integers(1, 4),
+    data=st.data(),
+)
 def test_prime_walk_against_a_sieve(layers, max_n, heads, data):
     sizes = data.draw(st.lists(st.integers(1, 300), min_size=max_n - 1, max_size=max_n - 1))
-    spec = TableSpec(layer_ids=tuple(layers), max_ngram_size=max_n, n_head_per_ngram=heads,
-                     engram_vocab_size=tuple(sizes), n_embed_per_ngram=heads * 2, pad_id=0)
+    spec = TableSpec(
+        layer_ids=tuple(layers),
+        max_ngram_size=max_n,
+        n_head_per_ngram=heads,
+        engram_vocab_size=tuple(sizes),
+        n_embed_per_ngram=heads * 2,
+        pad_id=0,
+    )
     primes = brute_primes(5000)
     taken: set[int] = set()
     for layer in layers:
@@ -40,8 +50,7 @@ def test_prime_walk_against_a_sieve(layers, max_n, heads, data):
                 start = p
         assert spec.head_sizes(layer) == expected
         offsets = spec.offsets(layer)
-        assert offsets[0] == 0 and all(offsets[i + 1] - offsets[i] == expected[i]
-                                       for i in range(len(expected) - 1))
+        assert offsets[0] == 0 and all(offsets[i + 1] - offsets[i] == expected[i] for i in range(len(expected) - 1))
         assert spec.rows(layer) == sum(expected)
 
 
@@ -53,12 +62,15 @@ def test_reference_demo_primes():
     assert spec.head_sizes(15)[0] == 646631
 
 
-@pytest.mark.parametrize("preset,params", [
-    ("engram-demo-v1", 1_324_313_984),
-    ("engram-27b", 5_792_338_560),
-    ("engram-40b", 18_534_311_360),
-    ("deepseek-v4.1-flash", 196_613_849_600),
-])
+@pytest.mark.parametrize(
+    "preset,params",
+    [
+        ("engram-demo-v1", 1_324_313_984),
+        ("engram-27b", 5_792_338_560),
+        ("engram-40b", 18_534_311_360),
+        ("deepseek-v4.1-flash", 196_613_849_600),
+    ],
+)
 def test_preset_totals(preset, params):
     assert load_spec(preset).parameters == params
 
@@ -71,7 +83,10 @@ def test_v41_flash_rows_per_layer():
 
 def test_multipliers_published_vector():
     assert load_spec("engram-demo-v1").multipliers(1, 98_627).tolist() == [
-        76993395940407, 4862694818241, 36129212583461]
+        76993395940407,
+        4862694818241,
+        36129212583461,
+    ]
 
 
 def test_plan_command_reproduces_totals():
@@ -90,9 +105,18 @@ def test_round_trip_through_dict():
     assert spec_from_dict(spec.to_dict()) == spec
 
 
-GOOD = {"engram": {"layer_ids": [1, 15], "max_ngram_size": 3, "n_head_per_ngram": 8,
-                   "engram_vocab_size": [100, 100], "n_embed_per_ngram": 512, "pad_id": 2, "seed": 0},
-        "table": {"dtype": "bfloat16", "init": {"distribution": "normal", "std": 1.0}}}
+GOOD = {
+    "engram": {
+        "layer_ids": [1, 15],
+        "max_ngram_size": 3,
+        "n_head_per_ngram": 8,
+        "engram_vocab_size": [100, 100],
+        "n_embed_per_ngram": 512,
+        "pad_id": 2,
+        "seed": 0,
+    },
+    "table": {"dtype": "bfloat16", "init": {"distribution": "normal", "std": 1.0}},
+}
 
 
 def mutate(section, key, value):
@@ -104,22 +128,25 @@ def mutate(section, key, value):
     return raw
 
 
-@pytest.mark.parametrize("section,key,value,field", [
-    ("engram", "colour", 3, "engram.colour"),
-    ("engram", "max_ngram_size", 1, "max_ngram_size"),
-    ("engram", "engram_vocab_size", [100], "engram_vocab_size"),
-    ("engram", "engram_vocab_size", [100, 0], "engram_vocab_size"),
-    ("engram", "engram_vocab_size", [100, 10**20], "engram_vocab_size"),
-    ("engram", "n_embed_per_ngram", 100, "n_embed_per_ngram"),
-    ("engram", "n_head_per_ngram", 0, "n_head_per_ngram"),
-    ("engram", "layer_ids", [1, 1], "layer_ids"),
-    ("engram", "layer_ids", [], "layer_ids"),
-    ("engram", "pad_id", None, "engram.pad_id"),
-    ("table", "dtype", "int8", "table.dtype"),
-    ("table", "init", {"distribution": "cauchy"}, "table.init.distribution"),
-    ("table", "init", {"distribution": "uniform", "std": 1.0}, "table.init.std"),
-    ("table", "init", {"distribution": "normal", "std": -1.0}, "table.init.std"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,field",
+    [
+        ("engram", "colour", 3, "engram.colour"),
+        ("engram", "max_ngram_size", 1, "max_ngram_size"),
+        ("engram", "engram_vocab_size", [100], "engram_vocab_size"),
+        ("engram", "engram_vocab_size", [100, 0], "engram_vocab_size"),
+        ("engram", "engram_vocab_size", [100, 10**20], "engram_vocab_size"),
+        ("engram", "n_embed_per_ngram", 100, "n_embed_per_ngram"),
+        ("engram", "n_head_per_ngram", 0, "n_head_per_ngram"),
+        ("engram", "layer_ids", [1, 1], "layer_ids"),
+        ("engram", "layer_ids", [], "layer_ids"),
+        ("engram", "pad_id", None, "engram.pad_id"),
+        ("table", "dtype", "int8", "table.dtype"),
+        ("table", "init", {"distribution": "cauchy"}, "table.init.distribution"),
+        ("table", "init", {"distribution": "uniform", "std": 1.0}, "table.init.std"),
+        ("table", "init", {"distribution": "normal", "std": -1.0}, "table.init.std"),
+    ],
+)
 def test_each_bad_field_is_named(section, key, value, field):
     with pytest.raises(EngramError) as info:
         spec_from_dict(mutate(section, key, value))
@@ -131,10 +158,15 @@ def test_bad_spec_files_give_one_line_errors(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[engram\nlayer_ids = [1]")
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text("[engram]\nlayer_ids = [1]\nmax_ngram_size = 3\nn_head_per_ngram = 8\n"
-                     "engram_vocab_size = [10]\nn_embed_per_ngram = 64\npad_id = 2\n")
-    for target, expected in ((broken, "not valid TOML"), (wrong, "engram_vocab_size"),
-                             (tmp_path / "nope.toml", "no spec file or preset")):
+    wrong.write_text(
+        "[engram]\nlayer_ids = [1]\nmax_ngram_size = 3\nn_head_per_ngram = 8\n"
+        "engram_vocab_size = [10]\nn_embed_per_ngram = 64\npad_id = 2\n"
+    )
+    for target, expected in (
+        (broken, "not valid TOML"),
+        (wrong, "engram_vocab_size"),
+        (tmp_path / "nope.toml", "no spec file or preset"),
+    ):
         proc = run_engram("plan", str(target))
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()

@@ -56,14 +56,14 @@ def brute_force(docs: list[list[int]], spec: TableSpec, lookup: np.ndarray) -> d
             for doc in docs:
                 x = [pad] * (n - 1) + [lookup[v] for v in doc]
                 for t in range(n - 1, len(x)):
-                    counts[tuple(x[t - n + 1:t + 1])] += 1
+                    counts[tuple(x[t - n + 1 : t + 1])] += 1
             mix = {}
             for gram in counts:
                 value = 0
                 for k in range(n):
                     value ^= gram[n - 1 - k] * mults[k]
                 mix[gram] = value
-            heads_sizes = sizes[(n - 2) * spec.n_head_per_ngram:(n - 1) * spec.n_head_per_ngram]
+            heads_sizes = sizes[(n - 2) * spec.n_head_per_ngram : (n - 1) * spec.n_head_per_ngram]
             by_mix = Counter(mix.values())
             by_buckets = Counter(tuple(mix[g] % p for p in heads_sizes) for g in counts)
             total = sum(counts.values())
@@ -73,20 +73,27 @@ def brute_force(docs: list[list[int]], spec: TableSpec, lookup: np.ndarray) -> d
                 colliding = [g for g in counts if load[mix[g] % p] > 1]
                 histogram = Counter(load.values())
                 histogram[0] = p - len(load)
-                heads.append({
-                    "size": p, "buckets_used": len(load), "colliding": len(colliding),
-                    "collision_rate": len(colliding) / len(counts) if counts else 0.0,
-                    "expected_rate": (1 - (1 - 1 / p) ** (len(counts) - 1)) if len(counts) > 1 else 0.0,
-                    "weighted_rate": sum(counts[g] for g in colliding) / total if total else 0.0,
-                    "max_load": max(load.values(), default=0),
-                    "load_histogram": {k: v for k, v in sorted(histogram.items()) if v},
-                    "load": load,
-                })
+                heads.append(
+                    {
+                        "size": p,
+                        "buckets_used": len(load),
+                        "colliding": len(colliding),
+                        "collision_rate": len(colliding) / len(counts) if counts else 0.0,
+                        "expected_rate": (1 - (1 - 1 / p) ** (len(counts) - 1)) if len(counts) > 1 else 0.0,
+                        "weighted_rate": sum(counts[g] for g in colliding) / total if total else 0.0,
+                        "max_load": max(load.values(), default=0),
+                        "load_histogram": {k: v for k, v in sorted(histogram.items()) if v},
+                        "load": load,
+                    }
+                )
             result[layer][n] = {
-                "occurrences": total, "distinct": len(counts),
+                "occurrences": total,
+                "distinct": len(counts),
                 "mix_colliding": sum(1 for g in counts if by_mix[mix[g]] > 1),
                 "all_heads_colliding": sum(1 for g in counts if by_buckets[tuple(mix[g] % p for p in heads_sizes)] > 1),
-                "heads": heads, "counts": counts, "mix": mix,
+                "heads": heads,
+                "counts": counts,
+                "mix": mix,
             }
     return result
 
@@ -102,9 +109,8 @@ def as_batches(docs: list[list[int]], cuts: list[int], context: int) -> list[Doc
     for a, b in zip(edges[:-1], edges[1:]):
         starts = [i - a for i in range(a, b) if i in first]
         doc_start = min(j for j in range(a + 1) if doc_of[j] == doc_of[a]) if a < len(stream) else a
-        ctx = stream[max(doc_start, a - context):a] if a not in first else []
-        batches.append(DocBatch(np.array(stream[a:b], np.int64), np.array(starts, np.int64),
-                                np.array(ctx, np.int64)))
+        ctx = stream[max(doc_start, a - context) : a] if a not in first else []
+        batches.append(DocBatch(np.array(stream[a:b], np.int64), np.array(starts, np.int64), np.array(ctx, np.int64)))
     return batches
 
 
@@ -132,9 +138,13 @@ def problems(draw):
     max_n = draw(st.integers(2, 4))
     spec = TableSpec(
         layer_ids=tuple(draw(st.lists(st.integers(0, 30), min_size=1, max_size=2, unique=True))),
-        max_ngram_size=max_n, n_head_per_ngram=draw(st.integers(1, 3)),
+        max_ngram_size=max_n,
+        n_head_per_ngram=draw(st.integers(1, 3)),
         engram_vocab_size=tuple(draw(st.lists(st.integers(2, 30), min_size=max_n - 1, max_size=max_n - 1))),
-        n_embed_per_ngram=6, pad_id=draw(st.integers(0, vocab - 1)), seed=draw(st.integers(0, 1000)))
+        n_embed_per_ngram=6,
+        pad_id=draw(st.integers(0, vocab - 1)),
+        seed=draw(st.integers(0, 1000)),
+    )
     docs = draw(st.lists(st.lists(st.integers(0, vocab - 1), max_size=30), min_size=1, max_size=8))
     total = sum(len(d) for d in docs)
     cuts = draw(st.lists(st.integers(0, max(0, total)), max_size=4))
@@ -161,8 +171,15 @@ def test_windows_are_exactly_what_the_hasher_hashes():
     """The buckets implied by the statistics' windows are the NgramHasher's buckets, token by token."""
     rng = np.random.default_rng(3)
     lookup = rng.integers(0, 50, 80)
-    spec = TableSpec(layer_ids=(2, 9), max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(11, 17),
-                     n_embed_per_ngram=4, pad_id=7, seed=11)
+    spec = TableSpec(
+        layer_ids=(2, 9),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(11, 17),
+        n_embed_per_ngram=4,
+        pad_id=7,
+        seed=11,
+    )
     docs = [rng.integers(0, 80, n).tolist() for n in (1, 2, 40, 75)]
     expected = brute_force(docs, spec, lookup)
     hasher = NgramHasher(spec, VocabProjection(lookup))
@@ -173,7 +190,7 @@ def test_windows_are_exactly_what_the_hasher_hashes():
             for n in spec.orders:
                 x = [pad] * (n - 1) + [int(lookup[v]) for v in doc]
                 for t in range(len(doc)):
-                    mix = expected[layer][n]["mix"][tuple(x[t:t + n])]
+                    mix = expected[layer][n]["mix"][tuple(x[t : t + n])]
                     for j, head in enumerate(expected[layer][n]["heads"]):
                         assert buckets[layer][t, (n - 2) * spec.n_head_per_ngram + j] == mix % head["size"]
     layers, _, _ = collision_statistics(spec, VocabProjection(lookup), as_batches(docs, [], 2))
@@ -184,25 +201,39 @@ def test_multi_word_keys_and_mix_collisions():
     """A canonical id near 2**61 needs 61 bits per id (one id per key word) and forces every
     multiplier to 1, so the mix is a plain XOR and distinct n-grams share it."""
     lookup = np.array([0, 1, 2, 3, 4, 5, (1 << 61) - 1], np.int64)
-    spec = TableSpec(layer_ids=(1,), max_ngram_size=4, n_head_per_ngram=2, engram_vocab_size=(5, 7, 3),
-                     n_embed_per_ngram=2, pad_id=0, seed=0)
+    spec = TableSpec(
+        layer_ids=(1,),
+        max_ngram_size=4,
+        n_head_per_ngram=2,
+        engram_vocab_size=(5, 7, 3),
+        n_embed_per_ngram=2,
+        pad_id=0,
+        seed=0,
+    )
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 7, n).tolist() for n in (5, 30, 60, 1)]
     expected = brute_force(docs, spec, lookup)
     assert all(m == 1 for m in draw_multipliers(0, 1, 1 << 61, 4))
     assert expected[1][2]["mix_colliding"] > 0 and expected[1][4]["mix_colliding"] > 0
     for budget in (1 << 30, 1):
-        layers, _, _ = collision_statistics(spec, VocabProjection(lookup), as_batches(docs, [7, 50], 3),
-                                            memory_budget=budget)
+        layers, _, _ = collision_statistics(
+            spec, VocabProjection(lookup), as_batches(docs, [7, 50], 3), memory_budget=budget
+        )
         check_against(layers, expected)
 
 
 def test_realistic_head_sizes_take_the_float_reduction_and_stay_exact():
     rng = np.random.default_rng(1)
     lookup = np.arange(300) // 2
-    spec = TableSpec(layer_ids=(0, 5), max_ngram_size=3, n_head_per_ngram=2,
-                     engram_vocab_size=(FLOAT_REDUCTION_MIN_PRIME + 100, 3 * FLOAT_REDUCTION_MIN_PRIME),
-                     n_embed_per_ngram=2, pad_id=1, seed=3)
+    spec = TableSpec(
+        layer_ids=(0, 5),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(FLOAT_REDUCTION_MIN_PRIME + 100, 3 * FLOAT_REDUCTION_MIN_PRIME),
+        n_embed_per_ngram=2,
+        pad_id=1,
+        seed=3,
+    )
     docs = [rng.integers(0, 300, n).tolist() for n in rng.integers(1, 700, 30)]
     expected = brute_force(docs, spec, lookup)
     assert all(h["colliding"] for h in expected[0][2]["heads"])  # the test can see a wrong bucket
@@ -213,12 +244,20 @@ def test_realistic_head_sizes_take_the_float_reduction_and_stay_exact():
 def test_sweep_and_top_buckets():
     rng = np.random.default_rng(2)
     lookup = np.arange(60)
-    spec = TableSpec(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=3, engram_vocab_size=(40, 90),
-                     n_embed_per_ngram=3, pad_id=0, seed=9)
+    spec = TableSpec(
+        layer_ids=(1, 3),
+        max_ngram_size=3,
+        n_head_per_ngram=3,
+        engram_vocab_size=(40, 90),
+        n_embed_per_ngram=3,
+        pad_id=0,
+        seed=9,
+    )
     docs = [rng.integers(0, 60, n).tolist() for n in (50, 200, 13)]
     factors = [0.5, 1, 3]
-    layers, sweep, _ = collision_statistics(spec, VocabProjection(lookup), as_batches(docs, [], 2),
-                                            factors=factors, top=4)
+    layers, sweep, _ = collision_statistics(
+        spec, VocabProjection(lookup), as_batches(docs, [], 2), factors=factors, top=4
+    )
     assert [p.factor for p in sweep] == factors
     for point in sweep:
         assert point.spec.head_sizes(1) == spec.scaled(point.factor).head_sizes(1)
@@ -228,8 +267,7 @@ def test_sweep_and_top_buckets():
     for layer, orders in layers.items():
         for n, stats in orders.items():
             want = expected[layer][n]
-            loads = sorted((load for head in want["heads"] for load in head["load"].values() if load > 1),
-                           reverse=True)
+            loads = sorted((load for head in want["heads"] for load in head["load"].values() if load > 1), reverse=True)
             assert [b["load"] for b in stats.top_buckets] == loads[:4]
             for bucket in stats.top_buckets:
                 head = want["heads"][bucket["head"]]
@@ -247,8 +285,9 @@ def test_partitions_map_and_merge_to_the_same_counts():
     """`map_part` per corpus part and `merge_partition` per partition: the distributable pieces."""
     rng = np.random.default_rng(4)
     lookup = np.arange(1000)
-    spec = TableSpec(layer_ids=(1,), max_ngram_size=3, n_head_per_ngram=1, engram_vocab_size=(50, 50),
-                     n_embed_per_ngram=2, pad_id=0)
+    spec = TableSpec(
+        layer_ids=(1,), max_ngram_size=3, n_head_per_ngram=1, engram_vocab_size=(50, 50), n_embed_per_ngram=2, pad_id=0
+    )
     docs = [rng.integers(0, 30, n).tolist() for n in rng.integers(1, 300, 40)]
     window = WindowKeys.of(spec, VocabProjection(lookup))
     parts = [map_part(b, window, bits=3) for b in as_batches(docs, [500, 2000, 3500], 2)]
@@ -264,14 +303,21 @@ def test_partitions_map_and_merge_to_the_same_counts():
 def test_spilled_counts_equal_in_memory_counts(tmp_path):
     rng = np.random.default_rng(5)
     lookup = np.arange(5000)
-    spec = TableSpec(layer_ids=(1,), max_ngram_size=4, n_head_per_ngram=2, engram_vocab_size=(97, 89, 83),
-                     n_embed_per_ngram=2, pad_id=0)
+    spec = TableSpec(
+        layer_ids=(1,),
+        max_ngram_size=4,
+        n_head_per_ngram=2,
+        engram_vocab_size=(97, 89, 83),
+        n_embed_per_ngram=2,
+        pad_id=0,
+    )
     docs = [rng.integers(0, 5000, n).tolist() for n in rng.integers(1, 400, 60)]
     batches = as_batches(docs, list(range(0, 20000, 997)), 3)
     results = []
     for budget in (1 << 30, 4096):
-        layers, _, spilled = collision_statistics(spec, VocabProjection(lookup), batches, memory_budget=budget,
-                                                  spill_dir=tmp_path)
+        layers, _, spilled = collision_statistics(
+            spec, VocabProjection(lookup), batches, memory_budget=budget, spill_dir=tmp_path
+        )
         results.append((layers, spilled))
     assert results[0][1] == 0 and results[1][1] > 0
     check_against(results[1][0], brute_force(docs, spec, lookup))
@@ -281,8 +327,9 @@ def test_spilled_counts_equal_in_memory_counts(tmp_path):
 def test_key_count_store_holds_exact_counts_under_any_budget(tmp_path):
     rng = np.random.default_rng(6)
     lookup = np.arange(100)
-    spec = TableSpec(layer_ids=(1,), max_ngram_size=2, n_head_per_ngram=1, engram_vocab_size=(5,),
-                     n_embed_per_ngram=1, pad_id=0)
+    spec = TableSpec(
+        layer_ids=(1,), max_ngram_size=2, n_head_per_ngram=1, engram_vocab_size=(5,), n_embed_per_ngram=1, pad_id=0
+    )
     docs = [rng.integers(0, 100, 200).tolist() for _ in range(30)]
     window = WindowKeys.of(spec, VocabProjection(lookup))
     expected = brute_force(docs, spec, lookup)[1][2]["counts"]
@@ -309,8 +356,16 @@ def test_expected_rate_and_factors():
 
 # ---- table health and the command -------------------------------------------------------------
 
-SMALL = TableSpec(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(3000, 2000),
-                  n_embed_per_ngram=16, pad_id=2, seed=4, dtype="bfloat16")
+SMALL = TableSpec(
+    layer_ids=(1, 3),
+    max_ngram_size=3,
+    n_head_per_ngram=2,
+    engram_vocab_size=(3000, 2000),
+    n_embed_per_ngram=16,
+    pad_id=2,
+    seed=4,
+    dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +401,7 @@ def test_table_health_matches_the_stored_values(store_path):
         assert info["bytes_on_disk"] >= table.size * 2
         assert info["shard_plan"]["shards"] == len(store.shard_ranges(layer))
         for h, (size, off) in enumerate(zip(SMALL.head_sizes(layer), SMALL.offsets(layer))):
-            values = table[off:off + size]
+            values = table[off : off + size]
             head = info["heads"][h]
             assert (head["order"], head["head"], head["size"]) == (2 + h // 2, h % 2, size)
             assert math.isclose(head["mean"], values.mean(), rel_tol=1e-9, abs_tol=1e-12)
@@ -361,13 +416,15 @@ def test_table_health_of_an_incomplete_store_reads_what_is_there(tmp_path, proje
     start, stop = store.layout(3).shard_range(1)
     (path / store.layout(3).shard_key(1)).unlink()
     health = inspect(str(path), show_progress=False).tables
-    assert not health.complete and health.layers[3]["missing_shards"] == [1] and health.layers[1]["missing_shards"] == []
+    assert (
+        not health.complete and health.layers[3]["missing_shards"] == [1] and health.layers[1]["missing_shards"] == []
+    )
     for h, (size, off) in enumerate(zip(SMALL.head_sizes(3), SMALL.offsets(3))):
         head = health.layers[3]["heads"][h]
         unread = max(0, min(stop, off + size) - max(start, off))
         assert head["unread_rows"] == unread
         if unread < size:
-            values = np.asarray(store.table(3)[off:min(off + size, start)]).astype(np.float64)
+            values = np.asarray(store.table(3)[off : min(off + size, start)]).astype(np.float64)
             assert math.isclose(head["mean"], values.mean(), rel_tol=1e-9, abs_tol=1e-12)
         else:
             assert head["mean"] is None and head["std"] is None
@@ -376,8 +433,22 @@ def test_table_health_of_an_incomplete_store_reads_what_is_there(tmp_path, proje
 def test_inspect_command_json_plot_and_schema(tmp_path, store_path, projection_file, projection, ids_file):
     path, docs = ids_file
     plot = tmp_path / "collisions.png"
-    data = engram_json("inspect", str(store_path), "--projection", str(projection_file), "--corpus", str(path),
-                       "--doc-sep", "0", "--sweep", "1,2", "--plot", str(plot), "--top", "2")
+    data = engram_json(
+        "inspect",
+        str(store_path),
+        "--projection",
+        str(projection_file),
+        "--corpus",
+        str(path),
+        "--doc-sep",
+        "0",
+        "--sweep",
+        "1,2",
+        "--plot",
+        str(plot),
+        "--top",
+        "2",
+    )
     assert data["corpus"]["tokens"] == sum(len(d) for d in docs) and data["corpus"]["documents"] == len(docs)
     assert data["tables"]["complete"] and set(data["tables"]["layers"]) == {"1", "3"}
     expected = brute_force(docs, SMALL, projection.lookup)
@@ -385,13 +456,24 @@ def test_inspect_command_json_plot_and_schema(tmp_path, store_path, projection_f
         for n in ("2", "3"):
             got = data["layers"][layer]["orders"][n]
             want = expected[int(layer)][int(n)]
-            assert {k: got[k] for k in ("occurrences", "distinct", "mix_colliding", "all_heads_colliding")} == \
-                {k: want[k] for k in ("occurrences", "distinct", "mix_colliding", "all_heads_colliding")}
+            assert {k: got[k] for k in ("occurrences", "distinct", "mix_colliding", "all_heads_colliding")} == {
+                k: want[k] for k in ("occurrences", "distinct", "mix_colliding", "all_heads_colliding")
+            }
             for head, wanted in zip(got["heads"], want["heads"]):
-                assert set(head) >= {"size", "buckets_used", "colliding", "collision_rate", "expected_rate",
-                                     "weighted_rate", "max_load"}
-                assert (head["size"], head["colliding"], head["max_load"]) == \
-                    (wanted["size"], wanted["colliding"], wanted["max_load"])
+                assert set(head) >= {
+                    "size",
+                    "buckets_used",
+                    "colliding",
+                    "collision_rate",
+                    "expected_rate",
+                    "weighted_rate",
+                    "max_load",
+                }
+                assert (head["size"], head["colliding"], head["max_load"]) == (
+                    wanted["size"],
+                    wanted["colliding"],
+                    wanted["max_load"],
+                )
             assert len(got["top_buckets"]) == 2
     assert [p["factor"] for p in data["sweep"]] == [1.0, 2.0]
     assert data["sweep"][0]["layers"]["1"]["orders"]["2"]["heads"] == data["layers"]["1"]["orders"]["2"]["heads"]
@@ -419,8 +501,10 @@ def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store
     key.write_bytes(bytes(data))
     start, stop = layout.shard_range(0)
     cases = [
-        (["demo", "--projection", str(projection_file), "--corpus", str(ids)],
-         rf"{ids}: token id 700 at position \[1, 2\] is not below the projection's vocab size 500"),
+        (
+            ["demo", "--projection", str(projection_file), "--corpus", str(ids)],
+            rf"{ids}: token id 700 at position \[1, 2\] is not below the projection's vocab size 500",
+        ),
         (["demo", "--projection", str(projection_file), "--corpus", str(odd)], "not a whole number of uint16"),
         (["demo", "--projection", str(projection_file), "--corpus", str(empty)], "the corpus holds no tokens"),
         ([str(store_path), "--projection", str(other), "--corpus", str(ids)], "does not match"),
@@ -437,11 +521,17 @@ def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store
 
 def test_human_report_renders(store_path, projection_file, ids_file):
     path, _ = ids_file
-    proc = run_engram("inspect", str(store_path), "--corpus", str(path), "--doc-sep", "0", "--sweep", "1,3",
-                      "--top", "1")
+    proc = run_engram(
+        "inspect", str(store_path), "--corpus", str(path), "--doc-sep", "0", "--sweep", "1,3", "--top", "1"
+    )
     assert proc.returncode == 0, proc.stderr
-    for text in ("Table health per head", "Collisions at the head sizes of", "Most crowded buckets",
-                 "Size sweep", "3x"):
+    for text in (
+        "Table health per head",
+        "Collisions at the head sizes of",
+        "Most crowded buckets",
+        "Size sweep",
+        "3x",
+    ):
         assert text in proc.stderr
     assert proc.stdout == ""
     assert json.loads(run_engram("inspect", str(store_path), "--json").stdout)["layers"] is None

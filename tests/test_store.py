@@ -74,11 +74,9 @@ init = {{ distribution = "normal", std = 1.0 }}
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.integers(1, 10**9), dim=st.integers(1, 4096), itemsize=st.sampled_from([2, 4]),
-       ranks=st.integers(1, 64))
+@given(rows=st.integers(1, 10**9), dim=st.integers(1, 4096), itemsize=st.sampled_from([2, 4]), ranks=st.integers(1, 64))
 def test_rows_partition_is_shard_aligned_and_near_equal(rows, dim, itemsize, ranks):
-    spec = SPEC.replace(n_head_per_ngram=1, n_embed_per_ngram=dim,
-                        dtype="float32" if itemsize == 4 else "bfloat16")
+    spec = SPEC.replace(n_head_per_ngram=1, n_embed_per_ngram=dim, dtype="float32" if itemsize == 4 else "bfloat16")
     spec_rows = spec.rows(1)
     scale = rows / spec_rows
     spec = spec.scaled(scale) if scale > 1 else spec
@@ -163,8 +161,9 @@ def test_same_values_for_any_shards_workers_and_dtype_path(tmp_path, demo_store,
     reference = table_bytes(demo_store)
     for shards, workers, by in ((1, 1, "rows"), (7, 2, "rows"), (2, 3, "heads")):
         path = tmp_path / f"s{shards}-w{workers}.zarr"
-        report = build_tables(SPEC, path, projection=projection, shards=shards, shard_by=by,
-                              workers=workers, show_progress=False)
+        report = build_tables(
+            SPEC, path, projection=projection, shards=shards, shard_by=by, workers=workers, show_progress=False
+        )
         assert report.complete and report.shards_written == report.shards_total
         assert table_bytes(path) == reference
         layout = open_tables(path).layout(1)
@@ -177,8 +176,7 @@ def test_float32_and_float16_stores(tmp_path, projection):
         build_tables(SPEC, path, projection=projection, dtype=dtype, show_progress=False)
         store = open_tables(path)
         assert store.dtype == dtype and store.table(3).dtype == np.dtype(dtype)
-        assert np.asarray(store.table(3)[:100]).tobytes() == \
-            generate_rows(SPEC, 3, 0, 100, dtype).tobytes()
+        assert np.asarray(store.table(3)[:100]).tobytes() == generate_rows(SPEC, 3, 0, 100, dtype).tobytes()
 
 
 # ---- interop ----------------------------------------------------------------------------------
@@ -189,15 +187,22 @@ def test_bfloat16_round_trip_through_tensorstore(demo_store, tmp_path):
 
     meta = json.loads((demo_store / "layer_1" / "zarr.json").read_text())
     assert meta["data_type"] == "bfloat16"
-    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(demo_store / "layer_1")}},
-                    open=True).result()
+    array = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(demo_store / "layer_1")}}, open=True
+    ).result()
     assert array.dtype == ts.bfloat16 and tuple(array.shape) == (SPEC.rows(1), SPEC.dim)
     got = np.asarray(array[1000:3000].read().result())
     assert got.view(np.uint16).tobytes() == generate_rows(SPEC, 1, 1000, 3000).view(np.uint16).tobytes()
     # And back: tensorstore writes bfloat16, zarr-python with our registration reads it.
     values = (np.arange(64, dtype=np.float32).reshape(8, 8) / 7).astype(ml_dtypes.bfloat16)
-    out = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "ts.zarr")},
-                   "metadata": {"shape": [8, 8], "data_type": "bfloat16"}}, create=True).result()
+    out = ts.open(
+        {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(tmp_path / "ts.zarr")},
+            "metadata": {"shape": [8, 8], "data_type": "bfloat16"},
+        },
+        create=True,
+    ).result()
     out.write(values).result()
     back = zarr.open_array(str(tmp_path / "ts.zarr"), mode="r")
     assert np.asarray(back[:]).view(np.uint16).tobytes() == values.view(np.uint16).tobytes()
@@ -207,9 +212,15 @@ def test_shard_files_are_what_zarr_itself_writes(demo_store, tmp_path):
     """Our shard encoder against zarr-python's sharding codec, byte for byte."""
     store = open_tables(demo_store)
     source = store.table(3)
-    copy = zarr.create_array(str(tmp_path / "copy.zarr"), shape=source.shape, dtype=source.metadata.data_type,
-                             chunks=source.chunks, shards=source.shards, compressors=source.compressors,
-                             fill_value=0.0)
+    copy = zarr.create_array(
+        str(tmp_path / "copy.zarr"),
+        shape=source.shape,
+        dtype=source.metadata.data_type,
+        chunks=source.chunks,
+        shards=source.shards,
+        compressors=source.compressors,
+        fill_value=0.0,
+    )
     copy[:] = source[:]
     layout = store.layout(3)
     for index in range(layout.shards):
@@ -231,8 +242,7 @@ def test_fsspec_memory_store(projection):
 
 def test_create_store_and_write_whole_shards(tmp_path, demo_store, projection):
     path = tmp_path / "imported.zarr"
-    store = create_store(path, SPEC, projection, shards=3,
-                         init={"algorithm": "imported", "source": "test"})
+    store = create_store(path, SPEC, projection, shards=3, init={"algorithm": "imported", "source": "test"})
     layout = store.layout(1)
     with pytest.raises(EngramError, match="whole shards"):
         store.write_rows(1, 1, generate_rows(SPEC, 1, 1, 10))
@@ -269,8 +279,7 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projecti
     other = tmp_path / "not-a-store"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(other),
-                      "--overwrite")
+    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(other), "--overwrite")
     assert proc.returncode == 1 and "not a table store" in proc.stderr
     assert (other / "precious.txt").read_text() == "keep me"
     report = build_tables(SPEC, path, projection=projection, resume=True, show_progress=False)
@@ -314,8 +323,7 @@ def test_corrupt_and_missing_shards_are_named_and_repaired(tmp_path, demo_store,
 
 
 def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_file):
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file),
-                      "-o", "/proc/engram-test.zarr")
+    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", "/proc/engram-test.zarr")
     assert proc.returncode == 1 and proc.stderr.startswith("engram: error: ")
     assert len(proc.stderr.strip().splitlines()) == 1
     blocker = tmp_path / "file"
@@ -323,12 +331,28 @@ def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_f
     proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(blocker / "t.zarr"))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     # A write that fails midway (here: the file-size limit, EFBIG) is one line too, and names --resume.
-    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20)); "
-              "sys.argv = ['engram'] + sys.argv[1:]; from engram_cli.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", script, "build-tables", "demo", "--projection",
-                           str(projection_file), "-o", str(tmp_path / "big.zarr")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20)); "
+        "sys.argv = ['engram'] + sys.argv[1:]; from engram_cli.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "build-tables",
+            "demo",
+            "--projection",
+            str(projection_file),
+            "-o",
+            str(tmp_path / "big.zarr"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("engram: error: cannot write") and "Traceback" not in proc.stderr
     with pytest.raises(EngramError, match="incomplete"):
@@ -338,12 +362,16 @@ def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_f
 def test_full_disk_gives_one_line_error(tmp_path, projection_file):
     mount = tmp_path / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs permission to mount a small tmpfs")
     try:
-        proc = run_engram("build-tables", "demo", "--projection", str(projection_file),
-                          "-o", str(mount / "t.zarr"))
+        proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(mount / "t.zarr"))
         assert proc.returncode == 1 and "not enough disk space" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     finally:
@@ -352,8 +380,18 @@ def test_full_disk_gives_one_line_error(tmp_path, projection_file):
 
 def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projection_file):
     out = tmp_path / "plan.zarr"
-    proc = run_engram("build-tables", "engram-27b", "--projection", str(projection_file), "-o", str(out),
-                      "--shards", "8", "--dry-run", "--json")
+    proc = run_engram(
+        "build-tables",
+        "engram-27b",
+        "--projection",
+        str(projection_file),
+        "-o",
+        str(out),
+        "--shards",
+        "8",
+        "--dry-run",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     spec = load_spec("engram-27b")
@@ -361,11 +399,26 @@ def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projecti
     assert plan["total"]["parameters"] == spec.parameters
     assert plan["total"]["bytes"] == spec.parameters * 2
     assert all(len(layer["partition"]) == 8 for layer in plan["layers"])
-    small = json.loads(run_engram("build-tables", "demo", "--projection", str(projection_file), "-o",
-                                  str(out), "--shards", "2", "--dry-run", "--json").stdout)
+    small = json.loads(
+        run_engram(
+            "build-tables",
+            "demo",
+            "--projection",
+            str(projection_file),
+            "-o",
+            str(out),
+            "--shards",
+            "2",
+            "--dry-run",
+            "--json",
+        ).stdout
+    )
     assert not out.exists()
-    built = json.loads(run_engram("build-tables", "demo", "--projection", str(projection_file), "-o",
-                                  str(out), "--shards", "2", "--json").stdout)
+    built = json.loads(
+        run_engram(
+            "build-tables", "demo", "--projection", str(projection_file), "-o", str(out), "--shards", "2", "--json"
+        ).stdout
+    )
     assert len([p for p in out.rglob("*") if p.is_file()]) == small["total"]["files"]
     assert small["layers"] == built["layers"] and built["complete"]
     assert len(list(out.glob("layer_*/c/*/0"))) == small["total"]["shards"]
@@ -376,9 +429,26 @@ def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projecti
 
 def _start_build(spec_path: Path, projection_file: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "engram_cli", "build-tables", str(spec_path), "--projection",
-         str(projection_file), "-o", str(out), "--shards", "16", "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "engram_cli",
+            "build-tables",
+            str(spec_path),
+            "--projection",
+            str(projection_file),
+            "-o",
+            str(out),
+            "--shards",
+            "16",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def _wait_for_shards(out: Path, proc: subprocess.Popen, count: int) -> None:
@@ -406,8 +476,9 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, projection_file,
     with pytest.raises(EngramError, match="incomplete.*layer 1 rows"):
         open_tables(out)
     done = len(list(out.glob("layer_*/c/*/0")))
-    resumed = run_engram("build-tables", str(spec_path), "--projection", str(projection_file),
-                         "-o", str(out), "--resume", "--json")
+    resumed = run_engram(
+        "build-tables", str(spec_path), "--projection", str(projection_file), "-o", str(out), "--resume", "--json"
+    )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["complete"] and summary["shards_kept"] == done

@@ -16,11 +16,18 @@ from conftest import make_byte_level_tokenizer, shipped_tokenizer
 
 def reference_lookup(tok) -> np.ndarray:
     """The straightforward loop over ids, written from the published facts."""
-    norm = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), "\ue000"),
-        normalizers.Strip(), normalizers.Replace("\ue000", " "),
-    ])
+    norm = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), "\ue000"),
+            normalizers.Strip(),
+            normalizers.Replace("\ue000", " "),
+        ]
+    )
     seen: dict[str, int] = {}
     out = []
     for tid in range(tok.get_vocab_size(with_added_tokens=True)):
@@ -34,14 +41,22 @@ def reference_lookup(tok) -> np.ndarray:
 
 
 PIECES = [
-    "Apple", " apple", "APPLE",          # case and leading space merge
-    "ﬁ", "fi",                            # NFKC ligature
-    "Ａ", "a",                            # full-width form
-    "é", "e", "É",                        # accents
-    "  \t\n", " ", "\n\n",                # whitespace runs and the lone-space token
-    "\u0301",                              # a lone combining accent: normalizes to ""
-    b"\xc3",                              # a partial UTF-8 byte: decodes to U+FFFD
-    b"\xe4\xb8",                          # another partial sequence
+    "Apple",
+    " apple",
+    "APPLE",  # case and leading space merge
+    "ﬁ",
+    "fi",  # NFKC ligature
+    "Ａ",
+    "a",  # full-width form
+    "é",
+    "e",
+    "É",  # accents
+    "  \t\n",
+    " ",
+    "\n\n",  # whitespace runs and the lone-space token
+    "\u0301",  # a lone combining accent: normalizes to ""
+    b"\xc3",  # a partial UTF-8 byte: decodes to U+FFFD
+    b"\xe4\xb8",  # another partial sequence
 ]
 
 
@@ -57,8 +72,8 @@ def test_each_step_of_the_key(tiny):
     assert keys[5] == keys[6] == "a"
     assert keys[7] == keys[8] == keys[9] == "e"
     assert keys[10] == keys[11] == keys[12] == " "
-    assert keys[13] == "\u0301"                       # empty after normalization: text itself
-    assert keys[14] == "Ã" and keys[15] == "ä¸"       # raw byte-level token strings
+    assert keys[13] == "\u0301"  # empty after normalization: text itself
+    assert keys[14] == "Ã" and keys[15] == "ä¸"  # raw byte-level token strings
     assert keys[16:] == ["<|pad|>", "<|eos|>", "hello world"]
 
 
@@ -126,8 +141,7 @@ def test_compress_numpy_and_torch_agree_with_elementwise_map(lookup, shape, data
     projection = VocabProjection(np.array(lookup))
     v = len(lookup)
     low = 0 if np.dtype(dtype).kind == "u" else -3
-    flat = data.draw(st.lists(st.integers(low, v - 1), min_size=int(np.prod(shape)),
-                              max_size=int(np.prod(shape))))
+    flat = data.draw(st.lists(st.integers(low, v - 1), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
     ids = np.array(flat, dtype=dtype).reshape(shape)
     expected = np.array([lookup[i] if i >= 0 else i for i in flat], dtype=np.int64).reshape(shape)
     assert np.array_equal(projection.compress(ids), expected)

@@ -45,6 +45,4 @@ class Conversion:
             self.max_abs_error = max(self.max_abs_error, float(error))
 
     def to_json(self) -> dict[str, Any]:
-        return {"from": self.source, "to": self.target, "lossy": self.lossy,
-                "max_abs_error": self.max_abs_error}
-
+        return {"from": self.source, "to": self.target, "lossy": self.lossy, "max_abs_error": self.max_abs_error}

@@ -65,14 +65,13 @@ class _Tensor:
     pieces: tuple[tuple[int, int], ...]
 
 
-def _training_tensors(source: StoreSource, key_template: str, per_head: bool,
-                      shards: int | None) -> list[_Tensor]:
+def _training_tensors(source: StoreSource, key_template: str, per_head: bool, shards: int | None) -> list[_Tensor]:
     spec = source.spec
     tensors = []
     for layer_id in source.layer_ids:
         rows = spec.rows(layer_id)
         if not per_head:
-            pieces = (source.store.partition(layer_id) if shards is None else even_pieces(rows, shards))
+            pieces = source.store.partition(layer_id) if shards is None else even_pieces(rows, shards)
             tensors.append(_Tensor(key_template.format(layer_id=layer_id), layer_id, 0, rows, tuple(pieces)))
             continue
         count = shards or source.store.ranks
@@ -86,9 +85,17 @@ def _training_tensors(source: StoreSource, key_template: str, per_head: bool,
     return tensors
 
 
-def export_training(store: str | Path, output: str | Path, *, shards: int | None = None,
-                    key_template: str | None = None, per_head: bool = False, dtype: str | None = None,
-                    overwrite: bool = False, show_progress: bool = True) -> ExportReport:
+def export_training(
+    store: str | Path,
+    output: str | Path,
+    *,
+    shards: int | None = None,
+    key_template: str | None = None,
+    per_head: bool = False,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> ExportReport:
     """Write a store as a DCP checkpoint of row-sharded tensors, one piece in memory at a time."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -106,11 +113,14 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
     if shards is not None and shards < 1:
         raise EngramError(f"--shards must be a positive integer, got {shards}")
     source = open_source_store(store)
-    smallest = min(min(source.spec.head_sizes(layer)) if per_head else source.spec.rows(layer)
-                   for layer in source.layer_ids)
+    smallest = min(
+        min(source.spec.head_sizes(layer)) if per_head else source.spec.rows(layer) for layer in source.layer_ids
+    )
     if shards is not None and shards > smallest:
-        raise EngramError(f"--shards {shards} is more than the {smallest:,} rows of the smallest "
-                          f"{'head table' if per_head else 'layer table'}")
+        raise EngramError(
+            f"--shards {shards} is more than the {smallest:,} rows of the smallest "
+            f"{'head table' if per_head else 'layer table'}"
+        )
     dtype = dtype or source.dtype
     if dtype not in STORE_DTYPES:
         raise EngramError(f"unknown dtype {dtype!r} for training; allowed: {', '.join(STORE_DTYPES)}")
@@ -122,16 +132,25 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
     tables: dict[str, Any] = {}
     for t in tensors:
         tables.setdefault(str(t.layer_id), []).append({"key": t.key, "start": t.start, "stop": t.stop})
-    meta = {"format": DCP_FORMAT, "format_version": DCP_FORMAT_VERSION, "spec": spec.to_dict(),
-            "dtype": dtype, "store_dtype": source.dtype, "per_head": per_head,
-            "key_template": key_template, "tables": tables, "sharding": source.sharding,
-            "projection": {**source.projection.metadata, "fingerprint": source.projection.fingerprint()}}
+    meta = {
+        "format": DCP_FORMAT,
+        "format_version": DCP_FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "dtype": dtype,
+        "store_dtype": source.dtype,
+        "per_head": per_head,
+        "key_template": key_template,
+        "tables": tables,
+        "sharding": source.sharding,
+        "projection": {**source.projection.metadata, "fingerprint": source.projection.fingerprint()},
+    }
     small = meta_tensors(source, meta)
     conversion = Conversion(source.dtype, dtype)
 
     properties = TensorProperties(dtype=target)
-    state_md: dict[str, Any] = {t.key: TensorStorageMetadata(properties, torch.Size([t.stop - t.start, spec.dim]), [])
-                                for t in tensors}
+    state_md: dict[str, Any] = {
+        t.key: TensorStorageMetadata(properties, torch.Size([t.stop - t.start, spec.dim]), []) for t in tensors
+    }
     readers = {layer_id: source.layer(layer_id) for layer_id in source.layer_ids}
     plans: list[SavePlan] = []
     blocks: list[list[tuple[_Tensor, int, int]]] = []  # per plan, in write order
@@ -146,8 +165,13 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
             for a, b in row_blocks(end - begin, step):
                 chunk = ChunkStorageMetadata(torch.Size([begin + a, 0]), torch.Size([b - a, spec.dim]))
                 state_md[t.key].chunks.append(chunk)
-                items.append(WriteItem(MetadataIndex(t.key, chunk.offsets), WriteItemType.SHARD,
-                                       tensor_data=TensorWriteData(chunk, properties, size)))
+                items.append(
+                    WriteItem(
+                        MetadataIndex(t.key, chunk.offsets),
+                        WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(chunk, properties, size),
+                    )
+                )
                 reads.append((t, begin + a, begin + b))
             plans.append(SavePlan(items))
             blocks.append(reads)
@@ -156,8 +180,13 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
         chunk = ChunkStorageMetadata(torch.Size([0]), value.shape)
         props = TensorProperties(dtype=value.dtype)
         state_md[key] = TensorStorageMetadata(props, value.shape, [chunk])
-        small_items.append(WriteItem(MetadataIndex(key, chunk.offsets), WriteItemType.TENSOR,
-                                     tensor_data=TensorWriteData(chunk, props, value.shape)))
+        small_items.append(
+            WriteItem(
+                MetadataIndex(key, chunk.offsets),
+                WriteItemType.TENSOR,
+                tensor_data=TensorWriteData(chunk, props, value.shape),
+            )
+        )
     plans.append(SavePlan(small_items))
     blocks.append([])
     advance: Callable[[int], None] = lambda rows: None
@@ -216,11 +245,24 @@ def export_training(store: str | Path, output: str | Path, *, shards: int | None
     files = sorted(p.name for p in output.iterdir())
     total = sum((output / name).stat().st_size for name in files)
     return ExportReport(
-        target="training", layout="dcp", output=str(output), store=str(store), dtype=dtype,
-        source_dtype=source.dtype, files=files, index=True,
-        layers={layer_id: {"keys": [entry["key"] for entry in tables[str(layer_id)]],
-                           "rows": spec.rows(layer_id)} for layer_id in source.layer_ids},
-        bytes=total, seconds=seconds, conversion=conversion.to_json(), shards=count, per_head=per_head)
+        target="training",
+        layout="dcp",
+        output=str(output),
+        store=str(store),
+        dtype=dtype,
+        source_dtype=source.dtype,
+        files=files,
+        index=True,
+        layers={
+            layer_id: {"keys": [entry["key"] for entry in tables[str(layer_id)]], "rows": spec.rows(layer_id)}
+            for layer_id in source.layer_ids
+        },
+        bytes=total,
+        seconds=seconds,
+        conversion=conversion.to_json(),
+        shards=count,
+        per_head=per_head,
+    )
 
 
 class _WritebackFile(io.FileIO):
@@ -257,8 +299,10 @@ def _read_dcp_metadata(path: Path, trust_pickle: bool) -> Any:
     from torch.distributed.checkpoint import FileSystemReader
 
     if not trust_pickle:
-        raise EngramError(f"{path} is a DCP checkpoint, whose .metadata is a Python pickle that can run "
-                          "code when read; pass --trust-pickle if you trust where it came from")
+        raise EngramError(
+            f"{path} is a DCP checkpoint, whose .metadata is a Python pickle that can run "
+            "code when read; pass --trust-pickle if you trust where it came from"
+        )
     try:
         return FileSystemReader(path).read_metadata()
     except Exception as exc:  # any unpickling failure means this is no DCP metadata we can use
@@ -296,8 +340,16 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
 class DcpSource(TableSource):
     """A DCP checkpoint read back row window by row window (never a whole table at once)."""
 
-    def __init__(self, path: Path, *, trust_pickle: bool, spec: TableSpec | None,
-                 projection: Any, key_template: str | None, layers: Iterable[int] | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        trust_pickle: bool,
+        spec: TableSpec | None,
+        projection: Any,
+        key_template: str | None,
+        layers: Iterable[int] | None,
+    ) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = path
@@ -314,8 +366,10 @@ class DcpSource(TableSource):
             self.store_dtype = meta.get("store_dtype")
         else:
             if spec is None or projection is None:
-                raise EngramError(f"{path} carries no engram hashing metadata (not made by `engram export`): "
-                                  "pass --spec and --projection")
+                raise EngramError(
+                    f"{path} carries no engram hashing metadata (not made by `engram export`): "
+                    "pass --spec and --projection"
+                )
             template = key_template or DEFAULT_KEY_TEMPLATE
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
             names = check_key_template(template, per_head=bool(fields & {"head", "order", "order_head"}))
@@ -331,30 +385,35 @@ class DcpSource(TableSource):
                     tables[layer_id].append((key, offset, offset + size))
             tables = {k: v for k, v in tables.items() if any(key in entries for key, _, _ in v)}
             if not tables:
-                raise EngramError(f"{path} has no tensor named like {template!r} (keys: "
-                                  f"{', '.join(sorted(entries)[:4])}, ...); pass --key-template")
+                raise EngramError(
+                    f"{path} has no tensor named like {template!r} (keys: "
+                    f"{', '.join(sorted(entries)[:4])}, ...); pass --key-template"
+                )
             self.store_dtype = None
         chosen = tuple(sorted(tables)) if layers is None else tuple(int(x) for x in layers)
         for layer_id in chosen:
             if layer_id not in tables:
                 raise EngramError(f"{path} holds no table for layer {layer_id} (layers: {sorted(tables)})")
             if layer_id not in spec.layer_ids:
-                raise EngramError(f"layer {layer_id} of {path} is not in spec {spec.name} "
-                                  f"(layer_ids = {list(spec.layer_ids)})")
+                raise EngramError(
+                    f"layer {layer_id} of {path} is not in spec {spec.name} (layer_ids = {list(spec.layer_ids)})"
+                )
             for key, start, stop in tables[layer_id]:
                 entry = entries.get(key)
                 if not isinstance(entry, TensorStorageMetadata):
                     raise EngramError(f"{path} lacks tensor {key!r} of layer {layer_id}")
                 if tuple(entry.size) != (stop - start, spec.dim):
-                    raise EngramError(f"{key} in {path} is {tuple(entry.size)} but spec {spec.name} "
-                                      f"needs {(stop - start, spec.dim)}")
+                    raise EngramError(
+                        f"{key} in {path} is {tuple(entry.size)} but spec {spec.name} needs {(stop - start, spec.dim)}"
+                    )
             if tables[layer_id][-1][2] != spec.rows(layer_id) or tables[layer_id][0][1] != 0:
-                raise EngramError(f"the tensors of layer {layer_id} in {path} do not cover its "
-                                  f"{spec.rows(layer_id):,} rows")
+                raise EngramError(
+                    f"the tensors of layer {layer_id} in {path} do not cover its {spec.rows(layer_id):,} rows"
+                )
         super().__init__(spec, projection, chosen)
         self.tables = tables
         dtypes = {entries[key].properties.dtype for layer in chosen for key, _, _ in tables[layer]}
-        names = [from_torch(d).name for d in dtypes if str(d).removeprefix('torch.') in INFERENCE_DTYPES]
+        names = [from_torch(d).name for d in dtypes if str(d).removeprefix("torch.") in INFERENCE_DTYPES]
         if len(dtypes) != 1 or not names:
             raise EngramError(f"{path}: tables of dtype {', '.join(map(str, dtypes))} cannot go into a store")
         self.dtype = names[0]
@@ -372,8 +431,7 @@ class DcpSource(TableSource):
         return meta
 
     def _load_small(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        buffers = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype)
-                   for k in keys}
+        buffers = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype) for k in keys}
         _dcp_load(self.path, {k: (0, v) for k, v in buffers.items()})
         return buffers
 
@@ -383,9 +441,12 @@ class DcpSource(TableSource):
         keys = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
         loaded = self._load_small(keys)
         zipped = loaded.get("engram.projection.tokenizer_zip")
-        return restore_projection(loaded["engram.projection.lookup"].numpy(),
-                                  None if zipped is None else zipped.numpy().tobytes(),
-                                  meta["projection"], str(self.path))
+        return restore_projection(
+            loaded["engram.projection.lookup"].numpy(),
+            None if zipped is None else zipped.numpy().tobytes(),
+            meta["projection"],
+            str(self.path),
+        )
 
     def boundaries(self, layer_id: int) -> list[int]:
         """Layer rows where a saved piece ends: reads aligned to them load each piece once."""
@@ -406,7 +467,7 @@ class DcpSource(TableSource):
             for key, start, stop in parts:
                 lo, hi = max(begin, start), min(end, stop)
                 if lo < hi:
-                    windows[key] = (lo - start, out[lo - begin:hi - begin])
+                    windows[key] = (lo - start, out[lo - begin : hi - begin])
             _dcp_load(self.path, windows)
             return out
 
@@ -427,4 +488,3 @@ def read_windows(shards: list[tuple[int, int]], boundaries: list[int]) -> list[t
         windows.append((begin, shards[j][1]))
         i = j + 1
     return windows
-

@@ -54,8 +54,7 @@ class QuantError:
         return (self.sum_squares / self.count) ** 0.5 if self.count else 0.0
 
     def to_json(self) -> dict[str, float]:
-        return {"max_relative": self.max_relative, "rms_relative": self.rms_relative,
-                "values": self.count}
+        return {"max_relative": self.max_relative, "rms_relative": self.rms_relative, "values": self.count}
 
 
 def _split(rows: int, parts: int) -> list[tuple[int, int]]:
@@ -71,8 +70,9 @@ def _float_bits(values: torch.Tensor) -> np.ndarray:
     return values.to(torch.float32).contiguous().view(torch.int32).numpy().view(np.uint32)
 
 
-def quantize(values: torch.Tensor, error: QuantError | None = None,
-             threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    values: torch.Tensor, error: QuantError | None = None, threads: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (n, dim) of any float dtype -> (float8_e4m3fn (n, dim), float8_e8m0fnu (n, dim/32)).
 
     `error` accumulates the quantization error; `threads` splits the rows between threads.
@@ -97,12 +97,10 @@ def quantize(values: torch.Tensor, error: QuantError | None = None,
     if error is not None and rows:
         worst = np.max([w for w, _ in results])  # a nan (from a nan input) stays visible
         error.merge(QuantError(float(worst), float(sum(t for _, t in results)), rows * dim))
-    return (torch.from_numpy(codes).view(torch.float8_e4m3fn),
-            torch.from_numpy(scales).view(torch.float8_e8m0fnu))
+    return (torch.from_numpy(codes).view(torch.float8_e4m3fn), torch.from_numpy(scales).view(torch.float8_e8m0fnu))
 
 
-def dequantize(quantized: torch.Tensor, scales: torch.Tensor,
-               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(quantized: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Inverse of `quantize` for rows of any leading shape: e4m3 * 2**(e8m0 - 127)."""
     *lead, dim = quantized.shape
     codes = quantized.reshape(-1, dim)
@@ -110,8 +108,13 @@ def dequantize(quantized: torch.Tensor, scales: torch.Tensor,
     return gather_dequantize(codes, scales.reshape(-1, dim // BLOCK), index, dtype).reshape(*lead, dim)
 
 
-def gather_dequantize(quantized: torch.Tensor, scales: torch.Tensor, index: torch.Tensor,
-                      dtype: torch.dtype = torch.bfloat16, threads: int = 1) -> torch.Tensor:
+def gather_dequantize(
+    quantized: torch.Tensor,
+    scales: torch.Tensor,
+    index: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    threads: int = 1,
+) -> torch.Tensor:
     """Rows `index` (1-D) of an fp8 table and its scales, dequantized, in one pass: (len, dim).
 
     The table may be a read-only memory map: only the gathered rows are touched.
@@ -137,4 +140,3 @@ def gather_dequantize(quantized: torch.Tensor, scales: torch.Tensor, index: torc
             run(part)
     result = torch.from_numpy(out)
     return result.view(torch.bfloat16) if bf16 else result.to(dtype)
-

@@ -30,6 +30,7 @@ _MAX_EXPONENT = 127
 
 def check_blockable(dim: int) -> None:
     if dim % BLOCK:
-        raise EngramError(f"fp8 export needs a row width that is a multiple of {BLOCK} "
-                          f"(one E8M0 scale per {BLOCK} values); this table has dim {dim}")
-
+        raise EngramError(
+            f"fp8 export needs a row width that is a multiple of {BLOCK} "
+            f"(one E8M0 scale per {BLOCK} values); this table has dim {dim}"
+        )

@@ -22,6 +22,7 @@ u32 = np.uint32
 def as_float(typingctx, bits):
     """The float32 whose bits are the low 32 bits of an unsigned integer (numba widens uint32
     arithmetic to 64 bits; LLVM narrows it back once the result is cut to 32)."""
+
     def codegen(context, builder, signature, args):
         value = args[0]
         if value.type.width > 32:
@@ -29,14 +30,17 @@ def as_float(typingctx, bits):
         elif value.type.width < 32:
             value = builder.zext(value, ir.IntType(32))
         return builder.bitcast(value, ir.FloatType())
+
     return numba.types.float32(bits), codegen
 
 
 @intrinsic
 def as_bits(typingctx, value):
     """The bits of a float32."""
+
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
+
     return numba.types.uint32(numba.types.float32), codegen
 
 
@@ -44,8 +48,12 @@ def as_bits(typingctx, value):
 def block_top(typingctx, row, start):
     """The largest magnitude of row[start:start + 32] as float32 bits (sign cleared): one vector
     load and an unsigned max reduction, which numba's widened integers keep LLVM from finding."""
-    if not (isinstance(row, numba.types.Array) and row.ndim == 1 and row.layout == "C"
-            and row.dtype in (numba.types.uint16, numba.types.uint32)):
+    if not (
+        isinstance(row, numba.types.Array)
+        and row.ndim == 1
+        and row.layout == "C"
+        and row.dtype in (numba.types.uint16, numba.types.uint32)
+    ):
         return None
     width = row.dtype.bitwidth
 
@@ -53,15 +61,16 @@ def block_top(typingctx, row, start):
         data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
         lane = ir.IntType(width)
         vector = ir.VectorType(lane, BLOCK)
-        values = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()),
-                              align=width // 8)
+        values = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=width // 8)
         magnitudes = builder.and_(values, ir.Constant(vector, [(1 << (width - 1)) - 1] * BLOCK))
-        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lane, [vector]),
-                                                f"llvm.vector.reduce.umax.v{BLOCK}i{width}")
+        reduce = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(lane, [vector]), f"llvm.vector.reduce.umax.v{BLOCK}i{width}"
+        )
         top = builder.call(reduce, [magnitudes])
         if width == 16:  # bfloat16: the float32 bits are the bfloat16 bits shifted up
             top = builder.shl(builder.zext(top, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
         return top
+
     return numba.types.uint32(row, numba.types.intp), codegen
 
 
@@ -140,8 +149,11 @@ def quantize_rows(x, codes, scales):
                 c = as_float(max(as_bits(y) & u32(0x7F800000), u32(0x3C800000)) + u32(20 << 23))
                 rounded = (y + c) - c
                 rounded_bits = as_bits(rounded)
-                code = (u32(rounded * np.float32(512.0)) if rounded_bits < u32(0x3C800000)
-                        else (rounded_bits >> u32(20)) - u32(960))
+                code = (
+                    u32(rounded * np.float32(512.0))
+                    if rounded_bits < u32(0x3C800000)
+                    else (rounded_bits >> u32(20)) - u32(960)
+                )
                 flat_codes[base + np.uint64(i)] = np.uint8(code | ((bits >> u32(24)) & u32(0x80)))
                 error = abs(magnitude - rounded * step) * inv_amax
                 sums[i] += error * error
@@ -240,4 +252,3 @@ def gather_bfloat16(codes, scales, index, lut, out):
             for i in range(BLOCK):
                 bits = word_bits[i]
                 out[j, base + i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
-

@@ -29,7 +29,7 @@ from .reports import ImportReport, store_progress
 
 
 def detect_format(path: Path) -> str:
-    """"dcp" or "safetensors"; a one-line error for anything else."""
+    """ "dcp" or "safetensors"; a one-line error for anything else."""
     if path.is_dir() and (path / ".metadata").is_file():
         return "dcp"
     if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
@@ -38,15 +38,27 @@ def detect_format(path: Path) -> str:
         return "safetensors"
     if not path.exists():
         raise EngramError(f"no such checkpoint: {path}")
-    raise EngramError(f"{path} is not a checkpoint engram can import (expected a DCP folder with "
-                      ".metadata, or safetensors from `engram export`)")
+    raise EngramError(
+        f"{path} is not a checkpoint engram can import (expected a DCP folder with "
+        ".metadata, or safetensors from `engram export`)"
+    )
 
 
-def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickle: bool = False,
-                      spec: str | Path | TableSpec | None = None, projection: str | Path | Any = None,
-                      key_template: str | None = None, layers: Iterable[int] | None = None,
-                      dtype: str | None = None, shards: int | None = None, shard_by: str | None = None,
-                      overwrite: bool = False, show_progress: bool = True) -> ImportReport:
+def import_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    trust_pickle: bool = False,
+    spec: str | Path | TableSpec | None = None,
+    projection: str | Path | Any = None,
+    key_template: str | None = None,
+    layers: Iterable[int] | None = None,
+    dtype: str | None = None,
+    shards: int | None = None,
+    shard_by: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> ImportReport:
     """Turn a DCP checkpoint or a safetensors export back into a store, one shard run at a time.
 
     Hashing metadata comes from the checkpoint when `engram export` wrote it; otherwise (the
@@ -67,25 +79,38 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickl
     layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
     source: Any
     if kind == "dcp":
-        source = DcpSource(checkpoint, trust_pickle=trust_pickle, spec=spec, projection=projection,
-                           key_template=key_template, layers=layers)
+        source = DcpSource(
+            checkpoint,
+            trust_pickle=trust_pickle,
+            spec=spec,
+            projection=projection,
+            key_template=key_template,
+            layers=layers,
+        )
         layout = "dcp"
     else:
         from .safetensors_source import open_safetensors_source
 
         source = open_safetensors_source(checkpoint, spec, projection, layers)
         layout = source.tables.layout
-    store_dtype = dtype or source.store_dtype or (source.dtype if source.dtype in STORE_DTYPES
-                                                  else source.spec.dtype)
+    store_dtype = dtype or source.store_dtype or (source.dtype if source.dtype in STORE_DTYPES else source.spec.dtype)
     sharding = source.sharding or {}
     ranks = shards or sharding.get("ranks") or 1
     by = shard_by or sharding.get("shard_by") or "rows"
     init = {"algorithm": "imported", "source": str(checkpoint.absolute()), "format": kind, "layout": layout}
     started = time.perf_counter()
     partial = set(source.layer_ids) != set(source.spec.layer_ids)
-    store = create_store(output, source.spec, source.projection, shards=ranks, shard_by=by,
-                         dtype=store_dtype, overwrite=overwrite, init=init,
-                         layers=list(source.layer_ids) if partial else None)
+    store = create_store(
+        output,
+        source.spec,
+        source.projection,
+        shards=ranks,
+        shard_by=by,
+        dtype=store_dtype,
+        overwrite=overwrite,
+        init=init,
+        layers=list(source.layer_ids) if partial else None,
+    )
     conversion = Conversion(source.dtype, store_dtype)
     target = torch_dtype(store_dtype)
     written = 0
@@ -104,12 +129,21 @@ def import_checkpoint(checkpoint: str | Path, output: str | Path, *, trust_pickl
     complete = True
     notes = []
     if partial:
-        notes.append(f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
-                     f"{', '.join(map(str, source.spec.layer_ids))} imported; the store holds just those")
+        notes.append(
+            f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
+            f"{', '.join(map(str, source.spec.layer_ids))} imported; the store holds just those"
+        )
     return ImportReport(
-        checkpoint=str(checkpoint), format=kind, layout=layout, store=str(output), dtype=store_dtype,
+        checkpoint=str(checkpoint),
+        format=kind,
+        layout=layout,
+        store=str(output),
+        dtype=store_dtype,
         source_dtype=source.dtype,
         layers={layer_id: {"rows": source.spec.rows(layer_id)} for layer_id in source.layer_ids},
-        complete=complete, bytes=written, seconds=time.perf_counter() - started,
-        conversion=conversion.to_json(), notes=notes)
-
+        complete=complete,
+        bytes=written,
+        seconds=time.perf_counter() - started,
+        conversion=conversion.to_json(),
+        notes=notes,
+    )

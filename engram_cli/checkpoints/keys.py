@@ -35,13 +35,14 @@ def check_key_template(template: str, *, per_head: bool) -> list[str]:
         raise EngramError(f"bad key template {template!r}: {exc}") from None
     unknown = sorted(set(names) - _TEMPLATE_FIELDS)
     if unknown or any(not n for n in names):
-        raise EngramError(f"key template {template!r} has unknown field {{{unknown[0] if unknown else ''}}}; "
-                          f"allowed: {{layer_id}}, and with --per-head {{head}}, {{order}}, {{order_head}}")
+        raise EngramError(
+            f"key template {template!r} has unknown field {{{unknown[0] if unknown else ''}}}; "
+            f"allowed: {{layer_id}}, and with --per-head {{head}}, {{order}}, {{order_head}}"
+        )
     if "layer_id" not in names:
         raise EngramError(f"key template {template!r} needs {{layer_id}} so that layers get distinct keys")
     if per_head and "head" not in names and not {"order", "order_head"} <= set(names):
-        raise EngramError(f"a --per-head key template needs {{head}} (or {{order}} and {{order_head}}): "
-                          f"{template!r}")
+        raise EngramError(f"a --per-head key template needs {{head}} (or {{order}} and {{order_head}}): {template!r}")
     if not per_head and set(names) - {"layer_id"}:
         raise EngramError(f"key template {template!r} uses head fields; pass --per-head for one tensor per head")
     return names
@@ -60,4 +61,3 @@ def scale_key(weight_key: str) -> str:
 
 def meta_keys(layer_id: int) -> dict[str, str]:
     return {part: f"engram.layers.{layer_id}.{part}" for part in ("head_sizes", "offsets", "multipliers")}
-

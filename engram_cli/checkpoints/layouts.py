@@ -28,8 +28,6 @@ from .safetensors_format import MappedTensors
 LAYOUTS = ("engram", "deepseek-v41")
 
 
-
-
 FORMAT = "engram-tables"
 
 
@@ -43,13 +41,16 @@ class Table:
     scale: str | None
 
 
-def stored_projection(tensors: dict[str, Any], mapped: MappedTensors, metadata: dict[str, str],
-                       where: str) -> VocabProjection:
+def stored_projection(
+    tensors: dict[str, Any], mapped: MappedTensors, metadata: dict[str, str], where: str
+) -> VocabProjection:
     zipped = tensors.get("engram.projection.tokenizer_zip")
     return restore_projection(
         mapped.tensor("engram.projection.lookup").numpy().copy(),
         None if zipped is None else mapped.tensor("engram.projection.tokenizer_zip").numpy().tobytes(),
-        metadata, where)
+        metadata,
+        where,
+    )
 
 
 def deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, Table]:
@@ -63,7 +64,8 @@ def deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, Table]:
             layer_id = int(match.group(1))
             tables[layer_id] = Table(layer_id, name, DEEPSEEK_SCALE.format(layer_id=layer_id))
     if not tables:
-        raise EngramError(f"{path} holds no Engram tables (neither an engram export nor "
-                          "layers.N.engram.embed.weight of the deepseek-v41 layout)")
+        raise EngramError(
+            f"{path} holds no Engram tables (neither an engram export nor "
+            "layers.N.engram.embed.weight of the deepseek-v41 layout)"
+        )
     return tables
-

@@ -35,10 +35,11 @@ def meta_tensors(source: TableSource, meta: dict[str, Any]) -> dict[str, torch.T
         small[f"engram.layers.{layer_id}.head_sizes"] = torch.tensor(spec.head_sizes(layer_id), dtype=torch.int64)
         small[f"engram.layers.{layer_id}.offsets"] = torch.tensor(spec.offsets(layer_id), dtype=torch.int64)
         small[f"engram.layers.{layer_id}.multipliers"] = torch.from_numpy(
-            spec.multipliers(layer_id, projection.compressed_size))
+            spec.multipliers(layer_id, projection.compressed_size)
+        )
     small["engram.projection.lookup"] = torch.from_numpy(projection.lookup.copy())
     if projection.tokenizer_json is not None:
         small["engram.projection.tokenizer_zip"] = torch.frombuffer(
-            bytearray(zip_bytes(projection.tokenizer_json)), dtype=torch.uint8)
+            bytearray(zip_bytes(projection.tokenizer_json)), dtype=torch.uint8
+        )
     return small
-

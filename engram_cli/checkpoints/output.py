@@ -69,4 +69,3 @@ def replace_output(tmp: Path, target: Path) -> None:
             old.unlink()
     else:
         os.replace(tmp, target)
-

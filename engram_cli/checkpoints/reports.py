@@ -58,28 +58,44 @@ class ExportReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "target": self.target, "layout": self.layout, "output": self.output, "store": self.store,
-            "dtype": self.dtype, "source_dtype": self.source_dtype, "files": self.files,
-            "index": self.index, "shards": self.shards, "per_head": self.per_head,
+            "target": self.target,
+            "layout": self.layout,
+            "output": self.output,
+            "store": self.store,
+            "dtype": self.dtype,
+            "source_dtype": self.source_dtype,
+            "files": self.files,
+            "index": self.index,
+            "shards": self.shards,
+            "per_head": self.per_head,
             "layers": {str(k): v for k, v in self.layers.items()},
-            "bytes": self.bytes, "seconds": round(self.seconds, 3),
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
             "bytes_per_second": round(self.bytes / self.seconds) if self.seconds else 0,
-            "conversion": self.conversion, "quantization": self.quantization,
+            "conversion": self.conversion,
+            "quantization": self.quantization,
         }
 
     def render(self, console: Any) -> None:
         rate = f"{human_bytes(self.bytes / self.seconds)}/s" if self.seconds else "-"
-        what = (f"DCP checkpoint, {_count(self.shards or 0, 'row piece')} per tensor"
-                + (", one tensor per head" if self.per_head else "")
-                if self.target == "training" else f"safetensors, {self.layout} layout")
-        console.print(f"exported {self.store} -> {self.output} ({what}): {_count(len(self.layers), 'layer')}, "
-                      f"{self.dtype}, {_count(len(self.files), 'file')}, {human_bytes(self.bytes)} in "
-                      f"{self.seconds:.1f} s ({rate})")
+        what = (
+            f"DCP checkpoint, {_count(self.shards or 0, 'row piece')} per tensor"
+            + (", one tensor per head" if self.per_head else "")
+            if self.target == "training"
+            else f"safetensors, {self.layout} layout"
+        )
+        console.print(
+            f"exported {self.store} -> {self.output} ({what}): {_count(len(self.layers), 'layer')}, "
+            f"{self.dtype}, {_count(len(self.files), 'file')}, {human_bytes(self.bytes)} in "
+            f"{self.seconds:.1f} s ({rate})"
+        )
         render_conversion(console, self.conversion)
         if self.quantization:
             q = self.quantization
-            console.print(f"fp8 E4M3 with E8M0 scales per 32 values: error relative to the block max "
-                          f"{q['max_relative']:.4f} max, {q['rms_relative']:.4f} RMS")
+            console.print(
+                f"fp8 E4M3 with E8M0 scales per 32 values: error relative to the block max "
+                f"{q['max_relative']:.4f} max, {q['rms_relative']:.4f} RMS"
+            )
 
 
 def _count(n: int, noun: str) -> str:
@@ -88,8 +104,10 @@ def _count(n: int, noun: str) -> str:
 
 def render_conversion(console: Any, conversion: dict[str, Any]) -> None:
     if conversion["lossy"]:
-        console.print(f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "
-                      f"largest change {conversion['max_abs_error']:.3g}")
+        console.print(
+            f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "
+            f"largest change {conversion['max_abs_error']:.3g}"
+        )
 
 
 @dataclass
@@ -110,17 +128,27 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "format": self.format, "layout": self.layout,
-                "store": self.store, "dtype": self.dtype, "source_dtype": self.source_dtype,
-                "layers": {str(k): v for k, v in self.layers.items()}, "complete": self.complete,
-                "bytes": self.bytes, "seconds": round(self.seconds, 3),
-                "conversion": self.conversion, "notes": self.notes}
+        return {
+            "checkpoint": self.checkpoint,
+            "format": self.format,
+            "layout": self.layout,
+            "store": self.store,
+            "dtype": self.dtype,
+            "source_dtype": self.source_dtype,
+            "layers": {str(k): v for k, v in self.layers.items()},
+            "complete": self.complete,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "conversion": self.conversion,
+            "notes": self.notes,
+        }
 
     def render(self, console: Any) -> None:
-        console.print(f"imported {self.checkpoint} ({self.format}, {self.layout}) -> {self.store}: "
-                      f"layers {', '.join(map(str, self.layers))}, {self.source_dtype} -> {self.dtype}, "
-                      f"{human_bytes(self.bytes)} in {self.seconds:.1f} s")
+        console.print(
+            f"imported {self.checkpoint} ({self.format}, {self.layout}) -> {self.store}: "
+            f"layers {', '.join(map(str, self.layers))}, {self.source_dtype} -> {self.dtype}, "
+            f"{human_bytes(self.bytes)} in {self.seconds:.1f} s"
+        )
         render_conversion(console, self.conversion)
         for note in self.notes:
             console.print(f"[yellow]{note}[/]")
-

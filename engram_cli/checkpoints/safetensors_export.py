@@ -49,8 +49,9 @@ _LOCAL_BLOCK_BYTES = 4 << 20  # rows (as stored) one export thread reads, conver
 _EXPORT_THREADS = max(2, min(8, os.cpu_count() or 1))
 
 
-def _plan(source: TableSource, layout: str, dtype: str, key_template: str) -> tuple[list[Table], list[TensorPlan],
-                                                                                 dict[str, str], dict[str, Any]]:
+def _plan(
+    source: TableSource, layout: str, dtype: str, key_template: str
+) -> tuple[list[Table], list[TensorPlan], dict[str, str], dict[str, Any]]:
     """Tensor names, shapes and file metadata of an export, and the small tensors' values."""
     spec, dim = source.spec, source.spec.dim
     fp8 = dtype == "float8_e4m3fn"
@@ -80,7 +81,10 @@ def _plan(source: TableSource, layout: str, dtype: str, key_template: str) -> tu
     for name, value in small.items():
         plans.append(TensorPlan(name, "I64" if value.dtype == np.int64 else "U8", value.shape))
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout, "dtype": dtype,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layout": layout,
+        "dtype": dtype,
         "spec": json.dumps(spec.to_dict()),
         "projection": json.dumps({**projection.metadata, "fingerprint": projection.fingerprint()}),
         "tables": json.dumps({str(t.layer_id): {"weight": t.weight, "scale": t.scale} for t in tables}),
@@ -89,11 +93,19 @@ def _plan(source: TableSource, layout: str, dtype: str, key_template: str) -> tu
     return tables, plans, metadata, small
 
 
-def export_inference(store: str | Path, output: str | Path, *, dtype: str | None = None,
-                     layout: str = "engram", max_shard_size: str | int = "5GB",
-                     key_template: str | None = None, overwrite: bool = False,
-                     show_progress: bool = True, scheduler: str | None = None,
-                     dask_workers: int | None = None) -> ExportReport:
+def export_inference(
+    store: str | Path,
+    output: str | Path,
+    *,
+    dtype: str | None = None,
+    layout: str = "engram",
+    max_shard_size: str | int = "5GB",
+    key_template: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
+) -> ExportReport:
     """Stream a store into safetensors for inference, one row block in memory at a time.
 
     `output` ending in `.safetensors` is one file; otherwise a folder holding `model.safetensors`,
@@ -110,8 +122,9 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
     if dtype not in INFERENCE_DTYPES:
         raise EngramError(f"unknown dtype {dtype!r} for inference; allowed: {', '.join(INFERENCE_DTYPES)}")
     if layout == "deepseek-v41" and dtype != "float8_e4m3fn":
-        raise EngramError("the deepseek-v41 layout is fp8 only (F8_E4M3 weights, F8_E8M0 scales); "
-                          "drop --dtype or use --layout engram")
+        raise EngramError(
+            "the deepseek-v41 layout is fp8 only (F8_E4M3 weights, F8_E8M0 scales); drop --dtype or use --layout engram"
+        )
     if dtype == "float8_e4m3fn":
         check_blockable(source.spec.dim)
     if key_template is not None and layout == "deepseek-v41":
@@ -120,8 +133,9 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
     check_key_template(key_template, per_head=False)
     single = output.name.endswith(".safetensors")
     if single and layout == "deepseek-v41":
-        raise EngramError("the deepseek-v41 layout is a folder of shards with an index; give a folder, "
-                          f"not {output.name}")
+        raise EngramError(
+            f"the deepseek-v41 layout is a folder of shards with an index; give a folder, not {output.name}"
+        )
     max_bytes = parse_size(max_shard_size)
     tables, plans, metadata, small = _plan(source, layout, dtype, key_template)
     total = sum(p.nbytes for p in plans)
@@ -131,8 +145,13 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
         single_name = "model.safetensors"
     else:
         single_name = None
-    layout_plan = plan_layout(plans, metadata, max_shard_bytes=max_bytes, single_file=single_name,
-                              index_metadata={"format": FORMAT, "layout": layout} if layout == "engram" else None)
+    layout_plan = plan_layout(
+        plans,
+        metadata,
+        max_shard_bytes=max_bytes,
+        single_file=single_name,
+        index_metadata={"format": FORMAT, "layout": layout} if layout == "engram" else None,
+    )
     tmp = prepare_output(output, overwrite)
     start = time.perf_counter()
     quant = QuantError() if dtype == "float8_e4m3fn" else None
@@ -141,23 +160,40 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
 
     def blocks(block_bytes: int, row_bytes: int) -> list[tuple[Table, int, int]]:
         """Every table's rows in blocks of about `block_bytes`, in whole storage chunks."""
-        return [(t, begin, end) for t in tables
-                for begin, end in row_blocks(source.spec.rows(t.layer_id), readers[t.layer_id].preferred_block(
-                    max(1, block_bytes // row_bytes)))]
+        return [
+            (t, begin, end)
+            for t in tables
+            for begin, end in row_blocks(
+                source.spec.rows(t.layer_id), readers[t.layer_id].preferred_block(max(1, block_bytes // row_bytes))
+            )
+        ]
+
     try:
         writer = SafetensorsWriter(layout_plan, tmp, create=True)
         try:
             for name, value in small.items():
                 writer.write_rows(name, 0, value)
-            with store_progress(source, "export", show_progress) as advance, \
-                    dask_client(scheduler, dask_workers) as client:
+            with (
+                store_progress(source, "export", show_progress) as advance,
+                dask_client(scheduler, dask_workers) as client,
+            ):
                 if client is None:
                     stored_row = source.spec.dim * DTYPE_BYTES[source.dtype]
-                    _export_locally(readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant,
-                                    conversion, advance)
+                    _export_locally(
+                        readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant, conversion, advance
+                    )
                 else:
-                    _export_on_cluster(client, absolute_store_path(store), layout_plan, tmp,
-                                       blocks(_BLOCK_BYTES, 4 * source.spec.dim), dtype, quant, conversion, advance)
+                    _export_on_cluster(
+                        client,
+                        absolute_store_path(store),
+                        layout_plan,
+                        tmp,
+                        blocks(_BLOCK_BYTES, 4 * source.spec.dim),
+                        dtype,
+                        quant,
+                        conversion,
+                        advance,
+                    )
         finally:
             writer.close(sync=True)
         writer.write_index()
@@ -166,17 +202,32 @@ def export_inference(store: str | Path, output: str | Path, *, dtype: str | None
         remove_tree(tmp)
     seconds = time.perf_counter() - start
     return ExportReport(
-        target="inference", layout=layout, output=str(output), store=str(store), dtype=dtype,
-        source_dtype=source.spec.dtype, files=[f.name for f in layout_plan.files],
-        index=layout_plan.with_index, layers={t.layer_id: {"key": t.weight, "scale": t.scale,
-                                                           "rows": source.spec.rows(t.layer_id)}
-                                              for t in tables},
-        bytes=total, seconds=seconds, conversion=conversion.to_json(),
-        quantization=None if quant is None else quant.to_json())
+        target="inference",
+        layout=layout,
+        output=str(output),
+        store=str(store),
+        dtype=dtype,
+        source_dtype=source.spec.dtype,
+        files=[f.name for f in layout_plan.files],
+        index=layout_plan.with_index,
+        layers={t.layer_id: {"key": t.weight, "scale": t.scale, "rows": source.spec.rows(t.layer_id)} for t in tables},
+        bytes=total,
+        seconds=seconds,
+        conversion=conversion.to_json(),
+        quantization=None if quant is None else quant.to_json(),
+    )
 
 
-def _write_block(writer: SafetensorsWriter, table: Table, begin: int, values: torch.Tensor,
-                 dtype: str, quant: QuantError | None, conversion: Conversion, threads: int = 1) -> None:
+def _write_block(
+    writer: SafetensorsWriter,
+    table: Table,
+    begin: int,
+    values: torch.Tensor,
+    dtype: str,
+    quant: QuantError | None,
+    conversion: Conversion,
+    threads: int = 1,
+) -> None:
     """Convert (or quantize, on `threads` threads) one row block of a table and write it at its place."""
     if quant is None:
         converted = values.to(torch_dtype(dtype))
@@ -188,8 +239,9 @@ def _write_block(writer: SafetensorsWriter, table: Table, begin: int, values: to
         writer.write_rows(table.scale, begin, scales)
 
 
-def export_block_task(store: str, layout_plan: Any, directory: str, table: Table, begin: int,
-                      end: int, dtype: str) -> tuple[int, QuantError | None, float]:
+def export_block_task(
+    store: str, layout_plan: Any, directory: str, table: Table, begin: int, end: int, dtype: str
+) -> tuple[int, QuantError | None, float]:
     """One Dask task: rows [begin, end) of one table, read from the store and written by
     position; returns (rows, quantization error, largest conversion error) for the merge."""
     source = open_source_store(store)
@@ -204,14 +256,21 @@ def export_block_task(store: str, layout_plan: Any, directory: str, table: Table
     return end - begin, quant, conversion.max_abs_error
 
 
-def _export_locally(readers: dict[int, LayerSource], writer: SafetensorsWriter,
-                    blocks: list[tuple[Table, int, int]], dtype: str, quant: QuantError | None,
-                    conversion: Conversion, advance: Any) -> None:
+def _export_locally(
+    readers: dict[int, LayerSource],
+    writer: SafetensorsWriter,
+    blocks: list[tuple[Table, int, int]],
+    dtype: str,
+    quant: QuantError | None,
+    conversion: Conversion,
+    advance: Any,
+) -> None:
     """Each block read, converted and written by position, `_EXPORT_THREADS` blocks at a time.
 
     Reading (checksums included), quantizing and writing all run outside the GIL, so every core
     works on a block of its own from start to end, with no hand-over between threads.
     """
+
     def export_block(block: tuple[Table, int, int]) -> tuple[int, QuantError | None, float]:
         table, begin, end = block
         values = readers[table.layer_id].read(begin, end)
@@ -225,23 +284,32 @@ def _export_locally(readers: dict[int, LayerSource], writer: SafetensorsWriter,
         advance(rows)
 
 
-def _merge(quant: QuantError | None, conversion: Conversion, block_quant: QuantError | None,
-           block_error: float) -> None:
+def _merge(
+    quant: QuantError | None, conversion: Conversion, block_quant: QuantError | None, block_error: float
+) -> None:
     if quant is not None and block_quant is not None:
         quant.merge(block_quant)
     conversion.max_abs_error = max(conversion.max_abs_error, block_error)
 
 
-def _export_on_cluster(client: Any, store: str, layout_plan: Any, directory: Path,
-                       blocks: list[tuple[Table, int, int]], dtype: str, quant: QuantError | None,
-                       conversion: Conversion, advance: Any) -> None:
+def _export_on_cluster(
+    client: Any,
+    store: str,
+    layout_plan: Any,
+    directory: Path,
+    blocks: list[tuple[Table, int, int]],
+    dtype: str,
+    quant: QuantError | None,
+    conversion: Conversion,
+    advance: Any,
+) -> None:
     def done(_name: str, result: tuple[int, QuantError | None, float]) -> None:
         rows, block_quant, block_error = result
         _merge(quant, conversion, block_quant, block_error)
         advance(rows)
 
-    tasks = [(f"layer{table.layer_id}-rows{begin}-{end - 1}",
-              (store, layout_plan, str(directory), table, begin, end, dtype))
-             for table, begin, end in blocks]
+    tasks = [
+        (f"layer{table.layer_id}-rows{begin}-{end - 1}", (store, layout_plan, str(directory), table, begin, end, dtype))
+        for table, begin, end in blocks
+    ]
     run_tasks(client, export_block_task, tasks, on_done=done)
-

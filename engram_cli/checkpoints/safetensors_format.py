@@ -85,8 +85,10 @@ class SafetensorsLayout:
 
     def index_json(self) -> dict[str, Any]:
         weight_map = {name: plan.name for plan in self.files for name in plan.starts}
-        return {"metadata": {"total_size": self.total_bytes, **self.index_metadata},
-                "weight_map": dict(sorted(weight_map.items()))}
+        return {
+            "metadata": {"total_size": self.total_bytes, **self.index_metadata},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
 
 
 def _header(tensors: list[TensorPlan], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
@@ -100,17 +102,25 @@ def _header(tensors: list[TensorPlan], metadata: dict[str, str]) -> tuple[bytes,
     starts, position = {}, 0
     for tensor in ordered:
         starts[tensor.name] = position
-        entries[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
-                                "data_offsets": [position, position + tensor.nbytes]}
+        entries[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + tensor.nbytes],
+        }
         position += tensor.nbytes
     text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % _HEADER_ALIGN)
     return len(text).to_bytes(8, "little") + text, starts
 
 
-def plan_layout(tensors: list[TensorPlan], metadata: dict[str, str], *,
-                max_shard_bytes: int | None, single_file: str | None = None,
-                index_metadata: dict[str, str] | None = None) -> SafetensorsLayout:
+def plan_layout(
+    tensors: list[TensorPlan],
+    metadata: dict[str, str],
+    *,
+    max_shard_bytes: int | None,
+    single_file: str | None = None,
+    index_metadata: dict[str, str] | None = None,
+) -> SafetensorsLayout:
     """Split tensors, in order, into files of at most `max_shard_bytes` (a larger tensor gets a
     file of its own, as Hugging Face does); every file carries `metadata`.
 
@@ -135,11 +145,20 @@ def plan_layout(tensors: list[TensorPlan], metadata: dict[str, str], *,
         header, starts = _header(group, metadata)
         name = single_file or f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         data_size = sum(t.nbytes for t in group)
-        files.append(FilePlan(name=name, header=header,
-                              starts={k: len(header) + v for k, v in starts.items()},
-                              size=len(header) + data_size))
-    return SafetensorsLayout(files=tuple(files), tensors={t.name: t for t in tensors},
-                             with_index=single_file is None, index_metadata=dict(index_metadata or {}))
+        files.append(
+            FilePlan(
+                name=name,
+                header=header,
+                starts={k: len(header) + v for k, v in starts.items()},
+                size=len(header) + data_size,
+            )
+        )
+    return SafetensorsLayout(
+        files=tuple(files),
+        tensors={t.name: t for t in tensors},
+        with_index=single_file is None,
+        index_metadata=dict(index_metadata or {}),
+    )
 
 
 class SafetensorsWriter:
@@ -218,8 +237,17 @@ def _as_bytes(rows: torch.Tensor | np.ndarray) -> memoryview:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -279,8 +307,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             continue
         try:
             begin, end = entry["data_offsets"]
-            ok = (entry["dtype"] in SAFETENSORS and 0 <= begin <= end <= size - data_start
-                  and end - begin == prod(entry["shape"]) * SAFETENSORS[entry["dtype"]].itemsize)
+            ok = (
+                entry["dtype"] in SAFETENSORS
+                and 0 <= begin <= end <= size - data_start
+                and end - begin == prod(entry["shape"]) * SAFETENSORS[entry["dtype"]].itemsize
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -325,8 +356,9 @@ def _collect(files: list[Path]) -> SafetensorsSet:
             if name == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
-            tensors[name] = TensorEntry(name, entry["dtype"], tuple(entry["shape"]), file,
-                                        data_start + begin, data_start + end)
+            tensors[name] = TensorEntry(
+                name, entry["dtype"], tuple(entry["shape"]), file, data_start + begin, data_start + end
+            )
     return SafetensorsSet(files=files, tensors=tensors, metadata=metadata)
 
 
@@ -359,4 +391,3 @@ class MappedTensors:
 
     def close(self) -> None:
         self._maps.clear()  # the maps close once the last view of them is gone
-

@@ -36,8 +36,10 @@ class SafetensorsSource(TableSource):
 
     def __init__(self, tables: EngramTables, layers: Iterable[int] | None) -> None:
         if tables.spec is None or tables.projection is None:
-            raise EngramError(f"{tables.path} is in the deepseek-v41 layout, which carries no hashing "
-                              "metadata: pass --spec and --projection (e.g. --spec deepseek-v4.1-flash)")
+            raise EngramError(
+                f"{tables.path} is in the deepseek-v41 layout, which carries no hashing "
+                "metadata: pass --spec and --projection (e.g. --spec deepseek-v4.1-flash)"
+            )
         chosen = tables.layer_ids if layers is None else tuple(int(x) for x in layers)
         for layer_id in chosen:
             tables.weight(layer_id)
@@ -67,7 +69,7 @@ def _name_of(dtype: torch.dtype) -> str:
     raise EngramError(f"tables of dtype {dtype} cannot go into a store")
 
 
-def open_safetensors_source(path: Path, spec: TableSpec | None, projection: VocabProjection | None,
-                            layers: Iterable[int] | None) -> SafetensorsSource:
+def open_safetensors_source(
+    path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None
+) -> SafetensorsSource:
     return SafetensorsSource(EngramTables.open(path, spec=spec, projection=projection), layers)
-

@@ -91,7 +91,7 @@ class StoreSource(TableSource):
             parts = [(a, min(a + step, end)) for a in range(begin, end, step)]
 
             def fill(part: tuple[int, int]) -> None:
-                out[part[0] - begin:part[1] - begin] = store.read_rows(layer_id, *part)
+                out[part[0] - begin : part[1] - begin] = store.read_rows(layer_id, *part)
 
             list(self._pool.map(fill, parts))
             return to_torch(out)
@@ -104,4 +104,3 @@ def open_source_store(path: str | Path) -> StoreSource:
     from ..store.tables import open_tables
 
     return StoreSource(open_tables(path))
-

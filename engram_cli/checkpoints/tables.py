@@ -45,8 +45,15 @@ class EngramTables:
     files: the host-offload read path. fp8 rows come back dequantized to bfloat16.
     """
 
-    def __init__(self, path: Path, mapped: MappedTensors, tables: dict[int, Table], layout: str,
-                 spec: TableSpec | None, projection: VocabProjection | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        mapped: MappedTensors,
+        tables: dict[int, Table],
+        layout: str,
+        spec: TableSpec | None,
+        projection: VocabProjection | None,
+    ) -> None:
         self.path = path
         self.layout = layout
         self.metadata = mapped.found.metadata
@@ -60,12 +67,15 @@ class EngramTables:
         for layer, scale in self._scales.items():
             rows, dim = self._weights[layer].shape
             if tuple(scale.shape) != (rows, dim // BLOCK) or dim % BLOCK:
-                raise EngramError(f"{path}: layer {layer} has scales of shape {tuple(scale.shape)} for a "
-                                  f"{rows} x {dim} table; expected one per {BLOCK} values, ({rows}, {dim // BLOCK})")
+                raise EngramError(
+                    f"{path}: layer {layer} has scales of shape {tuple(scale.shape)} for a "
+                    f"{rows} x {dim} table; expected one per {BLOCK} values, ({rows}, {dim // BLOCK})"
+                )
 
     @classmethod
-    def open(cls, path: str | Path, spec: TableSpec | None = None,
-             projection: VocabProjection | None = None) -> EngramTables:
+    def open(
+        cls, path: str | Path, spec: TableSpec | None = None, projection: VocabProjection | None = None
+    ) -> EngramTables:
         """Open a .safetensors file, an index json, or a folder holding either."""
         path = Path(path)
         found = open_set(path)
@@ -73,8 +83,9 @@ class EngramTables:
         metadata = found.metadata
         if metadata.get("format") == FORMAT:
             try:
-                tables = {int(k): Table(int(k), v["weight"], v["scale"])
-                          for k, v in json.loads(metadata["tables"]).items()}
+                tables = {
+                    int(k): Table(int(k), v["weight"], v["scale"]) for k, v in json.loads(metadata["tables"]).items()
+                }
                 stored_spec = spec_from_dict(json.loads(metadata["spec"]))
                 projection_meta = json.loads(metadata.get("projection", "{}"))
             except (KeyError, ValueError, TypeError, AttributeError):
@@ -141,8 +152,10 @@ class EngramTables:
 
     def hasher(self) -> Any:
         if self.spec is None or self.projection is None:
-            raise EngramError(f"{self.path} carries no hashing metadata ({self.layout} layout); "
-                              "open it with spec= and projection= (e.g. the deepseek-v4.1-flash preset)")
+            raise EngramError(
+                f"{self.path} carries no hashing metadata ({self.layout} layout); "
+                "open it with spec= and projection= (e.g. the deepseek-v4.1-flash preset)"
+            )
         if self._hasher is None:
             from ..hashing import NgramHasher
 
@@ -158,10 +171,13 @@ class EngramTables:
     def _check_spec(self, spec: TableSpec) -> None:
         for layer_id in self.layer_ids:
             if layer_id not in spec.layer_ids:
-                raise EngramError(f"{self.path} holds layer {layer_id}, which spec {spec.name} does not have "
-                                  f"(layer_ids = {list(spec.layer_ids)})")
+                raise EngramError(
+                    f"{self.path} holds layer {layer_id}, which spec {spec.name} does not have "
+                    f"(layer_ids = {list(spec.layer_ids)})"
+                )
             rows, dim = self.weight(layer_id).shape
             if (rows, dim) != (spec.rows(layer_id), spec.dim):
-                raise EngramError(f"layer {layer_id} of {self.path} is {rows:,} x {dim} but spec {spec.name} "
-                                  f"says {spec.rows(layer_id):,} x {spec.dim}")
-
+                raise EngramError(
+                    f"layer {layer_id} of {self.path} is {rows:,} x {dim} but spec {spec.name} "
+                    f"says {spec.rows(layer_id):,} x {spec.dim}"
+                )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,11 +26,13 @@ SPEC_HELP = "A TOML table spec, or a preset name from tables/ (demo, engram-27b,
 
 
 SCHEDULER_OPTION = typer.Option(
-    None, "--scheduler", help="Run on an existing Dask cluster: its scheduler address, tcp://HOST:PORT.")
+    None, "--scheduler", help="Run on an existing Dask cluster: its scheduler address, tcp://HOST:PORT."
+)
 
 
 DASK_WORKERS_OPTION = typer.Option(
-    None, "--dask-workers", min=1, help="Run on a local Dask cluster of N worker processes.")
+    None, "--dask-workers", min=1, help="Run on a local Dask cluster of N worker processes."
+)
 
 
 PROJECTION_HELP = "A projection file from `engram compress-vocab` (default: embedded DeepSeek-V3)."
@@ -39,8 +40,9 @@ PROJECTION_HELP = "A projection file from `engram compress-vocab` (default: embe
 
 @app.command("compress-vocab")
 def compress_vocab_command(
-    tokenizer: Optional[str] = typer.Argument(
-        None, help="tokenizer.json, a folder holding one, or a Hub repo id (default: embedded DeepSeek-V3)."),
+    tokenizer: str | None = typer.Argument(
+        None, help="tokenizer.json, a folder holding one, or a Hub repo id (default: embedded DeepSeek-V3)."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Projection file to write (.safetensors)."),
     top: int = typer.Option(10, "--top", min=0, help="How many of the largest merge groups to show."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
@@ -66,149 +68,237 @@ def plan_command(
 
 @app.command("hash")
 def hash_command(
-    text: Optional[str] = typer.Argument(None, help="Text to tokenize with the projection's tokenizer."),
+    text: str | None = typer.Argument(None, help="Text to tokenize with the projection's tokenizer."),
     spec: str = typer.Option("demo", "--spec", help=SPEC_HELP),
-    projection: Optional[Path] = typer.Option(None, "--projection", help=PROJECTION_HELP),
-    ids: Optional[Path] = typer.Option(
-        None, "--ids", help="A .npy array of token ids, (T,) or (B, T), to hash instead of TEXT."),
-    output: Optional[Path] = typer.Option(
-        None, "-o", "--output", help="With --ids: the .npz to write, one int64 array `layer_<id>` per layer."),
-    layers: Optional[list[int]] = typer.Option(
-        None, "--layer", help="Only this layer (repeatable; default: every layer of the spec)."),
+    projection: Path | None = typer.Option(None, "--projection", help=PROJECTION_HELP),
+    ids: Path | None = typer.Option(
+        None, "--ids", help="A .npy array of token ids, (T,) or (B, T), to hash instead of TEXT."
+    ),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="With --ids: the .npz to write, one int64 array `layer_<id>` per layer."
+    ),
+    layers: list[int] | None = typer.Option(
+        None, "--layer", help="Only this layer (repeatable; default: every layer of the spec)."
+    ),
     rows: bool = typer.Option(
-        False, "--rows", help="Rows of the layer table (bucket + head offset) instead of head-local buckets."),
+        False, "--rows", help="Rows of the layer table (bucket + head offset) instead of head-local buckets."
+    ),
     special_tokens: bool = typer.Option(
-        True, "--special-tokens/--no-special-tokens", help="Let the tokenizer add its BOS and the like."),
+        True, "--special-tokens/--no-special-tokens", help="Let the tokenizer add its BOS and the like."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the n-grams of a text and their bucket in every head, or hash a token-id array."""
     from .commands import run_hash
 
-    emit(run_hash(text, spec=spec, projection=projection, ids=ids, output=output, layers=layers,
-                  rows=rows, special_tokens=special_tokens, overwrite=overwrite), as_json)
+    emit(
+        run_hash(
+            text,
+            spec=spec,
+            projection=projection,
+            ids=ids,
+            output=output,
+            layers=layers,
+            rows=rows,
+            special_tokens=special_tokens,
+            overwrite=overwrite,
+        ),
+        as_json,
+    )
 
 
 @app.command("build-tables")
 def build_tables_command(
     spec: str = typer.Argument(..., help=SPEC_HELP),
-    output: Optional[str] = typer.Option(
-        None, "-o", "--output", help="The table store to write: a folder (or an fsspec URL)."),
-    projection: Optional[Path] = typer.Option(None, "--projection", help=PROJECTION_HELP),
-    shards: Optional[int] = typer.Option(
-        None, "--shards", min=1, help="Ranks to partition every layer for (default 1; on --resume: the store's)."),
-    shard_by: Optional[str] = typer.Option(
-        None, "--shard-by", help="rows: near-equal contiguous row ranges (default); heads: whole heads per rank."),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", min=1, help="Threads generating values (default: all cores); shard buffers in flight stay under 1 GiB."),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="float32, float16 or bfloat16 (default: the spec's table.dtype)."),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="The table store to write: a folder (or an fsspec URL)."
+    ),
+    projection: Path | None = typer.Option(None, "--projection", help=PROJECTION_HELP),
+    shards: int | None = typer.Option(
+        None, "--shards", min=1, help="Ranks to partition every layer for (default 1; on --resume: the store's)."
+    ),
+    shard_by: str | None = typer.Option(
+        None, "--shard-by", help="rows: near-equal contiguous row ranges (default); heads: whole heads per rank."
+    ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Threads generating values (default: all cores); shard buffers in flight stay under 1 GiB.",
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, float16 or bfloat16 (default: the spec's table.dtype)."
+    ),
     resume: bool = typer.Option(
-        False, "--resume", help="Finish an interrupted build: check what is there, write what is missing."),
+        False, "--resume", help="Finish an interrupted build: check what is there, write what is missing."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan and write nothing."),
-    scheduler: Optional[str] = SCHEDULER_OPTION,
-    dask_workers: Optional[int] = DASK_WORKERS_OPTION,
+    scheduler: str | None = SCHEDULER_OPTION,
+    dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Build the initialized tables of a spec as a sharded zarr v3 store, reproducibly."""
     from ..store.build import build_tables
 
-    emit(build_tables(spec, output, projection=projection, shards=shards,
-                      shard_by=shard_by, workers=workers, dtype=dtype, resume=resume,
-                      overwrite=overwrite, dry_run=dry_run, scheduler=scheduler,
-                      dask_workers=dask_workers), as_json)
+    emit(
+        build_tables(
+            spec,
+            output,
+            projection=projection,
+            shards=shards,
+            shard_by=shard_by,
+            workers=workers,
+            dtype=dtype,
+            resume=resume,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            scheduler=scheduler,
+            dask_workers=dask_workers,
+        ),
+        as_json,
+    )
 
 
 @app.command("export")
 def export_command(
     store: str = typer.Argument(..., help="The table store to export (from `engram build-tables`)."),
     target: str = typer.Option(
-        ..., "--for", help="training: a torch.distributed.checkpoint folder; inference: safetensors."),
+        ..., "--for", help="training: a torch.distributed.checkpoint folder; inference: safetensors."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Folder (or, for inference, a .safetensors file)."),
-    shards: Optional[int] = typer.Option(
-        None, "--shards", min=1, help="training: row pieces per tensor (default: the store's partition)."),
-    key_template: Optional[str] = typer.Option(
-        None, "--key-template", help="Tensor names, with {layer_id} (and {head} with --per-head)."),
+    shards: int | None = typer.Option(
+        None, "--shards", min=1, help="training: row pieces per tensor (default: the store's partition)."
+    ),
+    key_template: str | None = typer.Option(
+        None, "--key-template", help="Tensor names, with {layer_id} (and {head} with --per-head)."
+    ),
     per_head: bool = typer.Option(
-        False, "--per-head", help="training: one row-sharded tensor per (order, head) prime table."),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="float32, bfloat16, float16, or (inference) float8_e4m3fn; default: the store's."),
-    layout: Optional[str] = typer.Option(
-        None, "--layout", help="inference: engram (default, self-describing) or deepseek-v41 (fp8, vLLM/SGLang)."),
-    max_shard_size: Optional[str] = typer.Option(
-        None, "--max-shard-size", help="inference: largest safetensors file of a shard set (default 5GB)."),
+        False, "--per-head", help="training: one row-sharded tensor per (order, head) prime table."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16, float16, or (inference) float8_e4m3fn; default: the store's."
+    ),
+    layout: str | None = typer.Option(
+        None, "--layout", help="inference: engram (default, self-describing) or deepseek-v41 (fp8, vLLM/SGLang)."
+    ),
+    max_shard_size: str | None = typer.Option(
+        None, "--max-shard-size", help="inference: largest safetensors file of a shard set (default 5GB)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    scheduler: Optional[str] = SCHEDULER_OPTION,
-    dask_workers: Optional[int] = DASK_WORKERS_OPTION,
+    scheduler: str | None = SCHEDULER_OPTION,
+    dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a store as a DCP training checkpoint or as safetensors for inference engines."""
     from ..checkpoints.exporting import export_store
 
-    emit(export_store(store, output, target=target, shards=shards, key_template=key_template,
-                      per_head=per_head, dtype=dtype, layout=layout, max_shard_size=max_shard_size,
-                      overwrite=overwrite, scheduler=scheduler, dask_workers=dask_workers), as_json)
+    emit(
+        export_store(
+            store,
+            output,
+            target=target,
+            shards=shards,
+            key_template=key_template,
+            per_head=per_head,
+            dtype=dtype,
+            layout=layout,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            scheduler=scheduler,
+            dask_workers=dask_workers,
+        ),
+        as_json,
+    )
 
 
 @app.command("import")
 def import_command(
     checkpoint: Path = typer.Argument(
-        ..., help="A DCP checkpoint folder, or a .safetensors file / index / folder from `engram export`."),
+        ..., help="A DCP checkpoint folder, or a .safetensors file / index / folder from `engram export`."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The table store to write."),
     trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Read DCP metadata, a Python pickle: only for checkpoints you trust."),
-    spec: Optional[str] = typer.Option(
-        None, "--spec", help="For checkpoints without hashing metadata (deepseek-v41): " + SPEC_HELP),
-    projection: Optional[Path] = typer.Option(
-        None, "--projection", help="For checkpoints without hashing metadata: the projection file."),
-    key_template: Optional[str] = typer.Option(
-        None, "--key-template", help="For DCP checkpoints not made by engram: the tables' key template."),
-    layers: Optional[list[int]] = typer.Option(
-        None, "--layers", help="Only this layer (repeatable; default: every layer in the checkpoint)."),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Store dtype (default: the exported store's, else the checkpoint's)."),
-    shards: Optional[int] = typer.Option(
-        None, "--shards", min=1, help="Ranks of the new store's partition (default: the exported store's)."),
-    shard_by: Optional[str] = typer.Option(None, "--shard-by", help="rows or heads (default: the exported store's)."),
+        False, "--trust-pickle", help="Read DCP metadata, a Python pickle: only for checkpoints you trust."
+    ),
+    spec: str | None = typer.Option(
+        None, "--spec", help="For checkpoints without hashing metadata (deepseek-v41): " + SPEC_HELP
+    ),
+    projection: Path | None = typer.Option(
+        None, "--projection", help="For checkpoints without hashing metadata: the projection file."
+    ),
+    key_template: str | None = typer.Option(
+        None, "--key-template", help="For DCP checkpoints not made by engram: the tables' key template."
+    ),
+    layers: list[int] | None = typer.Option(
+        None, "--layers", help="Only this layer (repeatable; default: every layer in the checkpoint)."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Store dtype (default: the exported store's, else the checkpoint's)."
+    ),
+    shards: int | None = typer.Option(
+        None, "--shards", min=1, help="Ranks of the new store's partition (default: the exported store's)."
+    ),
+    shard_by: str | None = typer.Option(None, "--shard-by", help="rows or heads (default: the exported store's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Turn a checkpoint made by `engram export` (or a trained one) back into a table store."""
     from ..checkpoints.importing import import_checkpoint
 
-    emit(import_checkpoint(checkpoint, output, trust_pickle=trust_pickle, spec=spec, projection=projection,
-                           key_template=key_template, layers=layers, dtype=dtype, shards=shards,
-                           shard_by=shard_by, overwrite=overwrite), as_json)
+    emit(
+        import_checkpoint(
+            checkpoint,
+            output,
+            trust_pickle=trust_pickle,
+            spec=spec,
+            projection=projection,
+            key_template=key_template,
+            layers=layers,
+            dtype=dtype,
+            shards=shards,
+            shard_by=shard_by,
+            overwrite=overwrite,
+        ),
+        as_json,
+    )
 
 
 @app.command("inspect")
 def inspect_command(
     source: str = typer.Argument(
-        ..., help="A table store folder (from `engram build-tables`), or a TOML spec or preset name "
-                  "(demo, engram-27b, ...)."),
-    projection: Optional[Path] = typer.Option(
-        None, "--projection", help="With a spec: " + PROJECTION_HELP + " With a store: must be the store's."),
-    corpus: Optional[list[str]] = typer.Option(
-        None, "--corpus", help="Text files or folders (recursive), .jsonl, .npy (T,) or (B, T), .bin; repeatable."),
+        ...,
+        help="A table store folder (from `engram build-tables`), or a TOML spec or preset name "
+        "(demo, engram-27b, ...).",
+    ),
+    projection: Path | None = typer.Option(
+        None, "--projection", help="With a spec: " + PROJECTION_HELP + " With a store: must be the store's."
+    ),
+    corpus: list[str] | None = typer.Option(
+        None, "--corpus", help="Text files or folders (recursive), .jsonl, .npy (T,) or (B, T), .bin; repeatable."
+    ),
     doc_per: str = typer.Option("file", "--doc-per", help="Text files: one document per file or per line."),
     text_field: str = typer.Option("text", "--text-field", help=".jsonl: the field holding the text."),
     bin_dtype: str = typer.Option("uint16", "--bin-dtype", help=".bin: uint16 or uint32 token ids."),
-    doc_sep: Optional[int] = typer.Option(
-        None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."),
-    glob: Optional[str] = typer.Option(None, "--glob", help="In folders, read only files matching this (*.py)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
-    sweep: Optional[str] = typer.Option(
-        None, "--sweep", help="Also at every head size scaled by each factor: 1,2,5,10."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the sweep and the bucket loads to this PNG."),
+    doc_sep: int | None = typer.Option(
+        None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."
+    ),
+    glob: str | None = typer.Option(None, "--glob", help="In folders, read only files matching this (*.py)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
+    sweep: str | None = typer.Option(None, "--sweep", help="Also at every head size scaled by each factor: 1,2,5,10."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw the sweep and the bucket loads to this PNG."),
     top: int = typer.Option(0, "--top", min=0, help="Show the K most crowded buckets with their n-grams."),
     verify: bool = typer.Option(False, "--verify", help="With a store: read every shard, check every checksum."),
-    max_memory: Optional[int] = typer.Option(
-        None, "--max-memory", min=16, help="MiB of n-gram counts kept in memory before spilling to disk "
-                                           "(default: a quarter of the free memory)."),
-    spill_dir: Optional[Path] = typer.Option(None, "--spill-dir", help="Where to spill (default: the temp dir)."),
-    scheduler: Optional[str] = SCHEDULER_OPTION,
-    dask_workers: Optional[int] = DASK_WORKERS_OPTION,
+    max_memory: int | None = typer.Option(
+        None,
+        "--max-memory",
+        min=16,
+        help="MiB of n-gram counts kept in memory before spilling to disk (default: a quarter of the free memory).",
+    ),
+    spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Where to spill (default: the temp dir)."),
+    scheduler: str | None = SCHEDULER_OPTION,
+    dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store."""
@@ -216,12 +306,26 @@ def inspect_command(
     from ..inspection import inspect
     from .commands import parse_factors
 
-    options = CorpusOptions(doc_per=doc_per, text_field=text_field, bin_dtype=bin_dtype, doc_sep=doc_sep,
-                            glob=glob, max_tokens=max_tokens)
-    emit(inspect(source, projection=projection, corpus=corpus, options=options,
-                 sweep=parse_factors(sweep) if sweep else None, plot=plot, top=top, verify=verify,
-                 memory_budget=max_memory << 20 if max_memory else None, spill_dir=spill_dir,
-                 scheduler=scheduler, dask_workers=dask_workers), as_json)
+    options = CorpusOptions(
+        doc_per=doc_per, text_field=text_field, bin_dtype=bin_dtype, doc_sep=doc_sep, glob=glob, max_tokens=max_tokens
+    )
+    emit(
+        inspect(
+            source,
+            projection=projection,
+            corpus=corpus,
+            options=options,
+            sweep=parse_factors(sweep) if sweep else None,
+            plot=plot,
+            top=top,
+            verify=verify,
+            memory_budget=max_memory << 20 if max_memory else None,
+            spill_dir=spill_dir,
+            scheduler=scheduler,
+            dask_workers=dask_workers,
+        ),
+        as_json,
+    )
 
 
 def main() -> None:
@@ -245,4 +349,3 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("engram: interrupted\n")
         sys.exit(130)
-

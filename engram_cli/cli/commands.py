@@ -27,14 +27,25 @@ from ..spec import load_spec
 from ..vocab import resolve_projection
 
 
-def run_hash(text: str | None, *, spec: str | Path = "demo", projection: str | Path | None = None,
-             ids: str | Path | None = None, output: str | Path | None = None,
-             layers: Iterable[int] | None = None, rows: bool = False, special_tokens: bool = True,
-             overwrite: bool = False) -> HashTextReport | HashFileReport:
+def run_hash(
+    text: str | None,
+    *,
+    spec: str | Path = "demo",
+    projection: str | Path | None = None,
+    ids: str | Path | None = None,
+    output: str | Path | None = None,
+    layers: Iterable[int] | None = None,
+    rows: bool = False,
+    special_tokens: bool = True,
+    overwrite: bool = False,
+) -> HashTextReport | HashFileReport:
     """The whole `engram hash` job: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays."""
     if (text is None) == (ids is None):
-        raise EngramError("give either TEXT to tokenize or --ids FILE.npy, not both" if text is not None
-                          else "give TEXT to tokenize, or --ids FILE.npy with -o OUT.npz")
+        raise EngramError(
+            "give either TEXT to tokenize or --ids FILE.npy, not both"
+            if text is not None
+            else "give TEXT to tokenize, or --ids FILE.npy with -o OUT.npz"
+        )
     if ids is not None and output is None:
         raise EngramError("--ids needs -o OUT.npz, the archive to write one array per layer into")
     if text is not None and output is not None:
@@ -43,8 +54,7 @@ def run_hash(text: str | None, *, spec: str | Path = "demo", projection: str | P
     vocab = resolve_projection(projection)
     layers = None if not layers else list(layers)
     if ids is not None:
-        return hash_ids_file(ids, output, table_spec, vocab, layers=layers, rows=rows,
-                             overwrite=overwrite)
+        return hash_ids_file(ids, output, table_spec, vocab, layers=layers, rows=rows, overwrite=overwrite)
     return hash_text(text, table_spec, vocab, layers=layers, rows=rows, special_tokens=special_tokens)
 
 
@@ -61,4 +71,3 @@ def parse_factors(text: str) -> list[float]:
         if value not in factors:
             factors.append(value)
     return factors
-

@@ -56,18 +56,32 @@ def draw_collisions(report: InspectReport, path: str | Path) -> None:
     grid = np.geomspace(lo, hi, 200)
     for i, n in enumerate(orders):
         color = _COLORS[i % len(_COLORS)]
-        base_size = float(np.mean(spec.head_sizes(spec.layer_ids[0])[(n - 2) * spec.n_head_per_ngram:
-                                                                        (n - 1) * spec.n_head_per_ngram]))
+        base_size = float(
+            np.mean(
+                spec.head_sizes(spec.layer_ids[0])[(n - 2) * spec.n_head_per_ngram : (n - 1) * spec.n_head_per_ngram]
+            )
+        )
         measured = [_mean_rates(by_factor[f], n) for f in factors]
         distinct = measured[0][2]
-        rate_ax.plot(grid, 100 * _ideal_curve(base_size * grid, distinct), "--", color=color, alpha=0.55,
-                     linewidth=1.2)
-        rate_ax.plot(factors, [100 * m for m, _, _ in measured], "o-", color=color, linewidth=2,
-                     label=f"{n}-grams: {distinct:,} distinct")
+        rate_ax.plot(grid, 100 * _ideal_curve(base_size * grid, distinct), "--", color=color, alpha=0.55, linewidth=1.2)
+        rate_ax.plot(
+            factors,
+            [100 * m for m, _, _ in measured],
+            "o-",
+            color=color,
+            linewidth=2,
+            label=f"{n}-grams: {distinct:,} distinct",
+        )
         for f, (m, _, _) in zip(factors, measured):
-            rate_ax.annotate(f"{100 * m:.1f}%", (f, 100 * m), textcoords="offset points",
-                             xytext=(6, 5) if i % 2 else (-8, -13), ha="left" if i % 2 else "right",
-                             fontsize=8, color=color)
+            rate_ax.annotate(
+                f"{100 * m:.1f}%",
+                (f, 100 * m),
+                textcoords="offset points",
+                xytext=(6, 5) if i % 2 else (-8, -13),
+                ha="left" if i % 2 else "right",
+                fontsize=8,
+                color=color,
+            )
     rate_ax.plot([], [], "--", color="gray", label="ideal uniform hashing")
     rate_ax.set_xscale("log")
     rate_ax.set_xticks(factors, [_factor_label(f, spec) for f in factors], fontsize=8)
@@ -93,14 +107,26 @@ def draw_collisions(report: InspectReport, path: str | Path) -> None:
         counts = np.array([histogram[k] for k in loads], np.float64) / len(heads)
         top_load = max(top_load, int(loads.max()))
         shift = (i - (len(orders) - 1) / 2) * width
-        load_ax.bar(loads + shift, counts, width=width, color=color, alpha=0.8,
-                    label=f"{n}-grams (mean over {len(heads)} heads)")
+        load_ax.bar(
+            loads + shift,
+            counts,
+            width=width,
+            color=color,
+            alpha=0.8,
+            label=f"{n}-grams (mean over {len(heads)} heads)",
+        )
         lam = layers[next(iter(layers))][n].distinct / float(np.mean([h.size for h in heads]))
         k = np.arange(0, int(loads.max()) + 1)
         poisson = np.exp(k * np.log(lam) - lam - _log_factorial(k)) if lam > 0 else (k == 0).astype(float)
-        load_ax.plot(k + shift, poisson * float(np.mean([h.size for h in heads])), "_", color="black",
-                     markersize=7,
-                     markeredgewidth=1.5, label="ideal hashing (Poisson)" if i == 0 else None)
+        load_ax.plot(
+            k + shift,
+            poisson * float(np.mean([h.size for h in heads])),
+            "_",
+            color="black",
+            markersize=7,
+            markeredgewidth=1.5,
+            label="ideal hashing (Poisson)" if i == 0 else None,
+        )
     load_ax.set_yscale("log")
     load_ax.set_ylim(bottom=0.5)
     load_ax.set_xlabel("distinct n-grams in a bucket (load)")
@@ -112,8 +138,10 @@ def draw_collisions(report: InspectReport, path: str | Path) -> None:
 
     corpus = report.corpus
     what = f"{corpus.tokens:,} tokens, {corpus.documents:,} documents" if corpus else ""
-    fig.suptitle(f"engram inspect: {spec.name} ({len(spec.layer_ids)} layers x {spec.heads_per_layer} heads) "
-                 f"on {what}", fontsize=12)
+    fig.suptitle(
+        f"engram inspect: {spec.name} ({len(spec.layer_ids)} layers x {spec.heads_per_layer} heads) on {what}",
+        fontsize=12,
+    )
     _save(fig, Path(path))
 
 
@@ -141,4 +169,3 @@ def _save(fig: Any, path: Path) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise EngramError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
-

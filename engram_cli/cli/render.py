@@ -43,4 +43,3 @@ def progress(*extra_columns: Any, transient: bool = False) -> Progress:
         transient=transient,
         disable=not console.is_terminal,
     )
-

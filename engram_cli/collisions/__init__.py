@@ -9,5 +9,4 @@ from .keys import KeyCounts, WindowKeys
 from .spill import KeyCountStore
 from .statistics import HeadStats, OrderStats, SweepPoint, collision_statistics
 
-__all__ = ["HeadStats", "KeyCountStore", "KeyCounts", "OrderStats", "SweepPoint", "WindowKeys",
-           "collision_statistics"]
+__all__ = ["HeadStats", "KeyCountStore", "KeyCounts", "OrderStats", "SweepPoint", "WindowKeys", "collision_statistics"]

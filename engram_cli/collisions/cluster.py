@@ -36,16 +36,26 @@ from .keys import PARTITION_BITS, WindowKeys, merge_partition
 from .spill import KeyCountStore, append_file, as_rows, count_corpus, partition_file, read_counts, spill_folder
 
 
-def count_part_task(part: CorpusPart, spec: TableSpec, projection: VocabProjection,
-                    options: CorpusOptions, budget: int, root: str, name: str, bits: int) -> CorpusSummary:
+def count_part_task(
+    part: CorpusPart,
+    spec: TableSpec,
+    projection: VocabProjection,
+    options: CorpusOptions,
+    budget: int,
+    root: str,
+    name: str,
+    bits: int,
+) -> CorpusSummary:
     """Map: one corpus part to its key counts, saved one file per (order, partition) under
     `root/name`; what was read comes back. A retried task starts its folder afresh."""
     window = WindowKeys.of(spec, projection)
     corpus = Corpus([part.sources[0].path], projection, options, context=spec.max_ngram_size - 1, part=part)
     final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    with ThreadPoolExecutor(max_workers=cpu_count()) as pool, \
-            KeyCountStore(window, budget, root, partition_bits=bits) as store:
+    with (
+        ThreadPoolExecutor(max_workers=cpu_count()) as pool,
+        KeyCountStore(window, budget, root, partition_bits=bits) as store,
+    ):
         count_corpus(corpus.batches(), window, store, pool)
         store.save_partitions(scratch)
     shutil.rmtree(final, ignore_errors=True)
@@ -53,8 +63,7 @@ def count_part_task(part: CorpusPart, spec: TableSpec, projection: VocabProjecti
     return corpus.summary
 
 
-def merge_partition_task(root: str, maps: list[str], order: int, indices: list[int],
-                         words: int) -> tuple[int, int]:
+def merge_partition_task(root: str, maps: list[str], order: int, indices: list[int], words: int) -> tuple[int, int]:
     """Reduce: merge partitions `indices` of one order over every map output into
     `root/merged`; returns (distinct keys, occurrences). Only these partitions are in memory."""
     distinct = occurrences = 0
@@ -74,9 +83,17 @@ def merge_partition_task(root: str, maps: list[str], order: int, indices: list[i
     return distinct, occurrences
 
 
-def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: VocabProjection,
-                     window: WindowKeys, budget: int, spill_dir: str | Path | None,
-                     on_part: Callable[[], None] | None = None, part_ids: int | None = None) -> KeyCountStore:
+def count_on_cluster(
+    client: Any,
+    corpus: Corpus,
+    spec: TableSpec,
+    projection: VocabProjection,
+    window: WindowKeys,
+    budget: int,
+    spill_dir: str | Path | None,
+    on_part: Callable[[], None] | None = None,
+    part_ids: int | None = None,
+) -> KeyCountStore:
     """Map the corpus parts and merge the partitions as Dask tasks; the key counts move only
     between workers through `spill_dir` (a folder every worker sees), never through the client."""
     from ..cluster import run_tasks
@@ -102,14 +119,25 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
         if on_part:
             on_part()
 
-    run_tasks(client, count_part_task,
-              [(f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n, bits))
-               for p, n in zip(parts, names)], on_done=mapped)
+    run_tasks(
+        client,
+        count_part_task,
+        [
+            (f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n, bits))
+            for p, n in zip(parts, names)
+        ],
+        on_done=mapped,
+    )
     groups = [list(range(a, min(a + group, 1 << bits))) for a in range(0, 1 << bits, group)]
     jobs = [(order, g) for order in window.orders for g in groups]
-    results = run_tasks(client, merge_partition_task,
-                        [(f"merge-order{order}-parts{g[0]}-{g[-1]}",
-                          (str(root), names, order, g, window.layout(order).words)) for order, g in jobs])
+    results = run_tasks(
+        client,
+        merge_partition_task,
+        [
+            (f"merge-order{order}-parts{g[0]}-{g[-1]}", (str(root), names, order, g, window.layout(order).words))
+            for order, g in jobs
+        ],
+    )
     distinct = {n: 0 for n in window.orders}
     occurrences = {n: 0 for n in window.orders}
     for (order, _), (rows, total) in zip(jobs, results):
@@ -120,4 +148,3 @@ def count_on_cluster(client: Any, corpus: Corpus, spec: TableSpec, projection: V
     store = KeyCountStore.merged_in(window, budget, root / "merged", bits, distinct, occurrences)
     store.cleanup = root
     return store
-

@@ -259,8 +259,9 @@ class WindowKeys:
     @staticmethod
     def of(spec: TableSpec, projection: VocabProjection) -> WindowKeys:
         if spec.pad_id >= projection.vocab_size:
-            raise EngramError(f"spec pad_id {spec.pad_id} is not below the projection's vocab size "
-                              f"{projection.vocab_size}")
+            raise EngramError(
+                f"spec pad_id {spec.pad_id} is not below the projection's vocab size {projection.vocab_size}"
+            )
         bits = max(1, (projection.compressed_size - 1).bit_length())
         return WindowKeys(projection.lookup, int(projection.lookup[spec.pad_id]), spec.max_ngram_size, bits)
 
@@ -293,11 +294,10 @@ def map_order(batch: DocBatch, window: WindowKeys, order: int) -> KeyCounts:
     is_start[batch.starts] = True
     context = np.full(window.max_order - 1, window.pad, np.int64)
     if batch.context.size:
-        tail = window.lookup[batch.context[-(window.max_order - 1):]]
-        context[context.size - tail.size:] = tail
+        tail = window.lookup[batch.context[-(window.max_order - 1) :]]
+        context[context.size - tail.size :] = tail
     out = np.empty((ids.size, layout.words), np.uint64)
-    _pack_windows(ids, window.lookup, is_start, context, window.pad, order, layout.bits,
-                  layout.per_word, out)
+    _pack_windows(ids, window.lookup, is_start, context, window.pad, order, layout.bits, layout.per_word, out)
     return count_keys(out)
 
 
@@ -338,7 +338,7 @@ def merge_partition(chunks: list[KeyCounts]) -> KeyCounts:
             runs += _sorted_runs(keys, chunk.counts)
     while len(runs) > 1:
         merged = [_merge_sorted(*runs[i], *runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
-        runs = merged + runs[len(runs) - len(runs) % 2:]
+        runs = merged + runs[len(runs) - len(runs) % 2 :]
     keys, counts = runs[0]
     return KeyCounts(keys.reshape(-1, 1).copy(), counts.copy())
 
@@ -352,4 +352,3 @@ def _sorted_runs(keys: np.ndarray, counts: np.ndarray) -> list[tuple[np.ndarray,
         starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
         runs.append((k[starts], np.add.reduceat(c, starts)))
     return runs
-

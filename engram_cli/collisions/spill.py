@@ -38,8 +38,9 @@ def spill_folder(prefix: str, root: str | Path | None) -> Path:
     try:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     except OSError as exc:
-        raise EngramError(f"cannot create a spill folder in {root or tempfile.gettempdir()}: "
-                          f"{exc.strerror or exc}") from None
+        raise EngramError(
+            f"cannot create a spill folder in {root or tempfile.gettempdir()}: {exc.strerror or exc}"
+        ) from None
 
 
 def append_file(path: Path, data: np.ndarray) -> None:
@@ -47,8 +48,10 @@ def append_file(path: Path, data: np.ndarray) -> None:
         with open(path, "ab") as handle:
             data.tofile(handle)
     except OSError as exc:
-        raise EngramError(f"cannot spill n-gram counts to {path.parent}: {exc.strerror or exc}; "
-                          "free some space or point --spill-dir elsewhere") from None
+        raise EngramError(
+            f"cannot spill n-gram counts to {path.parent}: {exc.strerror or exc}; "
+            "free some space or point --spill-dir elsewhere"
+        ) from None
 
 
 def partition_file(order: int, index: int) -> str:
@@ -72,8 +75,13 @@ class KeyCountStore:
     the budget do they spill, each partition to its own file of rows (key words, count).
     """
 
-    def __init__(self, window: WindowKeys, memory_budget: int, spill_dir: str | Path | None = None,
-                 partition_bits: int = PARTITION_BITS) -> None:
+    def __init__(
+        self,
+        window: WindowKeys,
+        memory_budget: int,
+        spill_dir: str | Path | None = None,
+        partition_bits: int = PARTITION_BITS,
+    ) -> None:
         self.window = window
         self.budget = memory_budget
         self.partition_bits = partition_bits
@@ -138,8 +146,15 @@ class KeyCountStore:
                         append_file(directory / partition_file(order, index), as_rows(piece))
 
     @classmethod
-    def merged_in(cls, window: WindowKeys, budget: int, directory: Path, partition_bits: int,
-                  distinct: dict[int, int], occurrences: dict[int, int]) -> KeyCountStore:
+    def merged_in(
+        cls,
+        window: WindowKeys,
+        budget: int,
+        directory: Path,
+        partition_bits: int,
+        distinct: dict[int, int],
+        occurrences: dict[int, int],
+    ) -> KeyCountStore:
         """The finished counts that cluster tasks merged into `directory`, one file a partition:
         read into memory when they fit the budget (as a local run keeps them), else streamed."""
         store = cls(window, budget, partition_bits=partition_bits)
@@ -148,8 +163,9 @@ class KeyCountStore:
         if sum(p.stat().st_size for p in directory.iterdir()) <= budget:
             for order in window.orders:
                 parts = list(store.parts(order)) or [KeyCounts.empty(window.layout(order).words)]
-                store._merged[order] = KeyCounts(np.concatenate([p.keys for p in parts]),
-                                                 np.concatenate([p.counts for p in parts]))
+                store._merged[order] = KeyCounts(
+                    np.concatenate([p.keys for p in parts]), np.concatenate([p.counts for p in parts])
+                )
             store._dir = None  # partitions are key ranges in order: concatenated, still sorted
         return store
 
@@ -164,8 +180,12 @@ class KeyCountStore:
                 self.occurrences[order] = int(merged.counts.sum())
             return
         self._spill()
-        jobs = [(order, index) for order in self._chunks for index in range(1 << self.partition_bits)
-                if self._file(order, index).exists()]
+        jobs = [
+            (order, index)
+            for order in self._chunks
+            for index in range(1 << self.partition_bits)
+            if self._file(order, index).exists()
+        ]
         for order in self._chunks:
             self.distinct[order] = self.occurrences[order] = 0
         for (order, _), (rows, total) in zip(jobs, run(self._merge_file, jobs)):
@@ -209,8 +229,13 @@ class KeyCountStore:
         self.close()
 
 
-def count_corpus(batches: Iterable[DocBatch], window: WindowKeys, store: KeyCountStore,
-                 pool: ThreadPoolExecutor, on_batch: Callable[[DocBatch], None] | None = None) -> None:
+def count_corpus(
+    batches: Iterable[DocBatch],
+    window: WindowKeys,
+    store: KeyCountStore,
+    pool: ThreadPoolExecutor,
+    on_batch: Callable[[DocBatch], None] | None = None,
+) -> None:
     """Map every batch (orders in parallel, one batch in flight while the next is read) into `store`."""
     pending: list[tuple[DocBatch, dict[int, Any]]] = []
 
@@ -234,4 +259,3 @@ def default_memory_budget() -> int:
     import psutil
 
     return int(min(8 << 30, max(256 << 20, psutil.virtual_memory().available // 4)))
-

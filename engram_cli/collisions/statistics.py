@@ -93,9 +93,13 @@ class HeadStats:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "size": self.size, "buckets_used": self.buckets_used, "colliding": self.colliding,
-            "collision_rate": self.collision_rate, "expected_rate": self.expected_rate,
-            "weighted_rate": self.weighted_rate, "max_load": self.max_load,
+            "size": self.size,
+            "buckets_used": self.buckets_used,
+            "colliding": self.colliding,
+            "collision_rate": self.collision_rate,
+            "expected_rate": self.expected_rate,
+            "weighted_rate": self.weighted_rate,
+            "max_load": self.max_load,
             "load_histogram": {str(k): v for k, v in self.load_histogram.items()},
         }
 
@@ -115,10 +119,13 @@ class OrderStats:
 
     def to_json(self) -> dict[str, Any]:
         data = {
-            "occurrences": self.occurrences, "distinct": self.distinct,
-            "mix_colliding": self.mix_colliding, "all_heads_colliding": self.all_heads_colliding,
+            "occurrences": self.occurrences,
+            "distinct": self.distinct,
+            "mix_colliding": self.mix_colliding,
+            "all_heads_colliding": self.all_heads_colliding,
             "all_heads_rate": self.all_heads_colliding / self.distinct if self.distinct else 0.0,
-            "collision_rate": self.mean("collision_rate"), "expected_rate": self.mean("expected_rate"),
+            "collision_rate": self.mean("collision_rate"),
+            "expected_rate": self.mean("expected_rate"),
             "weighted_rate": self.mean("weighted_rate"),
             "heads": [h.to_json() for h in self.heads],
         }
@@ -177,7 +184,7 @@ class _CandidateGroups:
         order = np.argsort(pid, kind="stable")
         edges = np.concatenate([[0], np.cumsum(np.bincount(pid, minlength=1 << self.bits))])
         for index in np.flatnonzero(np.diff(edges)):
-            append_file(self._dir / f"{int(index):04d}.i64", mix[order[edges[index]:edges[index + 1]]])
+            append_file(self._dir / f"{int(index):04d}.i64", mix[order[edges[index] : edges[index + 1]]])
         self._held, self._bytes = [], 0
 
     def _groups(self) -> Iterator[np.ndarray]:
@@ -235,9 +242,19 @@ class OrderInput:
     def mixes(self, part: KeyCounts) -> np.ndarray:
         out = np.empty(part.rows, np.int64)
         keys = part.keys
-        jobs = [self.pool.submit(mix_keys, keys[a:b], self.layout.order, self.layout.bits,
-                                 self.layout.per_word, self.layout.mask, self.multipliers, out[a:b])
-                for a, b in _slices(part.rows, cpu_count())]
+        jobs = [
+            self.pool.submit(
+                mix_keys,
+                keys[a:b],
+                self.layout.order,
+                self.layout.bits,
+                self.layout.per_word,
+                self.layout.mask,
+                self.multipliers,
+                out[a:b],
+            )
+            for a, b in _slices(part.rows, cpu_count())
+        ]
         for job in jobs:
             job.result()
         return out
@@ -253,8 +270,14 @@ class OrderInput:
             yield part, self.mixes(part)
 
 
-def order_statistics(data: OrderInput, sizes: list[int], budget: int, spill_dir: str | Path | None,
-                     top: int = 0, decoder: NgramDecoder | None = None) -> OrderStats:
+def order_statistics(
+    data: OrderInput,
+    sizes: list[int],
+    budget: int,
+    spill_dir: str | Path | None,
+    top: int = 0,
+    decoder: NgramDecoder | None = None,
+) -> OrderStats:
     """Every statistic of one order of one layer at the given head sizes."""
     order = data.layout.order
     distinct, occurrences = data.store.distinct[order], data.store.occurrences[order]
@@ -263,13 +286,16 @@ def order_statistics(data: OrderInput, sizes: list[int], budget: int, spill_dir:
     offsets = np.concatenate([[0], np.cumsum(sizes_arr)[:-1]]).astype(np.int64)
     loads = np.zeros(int(sizes_arr.sum()), np.int32 if distinct < 2**31 else np.int64)
     for _, mix in data.parts():
-        jobs = [pool.submit(_add_loads, mix, int(size), loads[off:off + size])
-                for size, off in zip(sizes, offsets.tolist())]
+        jobs = [
+            pool.submit(_add_loads, mix, int(size), loads[off : off + size])
+            for size, off in zip(sizes, offsets.tolist())
+        ]
         for job in jobs:
             job.result()
 
-    crowded = [np.packbits(loads[off:off + size] > 1, bitorder="little")
-               for size, off in zip(sizes, offsets.tolist())]
+    crowded = [
+        np.packbits(loads[off : off + size] > 1, bitorder="little") for size, off in zip(sizes, offsets.tolist())
+    ]
     byte_offsets = np.concatenate([[0], np.cumsum([c.size for c in crowded])[:-1]]).astype(np.int64)
     bitmap = np.concatenate(crowded)
     colliding = np.zeros(len(sizes), np.int64)
@@ -280,8 +306,23 @@ def order_statistics(data: OrderInput, sizes: list[int], budget: int, spill_dir:
             results = []
             for a, b in _slices(mix.size, cpu_count()):
                 c, w = np.zeros(len(sizes), np.int64), np.zeros(len(sizes), np.int64)
-                results.append((pool.submit(_flag_collisions, mix[a:b], part.counts[a:b], sizes_arr, bitmap,
-                                            byte_offsets, flags[a:b], c, w), c, w))
+                results.append(
+                    (
+                        pool.submit(
+                            _flag_collisions,
+                            mix[a:b],
+                            part.counts[a:b],
+                            sizes_arr,
+                            bitmap,
+                            byte_offsets,
+                            flags[a:b],
+                            c,
+                            w,
+                        ),
+                        c,
+                        w,
+                    )
+                )
             for job, c, w in results:
                 job.result()
                 colliding += c
@@ -291,29 +332,34 @@ def order_statistics(data: OrderInput, sizes: list[int], budget: int, spill_dir:
 
     heads = []
     for h, (size, off) in enumerate(zip(sizes, offsets.tolist())):
-        histogram = np.bincount(loads[off:off + size])
-        heads.append(HeadStats(
-            size=size, buckets_used=int(size - histogram[0]), colliding=int(colliding[h]),
-            collision_rate=float(colliding[h] / distinct) if distinct else 0.0,
-            expected_rate=expected_rate(size, distinct),
-            weighted_rate=float(weighted[h] / occurrences) if occurrences else 0.0,
-            max_load=int(histogram.size - 1),
-            load_histogram={int(k): int(v) for k, v in enumerate(histogram) if v},
-        ))
+        histogram = np.bincount(loads[off : off + size])
+        heads.append(
+            HeadStats(
+                size=size,
+                buckets_used=int(size - histogram[0]),
+                colliding=int(colliding[h]),
+                collision_rate=float(colliding[h] / distinct) if distinct else 0.0,
+                expected_rate=expected_rate(size, distinct),
+                weighted_rate=float(weighted[h] / occurrences) if occurrences else 0.0,
+                max_load=int(histogram.size - 1),
+                load_histogram={int(k): int(v) for k, v in enumerate(histogram) if v},
+            )
+        )
     stats = OrderStats(order, occurrences, distinct, mix_colliding, all_heads, heads)
     if top and decoder is not None:
         stats.top_buckets = _top_buckets(data, sizes, offsets, loads, top, decoder)
     return stats
 
 
-def _top_buckets(data: OrderInput, sizes: list[int], offsets: np.ndarray, loads: np.ndarray,
-                 top: int, decoder: NgramDecoder) -> list[dict[str, Any]]:
+def _top_buckets(
+    data: OrderInput, sizes: list[int], offsets: np.ndarray, loads: np.ndarray, top: int, decoder: NgramDecoder
+) -> list[dict[str, Any]]:
     """The `top` most crowded buckets over all heads of an order, with their n-grams decoded."""
     chosen: list[tuple[int, int, int]] = []  # (load, head, bucket)
     for h, (size, off) in enumerate(zip(sizes, offsets.tolist())):
-        head_loads = loads[off:off + size]
+        head_loads = loads[off : off + size]
         k = min(top, size)
-        idx = np.argpartition(head_loads, size - k)[size - k:]
+        idx = np.argpartition(head_loads, size - k)[size - k :]
         chosen += [(int(head_loads[b]), h, int(b)) for b in idx if head_loads[b] > 1]
     chosen = sorted(chosen, key=lambda t: (-t[0], t[1], t[2]))[:top]
     members: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {(h, b): [] for _, h, b in chosen}
@@ -324,7 +370,7 @@ def _top_buckets(data: OrderInput, sizes: list[int], offsets: np.ndarray, loads:
             buckets = mix % np.int64(sizes[h])
             hit = np.flatnonzero(np.isin(buckets, wanted))
             for i in hit:
-                members[(h, int(buckets[i]))].append((part.keys[i:i + 1], part.counts[i:i + 1]))
+                members[(h, int(buckets[i]))].append((part.keys[i : i + 1], part.counts[i : i + 1]))
     result = []
     layout = data.layout
     for load, h, b in chosen:
@@ -333,12 +379,18 @@ def _top_buckets(data: OrderInput, sizes: list[int], offsets: np.ndarray, loads:
         counts = np.concatenate([c for _, c in found])
         order = np.argsort(-counts, kind="stable")[:TOP_NGRAMS]
         windows = np.empty((order.size, layout.order), np.int64)
-        unpack_windows(np.ascontiguousarray(keys[order]), layout.order, layout.bits, layout.per_word,
-                        layout.mask, windows)
-        result.append({
-            "head": h, "size": sizes[h], "bucket": b, "load": load,
-            "ngrams": [decoder.ngram(w[::-1], int(c)) for w, c in zip(windows, counts[order])],
-        })
+        unpack_windows(
+            np.ascontiguousarray(keys[order]), layout.order, layout.bits, layout.per_word, layout.mask, windows
+        )
+        result.append(
+            {
+                "head": h,
+                "size": sizes[h],
+                "bucket": b,
+                "load": load,
+                "ngrams": [decoder.ngram(w[::-1], int(c)) for w, c in zip(windows, counts[order])],
+            }
+        )
     return result
 
 
@@ -358,8 +410,9 @@ class NgramDecoder:
     def token(self, canonical: int) -> str:
         if canonical not in self._cache:
             raw = int(self._first[canonical])
-            self._cache[canonical] = (f"#{canonical}" if self._tokenizer is None else
-                                      self._tokenizer.decode([raw], skip_special_tokens=False))
+            self._cache[canonical] = (
+                f"#{canonical}" if self._tokenizer is None else self._tokenizer.decode([raw], skip_special_tokens=False)
+            )
         return self._cache[canonical]
 
     def ngram(self, window: np.ndarray, count: int) -> dict[str, Any]:
@@ -375,24 +428,34 @@ class SweepPoint:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "factor": self.factor, "rows": self.spec.total_rows, "parameters": self.spec.parameters,
+            "factor": self.factor,
+            "rows": self.spec.total_rows,
+            "parameters": self.spec.parameters,
             "bytes": self.spec.parameters * DTYPE_BYTES[self.spec.dtype],
             "layers": layers_json(self.layers),
         }
 
 
 def layers_json(layers: LayerStats) -> dict[str, Any]:
-    return {str(layer): {"orders": {str(n): s.to_json() for n, s in orders.items()}}
-            for layer, orders in layers.items()}
+    return {
+        str(layer): {"orders": {str(n): s.to_json() for n, s in orders.items()}} for layer, orders in layers.items()
+    }
 
 
-def collision_statistics(spec: TableSpec, projection: VocabProjection, corpus: Corpus | Iterable[DocBatch], *,
-                         factors: list[float] | None = None, top: int = 0,
-                         memory_budget: int | None = None, spill_dir: str | Path | None = None,
-                         on_batch: Callable[[DocBatch | None], None] | None = None,
-                         on_statistic: Callable[[], None] | None = None, client: Any = None,
-                         part_ids: int | None = None
-                         ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
+def collision_statistics(
+    spec: TableSpec,
+    projection: VocabProjection,
+    corpus: Corpus | Iterable[DocBatch],
+    *,
+    factors: list[float] | None = None,
+    top: int = 0,
+    memory_budget: int | None = None,
+    spill_dir: str | Path | None = None,
+    on_batch: Callable[[DocBatch | None], None] | None = None,
+    on_statistic: Callable[[], None] | None = None,
+    client: Any = None,
+    part_ids: int | None = None,
+) -> tuple[LayerStats, list[SweepPoint] | None, int]:
     """Statistics at the spec's sizes and at every sweep factor, and the bytes spilled to disk.
 
     `corpus` is a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
@@ -405,20 +468,31 @@ def collision_statistics(spec: TableSpec, projection: VocabProjection, corpus: C
     decoder = NgramDecoder(projection) if top else None
     scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]
     if client is not None:
-        counts = count_on_cluster(client, corpus, spec, projection, window, budget, spill_dir,
-                                  (lambda: on_batch(None)) if on_batch else None, part_ids)
+        counts = count_on_cluster(
+            client,
+            corpus,
+            spec,
+            projection,
+            window,
+            budget,
+            spill_dir,
+            (lambda: on_batch(None)) if on_batch else None,
+            part_ids,
+        )
     else:
         counts = KeyCountStore(window, budget, spill_dir)
     with ThreadPoolExecutor(max_workers=cpu_count()) as pool, counts as store:
         if client is None:
-            count_corpus(corpus.batches() if isinstance(corpus, Corpus) else corpus, window, store, pool,
-                         on_batch)
+            count_corpus(corpus.batches() if isinstance(corpus, Corpus) else corpus, window, store, pool, on_batch)
         if not store.occurrences[2]:
             detail = ""
             if isinstance(corpus, Corpus):
                 read = corpus.summary
-                detail = f" ({plural(read.files, 'file')} read" + (
-                    f", {plural(read.skipped_binary, 'binary file')} skipped" if read.skipped_binary else "") + ")"
+                detail = (
+                    f" ({plural(read.files, 'file')} read"
+                    + (f", {plural(read.skipped_binary, 'binary file')} skipped" if read.skipped_binary else "")
+                    + ")"
+                )
             raise EngramError(f"the corpus holds no tokens{detail}")
         layers: LayerStats = {}
         sweep_layers: list[LayerStats] = [{} for _ in scaled]
@@ -436,8 +510,14 @@ def collision_statistics(spec: TableSpec, projection: VocabProjection, corpus: C
                 # A scaled spec keeps seed, layers and vocab, hence the multipliers: only sizes change.
                 for (_, other), point in zip(scaled, sweep_layers):
                     if other is spec:
-                        point[layer][n] = OrderStats(base.order, base.occurrences, base.distinct,
-                                                     base.mix_colliding, base.all_heads_colliding, base.heads)
+                        point[layer][n] = OrderStats(
+                            base.order,
+                            base.occurrences,
+                            base.distinct,
+                            base.mix_colliding,
+                            base.all_heads_colliding,
+                            base.heads,
+                        )
                         continue
                     point[layer][n] = order_statistics(data, other.head_sizes(layer)[span], budget, spill_dir)
                     if on_statistic:
@@ -445,4 +525,3 @@ def collision_statistics(spec: TableSpec, projection: VocabProjection, corpus: C
         spilled = store.spilled_bytes
     sweep = [SweepPoint(f, other, point) for (f, other), point in zip(scaled, sweep_layers)] if factors else None
     return layers, sweep, spilled
-

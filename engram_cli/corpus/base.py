@@ -106,10 +106,16 @@ class CorpusSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "inputs": self.inputs, "files": self.files, "documents": self.documents,
-            "tokens": self.tokens, "text_bytes": self.text_bytes, "tokenized": self.tokenized,
-            "invalid_utf8": self.invalid_utf8, "invalid_utf8_files": self.invalid_utf8_files,
-            "skipped_binary": self.skipped_binary, "truncated": self.truncated,
+            "inputs": self.inputs,
+            "files": self.files,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "text_bytes": self.text_bytes,
+            "tokenized": self.tokenized,
+            "invalid_utf8": self.invalid_utf8,
+            "invalid_utf8_files": self.invalid_utf8_files,
+            "skipped_binary": self.skipped_binary,
+            "truncated": self.truncated,
         }
 
 
@@ -127,4 +133,3 @@ class CorpusPart:
         span = f"[{self.id_range[0]}:{self.id_range[1]}]" if self.id_range else ""
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""
         return f"{first}{span}{more}"
-

@@ -33,9 +33,9 @@ def stream_state(array: IdFile, position: int, sep: int | None, context: int) ->
         cuts = np.flatnonzero(before == sep)
         if cuts.size and cuts[-1] == before.size - 1:
             return True, empty
-        kept = before[cuts[-1] + 1:] if cuts.size else before
+        kept = before[cuts[-1] + 1 :] if cuts.size else before
         if cuts.size or kept.size >= context or lo == 0:
-            return False, kept[max(0, kept.size - context):].copy()
+            return False, kept[max(0, kept.size - context) :].copy()
         window *= 2
 
 
@@ -82,14 +82,17 @@ def open_ids(path: Path, kind: str, bin_dtype: str) -> IdFile:
         if array.ndim not in (1, 2):
             raise EngramError(f"{path}: expected token ids of shape (T,) or (B, T), got {array.shape}")
         if not array.flags.c_contiguous:
-            raise EngramError(f"{path} is stored in Fortran order; save it in C order "
-                              "(np.save(path, np.ascontiguousarray(ids)))")
+            raise EngramError(
+                f"{path} is stored in Fortran order; save it in C order (np.save(path, np.ascontiguousarray(ids)))"
+            )
         return IdFile(path, array.dtype, array.shape, int(getattr(array, "offset", 0)))
     dtype = np.dtype(bin_dtype).newbyteorder("<")
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise EngramError(f"{path}: {size:,} bytes is not a whole number of {bin_dtype} ids "
-                          f"({dtype.itemsize} bytes each); is --bin-dtype right?")
+        raise EngramError(
+            f"{path}: {size:,} bytes is not a whole number of {bin_dtype} ids "
+            f"({dtype.itemsize} bytes each); is --bin-dtype right?"
+        )
     return IdFile(path, dtype, (size // dtype.itemsize,), 0)
 
 
@@ -106,4 +109,3 @@ def check_chunk(ids: np.ndarray, path: Path, vocab_size: int, where: Callable[[t
     shown = position[0] if len(position) == 1 else position
     reason = "is negative" if value < 0 else f"is not below the projection's vocab size {vocab_size}"
     raise EngramError(f"{path}: token id {value} at position {shown} {reason}")
-

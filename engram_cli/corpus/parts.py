@@ -21,8 +21,10 @@ def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> 
     groups, each pre-tokenized file in ranges of at least `min_ids` ids (rows of a 2-D array)."""
     options, sources = corpus.options, corpus.sources
     if options.max_tokens is not None:
-        raise EngramError("--max-tokens reads the inputs in order and cannot be split over a cluster; "
-                          "drop it, or run without --scheduler/--dask-workers")
+        raise EngramError(
+            "--max-tokens reads the inputs in order and cannot be split over a cluster; "
+            "drop it, or run without --scheduler/--dask-workers"
+        )
     texts = [s for s in sources if s.kind in ("text", "jsonl")]
     total = sum(s.path.stat().st_size for s in sources) or 1
     target = max(1, total // max(1, parts))
@@ -49,4 +51,3 @@ def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> 
         if count == 0:
             pieces.append(CorpusPart((source,), (0, 0)))
     return pieces
-

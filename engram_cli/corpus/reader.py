@@ -42,10 +42,16 @@ class Corpus:
     left context a batch that continues it must carry (max_ngram_size - 1).
     """
 
-    def __init__(self, paths: list[str | Path], projection: VocabProjection,
-                 options: CorpusOptions | None = None, context: int = 1,
-                 id_batch_tokens: int = ID_BATCH_TOKENS, text_batch_chars: int = TEXT_BATCH_CHARS,
-                 part: CorpusPart | None = None) -> None:
+    def __init__(
+        self,
+        paths: list[str | Path],
+        projection: VocabProjection,
+        options: CorpusOptions | None = None,
+        context: int = 1,
+        id_batch_tokens: int = ID_BATCH_TOKENS,
+        text_batch_chars: int = TEXT_BATCH_CHARS,
+        part: CorpusPart | None = None,
+    ) -> None:
         if not paths:
             raise EngramError("no corpus given: pass --corpus PATH (files or folders)")
         self.projection = projection
@@ -184,12 +190,12 @@ class Corpus:
                 raise EngramError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or field_name not in record:
                 keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                raise EngramError(f"{path}:{number}: no {field_name!r} field (has: {keys}); "
-                                  "choose the field with --text-field")
+                raise EngramError(
+                    f"{path}:{number}: no {field_name!r} field (has: {keys}); choose the field with --text-field"
+                )
             value = record[field_name]
             if not isinstance(value, str):
-                raise EngramError(f"{path}:{number}: field {field_name!r} is {type(value).__name__}, "
-                                  "not a string")
+                raise EngramError(f"{path}:{number}: field {field_name!r} is {type(value).__name__}, not a string")
             if value:
                 yield value
 
@@ -213,7 +219,7 @@ class Corpus:
         ids = np.empty(int(lengths.sum()), dtype=np.int64)
         pos = 0
         for encoding, length in zip(encodings, lengths):
-            ids[pos:pos + length] = encoding.ids
+            ids[pos : pos + length] = encoding.ids
             pos += length
         nonempty = lengths > 0
         starts = (np.cumsum(lengths) - lengths)[nonempty]
@@ -271,8 +277,8 @@ class Corpus:
             ids = ids.astype(np.int64, copy=False)
             starts = np.flatnonzero(flags)
             context = np.zeros(0, np.int64) if (starts.size and starts[0] == 0) else tail
-            current = ids[starts[-1]:] if starts.size else np.concatenate([tail, ids])
-            tail = current[max(0, current.size - self.context):].copy()
+            current = ids[starts[-1] :] if starts.size else np.concatenate([tail, ids])
+            tail = current[max(0, current.size - self.context) :].copy()
             at_start = bool(sep is not None and raw.size and raw[-1] == sep) or (at_start and ids.size == 0)
             if ids.size:
                 yield DocBatch(ids, starts, context)
@@ -328,4 +334,3 @@ class _Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-

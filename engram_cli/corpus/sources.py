@@ -49,4 +49,3 @@ def find_sources(paths: list[str | Path], glob: str | None = None) -> list[Sourc
         else:
             raise EngramError(f"no such corpus file or folder: {path}")
     return sources
-

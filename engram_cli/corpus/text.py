@@ -30,4 +30,3 @@ def read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise EngramError(f"cannot read {path}: {exc.strerror or exc}") from None
-

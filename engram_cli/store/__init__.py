@@ -11,5 +11,13 @@ from .create import create_store
 from .layout import LayerLayout, plan_layout
 from .tables import TableStore, open_tables
 
-__all__ = ["BuildReport", "LayerLayout", "TableStore", "build_shard", "build_tables", "create_store",
-           "open_tables", "plan_layout"]
+__all__ = [
+    "BuildReport",
+    "LayerLayout",
+    "TableStore",
+    "build_shard",
+    "build_tables",
+    "create_store",
+    "open_tables",
+    "plan_layout",
+]

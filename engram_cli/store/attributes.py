@@ -45,8 +45,14 @@ PROJECTION_ARRAY = "projection"
 TOKENIZER_ARRAY = "projection_tokenizer"
 
 
-def store_attrs(spec: TableSpec, projection: VocabProjection, layouts: dict[int, LayerLayout],
-                 ranks: int, shard_by: str, init: dict[str, Any]) -> dict[str, Any]:
+def store_attrs(
+    spec: TableSpec,
+    projection: VocabProjection,
+    layouts: dict[int, LayerLayout],
+    ranks: int,
+    shard_by: str,
+    init: dict[str, Any],
+) -> dict[str, Any]:
     layers = {}
     for layer, layout in layouts.items():
         layers[str(layer)] = {
@@ -70,8 +76,12 @@ def store_attrs(spec: TableSpec, projection: VocabProjection, layouts: dict[int,
             "fingerprint": projection.fingerprint(),
             "metadata": dict(projection.metadata),
         },
-        "hashing": {"max_ngram_size": spec.max_ngram_size, "n_head_per_ngram": spec.n_head_per_ngram,
-                    "pad_id": spec.pad_id, "dim": spec.dim},
+        "hashing": {
+            "max_ngram_size": spec.max_ngram_size,
+            "n_head_per_ngram": spec.n_head_per_ngram,
+            "pad_id": spec.pad_id,
+            "dim": spec.dim,
+        },
         "sharding": {"ranks": ranks, "shard_by": shard_by},
         "layers": layers,
     }
@@ -93,4 +103,3 @@ def spec_difference(stored: dict[str, Any], wanted: dict[str, Any], prefix: str 
         elif a != b:
             return f"{prefix}{key} is {a!r} in the store but {b!r} now"
     return None
-

@@ -50,7 +50,7 @@ from .layout import plan_layout
 from .shard_format import shard_file_size
 from .tables import TableStore, _cpu_count, open_tables
 
-BUFFER_BUDGET = 1 << 30    # shard buffers in flight across all build workers
+BUFFER_BUDGET = 1 << 30  # shard buffers in flight across all build workers
 
 
 def build_shard(path: str, layer_id: int, index: int) -> int:
@@ -62,39 +62,49 @@ def build_shard(path: str, layer_id: int, index: int) -> int:
     return open_tables(path, allow_incomplete=True, writable=True).build_shard(layer_id, index)
 
 
-def _check_resumable(store: TableStore, spec: TableSpec, projection: VocabProjection,
-                     shards: int, shard_by: str) -> None:
+def _check_resumable(
+    store: TableStore, spec: TableSpec, projection: VocabProjection, shards: int, shard_by: str
+) -> None:
     where = store.path
     diff = spec_difference(store.attrs["spec"], spec.to_dict())
     if diff:
-        raise EngramError(f"cannot resume {where}: it was built from a different spec ({diff}); "
-                          "use the same spec, or --overwrite to start again")
+        raise EngramError(
+            f"cannot resume {where}: it was built from a different spec ({diff}); "
+            "use the same spec, or --overwrite to start again"
+        )
     if store.attrs["projection"]["fingerprint"] != projection.fingerprint():
-        raise EngramError(f"cannot resume {where}: it was built with a different projection "
-                          f"(lookup sha256 {store.attrs['projection']['fingerprint'][:12]}... in the "
-                          f"store, {projection.fingerprint()[:12]}... now); use the same "
-                          "--projection, or --overwrite")
+        raise EngramError(
+            f"cannot resume {where}: it was built with a different projection "
+            f"(lookup sha256 {store.attrs['projection']['fingerprint'][:12]}... in the "
+            f"store, {projection.fingerprint()[:12]}... now); use the same "
+            "--projection, or --overwrite"
+        )
     if store.init != default_init(spec):
-        raise EngramError(f"cannot resume {where}: its values come from {store.init}, not "
-                          f"{default_init(spec)}; use --overwrite")
+        raise EngramError(
+            f"cannot resume {where}: its values come from {store.init}, not {default_init(spec)}; use --overwrite"
+        )
     if (store.ranks, store.shard_by) != (shards, shard_by):
-        raise EngramError(f"cannot resume {where}: it is laid out for {store.ranks} ranks by "
-                          f"{store.shard_by}, not {shards} by {shard_by}; drop --shards/--shard-by "
-                          "or pass the stored ones")
+        raise EngramError(
+            f"cannot resume {where}: it is laid out for {store.ranks} ranks by "
+            f"{store.shard_by}, not {shards} by {shard_by}; drop --shards/--shard-by "
+            "or pass the stored ones"
+        )
 
 
-def _open_for_resume(path: str, spec: TableSpec, projection: VocabProjection,
-                     shards: int | None, shard_by: str | None) -> TableStore:
+def _open_for_resume(
+    path: str, spec: TableSpec, projection: VocabProjection, shards: int | None, shard_by: str | None
+) -> TableStore:
     """The existing store, once it is shown to be the same build (nothing is written)."""
     store = open_tables(path, allow_incomplete=True)
     shards = store.ranks if shards is None else shards
     shard_by = store.shard_by if shard_by is None else shard_by
     _check_resumable(store, spec, projection, shards, shard_by)
     expected = plan_layout(spec, shards, shard_by)
-    if {k: v.to_json() for k, v in expected.items()} != \
-            {k: v.to_json() for k, v in store.layouts.items()}:
-        raise EngramError(f"cannot resume {path}: its shard layout differs from what this engram "
-                          "plans for the same spec; use --overwrite")
+    if {k: v.to_json() for k, v in expected.items()} != {k: v.to_json() for k, v in store.layouts.items()}:
+        raise EngramError(
+            f"cannot resume {path}: its shard layout differs from what this engram "
+            "plans for the same spec; use --overwrite"
+        )
     return store
 
 
@@ -153,15 +163,28 @@ class BuildReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "store": self.store, "spec": self.spec_name, "dtype": self.dtype,
-            "dry_run": self.dry_run, "action": self.action, "complete": self.complete,
-            "ranks": self.ranks, "shard_by": self.shard_by, "init": self.init,
+            "store": self.store,
+            "spec": self.spec_name,
+            "dtype": self.dtype,
+            "dry_run": self.dry_run,
+            "action": self.action,
+            "complete": self.complete,
+            "ranks": self.ranks,
+            "shard_by": self.shard_by,
+            "init": self.init,
             "layers": self.layers,
-            "total": {"parameters": self.parameters, "bytes": self.bytes, "shards": self.shards_total,
-                      "files": self.files},
-            "shards_written": self.shards_written, "shards_kept": self.shards_kept,
-            "shards_repaired": self.shards_repaired, "bytes_written": self.bytes_written,
-            "workers": self.workers, "shards_in_flight": self.shards_in_flight,
+            "total": {
+                "parameters": self.parameters,
+                "bytes": self.bytes,
+                "shards": self.shards_total,
+                "files": self.files,
+            },
+            "shards_written": self.shards_written,
+            "shards_kept": self.shards_kept,
+            "shards_repaired": self.shards_repaired,
+            "bytes_written": self.bytes_written,
+            "workers": self.workers,
+            "shards_in_flight": self.shards_in_flight,
             "seconds": round(self.seconds, 3),
             "parameters_per_second": round(self.parameters_per_second),
             "bytes_per_second": round(self.bytes_written / self.seconds) if self.seconds else 0,
@@ -170,16 +193,25 @@ class BuildReport:
 
     def render(self, console: Console) -> None:
         where = f" -> {self.store}" if self.store else ""
-        table = Table(title=f"{'plan: ' if self.dry_run else ''}{self.spec_name}{where}, {self.dtype}, "
-                            f"{self.ranks} rank{'s' if self.ranks != 1 else ''} by {self.shard_by}")
+        table = Table(
+            title=f"{'plan: ' if self.dry_run else ''}{self.spec_name}{where}, {self.dtype}, "
+            f"{self.ranks} rank{'s' if self.ranks != 1 else ''} by {self.shard_by}"
+        )
         for column in ("layer", "rows", "parameters", "size", "chunk rows", "shard rows", "shards"):
             table.add_column(column, justify="right")
         for layer in self.layers:
-            table.add_row(str(layer["layer"]), f"{layer['rows']:,}", f"{layer['parameters']:,}",
-                          human_bytes(layer["bytes"]), f"{layer['chunk_rows']:,}",
-                          f"{layer['shard_rows']:,}", str(layer["shards"]))
-        table.add_row("total", "", f"{self.parameters:,}", human_bytes(self.bytes), "", "",
-                      str(self.shards_total), style="bold")
+            table.add_row(
+                str(layer["layer"]),
+                f"{layer['rows']:,}",
+                f"{layer['parameters']:,}",
+                human_bytes(layer["bytes"]),
+                f"{layer['chunk_rows']:,}",
+                f"{layer['shard_rows']:,}",
+                str(layer["shards"]),
+            )
+        table.add_row(
+            "total", "", f"{self.parameters:,}", human_bytes(self.bytes), "", "", str(self.shards_total), style="bold"
+        )
         console.print(table)
         if self.ranks > 1:
             first = self.layers[0]
@@ -188,16 +220,20 @@ class BuildReport:
             console.print(f"layer {first['layer']} partition: " + "; ".join(shown))
         if self.dry_run:
             target = "" if not where else f"{self.action} {self.store}: "
-            console.print(f"would {target}write {self.files} files, {human_bytes(self.bytes)}; "
-                          f"init {self.init['algorithm']}; nothing written")
+            console.print(
+                f"would {target}write {self.files} files, {human_bytes(self.bytes)}; "
+                f"init {self.init['algorithm']}; nothing written"
+            )
             return
         rate = human_bytes(self.bytes_written / self.seconds) + "/s" if self.seconds else "-"
-        console.print(f"{self.action}: wrote {self.shards_written} shards, rewrote "
-                      f"{self.shards_repaired} bad ones, kept {self.shards_kept} good ones; "
-                      f"{human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate}, "
-                      f"{self.parameters_per_second / 1e6:.0f} M parameters/s, {self.workers} workers); "
-                      f"peak RSS {human_bytes(self.peak_rss_bytes)}; "
-                      f"{'[green]complete[/]' if self.complete else '[red]incomplete[/]'}")
+        console.print(
+            f"{self.action}: wrote {self.shards_written} shards, rewrote "
+            f"{self.shards_repaired} bad ones, kept {self.shards_kept} good ones; "
+            f"{human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate}, "
+            f"{self.parameters_per_second / 1e6:.0f} M parameters/s, {self.workers} workers); "
+            f"peak RSS {human_bytes(self.peak_rss_bytes)}; "
+            f"{'[green]complete[/]' if self.complete else '[red]incomplete[/]'}"
+        )
 
 
 def _peak_rss() -> int:
@@ -228,12 +264,14 @@ def _check_free_space(path: str, needed: int, reclaimed: int = 0) -> None:
     except OSError:
         return
     if needed > free:
-        raise EngramError(f"not enough disk space for {path}: needs {human_bytes(needed)}, "
-                          f"{human_bytes(free)} free on {probe}")
+        raise EngramError(
+            f"not enough disk space for {path}: needs {human_bytes(needed)}, {human_bytes(free)} free on {probe}"
+        )
 
 
-def _load_inputs(spec: TableSpec | str | Path, projection: VocabProjection | str | Path | None,
-                 dtype: str | None) -> tuple[TableSpec, VocabProjection]:
+def _load_inputs(
+    spec: TableSpec | str | Path, projection: VocabProjection | str | Path | None, dtype: str | None
+) -> tuple[TableSpec, VocabProjection]:
     spec = spec if isinstance(spec, TableSpec) else load_spec(spec)
     if dtype is not None and dtype not in DTYPE_BYTES:
         raise EngramError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
@@ -244,13 +282,22 @@ def _load_inputs(spec: TableSpec | str | Path, projection: VocabProjection | str
     return spec, projection
 
 
-def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
-                 projection: VocabProjection | str | Path | None = None,
-                 shards: int | None = None, shard_by: str | None = None,
-                 workers: int | None = None, dtype: str | None = None, resume: bool = False,
-                 overwrite: bool = False, dry_run: bool = False,
-                 show_progress: bool = True, scheduler: str | None = None,
-                 dask_workers: int | None = None) -> BuildReport:
+def build_tables(
+    spec: TableSpec | str | Path,
+    output: str | Path | None,
+    *,
+    projection: VocabProjection | str | Path | None = None,
+    shards: int | None = None,
+    shard_by: str | None = None,
+    workers: int | None = None,
+    dtype: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    show_progress: bool = True,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
+) -> BuildReport:
     """The whole `engram build-tables` job: plan, create or resume, fill every shard, mark complete.
 
     The bytes of the result depend only on the spec, the projection and the layout (shards and
@@ -271,8 +318,9 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
     if output is not None:
         exists = store_exists(output)
         if exists and not (resume or overwrite):
-            raise EngramError(f"{output} already exists; pass --resume to finish an interrupted "
-                              "build or --overwrite to replace it")
+            raise EngramError(
+                f"{output} already exists; pass --resume to finish an interrupted build or --overwrite to replace it"
+            )
         action = "resume" if exists and resume else ("overwrite" if exists else "create")
         if action == "resume":
             existing = _open_for_resume(output, spec, projection, shards, shard_by)
@@ -282,21 +330,34 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
     shard_count = sum(lay.shards for lay in layouts.values())
     total_bytes = sum(shard_file_size(lay, i) for lay in layouts.values() for i in range(lay.shards))
     report = BuildReport(
-        store=output or "", spec_name=spec.name, dtype=spec.dtype, ranks=shards, shard_by=shard_by,
-        layers=[{"layer": lay.layer_id, "parameters": lay.rows * lay.dim,
-                 "bytes": lay.rows * lay.dim * DTYPE_BYTES[spec.dtype], **lay.to_json()}
-                for lay in layouts.values()],
-        parameters=spec.parameters, bytes=spec.parameters * DTYPE_BYTES[spec.dtype],
+        store=output or "",
+        spec_name=spec.name,
+        dtype=spec.dtype,
+        ranks=shards,
+        shard_by=shard_by,
+        layers=[
+            {
+                "layer": lay.layer_id,
+                "parameters": lay.rows * lay.dim,
+                "bytes": lay.rows * lay.dim * DTYPE_BYTES[spec.dtype],
+                **lay.to_json(),
+            }
+            for lay in layouts.values()
+        ],
+        parameters=spec.parameters,
+        bytes=spec.parameters * DTYPE_BYTES[spec.dtype],
         files=shard_count + 1 + len(layouts) + 2 * (1 + (projection.tokenizer_json is not None)),
-        init=default_init(spec), dry_run=dry_run, action=action, shards_total=shard_count)
-    limit = max(1, BUFFER_BUDGET // max(lay.shard_rows * lay.dim * DTYPE_BYTES[spec.dtype]
-                                        for lay in layouts.values()))
+        init=default_init(spec),
+        dry_run=dry_run,
+        action=action,
+        shards_total=shard_count,
+    )
+    limit = max(1, BUFFER_BUDGET // max(lay.shard_rows * lay.dim * DTYPE_BYTES[spec.dtype] for lay in layouts.values()))
     report.workers = workers or _cpu_count()
     report.shards_in_flight = min(report.workers, limit, shard_count)
     if output is not None:
         if existing is not None:
-            needed = sum(shard_file_size(existing.layout(layer), i)
-                         for layer, i in existing.missing_shards())
+            needed = sum(shard_file_size(existing.layout(layer), i) for layer, i in existing.missing_shards())
         else:
             needed = total_bytes
         reclaimed = _tree_bytes(output) if action == "overwrite" and not is_url(output) else 0
@@ -309,8 +370,7 @@ def build_tables(spec: TableSpec | str | Path, output: str | Path | None, *,
         if action == "resume":
             store = _repair_for_resume(output, spec, projection)
         else:
-            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by,
-                                 overwrite=overwrite)
+            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
         if client is None:
             _fill(store, report, show_progress)
         else:
@@ -342,10 +402,8 @@ def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
         return stop - start, outcome, nbytes
 
     bar, task = _build_progress(store, report, show_progress)
-    compute = concurrent.futures.ThreadPoolExecutor(max_workers=report.workers,
-                                                    thread_name_prefix="engram-generate")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=report.shards_in_flight,
-                                                 thread_name_prefix="engram-shard")
+    compute = concurrent.futures.ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="engram-generate")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=report.shards_in_flight, thread_name_prefix="engram-shard")
     try:
         with bar:
             futures = [pool.submit(run, job) for job in jobs]
@@ -355,8 +413,9 @@ def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
         compute.shutdown(wait=True, cancel_futures=True)
         if isinstance(exc, KeyboardInterrupt):
-            Console(stderr=True).print(f"interrupted: {store.path} is incomplete; run the same "
-                                       "command with --resume to finish it")
+            Console(stderr=True).print(
+                f"interrupted: {store.path} is incomplete; run the same command with --resume to finish it"
+            )
         raise
     pool.shutdown(wait=True)
     compute.shutdown(wait=True)
@@ -368,13 +427,15 @@ def _build_progress(store: TableStore, report: BuildReport, show: bool) -> tuple
     bar = progress(TextColumn("rows"), TextColumn("{task.fields[rate]}"))
     if not show:
         bar.disable = True
-    task = bar.add_task(f"{report.action} {Path(store.path).name}", rate="",
-                        total=sum(lay.rows for lay in store.layouts.values()))
+    task = bar.add_task(
+        f"{report.action} {Path(store.path).name}", rate="", total=sum(lay.rows for lay in store.layouts.values())
+    )
     return bar, task
 
 
-def _count_shard(report: BuildReport, bar: Any, task: Any, started: float,
-                 rows: int, outcome: str, nbytes: int) -> None:
+def _count_shard(
+    report: BuildReport, bar: Any, task: Any, started: float, rows: int, outcome: str, nbytes: int
+) -> None:
     report.bytes_written += nbytes
     if outcome == "kept":
         report.shards_kept += 1
@@ -383,8 +444,7 @@ def _count_shard(report: BuildReport, bar: Any, task: Any, started: float,
     else:
         report.shards_written += 1
     elapsed = time.perf_counter() - started
-    bar.update(task, advance=rows,
-               rate=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else "")
+    bar.update(task, advance=rows, rate=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else "")
 
 
 def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, int]:
@@ -402,13 +462,19 @@ def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, i
 def _fill_on_cluster(client: Any, store: TableStore, report: BuildReport, show_progress: bool) -> None:
     """One task per shard file, so no two workers ever write the same shard; only the
     (rows, outcome, bytes) of each task come back to the client."""
-    jobs = [(f"layer{layer}-shard{i}", (absolute_store_path(store.path), layer, i))
-            for layer, lay in store.layouts.items() for i in range(lay.shards)]
+    jobs = [
+        (f"layer{layer}-shard{i}", (absolute_store_path(store.path), layer, i))
+        for layer, lay in store.layouts.items()
+        for i in range(lay.shards)
+    ]
     report.workers = sum(client.nthreads().values())
     report.shards_in_flight = min(report.workers, len(jobs))
     bar, task = _build_progress(store, report, show_progress)
     started = time.perf_counter()
     with bar:
-        run_tasks(client, ensure_shard_task, jobs,
-                  on_done=lambda _name, result: _count_shard(report, bar, task, started, *result))
-
+        run_tasks(
+            client,
+            ensure_shard_task,
+            jobs,
+            on_done=lambda _name, result: _count_shard(report, bar, task, started, *result),
+        )

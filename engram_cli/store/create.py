@@ -49,21 +49,41 @@ def _zarr_dtype(dtype: str) -> Any:
 def create_layer_array(group: zarr.Group, dtype: str, layout: LayerLayout) -> None:
     """The array's metadata only; shards are written by `TableStore.write_shard`."""
     group.create_array(
-        layout.array, shape=(layout.rows, layout.dim), dtype=_zarr_dtype(dtype),
-        chunks=(layout.chunk_rows, layout.dim), shards=(layout.shard_rows, layout.dim),
-        compressors=[Crc32cCodec()], fill_value=0.0, dimension_names=("row", "column"),
-        attributes={"engram_layer_id": layout.layer_id}, overwrite=True)
+        layout.array,
+        shape=(layout.rows, layout.dim),
+        dtype=_zarr_dtype(dtype),
+        chunks=(layout.chunk_rows, layout.dim),
+        shards=(layout.shard_rows, layout.dim),
+        compressors=[Crc32cCodec()],
+        fill_value=0.0,
+        dimension_names=("row", "column"),
+        attributes={"engram_layer_id": layout.layer_id},
+        overwrite=True,
+    )
 
 
 def write_projection_arrays(group: zarr.Group, projection: VocabProjection) -> None:
-    lookup = group.create_array(PROJECTION_ARRAY, shape=(projection.vocab_size,), dtype="int64",
-                                chunks=(projection.vocab_size,), compressors=[ZstdCodec(level=3)],
-                                fill_value=0, overwrite=True)
+    lookup = group.create_array(
+        PROJECTION_ARRAY,
+        shape=(projection.vocab_size,),
+        dtype="int64",
+        chunks=(projection.vocab_size,),
+        compressors=[ZstdCodec(level=3)],
+        fill_value=0,
+        overwrite=True,
+    )
     lookup[:] = projection.lookup
     if projection.tokenizer_json is not None:
         raw = np.frombuffer(projection.tokenizer_json, dtype=np.uint8)
-        tok = group.create_array(TOKENIZER_ARRAY, shape=raw.shape, dtype="uint8", chunks=raw.shape,
-                                 compressors=[ZstdCodec(level=3)], fill_value=0, overwrite=True)
+        tok = group.create_array(
+            TOKENIZER_ARRAY,
+            shape=raw.shape,
+            dtype="uint8",
+            chunks=raw.shape,
+            compressors=[ZstdCodec(level=3)],
+            fill_value=0,
+            overwrite=True,
+        )
         tok[:] = raw
 
 
@@ -75,8 +95,7 @@ def _remove_existing(path: str) -> None:
         except Exception:  # nothing there, or not zarr: the create below decides
             return
         if ATTRS_KEY not in dict(group.attrs):
-            raise EngramError(f"{path} holds a zarr group that is not an engram table store; "
-                              "refusing to overwrite it")
+            raise EngramError(f"{path} holds a zarr group that is not an engram table store; refusing to overwrite it")
         sync(group.store.delete_dir(""))
         return
     target = Path(path)
@@ -85,8 +104,7 @@ def _remove_existing(path: str) -> None:
     if not target.is_dir() or not any(target.iterdir()):
         return
     if not (target / "zarr.json").is_file():
-        raise EngramError(f"{path} is a non-empty folder that is not a table store; "
-                          "refusing to overwrite it")
+        raise EngramError(f"{path} is a non-empty folder that is not a table store; refusing to overwrite it")
     try:
         shutil.rmtree(target)
     except OSError as exc:
@@ -104,10 +122,18 @@ def store_exists(path: str) -> bool:
     return target.is_file() or (target.is_dir() and any(target.iterdir()))
 
 
-def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection, *,
-                 shards: int = 1, shard_by: str = "rows", dtype: str | None = None,
-                 overwrite: bool = False, init: dict[str, Any] | None = None,
-                 layers: list[int] | None = None) -> TableStore:
+def create_store(
+    path: str | Path,
+    spec: TableSpec,
+    projection: VocabProjection,
+    *,
+    shards: int = 1,
+    shard_by: str = "rows",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    init: dict[str, Any] | None = None,
+    layers: list[int] | None = None,
+) -> TableStore:
     """An empty store with the standard layout, ready for `write_rows`/`build_shard`.
 
     `layers` keeps only some of the spec's layers (an import of one layer of a published
@@ -141,4 +167,3 @@ def create_store(path: str | Path, spec: TableSpec, projection: VocabProjection,
     except (OSError, ValueError, ImportError) as exc:  # ImportError: e.g. s3fs not installed for s3://
         raise EngramError(f"cannot create table store {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return TableStore(path, group, writable=True)
-

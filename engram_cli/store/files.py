@@ -42,7 +42,7 @@ def is_url(path: str) -> bool:
 def store_path(path: str | Path) -> str:
     """A folder path or an fsspec URL; a file:// URL is the plain local folder it names."""
     path = str(path)
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 class Files:
@@ -92,4 +92,3 @@ class Files:
         if self.root is not None and (self.root / prefix).is_dir():
             for stale in (self.root / prefix).rglob(f".*{_PARTIAL_SUFFIX}"):
                 stale.unlink(missing_ok=True)
-

@@ -56,12 +56,18 @@ class TableHealth:
     verify: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"store": self.store, "dtype": self.dtype, "complete": self.complete,
-                "layers": {str(k): v for k, v in self.layers.items()}, "verify": self.verify}
+        return {
+            "store": self.store,
+            "dtype": self.dtype,
+            "complete": self.complete,
+            "layers": {str(k): v for k, v in self.layers.items()},
+            "verify": self.verify,
+        }
 
 
-def _head_values(store: Any, layer_id: int, missing: set[tuple[int, int]],
-                 on_rows: Callable[[int], None] | None) -> list[dict[str, Any]]:
+def _head_values(
+    store: Any, layer_id: int, missing: set[tuple[int, int]], on_rows: Callable[[int], None] | None
+) -> list[dict[str, Any]]:
     """Mean, std, max |x| and non-finite count of every head, reading the layer shard by shard."""
     sizes = store.head_sizes(layer_id)
     offsets = store.offsets(layer_id)
@@ -77,7 +83,7 @@ def _head_values(store: Any, layer_id: int, missing: set[tuple[int, int]],
             if rows is None:
                 unread[h] += b - a
                 continue
-            block = rows[a - start:b - start]
+            block = rows[a - start : b - start]
             if block.dtype != np.float32:
                 block = block.astype(np.float32)
             _value_moments(block.reshape(-1), moments[h])
@@ -90,11 +96,19 @@ def _head_values(store: Any, layer_id: int, missing: set[tuple[int, int]],
         finite = (size - unread[h]) * dim - bad
         mean = total / finite if finite else None
         std = math.sqrt(max(0.0, squares / finite - mean * mean)) if finite else None
-        heads.append({
-            "order": 2 + h // per_order, "head": h % per_order, "offset": off, "size": size,
-            "mean": mean, "std": std, "max_abs": float(peak), "nonfinite": int(bad),
-            "unread_rows": int(unread[h]),
-        })
+        heads.append(
+            {
+                "order": 2 + h // per_order,
+                "head": h % per_order,
+                "offset": off,
+                "size": size,
+                "mean": mean,
+                "std": std,
+                "max_abs": float(peak),
+                "nonfinite": int(bad),
+                "unread_rows": int(unread[h]),
+            }
+        )
     return heads
 
 
@@ -108,11 +122,11 @@ def table_health(store: Any, verify: bool = False, on_rows: Callable[[int], None
     for layer_id in store.layer_ids:
         table = store.table(layer_id)
         layers[layer_id] = {
-            "rows": store.layout(layer_id).rows, "dim": store.spec.dim,
+            "rows": store.layout(layer_id).rows,
+            "dim": store.spec.dim,
             "bytes_on_disk": int(table.nbytes_stored()),
             "shard_plan": store.layout(layer_id).to_json(),
             "missing_shards": [index for layer, index in missing if layer == layer_id],
             "heads": _head_values(store, layer_id, absent, on_rows),
         }
     return TableHealth(store.path, store.dtype, store.is_complete and not missing, layers, checked)
-

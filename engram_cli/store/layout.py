@@ -35,16 +35,16 @@ from ..spec import TableSpec
 SHARD_BY = ("rows", "heads")
 
 
-CHUNK_BYTES = 1 << 20      # inner chunk: one random row read costs at most this much I/O
+CHUNK_BYTES = 1 << 20  # inner chunk: one random row read costs at most this much I/O
 
 
-SHARD_BYTES = 128 << 20    # shard file: the unit of writing, resuming and per-rank ownership
+SHARD_BYTES = 128 << 20  # shard file: the unit of writing, resuming and per-rank ownership
 
 
 MIN_CHUNK_BYTES = 16 << 10  # below this a head-aligned layout is refused as useless
 
 
-PIECE_BYTES = 8 << 20      # rows one generation task fills
+PIECE_BYTES = 8 << 20  # rows one generation task fills
 
 
 def layer_array_name(layer_id: int) -> str:
@@ -88,9 +88,15 @@ class LayerLayout:
         return f"{self.array}/c/{index}/0"
 
     def to_json(self) -> dict[str, Any]:
-        return {"array": self.array, "rows": self.rows, "dim": self.dim,
-                "chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows,
-                "shards": self.shards, "partition": [list(p) for p in self.partition]}
+        return {
+            "array": self.array,
+            "rows": self.rows,
+            "dim": self.dim,
+            "chunk_rows": self.chunk_rows,
+            "shard_rows": self.shard_rows,
+            "shards": self.shards,
+            "partition": [list(p) for p in self.partition],
+        }
 
 
 def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict[int, LayerLayout]:
@@ -112,13 +118,11 @@ def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict
             chunk, shard, partition = _heads_layout(layer, spec.offsets(layer), rows, row_bytes, ranks)
         else:
             chunk, shard, partition = _rows_layout(layer, rows, row_bytes, ranks)
-        layouts[layer] = LayerLayout(layer, rows, spec.dim, chunk, shard, partition,
-                                     DTYPE_BYTES[spec.dtype])
+        layouts[layer] = LayerLayout(layer, rows, spec.dim, chunk, shard, partition, DTYPE_BYTES[spec.dtype])
     return layouts
 
 
-def _rows_layout(layer: int, rows: int, row_bytes: int,
-                 ranks: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+def _rows_layout(layer: int, rows: int, row_bytes: int, ranks: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     per_rank = -(-rows // ranks)
     max_chunk = max(1, CHUNK_BYTES // row_bytes)
     shards_per_rank = max(1, -(-per_rank * row_bytes // SHARD_BYTES))
@@ -132,8 +136,10 @@ def _rows_layout(layer: int, rows: int, row_bytes: int,
         shards_per_rank += 1
     step = shards_per_rank * shard
     if (ranks - 1) * step >= rows:
-        raise EngramError(f"layer {layer} has {rows:,} rows: too few to give each of {ranks} ranks "
-                          "a shard-aligned range of its own; use fewer --shards")
+        raise EngramError(
+            f"layer {layer} has {rows:,} rows: too few to give each of {ranks} ranks "
+            "a shard-aligned range of its own; use fewer --shards"
+        )
     bounds = [min(r * step, rows) for r in range(ranks)] + [rows]
     return chunk, shard, tuple(zip(bounds[:-1], bounds[1:]))
 
@@ -150,12 +156,15 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def _heads_layout(layer: int, offsets: list[int], rows: int, row_bytes: int,
-                  ranks: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+def _heads_layout(
+    layer: int, offsets: list[int], rows: int, row_bytes: int, ranks: int
+) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     heads = len(offsets)
     if ranks > heads:
-        raise EngramError(f"layer {layer} has {heads} heads, so --shard-by heads can serve at most "
-                          f"{heads} ranks, not {ranks}; use --shard-by rows")
+        raise EngramError(
+            f"layer {layer} has {heads} heads, so --shard-by heads can serve at most "
+            f"{heads} ranks, not {ranks}; use --shard-by rows"
+        )
     bounds = [offsets[(r * heads) // ranks] for r in range(ranks)] + [rows]
     common = 0
     for b in bounds[1:-1]:
@@ -169,8 +178,7 @@ def _heads_layout(layer: int, offsets: list[int], rows: int, row_bytes: int,
             f"primes, the rank boundaries fall at rows {shown}, and zarr shards form a regular "
             f"grid, so every shard would have to be a divisor of {common:,} rows; the largest "
             f"usable one is {chunk} rows ({human_bytes(chunk * row_bytes)}), too small for chunked "
-            "reads. Use --shard-by rows, or a rank count whose boundaries align")
-    multiple = max((d for d in _divisors(common // chunk) if chunk * d * row_bytes <= SHARD_BYTES),
-                   default=1)
+            "reads. Use --shard-by rows, or a rank count whose boundaries align"
+        )
+    multiple = max((d for d in _divisors(common // chunk) if chunk * d * row_bytes <= SHARD_BYTES), default=1)
     return chunk, chunk * multiple, tuple(zip(bounds[:-1], bounds[1:]))
-

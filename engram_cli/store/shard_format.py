@@ -31,7 +31,7 @@ import numpy as np
 
 from .layout import LayerLayout
 
-_EMPTY = 2**64 - 1         # sharding index entry of a chunk that is not stored
+_EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not stored
 
 
 def encode_shard(data: np.ndarray, layout: LayerLayout) -> list[Any]:
@@ -53,10 +53,10 @@ def encode_shard(data: np.ndarray, layout: LayerLayout) -> list[Any]:
         start = i * layout.chunk_rows
         if start >= rows:
             break
-        block = raw[start:start + layout.chunk_rows]
+        block = raw[start : start + layout.chunk_rows]
         if block.shape[0] < layout.chunk_rows:
             padded = np.zeros((layout.chunk_rows, raw.shape[1]), dtype=np.uint8)
-            padded[:block.shape[0]] = block
+            padded[: block.shape[0]] = block
             block = padded
         parts += [block, crc_bytes(block)]
         index[i] = (offset, chunk_bytes + 4)
@@ -73,8 +73,7 @@ def crc_bytes(data: Any) -> bytes:
 def shard_file_size(layout: LayerLayout, index: int) -> int:
     start, stop = layout.shard_range(index)
     chunks = -(-(stop - start) // layout.chunk_rows)
-    return chunks * (layout.chunk_rows * layout.dim * layout.itemsize + 4) + \
-        layout.chunks_per_shard * 16 + 4
+    return chunks * (layout.chunk_rows * layout.dim * layout.itemsize + 4) + layout.chunks_per_shard * 16 + 4
 
 
 def rows_text(start: int, stop: int) -> str:
@@ -88,8 +87,8 @@ def shard_problem(data: bytes, layout: LayerLayout, index: int) -> str | None:
     if len(data) < index_len:
         return f"truncated ({len(data)} bytes)"
     buf = np.frombuffer(data, dtype=np.uint8)
-    index_bytes = buf[len(buf) - index_len:len(buf) - 4]
-    if crc_bytes(index_bytes) != bytes(buf[len(buf) - 4:]):
+    index_bytes = buf[len(buf) - index_len : len(buf) - 4]
+    if crc_bytes(index_bytes) != bytes(buf[len(buf) - 4 :]):
         return "the shard index fails its crc32c checksum (truncated or corrupt file)"
     entries = index_bytes.view("<u8").reshape(k, 2)
     chunk_bytes = layout.chunk_rows * layout.dim * layout.itemsize + 4
@@ -101,8 +100,7 @@ def shard_problem(data: bytes, layout: LayerLayout, index: int) -> str | None:
             return f"chunk {rows} is absent"
         if nbytes != chunk_bytes or offset + nbytes > body:
             return f"chunk {rows} has a bad index entry"
-        payload = buf[offset:offset + nbytes - 4]
-        if crc_bytes(payload) != bytes(buf[offset + nbytes - 4:offset + nbytes]):
+        payload = buf[offset : offset + nbytes - 4]
+        if crc_bytes(payload) != bytes(buf[offset + nbytes - 4 : offset + nbytes]):
             return f"chunk {rows} fails its crc32c checksum"
     return None
-

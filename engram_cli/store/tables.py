@@ -59,12 +59,13 @@ class VerifyReport:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"store": self.path, "shards": self.shards, "bytes": self.bytes,
-                "seconds": self.seconds, "ok": True}
+        return {"store": self.path, "shards": self.shards, "bytes": self.bytes, "seconds": self.seconds, "ok": True}
 
     def render(self, console: Console) -> None:
-        console.print(f"{self.path}: {self.shards} shards, {human_bytes(self.bytes)} read, "
-                      f"every crc32c checksum matches ({self.seconds:.1f} s)")
+        console.print(
+            f"{self.path}: {self.shards} shards, {human_bytes(self.bytes)} read, "
+            f"every crc32c checksum matches ({self.seconds:.1f} s)"
+        )
 
 
 class TableStore:
@@ -87,8 +88,10 @@ class TableStore:
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise EngramError(f"{path} is a zarr group but not an engram table store")
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise EngramError(f"{path} has table store format version {attrs.get('format_version')}; "
-                              f"this engram reads version {FORMAT_VERSION}")
+            raise EngramError(
+                f"{path} has table store format version {attrs.get('format_version')}; "
+                f"this engram reads version {FORMAT_VERSION}"
+            )
         self._attrs = attrs
         try:
             self.spec: TableSpec = spec_from_dict(attrs["spec"], name=attrs["spec"].get("name", "custom"))
@@ -97,8 +100,14 @@ class TableStore:
             for layer in attrs.get("stored_layers", self.spec.layer_ids):
                 info = attrs["layers"][str(layer)]
                 self.layouts[layer] = LayerLayout(
-                    layer, info["rows"], info["dim"], info["chunk_rows"], info["shard_rows"],
-                    tuple(tuple(p) for p in info["partition"]), DTYPE_BYTES[self.dtype])
+                    layer,
+                    info["rows"],
+                    info["dim"],
+                    info["chunk_rows"],
+                    info["shard_rows"],
+                    tuple(tuple(p) for p in info["partition"]),
+                    DTYPE_BYTES[self.dtype],
+                )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EngramError(f"{path}: the store's attributes are damaged ({exc!r})") from None
         self._tables: dict[int, Any] = {}
@@ -139,8 +148,9 @@ class TableStore:
         try:
             return self.layouts[int(layer_id)]
         except (KeyError, ValueError):
-            raise EngramError(f"layer {layer_id} is not in the store (layers: "
-                              f"{', '.join(map(str, self.layer_ids))})") from None
+            raise EngramError(
+                f"layer {layer_id} is not in the store (layers: {', '.join(map(str, self.layer_ids))})"
+            ) from None
 
     def _layer_attrs(self, layer_id: int) -> dict[str, Any]:
         self.layout(layer_id)
@@ -169,8 +179,9 @@ class TableStore:
             try:
                 self._tables[layout.layer_id] = self._group[layout.array]
             except KeyError:
-                raise EngramError(f"{self.path} has no array {layout.array}: the store is damaged; "
-                                  "rebuild it with --overwrite") from None
+                raise EngramError(
+                    f"{self.path} has no array {layout.array}: the store is damaged; rebuild it with --overwrite"
+                ) from None
         return self._tables[layout.layer_id]
 
     @cached_property
@@ -182,12 +193,14 @@ class TableStore:
             if info.get("tokenizer_array"):
                 tokenizer = np.asarray(self._group[info["tokenizer_array"]][:]).tobytes()
         except (KeyError, ValueError, OSError) as exc:
-            raise EngramError(f"{self.path}: cannot read the projection arrays ({exc}); "
-                              "rebuild the store with --overwrite") from None
+            raise EngramError(
+                f"{self.path}: cannot read the projection arrays ({exc}); rebuild the store with --overwrite"
+            ) from None
         projection = VocabProjection(lookup, dict(info.get("metadata", {})), tokenizer)
         if projection.fingerprint() != info["fingerprint"]:
-            raise EngramError(f"{self.path}: the projection array does not match its recorded "
-                              "fingerprint; the store is damaged")
+            raise EngramError(
+                f"{self.path}: the projection array does not match its recorded fingerprint; the store is damaged"
+            )
         return projection
 
     def hasher(self) -> Any:
@@ -225,13 +238,20 @@ class TableStore:
         file is in place (a cheap listing; `verify()` also reads the checksums)."""
         missing = self.missing_shards()
         if not self.is_complete:
-            what = (f"{self._describe(missing)} missing" if missing
-                    else "every shard is written but it was never marked complete")
-            raise EngramError(f"table store {self.path} is incomplete (its build was interrupted): "
-                              f"{what}; finish it with `engram build-tables ... -o {self.path} --resume`")
+            what = (
+                f"{self._describe(missing)} missing"
+                if missing
+                else "every shard is written but it was never marked complete"
+            )
+            raise EngramError(
+                f"table store {self.path} is incomplete (its build was interrupted): "
+                f"{what}; finish it with `engram build-tables ... -o {self.path} --resume`"
+            )
         if missing:
-            raise EngramError(f"table store {self.path} is damaged: {self._describe(missing)} "
-                              "missing or truncated; rebuild it with --resume")
+            raise EngramError(
+                f"table store {self.path} is damaged: {self._describe(missing)} "
+                "missing or truncated; rebuild it with --resume"
+            )
         self._verified_present = True
 
     def check_shard(self, layer_id: int, index: int) -> str | None:
@@ -240,8 +260,7 @@ class TableStore:
         data = self._files.get(layout.shard_key(index))
         return "missing" if data is None else shard_problem(data, layout, index)
 
-    def verify(self, workers: int | None = None,
-               on_shard: Callable[[int], None] | None = None) -> VerifyReport:
+    def verify(self, workers: int | None = None, on_shard: Callable[[int], None] | None = None) -> VerifyReport:
         """Read every shard and check every crc32c; raise EngramError naming bad layers and rows.
 
         `on_shard(rows)` is called after each shard, for progress bars.
@@ -268,8 +287,10 @@ class TableStore:
                     start, stop = self.layouts[layer].shard_range(index)
                     on_shard(stop - start)
         if bad:
-            lines = [f"layer {layer} {rows_text(*self.layouts[layer].shard_range(index))} "
-                     f"(shard {index}): {problem}" for layer, index, problem in bad[:5]]
+            lines = [
+                f"layer {layer} {rows_text(*self.layouts[layer].shard_range(index))} (shard {index}): {problem}"
+                for layer, index, problem in bad[:5]
+            ]
             more = f"; and {len(bad) - 5} more bad shards" if len(bad) > 5 else ""
             raise EngramError(f"table store {self.path} failed verification: " + "; ".join(lines) + more)
         if not self.is_complete:
@@ -281,11 +302,13 @@ class TableStore:
             return
         layout = self.layout(layer_id)
         first, last = start // layout.shard_rows, max(start, stop - 1) // layout.shard_rows
-        absent = [(layout.layer_id, i) for i in range(first, min(last, layout.shards - 1) + 1)
-                  if self._files.size(layout.shard_key(i)) != shard_file_size(layout, i)]
+        absent = [
+            (layout.layer_id, i)
+            for i in range(first, min(last, layout.shards - 1) + 1)
+            if self._files.size(layout.shard_key(i)) != shard_file_size(layout, i)
+        ]
         if absent:
-            raise EngramError(f"table store {self.path} is incomplete: {self._describe(absent)} "
-                              "not written yet")
+            raise EngramError(f"table store {self.path} is incomplete: {self._describe(absent)} not written yet")
 
     def _read_failed(self, layer_id: int, start: int, stop: int, exc: Exception) -> EngramError:
         layout = self.layout(layer_id)
@@ -293,8 +316,10 @@ class TableStore:
         for index in range(first, min(last, layout.shards - 1) + 1):
             problem = self.check_shard(layer_id, index)
             if problem:
-                return EngramError(f"table store {self.path}: layer {layout.layer_id} "
-                                   f"{rows_text(*layout.shard_range(index))} (shard {index}): {problem}")
+                return EngramError(
+                    f"table store {self.path}: layer {layout.layer_id} "
+                    f"{rows_text(*layout.shard_range(index))} (shard {index}): {problem}"
+                )
         raise exc
 
     def read_rows(self, layer_id: int, start: int, stop: int) -> np.ndarray:
@@ -322,8 +347,10 @@ class TableStore:
             path = self._files.root / layout.shard_key(shard)
 
             def bad(what: str, a: int = base, b: int = min(base + layout.shard_rows, layout.rows)) -> EngramError:
-                return EngramError(f"table store {self.path}: layer {layout.layer_id} "
-                                   f"{rows_text(a, b)} (shard {shard}): {what}")
+                return EngramError(
+                    f"table store {self.path}: layer {layout.layer_id} {rows_text(a, b)} (shard {shard}): {what}"
+                )
+
             try:
                 with open(path, "rb") as handle:
                     size = os.fstat(handle.fileno()).st_size
@@ -338,12 +365,15 @@ class TableStore:
                         if nbytes != chunk_bytes + 4:
                             raise bad("bad shard index entry", a, b)
                         payload = os.pread(handle.fileno(), nbytes, offset)
-                        if len(payload) != nbytes or crc_bytes(np.frombuffer(payload, dtype=np.uint8, count=nbytes - 4)) != payload[-4:]:
+                        if (
+                            len(payload) != nbytes
+                            or crc_bytes(np.frombuffer(payload, dtype=np.uint8, count=nbytes - 4)) != payload[-4:]
+                        ):
                             raise bad("fails its crc32c checksum", a, b)
                         lo, hi = max(a, start), min(b, stop)
-                        flat[lo - start:hi - start] = np.frombuffer(
-                            payload, dtype=np.uint8, count=(hi - lo) * row_bytes,
-                            offset=(lo - a) * row_bytes).reshape(hi - lo, row_bytes)
+                        flat[lo - start : hi - start] = np.frombuffer(
+                            payload, dtype=np.uint8, count=(hi - lo) * row_bytes, offset=(lo - a) * row_bytes
+                        ).reshape(hi - lo, row_bytes)
             except FileNotFoundError:
                 raise bad("not written yet (the build is incomplete)") from None
             except OSError as exc:
@@ -382,8 +412,10 @@ class TableStore:
         start, stop = layout.shard_range(index)
         data = np.asarray(data)
         if data.shape != (stop - start, layout.dim):
-            raise EngramError(f"shard {index} of layer {layout.layer_id} holds rows {start}-{stop - 1}: "
-                              f"expected shape {(stop - start, layout.dim)}, got {data.shape}")
+            raise EngramError(
+                f"shard {index} of layer {layout.layer_id} holds rows {start}-{stop - 1}: "
+                f"expected shape {(stop - start, layout.dim)}, got {data.shape}"
+            )
         if data.dtype != self.numpy_dtype:
             data = data.astype(self.numpy_dtype)
         parts = encode_shard(data, layout)
@@ -403,27 +435,40 @@ class TableStore:
         """
         layout = self.layout(layer_id)
         stop = start + len(data)
-        if start % layout.shard_rows or (stop % layout.shard_rows and stop != layout.rows) \
-                or stop > layout.rows or start < 0:
-            raise EngramError(f"write_rows writes whole shards of {layout.shard_rows} rows: layer "
-                              f"{layout.layer_id} rows {start}-{stop - 1} do not start and end on "
-                              f"shard boundaries (the layer has {layout.rows} rows)")
+        if (
+            start % layout.shard_rows
+            or (stop % layout.shard_rows and stop != layout.rows)
+            or stop > layout.rows
+            or start < 0
+        ):
+            raise EngramError(
+                f"write_rows writes whole shards of {layout.shard_rows} rows: layer "
+                f"{layout.layer_id} rows {start}-{stop - 1} do not start and end on "
+                f"shard boundaries (the layer has {layout.rows} rows)"
+            )
         written = 0
         for index in range(start // layout.shard_rows, -(-stop // layout.shard_rows)):
             a, b = layout.shard_range(index)
-            written += self.write_shard(layout.layer_id, index, data[a - start:b - start])
+            written += self.write_shard(layout.layer_id, index, data[a - start : b - start])
         return written
 
-    def build_shard(self, layer_id: int, index: int, buffer: np.ndarray | None = None,
-                    pool: concurrent.futures.Executor | None = None) -> int:
+    def build_shard(
+        self,
+        layer_id: int,
+        index: int,
+        buffer: np.ndarray | None = None,
+        pool: concurrent.futures.Executor | None = None,
+    ) -> int:
         """Generate one shard with the store's init algorithm and write it; returns bytes.
 
         With a thread `pool` the rows are generated in pieces in parallel (the kernels release
         the GIL), so a few shard buffers in flight keep every core busy.
         """
         if self._attrs["init"].get("algorithm") != INIT_ALGORITHM:
-            raise EngramError(f"{self.path} holds tables from {self._attrs['init'].get('algorithm')!r}, "
-                              "not generated ones; it cannot be built here")
+            raise EngramError(
+                f"{self.path} holds tables from {self._attrs['init'].get('algorithm')!r}, "
+                "not generated ones; it cannot be built here"
+            )
         layout = self.layout(layer_id)
         start, stop = layout.shard_range(index)
         nbytes = (stop - start) * layout.dim * layout.itemsize
@@ -434,14 +479,21 @@ class TableStore:
             fill_rows(self.spec, layout.layer_id, start, out)
         else:
             step = max(1, PIECE_BYTES // (layout.dim * layout.itemsize))
-            pieces = [pool.submit(fill_rows, self.spec, layout.layer_id, start + a, out[a:a + step])
-                      for a in range(0, len(out), step)]
+            pieces = [
+                pool.submit(fill_rows, self.spec, layout.layer_id, start + a, out[a : a + step])
+                for a in range(0, len(out), step)
+            ]
             for piece in pieces:
                 piece.result()
         return self.write_shard(layout.layer_id, index, out)
 
-    def ensure_shard(self, layer_id: int, index: int, buffer: np.ndarray | None = None,
-                     pool: concurrent.futures.Executor | None = None) -> tuple[str, int]:
+    def ensure_shard(
+        self,
+        layer_id: int,
+        index: int,
+        buffer: np.ndarray | None = None,
+        pool: concurrent.futures.Executor | None = None,
+    ) -> tuple[str, int]:
         """Keep a shard whose checksums pass, rebuild it otherwise: ("kept"|"written"|"repaired", bytes)."""
         layout = self.layout(layer_id)
         data = self._files.get(layout.shard_key(index))
@@ -502,4 +554,3 @@ def open_tables(path: str | Path, *, allow_incomplete: bool = False, writable: b
     if not allow_incomplete:
         store.check_complete()
     return store
-

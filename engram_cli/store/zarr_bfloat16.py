@@ -43,8 +43,7 @@ class BFloat16(ZDType[Any, Any], HasEndianness, HasItemSize):
 
     def to_native_dtype(self) -> np.dtype:
         if self.endianness == "big":
-            raise ValueError("big-endian bfloat16 chunks cannot be decoded: ml_dtypes has no "
-                             "byte-swapped bfloat16")
+            raise ValueError("big-endian bfloat16 chunks cannot be decoded: ml_dtypes has no byte-swapped bfloat16")
         return BFLOAT16
 
     @classmethod
@@ -91,4 +90,3 @@ def register() -> None:
 
 
 register()
-
