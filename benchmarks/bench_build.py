@@ -93,14 +93,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ours_path, naive_path = work / "ours.zarr", work / "naive.zarr"
     params = spec.parameters
-    build_tables(spec, ours_path, projection=projection, overwrite=True, show_progress=False)  # compile
+    build_tables(spec, ours_path, projection=projection, overwrite=True)  # compile
     medians = interleaved(
         {
             "torch normal_ (no write)": lambda: torch_normal(params),
             "naive zarr loop": lambda: naive_zarr(spec, naive_path),
-            "engram build-tables": lambda: build_tables(
-                spec, ours_path, projection=projection, overwrite=True, show_progress=False
-            ),
+            "engram build-tables": lambda: build_tables(spec, ours_path, projection=projection, overwrite=True),
         },
         args.repeats,
     )

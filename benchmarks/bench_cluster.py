@@ -50,13 +50,13 @@ def main() -> None:
 
         def build(target: str, **kw) -> None:
             shutil.rmtree(root / target, ignore_errors=True)
-            build_tables(spec, root / target, projection=projection, show_progress=False, **kw)
+            build_tables(spec, root / target, projection=projection, **kw)
 
-        build("warm", scheduler=cluster.scheduler_address)  # numba caches and imports on workers
+        build("warm", client=client)  # numba caches and imports on workers
         medians = interleaved(
             {
                 "local (threads)": lambda: build("local"),
-                "Dask LocalCluster, 2 workers": lambda: build("dask", scheduler=cluster.scheduler_address),
+                "Dask LocalCluster, 2 workers": lambda: build("dask", client=client),
             },
             repeats=args.repeats,
         )
@@ -76,24 +76,21 @@ def main() -> None:
         ids.tofile(root / "corpus.bin")
         demo = load_spec("engram-demo-v1")
         options = CorpusOptions(bin_dtype="uint32", doc_sep=1)
-        projection_file = root / "p.safetensors"
-        projection.save(projection_file)
 
         def count(**kw) -> None:
             inspect(
-                "engram-demo-v1",
-                projection=projection_file,
+                demo,
+                projection=projection,
                 corpus=[root / "corpus.bin"],
                 options=options,
-                show_progress=False,
                 **kw,
             )
 
-        count(scheduler=cluster.scheduler_address)  # warm the workers
+        count(client=client)  # warm the workers
         medians = interleaved(
             {
                 "local (threads)": lambda: count(),
-                "Dask LocalCluster, 2 workers": lambda: count(scheduler=cluster.scheduler_address),
+                "Dask LocalCluster, 2 workers": lambda: count(client=client),
             },
             repeats=args.repeats,
         )

@@ -122,7 +122,7 @@ def main() -> None:
     spec = load_spec("deepseek-v4.1-flash").scaled(args.scale)
     projection = VocabProjection(np.arange(129_280) % 99_092)
     store = work / "store"
-    build_tables(spec, store, projection=projection, show_progress=False)
+    build_tables(spec, store, projection=projection)
     store_bytes = spec.parameters * 2
     print(
         f"store: {spec.name}, {spec.total_rows:,} rows x {spec.dim}, bfloat16, {store_bytes / 1e6:.0f} MB; "
@@ -141,15 +141,15 @@ def main() -> None:
         ),
         "export --for training (DCP, bfloat16)": (
             outs["dcp"],
-            lambda: export_training(store, outs["dcp"], show_progress=False).bytes,
+            lambda: export_training(store, outs["dcp"]).bytes,
         ),
         "export --for inference (engram, bfloat16)": (
             outs["engram"],
-            lambda: export_inference(store, outs["engram"], show_progress=False).bytes,
+            lambda: export_inference(store, outs["engram"]).bytes,
         ),
         "export --for inference (deepseek-v41, fp8)": (
             outs["fp8"],
-            lambda: export_inference(store, outs["fp8"], layout="deepseek-v41", show_progress=False).bytes,
+            lambda: export_inference(store, outs["fp8"], layout="deepseek-v41").bytes,
         ),
     }
     results = timed_runs(candidates, args.repeats)
@@ -175,13 +175,13 @@ def main() -> None:
         (
             "export --for training",
             f"from engram_cli.checkpoints.dcp import export_training; "
-            f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r}, show_progress=False)",
+            f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r})",
         ),
         (
             "export --for inference, fp8",
             f"from engram_cli.checkpoints.safetensors_export import export_inference; "
             f"export_inference({str(store)!r}, {str(work / 'rss-fp8')!r}, "
-            "layout='deepseek-v41', show_progress=False)",
+            "layout='deepseek-v41')",
         ),
     ]:
         before, after = peak_rss(code)

@@ -7,50 +7,15 @@ store's filesystem (or object-store URL), and nothing passes through the client 
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import EngramError
 
 TASK_RETRIES = 2
-
-
-@contextmanager
-def dask_client(
-    scheduler: str | None = None, workers: int | None = None, connect_timeout: str = "15s"
-) -> Iterator[Any]:
-    """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
-    if scheduler and workers:
-        raise EngramError("give either --scheduler or --dask-workers, not both")
-    if not scheduler and not workers:
-        yield None
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise EngramError("scale-out needs Dask: pip install 'dask[distributed]'") from None
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout=connect_timeout)
-        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: not a HOST:PORT address
-            raise EngramError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-        with client:
-            yield client
-        return
-    if workers < 1:
-        raise EngramError(f"--dask-workers must be at least 1, got {workers}")
-    with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 def absolute_store_path(path: str | Path) -> str:

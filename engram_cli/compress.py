@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from .helpers import check_output_file
 from .tokenizer import load_tokenizer
@@ -48,26 +46,6 @@ class CompressReport:
             "raw_fallbacks": self.raw_fallbacks,
             "top_groups": self.top_groups,
         }
-
-    def render(self, console: Console) -> None:
-        console.print(
-            f"[bold]{self.source}[/]: {self.vocab_size:,} ids -> "
-            f"{self.compressed_size:,} canonical ids "
-            f"([green]{self.reduction:.2%}[/] fewer); "
-            f"{self.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)"
-        )
-        table = Table(title=f"{len(self.top_groups)} largest merge groups")
-        for column in ("canonical id", "key", "ids", "examples"):
-            table.add_column(column)
-        for group in self.top_groups:
-            table.add_row(
-                str(group["canonical_id"]),
-                repr(group["key"]),
-                str(group["size"]),
-                " ".join(repr(e) for e in group["examples"]),
-            )
-        console.print(table)
-        console.print(f"wrote {self.output}")
 
 
 def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ dtype is asked for, so that commands which never touch torch do not pay for load
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import ml_dtypes
 import numpy as np
@@ -58,8 +58,10 @@ DTYPES: dict[str, DType] = {
 SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in DTYPES.values()}
 
 # What a table store holds, and what its values can be exported as.
-STORE_DTYPES = ("float32", "bfloat16", "float16")
-INFERENCE_DTYPES = (*STORE_DTYPES, "float8_e4m3fn")
+StoreDType = Literal["float32", "bfloat16", "float16"]
+InferenceDType = Literal["float32", "bfloat16", "float16", "float8_e4m3fn"]
+STORE_DTYPES: tuple[str, ...] = get_args(StoreDType)
+INFERENCE_DTYPES: tuple[str, ...] = get_args(InferenceDType)
 DTYPE_BYTES = {name: DTYPES[name].itemsize for name in STORE_DTYPES}
 
 

@@ -17,7 +17,6 @@ floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -28,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from .errors import EngramError
 from .hashing import NgramHasher, check_rank, hash_kernel
 from .helpers import check_output_file
+from .progress import SILENT, Progress
 from .spec import TableSpec
 from .vocab import VocabProjection
 
@@ -42,7 +39,7 @@ from .vocab import VocabProjection
 FILE_CHUNK_TOKENS = 1 << 19
 
 
-def _values_key(rows: bool) -> str:
+def values_key(rows: bool) -> str:
     return "rows" if rows else "buckets"
 
 
@@ -65,37 +62,10 @@ class HashTextReport:
             "projection": self.projection,
             "compressed_size": self.compressed_size,
             "pad_id": self.pad_id,
-            "values": _values_key(self.rows),
+            "values": values_key(self.rows),
             "layers": self.layers,
             "tokens": self.tokens,
         }
-
-    def render(self, console: Console) -> None:
-        kind = _values_key(self.rows)
-        console.print(
-            f"[bold]{len(self.tokens)}[/] tokens, spec [bold]{self.spec_name}[/], projection "
-            f"{self.projection} ({self.compressed_size:,} canonical ids); "
-            f"∅ = pad {self.pad_text!r} (id {self.pad_id})"
-        )
-        for layer in self.layers:
-            layer_id = str(layer["layer_id"])
-            table = Table(
-                title=f"layer {layer_id}: {kind} per head "
-                f"(head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
-            )
-            table.add_column("#", justify="right")
-            table.add_column("token")
-            for order in layer["orders"]:
-                table.add_column(f"{order}-gram")
-                table.add_column(kind)
-            for token in self.tokens:
-                cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
-                for ngram in token["ngrams"]:
-                    cell = Text("∅ " * ngram["pads"], style="dim")
-                    cell.append(json.dumps(ngram["text"], ensure_ascii=False))
-                    cells += [cell, " ".join(str(v) for v in ngram[kind][layer_id])]
-                table.add_row(*cells)
-            console.print(table)
 
 
 @dataclass
@@ -121,28 +91,11 @@ class HashFileReport:
             "shape": self.shape,
             "dtype": self.dtype,
             "tokens": self.tokens,
-            "values": _values_key(self.rows),
+            "values": values_key(self.rows),
             "layers": self.layers,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else None,
         }
-
-    def render(self, console: Console) -> None:
-        rate = f", {self.tokens / self.seconds / 1e6:.1f} M tokens/s" if self.seconds > 0 else ""
-        console.print(
-            f"hashed {self.tokens:,} tokens {tuple(self.shape)} ({self.dtype}) of {self.input} "
-            f"in {self.seconds:.2f} s{rate}"
-        )
-        table = Table()
-        for column in ("layer", "array", "shape", "heads", _values_key(self.rows) + " range"):
-            table.add_column(column)
-        for layer in self.layers:
-            span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
-            table.add_row(
-                str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])), str(layer["shape"][-1]), span
-            )
-        console.print(table)
-        console.print(f"wrote {self.output}")
 
 
 def hash_text(
@@ -174,7 +127,7 @@ def hash_text(
                     "pads": max(0, -first),
                     "ids": [spec.pad_id] * max(0, -first) + real,
                     "text": tokenizer.decode(real, skip_special_tokens=False),
-                    _values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
+                    values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
                 }
             )
         tokens.append(
@@ -242,14 +195,13 @@ def hash_ids_file(
     rows: bool = False,
     overwrite: bool = False,
     chunk_tokens: int = FILE_CHUNK_TOKENS,
+    progress: Progress = SILENT,
 ) -> HashFileReport:
     """Hash a .npy of token ids into an .npz with one array `layer_<id>` per layer.
 
     The output is streamed piece by piece into the archive (written beside the
     target, then renamed), so memory stays at one piece however large the file.
     """
-    from .cli.render import progress
-
     ids_path, output = Path(ids_path), Path(output)
     check_output_file(output, overwrite)
     ids = _load_ids(ids_path)
@@ -266,8 +218,8 @@ def hash_ids_file(
     hash_kernel()  # compiling or loading it is not hashing time
     start = time.perf_counter()
     try:
-        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive, progress() as bar:
-            task = bar.add_task("hashing", total=len(pieces) * len(layer_ids))
+        task = progress.task("hashing", len(pieces) * len(layer_ids))
+        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for layer_id in layer_ids:
                 shape = ids.shape + (hasher.head_sizes(layer_id).size,)
                 low, high = None, None
@@ -284,7 +236,7 @@ def hash_ids_file(
                             low = int(out.min()) if low is None else min(low, int(out.min()))
                             high = int(out.max()) if high is None else max(high, int(out.max()))
                             entry.write(memoryview(out.astype("<i8", copy=False)).cast("B"))
-                        bar.advance(task)
+                        task.advance()
                 summary.append(
                     {"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape), "min": low, "max": high}
                 )

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .dtypes import DTYPE_BYTES
-from .helpers import human_bytes
 from .spec import TableSpec
 
 
@@ -20,7 +19,7 @@ class PlanReport:
 
     spec: TableSpec
 
-    def _layer(self, layer_id: int) -> dict[str, Any]:
+    def layer(self, layer_id: int) -> dict[str, Any]:
         rows = self.spec.rows(layer_id)
         params = rows * self.spec.dim
         return {
@@ -35,37 +34,10 @@ class PlanReport:
         return {
             "spec": spec.to_dict(),
             "dim": spec.dim,
-            "layers": {str(layer): self._layer(layer) for layer in spec.layer_ids},
+            "layers": {str(layer): self.layer(layer) for layer in spec.layer_ids},
             "total": {
                 "rows": spec.total_rows,
                 "parameters": spec.parameters,
                 "bytes": {dtype: spec.parameters * size for dtype, size in DTYPE_BYTES.items()},
             },
         }
-
-    def render(self, console: Any) -> None:
-        from rich.table import Table
-
-        spec = self.spec
-        table = Table(
-            title=f"{spec.name}: {len(spec.layer_ids)} layers, orders 2..{spec.max_ngram_size}, "
-            f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head"
-        )
-        for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
-            table.add_column(column, justify="right")
-        for layer in spec.layer_ids:
-            info = self._layer(layer)
-            table.add_row(
-                str(layer),
-                f"{info['rows']:,}",
-                f"{info['parameters']:,}",
-                *(human_bytes(b) for b in info["bytes"].values()),
-            )
-        table.add_row(
-            "total",
-            f"{spec.total_rows:,}",
-            f"{spec.parameters:,}",
-            *(human_bytes(spec.parameters * s) for s in DTYPE_BYTES.values()),
-            style="bold",
-        )
-        console.print(table)

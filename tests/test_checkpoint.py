@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from engram_cli.checkpoints.dcp import export_training
-from engram_cli.checkpoints.exporting import export_store
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.checkpoints.keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE
 from engram_cli.checkpoints.metadata import META_KEY
+from engram_cli.cli.commands import run_export
 from engram_cli.errors import EngramError
 from engram_cli.spec import TableSpec, spec_from_dict
 from engram_cli.store.build import build_tables
@@ -53,7 +53,7 @@ def stores(tmp_path_factory, projection) -> dict[str, Path]:
     made = {}
     for dtype in ("bfloat16", "float32", "float16"):
         path = root / dtype
-        build_tables(tiny_spec(dtype), path, projection=projection, shards=2, show_progress=False)
+        build_tables(tiny_spec(dtype), path, projection=projection, shards=2)
         made[dtype] = path
     return made
 
@@ -95,9 +95,9 @@ def load_plain(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
 def test_round_trip_is_bit_exact(stores, tmp_path, dtype):
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
-    report = export_training(stores[dtype], ckpt, show_progress=False)
+    report = export_training(stores[dtype], ckpt)
     assert report.dtype == dtype and report.shards == 2 and not report.conversion["lossy"]
-    imported = import_checkpoint(ckpt, back, trust_pickle=True, show_progress=False)
+    imported = import_checkpoint(ckpt, back, trust_pickle=True)
     assert imported.complete and imported.format == "dcp"
     original, restored = open_tables(stores[dtype]), open_tables(back)
     assert restored.spec == original.spec and restored.dtype == dtype
@@ -116,7 +116,7 @@ def test_plain_load_and_hasher_from_the_checkpoint_alone(stores, tmp_path):
     from engram_cli.hashing import NgramHasher
 
     ckpt = tmp_path / "ckpt"
-    export_training(stores["bfloat16"], ckpt, show_progress=False)
+    export_training(stores["bfloat16"], ckpt)
     store = open_tables(stores["bfloat16"])
     entries = dcp_metadata(ckpt).state_dict_metadata
     for layer_id in store.layer_ids:
@@ -154,7 +154,7 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
             self.multi_head_embedding = MultiHeadEmbedding(rows, dim)
 
     ckpt = tmp_path / "ckpt"
-    export_training(stores["float32"], ckpt, show_progress=False)
+    export_training(stores["float32"], ckpt)
     store = open_tables(stores["float32"])
     ids = np.random.default_rng(5).integers(0, store.projection.vocab_size, (2, 11))
     rows = store.hasher().rows(ids)
@@ -171,7 +171,7 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
 
 def test_per_head_tensors(stores, tmp_path):
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
-    report = export_training(stores["bfloat16"], ckpt, per_head=True, shards=3, show_progress=False)
+    report = export_training(stores["bfloat16"], ckpt, per_head=True, shards=3)
     store = open_tables(stores["bfloat16"])
     entries = dcp_metadata(ckpt).state_dict_metadata
     for layer_id in store.layer_ids:
@@ -182,19 +182,19 @@ def test_per_head_tensors(stores, tmp_path):
         loaded = load_plain(ckpt, keys)
         whole = torch.cat([loaded[k] for k in keys])
         assert torch.equal(whole.view(torch.int16), torch_table(stores["bfloat16"], layer_id).view(torch.int16))
-    import_checkpoint(ckpt, back, trust_pickle=True, show_progress=False)
+    import_checkpoint(ckpt, back, trust_pickle=True)
     for layer_id in store.layer_ids:
         assert same_bits(table(stores["bfloat16"], layer_id), table(back, layer_id))
 
 
 def test_dtype_conversions(stores, tmp_path):
-    widened = export_training(stores["bfloat16"], tmp_path / "f32", dtype="float32", show_progress=False)
+    widened = export_training(stores["bfloat16"], tmp_path / "f32", dtype="float32")
     assert not widened.conversion["lossy"]
-    import_checkpoint(tmp_path / "f32", tmp_path / "back", trust_pickle=True, show_progress=False)
+    import_checkpoint(tmp_path / "f32", tmp_path / "back", trust_pickle=True)
     assert open_tables(tmp_path / "back").dtype == "bfloat16"  # the store's own dtype comes back
     assert same_bits(table(stores["bfloat16"], 1), table(tmp_path / "back", 1))
 
-    narrowed = export_training(stores["float32"], tmp_path / "bf16", dtype="bfloat16", show_progress=False)
+    narrowed = export_training(stores["float32"], tmp_path / "bf16", dtype="bfloat16")
     assert narrowed.conversion["lossy"] and narrowed.conversion["max_abs_error"] > 0
     original = torch_table(stores["float32"], 3)
     loaded = load_plain(tmp_path / "bf16", [DEFAULT_KEY_TEMPLATE.format(layer_id=3)])
@@ -214,7 +214,7 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=str(tmp_path / "trained"))
     with pytest.raises(EngramError, match="--spec and --projection"):
-        import_checkpoint(tmp_path / "trained", tmp_path / "x", trust_pickle=True, show_progress=False)
+        import_checkpoint(tmp_path / "trained", tmp_path / "x", trust_pickle=True)
     with pytest.raises(EngramError, match="no tensor named like"):
         import_checkpoint(
             tmp_path / "trained",
@@ -222,7 +222,6 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
             trust_pickle=True,
             spec=spec,
             projection=projection,
-            show_progress=False,
         )
     report = import_checkpoint(
         tmp_path / "trained",
@@ -231,7 +230,6 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
         spec=spec,
         projection=projection,
         key_template="blocks.{layer_id}.memory.weight",
-        show_progress=False,
     )
     assert report.complete and report.dtype == "float32"
     for layer_id in spec.layer_ids:
@@ -245,7 +243,6 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
             spec=bad,
             projection=projection,
             key_template="blocks.{layer_id}.memory.weight",
-            show_progress=False,
         )
 
 
@@ -264,17 +261,17 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
     assert same_bits(table(tmp_path / "back", 3), table(stores["bfloat16"], 3))
 
     with pytest.raises(EngramError, match="already exists; pass --overwrite"):
-        export_training(stores["bfloat16"], ckpt, show_progress=False)
-    export_training(stores["bfloat16"], ckpt, overwrite=True, shards=1, show_progress=False)
+        export_training(stores["bfloat16"], ckpt)
+    export_training(stores["bfloat16"], ckpt, overwrite=True, shards=1)
     assert len(dcp_metadata(ckpt).state_dict_metadata[DEFAULT_KEY_TEMPLATE.format(layer_id=1)].chunks) == 1
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "mine.txt").write_text("keep me")
     with pytest.raises(EngramError, match="not a checkpoint; refusing"):
-        export_training(stores["bfloat16"], keep, overwrite=True, show_progress=False)
+        export_training(stores["bfloat16"], keep, overwrite=True)
     assert (keep / "mine.txt").read_text() == "keep me"
     with pytest.raises(EngramError, match="not a checkpoint engram can import"):
-        import_checkpoint(keep, tmp_path / "x", show_progress=False)
+        import_checkpoint(keep, tmp_path / "x")
     for options, message in [
         ({"dtype": "float8_e4m3fn"}, "unknown dtype"),
         ({"key_template": "w.{layer_id}.{head}"}, "--per-head"),
@@ -283,7 +280,7 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
         ({"layout": "engram"}, "apply to --for inference"),
     ]:
         with pytest.raises(EngramError, match=message):
-            export_store(stores["bfloat16"], tmp_path / "x", target="training", show_progress=False, **options)
+            run_export(str(stores["bfloat16"]), tmp_path / "x", target="training", **options)
     assert not (tmp_path / "x").exists()
 
     broken = tmp_path / "broken"
@@ -293,10 +290,10 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(EngramError, match=r"layer 3 rows \d+-\d+ .*crc32c"):
-        export_training(broken, tmp_path / "x", show_progress=False)
+        export_training(broken, tmp_path / "x")
     shard.unlink()
     with pytest.raises(EngramError, match=r"layer 3 rows \d+-\d+"):
-        export_training(broken, tmp_path / "x", show_progress=False)
+        export_training(broken, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
@@ -367,7 +364,7 @@ def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
     jobs = []
     for i, options in enumerate(exports):
         ckpt = tmp_path / f"ckpt{i}"
-        report = export_training(stores["bfloat16"], ckpt, show_progress=False, **options)
+        report = export_training(stores["bfloat16"], ckpt, **options)
         assert report.shards != world
         keys = {}
         for layer_id in store.layer_ids:
@@ -397,14 +394,14 @@ def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
     from engram_cli.checkpoints.dcp import export_training
 
     with pytest.raises(EngramError, match="more than the"):
-        export_training(stores["float32"], tmp_path / "dcp", shards=10**8, show_progress=False)
+        export_training(stores["float32"], tmp_path / "dcp", shards=10**8)
     keep = tmp_path / "notes.txt"
     keep.write_text("mine")
     with pytest.raises(EngramError, match="not a safetensors export"):
-        export_training(stores["float32"], keep, overwrite=True, show_progress=False)
+        export_training(stores["float32"], keep, overwrite=True)
     assert keep.read_text() == "mine" and not (tmp_path / "dcp").exists()
 
 
 def test_unknown_store_url_scheme_is_one_line(tmp_path):
     with pytest.raises(EngramError, match="cannot create table store nosuch://x"):
-        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7), show_progress=False)
+        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7))

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 from engram_cli import EngramError
-from engram_cli.cluster import dask_client, run_tasks
-from engram_cli.spec import TableSpec
+from engram_cli.cli.cluster import dask_client
+from engram_cli.cluster import run_tasks
+from engram_cli.spec import TableSpec, load_spec
 from engram_cli.store.build import build_tables
 from engram_cli.store.tables import open_tables
-from engram_cli.vocab import VocabProjection
+from engram_cli.vocab import VocabProjection, load_projection
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +55,13 @@ SMALL = TableSpec(
 
 
 def test_cluster_build_is_byte_identical_to_local(tmp_path, cluster, projection):
-    local = build_tables(SMALL, tmp_path / "local.zarr", projection=projection, shards=3, show_progress=False)
+    local = build_tables(SMALL, tmp_path / "local.zarr", projection=projection, shards=3)
     remote = build_tables(
         SMALL,
         f"file://{tmp_path / 'dask.zarr'}",
         projection=projection,
         shards=3,
-        scheduler=cluster[0].scheduler_address,
-        show_progress=False,
+        client=cluster[1],
     )
     assert remote.complete and remote.shards_written == local.shards_written == 6
     assert same_tree(tmp_path / "local.zarr", tmp_path / "dask.zarr")
@@ -70,8 +70,7 @@ def test_cluster_build_is_byte_identical_to_local(tmp_path, cluster, projection)
         tmp_path / "dask.zarr",
         projection=projection,
         resume=True,
-        scheduler=cluster[0].scheduler_address,
-        show_progress=False,
+        client=cluster[1],
     )
     assert resumed.shards_kept == 6 and resumed.shards_written == 0
 
@@ -85,7 +84,7 @@ def test_cli_local_cluster_option(tmp_path, projection):
         "engram_vocab_size = [3000, 2000]\nn_embed_per_ngram = 32\npad_id = 0\n"
         '[table]\ndtype = "float32"\n'
     )
-    build_tables(spec_file, tmp_path / "local.zarr", projection=projection_file, shards=2, show_progress=False)
+    build_tables(load_spec(spec_file), tmp_path / "local.zarr", projection=load_projection(projection_file), shards=2)
     proc = subprocess.run(
         [
             sys.executable,
@@ -123,7 +122,7 @@ def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
         pad_id=0,
         dtype="float32",
     )
-    build_tables(spec, tmp_path / "local.zarr", projection=projection, shards=8, show_progress=False)
+    build_tables(spec, tmp_path / "local.zarr", projection=projection, shards=8)
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
@@ -133,9 +132,9 @@ def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
         script = (
             "import sys; from engram_cli.store import build_tables; from engram_cli.spec import "
             "spec_from_dict; from engram_cli.vocab import load_projection; import json;"
+            "from distributed import Client; client = Client(sys.argv[4]);"
             "build_tables(spec_from_dict(json.loads(sys.argv[1])), sys.argv[2], "
-            "projection=load_projection(sys.argv[3]), shards=8, scheduler=sys.argv[4], "
-            "show_progress=False)"
+            "projection=load_projection(sys.argv[3]), shards=8, client=client)"
         )
         projection.save(tmp_path / "p.safetensors")
         import json
@@ -166,8 +165,7 @@ def test_killed_worker_still_gives_identical_bytes(tmp_path, projection):
                 target,
                 projection=projection,
                 resume=True,
-                scheduler=cluster.scheduler_address,
-                show_progress=False,
+                client=client,
             )
     assert not complete_at_kill
     assert open_tables(target).is_complete
@@ -200,9 +198,9 @@ def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, 
     from engram_cli.checkpoints.safetensors_export import export_inference
 
     spec = SMALL.replace(n_embed_per_ngram=64)
-    build_tables(spec, tmp_path / "t.zarr", projection=projection, shards=2, show_progress=False)
+    build_tables(spec, tmp_path / "t.zarr", projection=projection, shards=2)
     local = export_inference(
-        tmp_path / "t.zarr", tmp_path / "local", layout=layout, dtype=dtype, max_shard_size="100KB", show_progress=False
+        tmp_path / "t.zarr", tmp_path / "local", layout=layout, dtype=dtype, max_shard_size="100KB"
     )
     remote = export_inference(
         tmp_path / "t.zarr",
@@ -210,8 +208,7 @@ def test_cluster_inference_export_is_byte_identical_to_local(tmp_path, cluster, 
         layout=layout,
         dtype=dtype,
         max_shard_size="100KB",
-        scheduler=cluster[0].scheduler_address,
-        show_progress=False,
+        client=cluster[1],
     )
     assert len(local.files) > 1 and local.files == remote.files
     assert same_tree(tmp_path / "local", tmp_path / "dask")
@@ -228,11 +225,9 @@ def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
     from engram_cli.inspection import inspect
 
     src = Path(__import__("json").__file__).parent
-    kwargs = dict(
-        corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3], top=2, show_progress=False
-    )
-    local = inspect("demo", **kwargs)
-    remote = inspect("demo", scheduler=cluster[0].scheduler_address, **kwargs)
+    kwargs = dict(corpus=[src, Path(__import__("email").__file__).parent / "mime"], sweep=[1, 3], top=2)
+    local = inspect(load_spec("demo"), **kwargs)
+    remote = inspect(load_spec("demo"), client=cluster[1], **kwargs)
     assert local.corpus.files > 5 and _numbers(local) == _numbers(remote)
 
 
@@ -256,13 +251,12 @@ def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
     projection = tmp_path / "p.safetensors"
     VocabProjection(__import__("numpy").arange(64) % 23).save(projection)
     kwargs = dict(
-        projection=projection,
+        projection=load_projection(projection),
         corpus=[tmp_path / "ids.bin", tmp_path / "rows.npy"],
         options=CorpusOptions(doc_sep=doc_sep),
-        show_progress=False,
     )
-    local = inspect(str(spec), **kwargs)
-    remote = inspect(str(spec), scheduler=cluster[0].scheduler_address, part_ids=997, **kwargs)
+    local = inspect(load_spec(spec), **kwargs)
+    remote = inspect(load_spec(spec), client=cluster[1], part_ids=997, **kwargs)
     assert _numbers(local) == _numbers(remote)
     assert local.corpus.files == 2
 
@@ -273,9 +267,8 @@ def test_cluster_refuses_max_tokens(cluster):
 
     with pytest.raises(EngramError, match="--max-tokens"):
         inspect(
-            "demo",
+            load_spec("demo"),
             corpus=[Path(__import__("json").__file__).parent],
             options=CorpusOptions(max_tokens=100),
-            scheduler=cluster[0].scheduler_address,
-            show_progress=False,
+            client=cluster[1],
         )

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engram_cli.checkpoints.exporting import export_store
 from engram_cli.checkpoints.fp8_format import BLOCK
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.checkpoints.keys import DEFAULT_KEY_TEMPLATE
 from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.checkpoints.safetensors_format import INDEX_NAME, SafetensorsWriter, TensorPlan, plan_layout
 from engram_cli.checkpoints.tables import EngramTables
+from engram_cli.cli.commands import run_export
 from engram_cli.errors import EngramError
 from engram_cli.spec import TableSpec
 from engram_cli.store.build import build_tables
@@ -53,7 +53,7 @@ def stores(tmp_path_factory, projection) -> dict[str, Path]:
     made = {}
     for dtype in ("bfloat16", "float32", "float16"):
         made[dtype] = root / dtype
-        build_tables(tiny_spec(dtype), made[dtype], projection=projection, shards=2, show_progress=False)
+        build_tables(tiny_spec(dtype), made[dtype], projection=projection, shards=2)
     return made
 
 
@@ -93,7 +93,7 @@ def read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 )
 def test_lossless_round_trips(stores, tmp_path, store_dtype, dtype):
     out, back = tmp_path / "tables.safetensors", tmp_path / "back"
-    report = export_inference(stores[store_dtype], out, dtype=dtype, show_progress=False)
+    report = export_inference(stores[store_dtype], out, dtype=dtype)
     assert report.files == ["tables.safetensors"] and not report.index and not report.conversion["lossy"]
     tensors, metadata = read_all(out)
     assert metadata["format"] == "engram-tables" and metadata["layout"] == "engram"
@@ -101,7 +101,7 @@ def test_lossless_round_trips(stores, tmp_path, store_dtype, dtype):
         weight = tensors[DEFAULT_KEY_TEMPLATE.format(layer_id=layer_id)]
         assert weight.dtype == getattr(torch, dtype or store_dtype)
         assert torch.equal(weight.float(), as_float32(table(stores[store_dtype], layer_id)))
-    import_checkpoint(out, back, show_progress=False)
+    import_checkpoint(out, back)
     restored, original = open_tables(back), open_tables(stores[store_dtype])
     assert restored.spec == original.spec and restored.dtype == store_dtype
     assert restored.projection.fingerprint() == original.projection.fingerprint()
@@ -111,7 +111,7 @@ def test_lossless_round_trips(stores, tmp_path, store_dtype, dtype):
 
 
 def test_lossy_conversion_is_announced(stores, tmp_path):
-    report = export_inference(stores["float32"], tmp_path / "t.safetensors", dtype="bfloat16", show_progress=False)
+    report = export_inference(stores["float32"], tmp_path / "t.safetensors", dtype="bfloat16")
     assert report.conversion["lossy"] and report.conversion["max_abs_error"] > 0
     tensors, _ = read_all(tmp_path / "t.safetensors")
     original = as_float32(table(stores["float32"], 3))
@@ -148,9 +148,7 @@ def check_fp8(weight: torch.Tensor, scale: torch.Tensor, original: torch.Tensor)
 @pytest.mark.parametrize("layout", ["engram", "deepseek-v41"])
 def test_fp8_layouts(stores, tmp_path, layout, projection):
     out = tmp_path / "fp8"
-    report = export_inference(
-        stores["bfloat16"], out, layout=layout, dtype="float8_e4m3fn", max_shard_size="100KB", show_progress=False
-    )
+    report = export_inference(stores["bfloat16"], out, layout=layout, dtype="float8_e4m3fn", max_shard_size="100KB")
     assert report.index and len(report.files) > 1
     index = json.loads((out / INDEX_NAME).read_text())
     tensors, metadata = read_all(out)
@@ -176,7 +174,7 @@ def test_fp8_layouts(stores, tmp_path, layout, projection):
         assert metadata == {"format": "pt"}
     # import dequantizes with the scales; the values are exactly representable in bfloat16
     kwargs = {"spec": tiny_spec(), "projection": projection} if layout == "deepseek-v41" else {}
-    import_checkpoint(out, tmp_path / "back", show_progress=False, **kwargs)
+    import_checkpoint(out, tmp_path / "back", **kwargs)
     tables = EngramTables.open(out, **kwargs)
     for layer_id in (1, 3):
         restored = table(tmp_path / "back", layer_id)
@@ -187,7 +185,7 @@ def test_fp8_layouts(stores, tmp_path, layout, projection):
 @pytest.mark.parametrize("layout,dtype", [("engram", None), ("engram", "float8_e4m3fn"), ("deepseek-v41", None)])
 def test_engram_tables_lookup_matches_the_store(stores, tmp_path, layout, dtype, projection):
     out = tmp_path / "out"
-    export_inference(stores["bfloat16"], out, layout=layout, dtype=dtype, show_progress=False)
+    export_inference(stores["bfloat16"], out, layout=layout, dtype=dtype)
     store = open_tables(stores["bfloat16"])
     if layout == "deepseek-v41":
         with pytest.raises(EngramError, match="spec= and projection="):
@@ -215,7 +213,7 @@ def test_engram_tables_lookup_matches_the_store(stores, tmp_path, layout, dtype,
 
 def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
     out = tmp_path / "t.safetensors"
-    export_inference(stores["float32"], out, show_progress=False)
+    export_inference(stores["float32"], out)
     store = open_tables(stores["float32"])
     ids = np.random.default_rng(2).integers(0, store.projection.vocab_size, (2, 5))
     rows = store.hasher().rows(ids)
@@ -233,15 +231,13 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
 
 def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection):
     out = tmp_path / "ds"
-    export_inference(stores["bfloat16"], out, layout="deepseek-v41", show_progress=False)
+    export_inference(stores["bfloat16"], out, layout="deepseek-v41")
     with pytest.raises(EngramError, match="--spec and --projection"):
-        import_checkpoint(out, tmp_path / "a", show_progress=False)
+        import_checkpoint(out, tmp_path / "a")
     wrong = tiny_spec().replace(engram_vocab_size=(300, 420))
     with pytest.raises(EngramError, match="layer 1 .* says"):
-        import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection, show_progress=False)
-    report = import_checkpoint(
-        out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3], show_progress=False
-    )
+        import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection)
+    report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3])
     assert list(report.layers) == [3] and report.complete and report.notes
     partial = open_tables(tmp_path / "c")
     assert partial.layer_ids == (3,) and partial.head_sizes(3) == tiny_spec().head_sizes(3)
@@ -323,10 +319,10 @@ def test_cli_export_import_and_bad_input(stores, tmp_path):
         ({"key_template": "t.{head}"}, "unknown field|needs {layer_id}|--per-head"),
     ]:
         with pytest.raises(EngramError, match=message):
-            export_store(stores["bfloat16"], tmp_path / "x", target="inference", show_progress=False, **options)
+            run_export(str(stores["bfloat16"]), tmp_path / "x", target="inference", **options)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(EngramError, match="not a safetensors file"):
-        import_checkpoint(tmp_path / "junk.safetensors", tmp_path / "y", show_progress=False)
+        import_checkpoint(tmp_path / "junk.safetensors", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "inf", "junk.safetensors"]
 
@@ -338,9 +334,9 @@ def test_refuses_incomplete_stores_and_odd_widths(tmp_path, projection):
     proc = run_engram("export", str(tmp_path / "partial"), "--for", "inference", "-o", str(tmp_path / "o"))
     assert proc.returncode == 1 and "incomplete" in proc.stderr and "layer 1" in proc.stderr
     narrow = spec.replace(n_embed_per_ngram=48)
-    build_tables(narrow, tmp_path / "narrow", projection=projection, show_progress=False)
+    build_tables(narrow, tmp_path / "narrow", projection=projection)
     with pytest.raises(EngramError, match="multiple of 32"):
-        export_inference(tmp_path / "narrow", tmp_path / "o", dtype="float8_e4m3fn", show_progress=False)
+        export_inference(tmp_path / "narrow", tmp_path / "o", dtype="float8_e4m3fn")
     assert not (tmp_path / "o").exists()
 
 
@@ -348,7 +344,7 @@ def test_a_damaged_projection_in_an_export_is_refused(stores, tmp_path):
     """Edit one id of the lookup inside a safetensors export: its recorded fingerprint no
     longer matches, and opening it (for lookups or import) says so instead of hashing wrongly."""
     path = tmp_path / "t.safetensors"
-    export_inference(stores["float32"], path, show_progress=False)
+    export_inference(stores["float32"], path)
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as handle:

@@ -377,7 +377,7 @@ def projection() -> VocabProjection:
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory, projection) -> Path:
     path = tmp_path_factory.mktemp("stores") / "small.zarr"
-    build_tables(SMALL, path, projection=projection, shards=2, show_progress=False)
+    build_tables(SMALL, path, projection=projection, shards=2)
     return path
 
 
@@ -391,7 +391,7 @@ def ids_file(tmp_path_factory) -> tuple[Path, list[list[int]]]:
 
 
 def test_table_health_matches_the_stored_values(store_path):
-    report = inspect(str(store_path), show_progress=False)
+    report = inspect(open_tables(store_path))
     assert report.layers is None and report.tables is not None and report.tables.complete
     store = open_tables(store_path)
     for layer in SMALL.layer_ids:
@@ -411,11 +411,11 @@ def test_table_health_matches_the_stored_values(store_path):
 
 def test_table_health_of_an_incomplete_store_reads_what_is_there(tmp_path, projection):
     path = tmp_path / "holes.zarr"
-    build_tables(SMALL, path, projection=projection, shards=2, show_progress=False)
+    build_tables(SMALL, path, projection=projection, shards=2)
     store = open_tables(path)
     start, stop = store.layout(3).shard_range(1)
     (path / store.layout(3).shard_key(1)).unlink()
-    health = inspect(str(path), show_progress=False).tables
+    health = inspect(open_tables(path, allow_incomplete=True)).tables
     assert (
         not health.complete and health.layers[3]["missing_shards"] == [1] and health.layers[1]["missing_shards"] == []
     )
@@ -492,7 +492,7 @@ def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store
     other = tmp_path / "other.safetensors"
     VocabProjection(np.arange(500)).save(other)
     shard = store_path.parent / "broken.zarr"
-    build_tables(SMALL, shard, projection=VocabProjection(np.arange(500) % 400), show_progress=False)
+    build_tables(SMALL, shard, projection=VocabProjection(np.arange(500) % 400))
     store = open_tables(shard)
     layout = store.layout(3)
     key = shard / layout.shard_key(0)

@@ -21,7 +21,7 @@ from engram_cli.store.build import build_shard, build_tables
 from engram_cli.store.create import create_store
 from engram_cli.store.layout import CHUNK_BYTES, SHARD_BYTES, plan_layout
 from engram_cli.store.tables import open_tables
-from engram_cli.vocab import VocabProjection
+from engram_cli.vocab import VocabProjection, load_projection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +39,7 @@ def projection() -> VocabProjection:
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory, projection) -> Path:
     path = tmp_path_factory.mktemp("stores") / "demo.zarr"
-    build_tables(SPEC, path, projection=projection, shards=3, show_progress=False)
+    build_tables(SPEC, path, projection=projection, shards=3)
     return path
 
 
@@ -161,9 +161,7 @@ def test_same_values_for_any_shards_workers_and_dtype_path(tmp_path, demo_store,
     reference = table_bytes(demo_store)
     for shards, workers, by in ((1, 1, "rows"), (7, 2, "rows"), (2, 3, "heads")):
         path = tmp_path / f"s{shards}-w{workers}.zarr"
-        report = build_tables(
-            SPEC, path, projection=projection, shards=shards, shard_by=by, workers=workers, show_progress=False
-        )
+        report = build_tables(SPEC, path, projection=projection, shards=shards, shard_by=by, workers=workers)
         assert report.complete and report.shards_written == report.shards_total
         assert table_bytes(path) == reference
         layout = open_tables(path).layout(1)
@@ -173,7 +171,7 @@ def test_same_values_for_any_shards_workers_and_dtype_path(tmp_path, demo_store,
 def test_float32_and_float16_stores(tmp_path, projection):
     for dtype in ("float32", "float16"):
         path = tmp_path / f"{dtype}.zarr"
-        build_tables(SPEC, path, projection=projection, dtype=dtype, show_progress=False)
+        build_tables(SPEC, path, projection=projection, dtype=dtype)
         store = open_tables(path)
         assert store.dtype == dtype and store.table(3).dtype == np.dtype(dtype)
         assert np.asarray(store.table(3)[:100]).tobytes() == generate_rows(SPEC, 3, 0, 100, dtype).tobytes()
@@ -231,7 +229,7 @@ def test_shard_files_are_what_zarr_itself_writes(demo_store, tmp_path):
 
 def test_fsspec_memory_store(projection):
     url = f"memory://engram-test-{os.getpid()}/demo.zarr"
-    build_tables(SPEC, url, projection=projection, shards=2, show_progress=False)
+    build_tables(SPEC, url, projection=projection, shards=2)
     store = open_tables(url)
     assert np.asarray(store.table(1)[5:9]).tobytes() == generate_rows(SPEC, 1, 5, 9).tobytes()
     store.verify()
@@ -273,7 +271,7 @@ def test_build_shard_is_a_plain_function_of_path_layer_index(tmp_path, demo_stor
 
 def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projection_file):
     path = tmp_path / "t.zarr"
-    build_tables(SPEC, path, projection=projection, show_progress=False)
+    build_tables(SPEC, path, projection=projection)
     proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(path))
     assert proc.returncode == 1 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
     other = tmp_path / "not-a-store"
@@ -282,13 +280,13 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projecti
     proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(other), "--overwrite")
     assert proc.returncode == 1 and "not a table store" in proc.stderr
     assert (other / "precious.txt").read_text() == "keep me"
-    report = build_tables(SPEC, path, projection=projection, resume=True, show_progress=False)
+    report = build_tables(SPEC, path, projection=projection, resume=True)
     assert report.shards_kept == report.shards_total and report.shards_written == 0
 
 
 def test_resume_refuses_a_different_spec_projection_or_layout(tmp_path, projection):
     path = tmp_path / "t.zarr"
-    build_tables(SPEC, path, projection=projection, shards=2, show_progress=False)
+    build_tables(SPEC, path, projection=projection, shards=2)
     with pytest.raises(EngramError, match=r"different spec \(engram.seed is 0 in the store but 9 now\)"):
         build_tables(SPEC.replace(seed=9), path, projection=projection, resume=True)
     with pytest.raises(EngramError, match="dtype"):
@@ -302,7 +300,7 @@ def test_resume_refuses_a_different_spec_projection_or_layout(tmp_path, projecti
 
 def test_corrupt_and_missing_shards_are_named_and_repaired(tmp_path, demo_store, projection):
     path = tmp_path / "t.zarr"
-    build_tables(SPEC, path, projection=projection, shards=3, show_progress=False)
+    build_tables(SPEC, path, projection=projection, shards=3)
     store = open_tables(path)
     layout = store.layout(3)
     start, stop = layout.shard_range(1)
@@ -314,7 +312,7 @@ def test_corrupt_and_missing_shards_are_named_and_repaired(tmp_path, demo_store,
         store.verify()
     with pytest.raises(EngramError, match=rf"layer 3 rows {start}-\d+ \(shard 1\).*crc32c"):
         open_tables(path).read_rows(3, start, start + 5)
-    report = build_tables(SPEC, path, projection=projection, resume=True, show_progress=False)
+    report = build_tables(SPEC, path, projection=projection, resume=True)
     assert report.shards_repaired == 1 and report.shards_kept == report.shards_total - 1
     assert tree_bytes(path) == tree_bytes(demo_store)
     (path / layout.shard_key(2)).unlink()
@@ -485,6 +483,6 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, projection_file,
     assert summary["shards_written"] == summary["total"]["shards"] - done
     assert not list(out.rglob("*.partial"))
     fresh = tmp_path / "fresh.zarr"
-    build_tables(spec_path, fresh, projection=projection_file, shards=16, show_progress=False)
+    build_tables(load_spec(spec_path), fresh, projection=load_projection(projection_file), shards=16)
     assert tree_bytes(out) == tree_bytes(fresh)
     open_tables(out).verify()

@@ -8,9 +8,8 @@ reads the hashing metadata; `dcp` and `safetensors_export` write the two targets
 """
 
 from .dcp import export_training
-from .exporting import export_store
 from .importing import import_checkpoint
 from .safetensors_export import export_inference
 from .tables import EngramTables
 
-__all__ = ["EngramTables", "export_inference", "export_store", "export_training", "import_checkpoint"]
+__all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint"]

@@ -31,12 +31,13 @@ import torch
 from ..dtypes import INFERENCE_DTYPES, STORE_DTYPES, from_torch, torch_dtype
 from ..errors import EngramError
 from ..helpers import prefetched, row_blocks
+from ..progress import SILENT, Progress
 from ..spec import TableSpec, spec_from_dict
 from .conversion import Conversion
 from .keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, check_key_template
 from .metadata import META_KEY, meta_tensors
 from .output import prepare_output, remove_tree
-from .reports import ExportReport, store_progress
+from .reports import ExportReport
 from .sources import LayerSource, StoreSource, TableSource, open_source_store
 
 DCP_FORMAT = "engram-dcp"
@@ -94,7 +95,7 @@ def export_training(
     per_head: bool = False,
     dtype: str | None = None,
     overwrite: bool = False,
-    show_progress: bool = True,
+    progress: Progress = SILENT,
 ) -> ExportReport:
     """Write a store as a DCP checkpoint of row-sharded tensors, one piece in memory at a time."""
     from torch.distributed.checkpoint import FileSystemWriter
@@ -231,9 +232,9 @@ def export_training(
         writer.set_up_storage_writer(True, rank=0, use_collectives=True)
         plans = writer.prepare_global_plan([writer.prepare_local_plan(p) for p in plans])
         results = []
-        with store_progress(source, "export", show_progress) as advance:
-            for plan, reads in zip(plans, blocks):
-                results.append(writer.write_data(plan, StorePlanner(reads)).value())
+        advance = progress.task("export", source.total_rows).advance
+        for plan, reads in zip(plans, blocks):
+            results.append(writer.write_data(plan, StorePlanner(reads)).value())
         metadata = Metadata(state_dict_metadata=state_md, planner_data={k: (k,) for k in state_md})
         writer.finish(metadata, results)
         from .output import replace_output

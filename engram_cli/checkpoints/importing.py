@@ -22,10 +22,12 @@ from typing import Any
 
 from ..dtypes import STORE_DTYPES, to_numpy, torch_dtype
 from ..errors import EngramError
-from ..spec import TableSpec, load_spec
+from ..progress import SILENT, Progress
+from ..spec import TableSpec
+from ..vocab import VocabProjection
 from .conversion import Conversion
 from .dcp import DcpSource, read_windows
-from .reports import ImportReport, store_progress
+from .reports import ImportReport
 
 
 def detect_format(path: Path) -> str:
@@ -49,15 +51,15 @@ def import_checkpoint(
     output: str | Path,
     *,
     trust_pickle: bool = False,
-    spec: str | Path | TableSpec | None = None,
-    projection: str | Path | Any = None,
+    spec: TableSpec | None = None,
+    projection: VocabProjection | None = None,
     key_template: str | None = None,
     layers: Iterable[int] | None = None,
     dtype: str | None = None,
     shards: int | None = None,
     shard_by: str | None = None,
     overwrite: bool = False,
-    show_progress: bool = True,
+    progress: Progress = SILENT,
 ) -> ImportReport:
     """Turn a DCP checkpoint or a safetensors export back into a store, one shard run at a time.
 
@@ -66,16 +68,11 @@ def import_checkpoint(
     every table's shape is checked against them.
     """
     from ..store.create import create_store
-    from ..vocab import VocabProjection, load_projection
 
     checkpoint, output = Path(checkpoint), Path(output)
     kind = detect_format(checkpoint)
     if dtype is not None and dtype not in STORE_DTYPES:
         raise EngramError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
-    if spec is not None and not isinstance(spec, TableSpec):
-        spec = load_spec(spec)
-    if projection is not None and not isinstance(projection, VocabProjection):
-        projection = load_projection(projection)
     layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
     source: Any
     if kind == "dcp":
@@ -114,17 +111,17 @@ def import_checkpoint(
     conversion = Conversion(source.dtype, store_dtype)
     target = torch_dtype(store_dtype)
     written = 0
-    with store_progress(source, "import", show_progress) as advance:
-        for layer_id in source.layer_ids:
-            reader = source.layer(layer_id)
-            shards = store.shard_ranges(layer_id)
-            windows = read_windows(shards, source.boundaries(layer_id)) if kind == "dcp" else shards
-            for begin, end in windows:
-                values = reader.read(begin, end)
-                converted = values.to(target)
-                conversion.check(values, converted)
-                written += store.write_rows(layer_id, begin, to_numpy(converted))
-                advance(end - begin)
+    task = progress.task("import", source.total_rows)
+    for layer_id in source.layer_ids:
+        reader = source.layer(layer_id)
+        shards = store.shard_ranges(layer_id)
+        windows = read_windows(shards, source.boundaries(layer_id)) if kind == "dcp" else shards
+        for begin, end in windows:
+            values = reader.read(begin, end)
+            converted = values.to(target)
+            conversion.check(values, converted)
+            written += store.write_rows(layer_id, begin, to_numpy(converted))
+            task.advance(end - begin)
     store.mark_complete()
     complete = True
     notes = []

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..errors import EngramError
 from ..vocab import VocabProjection, restore_projection
 from .keys import DEEPSEEK_SCALE
 from .safetensors_format import MappedTensors
 
-LAYOUTS = ("engram", "deepseek-v41")
+Layout = Literal["engram", "deepseek-v41"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
 FORMAT = "engram-tables"

@@ -15,25 +15,8 @@ store. DCP metadata is a pickle: it is only read with `trust_pickle`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-from ..helpers import human_bytes
-from .sources import TableSource
-
-
-@contextlib.contextmanager
-def store_progress(source: TableSource, verb: str, show: bool) -> Iterator[Callable[[int], None]]:
-    """A rows progress bar over every layer of `source` (silent when stderr is no terminal)."""
-    from ..cli.render import progress
-
-    bar = progress()
-    bar.disable = bar.disable or not show
-    with bar:
-        task = bar.add_task(verb, total=sum(source.spec.rows(layer) for layer in source.layer_ids))
-        yield lambda rows: bar.update(task, advance=rows)
 
 
 @dataclass
@@ -76,39 +59,6 @@ class ExportReport:
             "quantization": self.quantization,
         }
 
-    def render(self, console: Any) -> None:
-        rate = f"{human_bytes(self.bytes / self.seconds)}/s" if self.seconds else "-"
-        what = (
-            f"DCP checkpoint, {_count(self.shards or 0, 'row piece')} per tensor"
-            + (", one tensor per head" if self.per_head else "")
-            if self.target == "training"
-            else f"safetensors, {self.layout} layout"
-        )
-        console.print(
-            f"exported {self.store} -> {self.output} ({what}): {_count(len(self.layers), 'layer')}, "
-            f"{self.dtype}, {_count(len(self.files), 'file')}, {human_bytes(self.bytes)} in "
-            f"{self.seconds:.1f} s ({rate})"
-        )
-        render_conversion(console, self.conversion)
-        if self.quantization:
-            q = self.quantization
-            console.print(
-                f"fp8 E4M3 with E8M0 scales per 32 values: error relative to the block max "
-                f"{q['max_relative']:.4f} max, {q['rms_relative']:.4f} RMS"
-            )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def render_conversion(console: Any, conversion: dict[str, Any]) -> None:
-    if conversion["lossy"]:
-        console.print(
-            f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "
-            f"largest change {conversion['max_abs_error']:.3g}"
-        )
-
 
 @dataclass
 class ImportReport:
@@ -142,13 +92,3 @@ class ImportReport:
             "conversion": self.conversion,
             "notes": self.notes,
         }
-
-    def render(self, console: Any) -> None:
-        console.print(
-            f"imported {self.checkpoint} ({self.format}, {self.layout}) -> {self.store}: "
-            f"layers {', '.join(map(str, self.layers))}, {self.source_dtype} -> {self.dtype}, "
-            f"{human_bytes(self.bytes)} in {self.seconds:.1f} s"
-        )
-        render_conversion(console, self.conversion)
-        for note in self.notes:
-            console.print(f"[yellow]{note}[/]")

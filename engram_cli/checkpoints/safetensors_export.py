@@ -20,25 +20,29 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..cluster import absolute_store_path, dask_client, run_tasks
-from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, torch_dtype
+from ..cluster import absolute_store_path, run_tasks
+from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torch_dtype
 from ..errors import EngramError
 from ..helpers import in_parallel, row_blocks
+from ..progress import SILENT, Progress
 from ..tokenizer import zip_bytes
 from .conversion import Conversion
 from .fp8 import QuantError, quantize
 from .fp8_format import BLOCK, check_blockable
 from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, meta_keys, scale_key
-from .layouts import FORMAT, FORMAT_VERSION, LAYOUTS, Table
+from .layouts import FORMAT, FORMAT_VERSION, LAYOUTS, Layout, Table
 from .output import prepare_output, remove_tree, replace_output
-from .reports import ExportReport, store_progress
+from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
 from .sources import LayerSource, TableSource, open_source_store
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 _BLOCK_BYTES = 32 << 20  # rows (as float32) read, converted and written by one Dask task
 
@@ -97,22 +101,29 @@ def export_inference(
     store: str | Path,
     output: str | Path,
     *,
-    dtype: str | None = None,
-    layout: str = "engram",
+    dtype: InferenceDType | None = None,
+    layout: Layout = "engram",
     max_shard_size: str | int = "5GB",
     key_template: str | None = None,
     overwrite: bool = False,
-    show_progress: bool = True,
-    scheduler: str | None = None,
-    dask_workers: int | None = None,
+    client: Client | None = None,
+    progress: Progress = SILENT,
 ) -> ExportReport:
     """Stream a store into safetensors for inference, one row block in memory at a time.
 
-    `output` ending in `.safetensors` is one file; otherwise a folder holding `model.safetensors`,
-    or shards of at most `max_shard_size` with an index (always shards for `deepseek-v41`).
-    With `scheduler` or `dask_workers`, every row block is a Dask task that reads the store and
-    writes its bytes by position into the same files (every header is laid out first), so the
-    output folder must be on a filesystem the workers share.
+    Args:
+        store: the table store to read.
+        output: a `.safetensors` file, or a folder holding `model.safetensors` or shards of at most
+            `max_shard_size` (bytes, or a size such as "5GB") with an index; always shards for
+            the `deepseek-v41` layout.
+        dtype: the exported dtype (default: the store's; `deepseek-v41` is float8_e4m3fn only).
+        layout: "engram" (self-describing) or "deepseek-v41" (fp8 with scales, vLLM/SGLang names).
+        key_template: tensor names of the engram layout, with `{layer_id}`.
+        overwrite: replace an existing output.
+        client: a Dask client: every row block is then a task that reads the store and writes its
+            bytes by position into the same files (every header is laid out first), so the output
+            folder must be on a filesystem the workers share.
+        progress: receives a task advancing by rows exported.
     """
     if layout not in LAYOUTS:
         raise EngramError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
@@ -173,27 +184,24 @@ def export_inference(
         try:
             for name, value in small.items():
                 writer.write_rows(name, 0, value)
-            with (
-                store_progress(source, "export", show_progress) as advance,
-                dask_client(scheduler, dask_workers) as client,
-            ):
-                if client is None:
-                    stored_row = source.spec.dim * DTYPE_BYTES[source.dtype]
-                    _export_locally(
-                        readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant, conversion, advance
-                    )
-                else:
-                    _export_on_cluster(
-                        client,
-                        absolute_store_path(store),
-                        layout_plan,
-                        tmp,
-                        blocks(_BLOCK_BYTES, 4 * source.spec.dim),
-                        dtype,
-                        quant,
-                        conversion,
-                        advance,
-                    )
+            advance = progress.task("export", source.total_rows).advance
+            if client is None:
+                stored_row = source.spec.dim * DTYPE_BYTES[source.dtype]
+                _export_locally(
+                    readers, writer, blocks(_LOCAL_BLOCK_BYTES, stored_row), dtype, quant, conversion, advance
+                )
+            else:
+                _export_on_cluster(
+                    client,
+                    absolute_store_path(store),
+                    layout_plan,
+                    tmp,
+                    blocks(_BLOCK_BYTES, 4 * source.spec.dim),
+                    dtype,
+                    quant,
+                    conversion,
+                    advance,
+                )
         finally:
             writer.close(sync=True)
         writer.write_index()

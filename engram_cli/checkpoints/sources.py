@@ -63,6 +63,11 @@ class TableSource:
     def layer(self, layer_id: int) -> LayerSource:
         raise NotImplementedError
 
+    @property
+    def total_rows(self) -> int:
+        """Rows of every chosen layer: what an export or import advances its progress by."""
+        return sum(self.spec.rows(layer) for layer in self.layer_ids)
+
 
 class StoreSource(TableSource):
     """A complete store; every read checks the crc32c of the chunks it touches.

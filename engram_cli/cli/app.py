@@ -18,23 +18,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
-
-
 SPEC_HELP = "A TOML table spec, or a preset name from tables/ (demo, engram-27b, ...)."
-
-
 SCHEDULER_OPTION = typer.Option(
     None, "--scheduler", help="Run on an existing Dask cluster: its scheduler address, tcp://HOST:PORT."
 )
-
-
 DASK_WORKERS_OPTION = typer.Option(
     None, "--dask-workers", min=1, help="Run on a local Dask cluster of N worker processes."
 )
-
-
 PROJECTION_HELP = "A projection file from `engram compress-vocab` (default: embedded DeepSeek-V3)."
 
 
@@ -140,10 +131,10 @@ def build_tables_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Build the initialized tables of a spec as a sharded zarr v3 store, reproducibly."""
-    from ..store.build import build_tables
+    from .commands import run_build
 
     emit(
-        build_tables(
+        run_build(
             spec,
             output,
             projection=projection,
@@ -192,10 +183,10 @@ def export_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a store as a DCP training checkpoint or as safetensors for inference engines."""
-    from ..checkpoints.exporting import export_store
+    from .commands import run_export
 
     emit(
-        export_store(
+        run_export(
             store,
             output,
             target=target,
@@ -245,10 +236,10 @@ def import_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Turn a checkpoint made by `engram export` (or a trained one) back into a table store."""
-    from ..checkpoints.importing import import_checkpoint
+    from .commands import run_import
 
     emit(
-        import_checkpoint(
+        run_import(
             checkpoint,
             output,
             trust_pickle=trust_pickle,
@@ -303,23 +294,22 @@ def inspect_command(
 ) -> None:
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store."""
     from ..corpus.base import CorpusOptions
-    from ..inspection import inspect
-    from .commands import parse_factors
+    from .commands import run_inspect
 
     options = CorpusOptions(
         doc_per=doc_per, text_field=text_field, bin_dtype=bin_dtype, doc_sep=doc_sep, glob=glob, max_tokens=max_tokens
     )
     emit(
-        inspect(
+        run_inspect(
             source,
             projection=projection,
             corpus=corpus,
             options=options,
-            sweep=parse_factors(sweep) if sweep else None,
+            sweep=sweep,
             plot=plot,
             top=top,
             verify=verify,
-            memory_budget=max_memory << 20 if max_memory else None,
+            max_memory_mib=max_memory,
             spill_dir=spill_dir,
             scheduler=scheduler,
             dask_workers=dask_workers,

@@ -1,18 +1,9 @@
-"""N-gram hashing: token ids to the row of every Engram head, bit-exact with the reference.
+"""What each command does between parsing and rendering: option checks, resolution, the job.
 
-For position t and order n the reference mixes the projected ids
-`x[t] * m[0] ^ x[t-1] * m[1] ^ ... ^ x[t-n+1] * m[n-1]` (int64, the projected pad
-before the start of each row) and takes `mix mod p` for every head prime p of that
-order. The straightforward numpy form makes a shifted copy per order and one
-pass per head, and runs at 1 to 1.5 M tokens/s here; this one is a numba kernel that
-projects, mixes and reduces one block of a row at a time in cache, writing the
-output once.
-
-The reduction avoids 64-bit division. Three roundings of relative error 2**-53
-put float(mix) * (1/p) within 3 * 2**10 / p < 0.375 of mix / p when p >= 2**13, so
-its truncation q lies in floor(mix / p) - 1 .. floor(mix / p) + 2 and `mix - q*p`
-needs at most two corrections up and one down to land in [0, p): numpy's
-floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%`.
+Options arrive as the user typed them (preset names, file paths, a scheduler address); here they
+become the typed objects the library takes (`TableSpec`, `VocabProjection`, a Dask client, rich
+progress bars), and combinations that only make sense on the command line are checked with
+messages that name the flags.
 """
 
 from __future__ import annotations
@@ -21,10 +12,20 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import EngramError
+from ..checkpoints.dcp import export_training
+from ..checkpoints.importing import import_checkpoint
+from ..checkpoints.reports import ExportReport, ImportReport
+from ..corpus.base import CorpusOptions
+from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
-from ..spec import load_spec
-from ..vocab import resolve_projection
+from ..inspection import InspectReport, inspect
+from ..spec import TableSpec, load_spec
+from ..store.build import BuildReport, build_tables
+from ..store.layout import ShardBy
+from ..store.tables import TableStore, open_tables
+from ..vocab import VocabProjection, load_projection, resolve_projection
+from .cluster import dask_client
+from .render import progress_bars, stderr_console
 
 
 def run_hash(
@@ -39,23 +40,225 @@ def run_hash(
     special_tokens: bool = True,
     overwrite: bool = False,
 ) -> HashTextReport | HashFileReport:
-    """The whole `engram hash` job: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays."""
+    """`engram hash`: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays."""
     if (text is None) == (ids is None):
-        raise EngramError(
+        raise UsageError(
             "give either TEXT to tokenize or --ids FILE.npy, not both"
             if text is not None
             else "give TEXT to tokenize, or --ids FILE.npy with -o OUT.npz"
         )
     if ids is not None and output is None:
-        raise EngramError("--ids needs -o OUT.npz, the archive to write one array per layer into")
+        raise UsageError("--ids needs -o OUT.npz, the archive to write one array per layer into")
     if text is not None and output is not None:
-        raise EngramError("-o is for --ids; TEXT is shown, not written (use --json for scripts)")
+        raise UsageError("-o is for --ids; TEXT is shown, not written (use --json for scripts)")
     table_spec = load_spec(spec)
     vocab = resolve_projection(projection)
-    layers = None if not layers else list(layers)
+    chosen = None if not layers else list(layers)
     if ids is not None:
-        return hash_ids_file(ids, output, table_spec, vocab, layers=layers, rows=rows, overwrite=overwrite)
-    return hash_text(text, table_spec, vocab, layers=layers, rows=rows, special_tokens=special_tokens)
+        assert output is not None
+        with progress_bars() as bars:
+            return hash_ids_file(
+                ids, output, table_spec, vocab, layers=chosen, rows=rows, overwrite=overwrite, progress=bars
+            )
+    assert text is not None
+    return hash_text(text, table_spec, vocab, layers=chosen, rows=rows, special_tokens=special_tokens)
+
+
+def run_build(
+    spec: str,
+    output: str | None,
+    *,
+    projection: Path | None,
+    shards: int | None,
+    shard_by: str | None,
+    workers: int | None,
+    dtype: str | None,
+    resume: bool,
+    overwrite: bool,
+    dry_run: bool,
+    scheduler: str | None,
+    dask_workers: int | None,
+) -> BuildReport:
+    """`engram build-tables`: the spec and projection by name, the cluster, progress bars."""
+    if output is None and not dry_run:
+        raise UsageError("missing option -o/--output: the table store to write")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    by: ShardBy | None = _choice(shard_by, "--shard-by", ("rows", "heads"))  # type: ignore[assignment]
+    table_spec = load_spec(spec)
+    vocab = resolve_projection(projection)
+    with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
+        try:
+            return build_tables(
+                table_spec,
+                output,
+                projection=vocab,
+                shards=shards,
+                shard_by=by,
+                workers=workers,
+                dtype=dtype,  # type: ignore[arg-type]  # checked by build_tables
+                resume=resume,
+                overwrite=overwrite,
+                dry_run=dry_run,
+                client=client,
+                progress=bars,
+            )
+        except KeyboardInterrupt:
+            stderr_console().print(
+                f"interrupted: {output} is incomplete; run the same command with --resume to finish it"
+            )
+            raise
+
+
+def run_export(
+    store: str,
+    output: Path,
+    *,
+    target: str,
+    shards: int | None = None,
+    key_template: str | None = None,
+    per_head: bool = False,
+    dtype: str | None = None,
+    layout: str | None = None,
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
+) -> ExportReport:
+    """`engram export`: which options go with which target, then one of the two exports."""
+    _choice(target, "--for", ("training", "inference"))
+    if target == "training":
+        if layout is not None or max_shard_size is not None:
+            raise UsageError("--layout and --max-shard-size apply to --for inference")
+        if scheduler or dask_workers:
+            raise UsageError(
+                "--scheduler and --dask-workers apply to --for inference; a training export is written by DCP's own writer"
+            )
+        with progress_bars() as bars:
+            return export_training(
+                store,
+                output,
+                shards=shards,
+                key_template=key_template,
+                per_head=per_head,
+                dtype=dtype,
+                overwrite=overwrite,
+                progress=bars,
+            )
+    if shards is not None or per_head:
+        raise UsageError("--shards and --per-head apply to --for training")
+    from ..checkpoints.safetensors_export import export_inference
+
+    with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
+        return export_inference(
+            store,
+            output,
+            dtype=dtype,  # type: ignore[arg-type]  # checked by export_inference
+            layout=layout or "engram",  # type: ignore[arg-type]
+            max_shard_size=max_shard_size or "5GB",
+            key_template=key_template,
+            overwrite=overwrite,
+            client=client,
+            progress=bars,
+        )
+
+
+def run_import(
+    checkpoint: Path,
+    output: Path,
+    *,
+    trust_pickle: bool,
+    spec: str | None,
+    projection: Path | None,
+    key_template: str | None,
+    layers: list[int] | None,
+    dtype: str | None,
+    shards: int | None,
+    shard_by: str | None,
+    overwrite: bool,
+) -> ImportReport:
+    """`engram import`: --spec and --projection by name, progress bars."""
+    with progress_bars() as bars:
+        return import_checkpoint(
+            checkpoint,
+            output,
+            trust_pickle=trust_pickle,
+            spec=None if spec is None else load_spec(spec),
+            projection=None if projection is None else load_projection(projection),
+            key_template=key_template,
+            layers=layers,
+            dtype=dtype,
+            shards=shards,
+            shard_by=shard_by,
+            overwrite=overwrite,
+            progress=bars,
+        )
+
+
+def run_inspect(
+    source: str,
+    *,
+    projection: Path | None,
+    corpus: list[str] | None,
+    options: CorpusOptions,
+    sweep: str | None,
+    plot: Path | None,
+    top: int,
+    verify: bool,
+    max_memory_mib: int | None,
+    spill_dir: Path | None,
+    scheduler: str | None,
+    dask_workers: int | None,
+) -> InspectReport:
+    """`engram inspect`: a store folder or a spec name, the corpus options, the plot file."""
+    if plot is not None:
+        if not corpus:
+            raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
+        if plot.is_dir() or not plot.parent.is_dir():
+            raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
+    if verify and not Path(source).is_dir():
+        raise UsageError("--verify needs a table store, not a spec")
+    if not corpus and not Path(source).is_dir():
+        raise UsageError(
+            "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
+            "statistics (or pass a table store)"
+        )
+    if (sweep or top) and not corpus:
+        raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
+    target: TableSpec | TableStore
+    vocab: VocabProjection | None = None
+    if Path(source).is_dir():
+        target = open_tables(source, allow_incomplete=True)
+        if projection is not None:
+            vocab = load_projection(projection)
+            if vocab.fingerprint() != target.projection.fingerprint():
+                raise UsageError(
+                    f"projection {projection} does not match the one store {source} was built "
+                    f"with (fingerprints {vocab.fingerprint()[:12]} and {target.projection.fingerprint()[:12]})"
+                )
+    else:
+        target, vocab = load_spec(source), resolve_projection(projection)
+    with dask_client(scheduler, dask_workers) as client, progress_bars(transient=True) as bars:
+        report = inspect(
+            target,
+            projection=vocab,
+            corpus=corpus,
+            options=options,
+            sweep=parse_factors(sweep) if sweep else None,
+            top=top,
+            verify=verify,
+            memory_budget=max_memory_mib << 20 if max_memory_mib else None,
+            spill_dir=spill_dir,
+            client=client,
+            progress=bars,
+        )
+    report.source = source
+    if plot is not None:
+        from .plot import draw_collisions
+
+        draw_collisions(report, plot)
+        report.plot = str(plot)
+    return report
 
 
 def parse_factors(text: str) -> list[float]:
@@ -65,9 +268,15 @@ def parse_factors(text: str) -> list[float]:
         try:
             value = float(piece)
         except ValueError:
-            raise EngramError(f"--sweep takes comma-separated positive numbers, got {piece.strip()!r}") from None
+            raise UsageError(f"--sweep takes comma-separated positive numbers, got {piece.strip()!r}") from None
         if not math.isfinite(value) or value <= 0:
-            raise EngramError(f"--sweep factors must be positive, got {piece.strip()!r}")
+            raise UsageError(f"--sweep factors must be positive, got {piece.strip()!r}")
         if value not in factors:
             factors.append(value)
     return factors
+
+
+def _choice(value: str | None, option: str, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    return value

@@ -1,21 +1,51 @@
-"""How command results reach people and scripts: rich on stderr, JSON on stdout."""
+"""How command results reach people and scripts: rich on stderr, JSON on stdout, progress bars.
+
+Every command returns one report object from the library: plain data with `to_json()`. This
+module is the only place that knows how each one looks on a terminal (`render`, one function per
+report type). Numbers are never cut: tables fold long cells and drop to fewer columns instead.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import singledispatch
 from typing import Any, Protocol
 
+import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from ..checkpoints.reports import ExportReport, ImportReport
+from ..collisions.statistics import TOP_SHOWN, LayerStats, SweepPoint
+from ..compress import CompressReport
+from ..dtypes import DTYPE_BYTES
+from ..hash_jobs import HashFileReport, HashTextReport, values_key
+from ..helpers import human_bytes, pct, plural
+from ..inspection import InspectReport
+from ..plan import PlanReport
+from ..spec import TableSpec
+from ..store.build import BuildReport
+from ..store.health import TableHealth
+from ..store.tables import VerifyReport
 
 
 class Report(Protocol):
-    """Every command returns one: a plain data object that renders both ways."""
+    """What every command returns: plain data that turns into JSON."""
 
     def to_json(self) -> dict[str, Any]: ...
-
-    def render(self, console: Console) -> None: ...
 
 
 def stderr_console() -> Console:
@@ -23,23 +53,395 @@ def stderr_console() -> Console:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    report.render(stderr_console())
+    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout."""
+    render(report, stderr_console())
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
         sys.stdout.flush()
 
 
-def progress(*extra_columns: Any, transient: bool = False) -> Progress:
-    """A progress bar on stderr, silent when stderr is not a terminal."""
+class _RichTask:
+    def __init__(self, bar: Progress, task: TaskID) -> None:
+        self.bar, self.task = bar, task
+
+    def advance(self, amount: float = 1, *, note: str | None = None) -> None:
+        self.bar.update(self.task, advance=amount, **({"note": note} if note is not None else {}))
+
+    def update(self, completed: float, *, note: str | None = None) -> None:
+        self.bar.update(self.task, completed=completed, **({"note": note} if note is not None else {}))
+
+
+class RichProgress:
+    """The library's `Progress` drawn as rich bars on stderr (nothing when stderr is no terminal)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+
+    def task(self, description: str, total: float | None = None) -> _RichTask:
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, note=""))
+
+
+@contextmanager
+def progress_bars(*, show: bool = True, transient: bool = False) -> Iterator[RichProgress]:
+    """Bars with the count, a free note (a rate), elapsed time and ETA, live for the block."""
     console = stderr_console()
-    return Progress(
+    bar = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        *extra_columns,
+        TextColumn("{task.fields[note]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=not console.is_terminal,
+        disable=not (show and console.is_terminal),
     )
+    with bar:
+        yield RichProgress(bar)
+
+
+@singledispatch
+def render(report: Report, console: Console) -> None:
+    raise TypeError(f"no rendering for {type(report).__name__}")
+
+
+@render.register
+def _(report: CompressReport, console: Console) -> None:
+    console.print(
+        f"[bold]{report.source}[/]: {report.vocab_size:,} ids -> "
+        f"{report.compressed_size:,} canonical ids "
+        f"([green]{report.reduction:.2%}[/] fewer); "
+        f"{report.raw_fallbacks:,} ids keyed by their raw token (partial UTF-8)"
+    )
+    table = Table(title=f"{len(report.top_groups)} largest merge groups")
+    for column in ("canonical id", "key", "ids", "examples"):
+        table.add_column(column)
+    for group in report.top_groups:
+        table.add_row(
+            str(group["canonical_id"]),
+            repr(group["key"]),
+            str(group["size"]),
+            " ".join(repr(e) for e in group["examples"]),
+        )
+    console.print(table)
+    console.print(f"wrote {report.output}")
+
+
+@render.register
+def _(report: PlanReport, console: Console) -> None:
+    spec = report.spec
+    table = Table(
+        title=f"{spec.name}: {len(spec.layer_ids)} layers, orders 2..{spec.max_ngram_size}, "
+        f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head"
+    )
+    for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
+        table.add_column(column, justify="right")
+    for layer in spec.layer_ids:
+        info = report.layer(layer)
+        table.add_row(
+            str(layer),
+            f"{info['rows']:,}",
+            f"{info['parameters']:,}",
+            *(human_bytes(b) for b in info["bytes"].values()),
+        )
+    table.add_row(
+        "total",
+        f"{spec.total_rows:,}",
+        f"{spec.parameters:,}",
+        *(human_bytes(spec.parameters * s) for s in DTYPE_BYTES.values()),
+        style="bold",
+    )
+    console.print(table)
+
+
+@render.register
+def _(report: HashTextReport, console: Console) -> None:
+    kind = values_key(report.rows)
+    console.print(
+        f"[bold]{len(report.tokens)}[/] tokens, spec [bold]{report.spec_name}[/], projection "
+        f"{report.projection} ({report.compressed_size:,} canonical ids); "
+        f"∅ = pad {report.pad_text!r} (id {report.pad_id})"
+    )
+    for layer in report.layers:
+        layer_id = str(layer["layer_id"])
+        table = Table(
+            title=f"layer {layer_id}: {kind} per head (head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
+        )
+        table.add_column("#", justify="right")
+        table.add_column("token")
+        for order in layer["orders"]:
+            table.add_column(f"{order}-gram")
+            table.add_column(kind)
+        for token in report.tokens:
+            cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
+            for ngram in token["ngrams"]:
+                cell = Text("∅ " * ngram["pads"], style="dim")
+                cell.append(json.dumps(ngram["text"], ensure_ascii=False))
+                cells += [cell, " ".join(str(v) for v in ngram[kind][layer_id])]
+            table.add_row(*cells)
+        console.print(table)
+
+
+@render.register
+def _(report: HashFileReport, console: Console) -> None:
+    rate = f", {report.tokens / report.seconds / 1e6:.1f} M tokens/s" if report.seconds > 0 else ""
+    console.print(
+        f"hashed {report.tokens:,} tokens {tuple(report.shape)} ({report.dtype}) of {report.input} "
+        f"in {report.seconds:.2f} s{rate}"
+    )
+    table = Table()
+    for column in ("layer", "array", "shape", "heads", values_key(report.rows) + " range"):
+        table.add_column(column)
+    for layer in report.layers:
+        span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
+        table.add_row(str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])), str(layer["shape"][-1]), span)
+    console.print(table)
+    console.print(f"wrote {report.output}")
+
+
+@render.register
+def _(report: BuildReport, console: Console) -> None:
+    where = f" -> {report.store}" if report.store else ""
+    table = Table(
+        title=f"{'plan: ' if report.dry_run else ''}{report.spec_name}{where}, {report.dtype}, "
+        f"{report.ranks} rank{'s' if report.ranks != 1 else ''} by {report.shard_by}"
+    )
+    for column in ("layer", "rows", "parameters", "size", "chunk rows", "shard rows", "shards"):
+        table.add_column(column, justify="right")
+    for layer in report.layers:
+        table.add_row(
+            str(layer["layer"]),
+            f"{layer['rows']:,}",
+            f"{layer['parameters']:,}",
+            human_bytes(layer["bytes"]),
+            f"{layer['chunk_rows']:,}",
+            f"{layer['shard_rows']:,}",
+            str(layer["shards"]),
+        )
+    table.add_row(
+        "total", "", f"{report.parameters:,}", human_bytes(report.bytes), "", "", str(report.shards_total), style="bold"
+    )
+    console.print(table)
+    if report.ranks > 1:
+        first = report.layers[0]
+        spans = [f"rank {r}: rows {a:,}-{b - 1:,}" for r, (a, b) in enumerate(first["partition"])]
+        shown = spans if len(spans) <= 4 else spans[:2] + ["..."] + spans[-1:]
+        console.print(f"layer {first['layer']} partition: " + "; ".join(shown))
+    if report.dry_run:
+        target = "" if not where else f"{report.action} {report.store}: "
+        console.print(
+            f"would {target}write {report.files} files, {human_bytes(report.bytes)}; "
+            f"init {report.init['algorithm']}; nothing written"
+        )
+        return
+    rate = human_bytes(report.bytes_written / report.seconds) + "/s" if report.seconds else "-"
+    console.print(
+        f"{report.action}: wrote {report.shards_written} shards, rewrote "
+        f"{report.shards_repaired} bad ones, kept {report.shards_kept} good ones; "
+        f"{human_bytes(report.bytes_written)} in {report.seconds:.1f} s ({rate}, "
+        f"{report.parameters_per_second / 1e6:.0f} M parameters/s, {report.workers} workers); "
+        f"peak RSS {human_bytes(report.peak_rss_bytes)}; "
+        f"{'[green]complete[/]' if report.complete else '[red]incomplete[/]'}"
+    )
+
+
+@render.register
+def _(report: VerifyReport, console: Console) -> None:
+    console.print(
+        f"{report.path}: {report.shards} shards, {human_bytes(report.bytes)} read, "
+        f"every crc32c checksum matches ({report.seconds:.1f} s)"
+    )
+
+
+@render.register
+def _(report: ExportReport, console: Console) -> None:
+    rate = f"{human_bytes(report.bytes / report.seconds)}/s" if report.seconds else "-"
+    what = (
+        f"DCP checkpoint, {count_noun(report.shards or 0, 'row piece')} per tensor"
+        + (", one tensor per head" if report.per_head else "")
+        if report.target == "training"
+        else f"safetensors, {report.layout} layout"
+    )
+    console.print(
+        f"exported {report.store} -> {report.output} ({what}): {count_noun(len(report.layers), 'layer')}, "
+        f"{report.dtype}, {count_noun(len(report.files), 'file')}, {human_bytes(report.bytes)} in "
+        f"{report.seconds:.1f} s ({rate})"
+    )
+    render_conversion(console, report.conversion)
+    if report.quantization:
+        q = report.quantization
+        console.print(
+            f"fp8 E4M3 with E8M0 scales per 32 values: error relative to the block max "
+            f"{q['max_relative']:.4f} max, {q['rms_relative']:.4f} RMS"
+        )
+
+
+@render.register
+def _(report: ImportReport, console: Console) -> None:
+    console.print(
+        f"imported {report.checkpoint} ({report.format}, {report.layout}) -> {report.store}: "
+        f"layers {', '.join(map(str, report.layers))}, {report.source_dtype} -> {report.dtype}, "
+        f"{human_bytes(report.bytes)} in {report.seconds:.1f} s"
+    )
+    render_conversion(console, report.conversion)
+    for note in report.notes:
+        console.print(f"[yellow]{note}[/]")
+
+
+@render.register
+def _(report: InspectReport, console: Console) -> None:
+    if report.tables is not None:
+        render_tables(report.tables, console)
+    if report.corpus is not None:
+        render_corpus(report, console)
+    if report.layers is not None:
+        render_layers(report.spec, report.layers, console)
+        if any(s.top_buckets is not None for orders in report.layers.values() for s in orders.values()):
+            render_top(report.layers, console)
+    if report.sweep:
+        render_sweep(report.sweep, console)
+    if report.plot:
+        console.print(f"wrote {report.plot}")
+
+
+def render_corpus(report: InspectReport, console: Console) -> None:
+    c = report.corpus
+    assert c is not None
+    text = f", {human_bytes(c.text_bytes)} of text tokenized" if c.text_bytes else ""
+    spilled = f"; spilled {human_bytes(report.spilled_bytes)} to disk" if report.spilled_bytes else ""
+    console.print(
+        f"[bold]corpus[/]: {plural(c.files, 'file')}, {plural(c.documents, 'document')}, "
+        f"{plural(c.tokens, 'token')}{text}; {report.seconds:.1f} s{spilled}"
+    )
+    for note in c.warnings():
+        console.print(f"[yellow]warning[/]: {note}")
+
+
+def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None:
+    table = Table(title=f"Collisions at the head sizes of {spec.name}")
+    for column in ("layer", "n", "distinct", "per head", "ideal", "windows", "max load", "all heads", "mix"):
+        table.add_column(column, justify="right")
+    for layer, orders in layers.items():
+        for n, s in orders.items():
+            table.add_row(
+                str(layer),
+                str(n),
+                f"{s.distinct:,}",
+                pct(s.mean("collision_rate")),
+                pct(s.mean("expected_rate")),
+                pct(s.mean("weighted_rate")),
+                str(max(h.max_load for h in s.heads)),
+                f"{s.all_heads_colliding:,}",
+                f"{s.mix_colliding:,}",
+            )
+    console.print(table)
+    console.print(
+        "per head: distinct n-grams that share their bucket (mean over heads); ideal: the same "
+        "under uniform hashing; windows: share of occurrences whose n-gram collides; all heads, "
+        "mix: n-grams that collide with one same n-gram in every head, or in the mix itself",
+        style="dim",
+    )
+
+
+def render_top(layers: LayerStats, console: Console) -> None:
+    rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items() for b in (s.top_buckets or [])]
+    if not rows:
+        console.print("--top: no bucket holds more than one distinct n-gram")
+        return
+    table = Table(title="Most crowded buckets (n-gram x occurrences)")
+    for column in ("layer", "n", "head", "bucket", "load"):
+        table.add_column(column, justify="right")
+    table.add_column("n-grams")
+    for layer, n, b in rows:
+        shown = ", ".join(f"{''.join(g['tokens'])!r} x{g['count']:,}" for g in b["ngrams"][:TOP_SHOWN])
+        more = b["load"] - min(len(b["ngrams"]), TOP_SHOWN)
+        table.add_row(
+            str(layer),
+            str(n),
+            str(b["head"]),
+            f"{b['bucket']:,}",
+            str(b["load"]),
+            shown + (f", +{more} more" if more > 0 else ""),
+        )
+    console.print(table)
+
+
+def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
+    table = Table(title="Size sweep: every head size scaled (means over layers and heads)")
+    for column in ("n", "factor", "head size", "tables", "per head", "ideal", "windows", "all heads"):
+        table.add_column(column, justify="right")
+    orders = sorted({n for p in sweep for o in p.layers.values() for n in o})
+    for n in orders:
+        for point in sweep:
+            stats = [o[n] for o in point.layers.values()]
+            sizes = [h.size for s in stats for h in s.heads]
+            table.add_row(
+                str(n),
+                f"{point.factor:g}x",
+                f"{int(np.mean(sizes)):,}",
+                human_bytes(point.spec.parameters * DTYPE_BYTES[point.spec.dtype]),
+                pct(np.mean([s.mean("collision_rate") for s in stats])),
+                pct(np.mean([s.mean("expected_rate") for s in stats])),
+                pct(np.mean([s.mean("weighted_rate") for s in stats])),
+                f"{sum(s.all_heads_colliding for s in stats):,}",
+            )
+        table.add_section()
+    console.print(table)
+
+
+def render_tables(health: TableHealth, console: Console) -> None:
+    console.print(
+        f"[bold]tables[/]: {health.store} ({health.dtype}, {'complete' if health.complete else '[red]incomplete[/]'})"
+    )
+    if health.verify is not None:
+        console.print(
+            f"verified {health.verify['shards']} shards, {human_bytes(health.verify['bytes'])}: every checksum matches"
+        )
+    table = Table(title="Table health per head")
+    for column in ("layer", "order", "head", "rows", "mean", "std", "max |x|", "non-finite"):
+        table.add_column(column, justify="right")
+    for layer, info in health.layers.items():
+        for h in info["heads"]:
+            bad = h["nonfinite"]
+            mean, std = ("-", "-") if h["mean"] is None else (f"{h['mean']:+.4f}", f"{h['std']:.4f}")
+            rows = f"{h['size']:,}" if not h["unread_rows"] else f"{h['size'] - h['unread_rows']:,}/{h['size']:,}"
+            table.add_row(
+                str(layer),
+                str(h["order"]),
+                str(h["head"]),
+                rows,
+                mean,
+                std,
+                f"{h['max_abs']:.4f}",
+                f"[red]{bad:,}[/]" if bad else "0",
+            )
+    console.print(table)
+    layout = Table(title="Table layout")
+    for column in ("layer", "rows", "dim", "on disk", "shards", "shard rows", "ranks", "missing"):
+        layout.add_column(column, justify="right")
+    for layer, info in health.layers.items():
+        plan = info["shard_plan"]
+        missing = len(info["missing_shards"])
+        layout.add_row(
+            str(layer),
+            f"{info['rows']:,}",
+            str(info["dim"]),
+            human_bytes(info["bytes_on_disk"]),
+            str(plan["shards"]),
+            f"{plan['shard_rows']:,}",
+            str(len(plan["partition"])),
+            f"[red]{missing}[/]" if missing else "0",
+        )
+    console.print(layout)
+
+
+def count_noun(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def render_conversion(console: Any, conversion: dict[str, Any]) -> None:
+    if conversion["lossy"]:
+        console.print(
+            f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "
+            f"largest change {conversion['max_abs_error']:.3g}"
+        )

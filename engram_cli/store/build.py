@@ -30,25 +30,26 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import TextColumn
-from rich.table import Table
 
-from ..cluster import absolute_store_path, dask_client, run_tasks
-from ..dtypes import DTYPE_BYTES
-from ..errors import EngramError
+from ..cluster import absolute_store_path, run_tasks
+from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
+from ..errors import EngramError, OutputExistsError, UsageError
 from ..helpers import human_bytes
-from ..spec import TableSpec, load_spec
-from ..vocab import VocabProjection, resolve_projection
+from ..progress import SILENT, Progress, ProgressTask
+from ..spec import TableSpec
+from ..vocab import VocabProjection, default_projection
 from .attributes import default_init, spec_difference
 from .create import create_layer_array, create_store, store_exists, write_projection_arrays
 from .files import is_url, store_path
-from .layout import plan_layout
+from .layout import ShardBy, plan_layout
 from .shard_format import shard_file_size
 from .tables import TableStore, _cpu_count, open_tables
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 BUFFER_BUDGET = 1 << 30  # shard buffers in flight across all build workers
 
@@ -191,50 +192,6 @@ class BuildReport:
             "peak_rss_bytes": self.peak_rss_bytes,
         }
 
-    def render(self, console: Console) -> None:
-        where = f" -> {self.store}" if self.store else ""
-        table = Table(
-            title=f"{'plan: ' if self.dry_run else ''}{self.spec_name}{where}, {self.dtype}, "
-            f"{self.ranks} rank{'s' if self.ranks != 1 else ''} by {self.shard_by}"
-        )
-        for column in ("layer", "rows", "parameters", "size", "chunk rows", "shard rows", "shards"):
-            table.add_column(column, justify="right")
-        for layer in self.layers:
-            table.add_row(
-                str(layer["layer"]),
-                f"{layer['rows']:,}",
-                f"{layer['parameters']:,}",
-                human_bytes(layer["bytes"]),
-                f"{layer['chunk_rows']:,}",
-                f"{layer['shard_rows']:,}",
-                str(layer["shards"]),
-            )
-        table.add_row(
-            "total", "", f"{self.parameters:,}", human_bytes(self.bytes), "", "", str(self.shards_total), style="bold"
-        )
-        console.print(table)
-        if self.ranks > 1:
-            first = self.layers[0]
-            spans = [f"rank {r}: rows {a:,}-{b - 1:,}" for r, (a, b) in enumerate(first["partition"])]
-            shown = spans if len(spans) <= 4 else spans[:2] + ["..."] + spans[-1:]
-            console.print(f"layer {first['layer']} partition: " + "; ".join(shown))
-        if self.dry_run:
-            target = "" if not where else f"{self.action} {self.store}: "
-            console.print(
-                f"would {target}write {self.files} files, {human_bytes(self.bytes)}; "
-                f"init {self.init['algorithm']}; nothing written"
-            )
-            return
-        rate = human_bytes(self.bytes_written / self.seconds) + "/s" if self.seconds else "-"
-        console.print(
-            f"{self.action}: wrote {self.shards_written} shards, rewrote "
-            f"{self.shards_repaired} bad ones, kept {self.shards_kept} good ones; "
-            f"{human_bytes(self.bytes_written)} in {self.seconds:.1f} s ({rate}, "
-            f"{self.parameters_per_second / 1e6:.0f} M parameters/s, {self.workers} workers); "
-            f"peak RSS {human_bytes(self.peak_rss_bytes)}; "
-            f"{'[green]complete[/]' if self.complete else '[red]incomplete[/]'}"
-        )
-
 
 def _peak_rss() -> int:
     """Peak resident memory of this process image. Linux's VmHWM, because ru_maxrss also
@@ -269,56 +226,54 @@ def _check_free_space(path: str, needed: int, reclaimed: int = 0) -> None:
         )
 
 
-def _load_inputs(
-    spec: TableSpec | str | Path, projection: VocabProjection | str | Path | None, dtype: str | None
-) -> tuple[TableSpec, VocabProjection]:
-    spec = spec if isinstance(spec, TableSpec) else load_spec(spec)
-    if dtype is not None and dtype not in DTYPE_BYTES:
-        raise EngramError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-    if dtype is not None:
-        spec = spec.replace(dtype=dtype)
-    if not isinstance(projection, VocabProjection):
-        projection = resolve_projection(projection)
-    return spec, projection
-
-
 def build_tables(
-    spec: TableSpec | str | Path,
+    spec: TableSpec,
     output: str | Path | None,
     *,
-    projection: VocabProjection | str | Path | None = None,
+    projection: VocabProjection | None = None,
     shards: int | None = None,
-    shard_by: str | None = None,
+    shard_by: ShardBy | None = None,
     workers: int | None = None,
-    dtype: str | None = None,
+    dtype: StoreDType | None = None,
     resume: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
-    show_progress: bool = True,
-    scheduler: str | None = None,
-    dask_workers: int | None = None,
+    client: Client | None = None,
+    progress: Progress = SILENT,
 ) -> BuildReport:
     """The whole `engram build-tables` job: plan, create or resume, fill every shard, mark complete.
 
+    Args:
+        spec: the tables to build; `dtype` overrides its table dtype.
+        output: the store folder or URL; None only for a dry run.
+        projection: the vocab projection (default: the embedded DeepSeek-V3 one).
+        shards, shard_by: the rank partition; default 1 and "rows", or the store's own on resume.
+        workers: threads generating values (default: all cores).
+        resume: finish an interrupted build; overwrite: replace an existing store.
+        dry_run: plan only, write nothing.
+        client: a Dask client; every shard is then one task that generates and writes that file.
+        progress: receives a task advancing by rows written.
+
     The bytes of the result depend only on the spec, the projection and the layout (shards and
-    shard_by); not on workers, interruptions or resumes. `output` may be None for a dry run.
-    `shards`/`shard_by` default to 1 and "rows", or to the store's own when resuming.
-    With `scheduler` (a Dask scheduler address) or `dask_workers` (a local Dask cluster), every
-    shard is one Dask task that generates and writes that shard file on a worker.
+    shard_by); not on workers, interruptions or resumes.
     """
     if output is None and not dry_run:
-        raise EngramError("missing option -o/--output: the table store to write")
+        raise UsageError("no output store given: the table store to write")
     if resume and overwrite:
-        raise EngramError("--resume and --overwrite exclude each other")
+        raise UsageError("resume and overwrite exclude each other")
     if workers is not None and workers < 1:
-        raise EngramError(f"--workers must be a positive integer, got {workers}")
-    spec, projection = _load_inputs(spec, projection, dtype)
+        raise UsageError(f"workers must be a positive integer, got {workers}")
+    if dtype is not None:
+        if dtype not in STORE_DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+        spec = spec.replace(dtype=dtype)
+    projection = projection or default_projection()
     output = None if output is None else store_path(output)
     action, existing = "plan", None
     if output is not None:
         exists = store_exists(output)
         if exists and not (resume or overwrite):
-            raise EngramError(
+            raise OutputExistsError(
                 f"{output} already exists; pass --resume to finish an interrupted build or --overwrite to replace it"
             )
         action = "resume" if exists and resume else ("overwrite" if exists else "create")
@@ -365,16 +320,16 @@ def build_tables(
     if dry_run:
         return report
 
-    with dask_client(scheduler, dask_workers) as client:
-        started = time.perf_counter()
-        if action == "resume":
-            store = _repair_for_resume(output, spec, projection)
-        else:
-            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
-        if client is None:
-            _fill(store, report, show_progress)
-        else:
-            _fill_on_cluster(client, store, report, show_progress)
+    started = time.perf_counter()
+    if action == "resume":
+        store = _repair_for_resume(output, spec, projection)
+    else:
+        store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
+    task = progress.task(f"{report.action} {Path(store.path).name}", sum(lay.rows for lay in store.layouts.values()))
+    if client is None:
+        _fill(store, report, task)
+    else:
+        _fill_on_cluster(client, store, report, task)
     store.mark_complete()
     report.complete = True
     report.seconds = time.perf_counter() - started
@@ -382,7 +337,7 @@ def build_tables(
     return report
 
 
-def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
+def _fill(store: TableStore, report: BuildReport, task: ProgressTask) -> None:
     """Run every shard through `ensure_shard`: a few shard threads, each with one reusable
     buffer, hand the generation to `report.workers` threads and write the result."""
     jobs = [(layer, i) for layer, lay in store.layouts.items() for i in range(lay.shards)]
@@ -401,41 +356,21 @@ def _fill(store: TableStore, report: BuildReport, show_progress: bool) -> None:
         start, stop = layout.shard_range(index)
         return stop - start, outcome, nbytes
 
-    bar, task = _build_progress(store, report, show_progress)
     compute = concurrent.futures.ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="engram-generate")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=report.shards_in_flight, thread_name_prefix="engram-shard")
     try:
-        with bar:
-            futures = [pool.submit(run, job) for job in jobs]
-            for future in concurrent.futures.as_completed(futures):
-                _count_shard(report, bar, task, started, *future.result())
-    except BaseException as exc:
+        futures = [pool.submit(run, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            _count_shard(report, task, started, *future.result())
+    except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         compute.shutdown(wait=True, cancel_futures=True)
-        if isinstance(exc, KeyboardInterrupt):
-            Console(stderr=True).print(
-                f"interrupted: {store.path} is incomplete; run the same command with --resume to finish it"
-            )
         raise
     pool.shutdown(wait=True)
     compute.shutdown(wait=True)
 
 
-def _build_progress(store: TableStore, report: BuildReport, show: bool) -> tuple[Any, Any]:
-    from ..cli.render import progress
-
-    bar = progress(TextColumn("rows"), TextColumn("{task.fields[rate]}"))
-    if not show:
-        bar.disable = True
-    task = bar.add_task(
-        f"{report.action} {Path(store.path).name}", rate="", total=sum(lay.rows for lay in store.layouts.values())
-    )
-    return bar, task
-
-
-def _count_shard(
-    report: BuildReport, bar: Any, task: Any, started: float, rows: int, outcome: str, nbytes: int
-) -> None:
+def _count_shard(report: BuildReport, task: ProgressTask, started: float, rows: int, outcome: str, nbytes: int) -> None:
     report.bytes_written += nbytes
     if outcome == "kept":
         report.shards_kept += 1
@@ -444,7 +379,7 @@ def _count_shard(
     else:
         report.shards_written += 1
     elapsed = time.perf_counter() - started
-    bar.update(task, advance=rows, rate=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else "")
+    task.advance(rows, note=f"{report.bytes_written / elapsed / 1e9:.2f} GB/s" if elapsed else None)
 
 
 def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, int]:
@@ -459,7 +394,7 @@ def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, i
     return stop - start, outcome, nbytes
 
 
-def _fill_on_cluster(client: Any, store: TableStore, report: BuildReport, show_progress: bool) -> None:
+def _fill_on_cluster(client: Client, store: TableStore, report: BuildReport, task: ProgressTask) -> None:
     """One task per shard file, so no two workers ever write the same shard; only the
     (rows, outcome, bytes) of each task come back to the client."""
     jobs = [
@@ -469,12 +404,7 @@ def _fill_on_cluster(client: Any, store: TableStore, report: BuildReport, show_p
     ]
     report.workers = sum(client.nthreads().values())
     report.shards_in_flight = min(report.workers, len(jobs))
-    bar, task = _build_progress(store, report, show_progress)
     started = time.perf_counter()
-    with bar:
-        run_tasks(
-            client,
-            ensure_shard_task,
-            jobs,
-            on_done=lambda _name, result: _count_shard(report, bar, task, started, *result),
-        )
+    run_tasks(
+        client, ensure_shard_task, jobs, on_done=lambda _name, result: _count_shard(report, task, started, *result)
+    )

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
 from ..helpers import human_bytes
 from ..spec import TableSpec
 
-SHARD_BY = ("rows", "heads")
+ShardBy = Literal["rows", "heads"]
+SHARD_BY: tuple[str, ...] = get_args(ShardBy)
 
 
 CHUNK_BYTES = 1 << 20  # inner chunk: one random row read costs at most this much I/O

@@ -35,11 +35,9 @@ from typing import Any
 
 import numpy as np
 import zarr
-from rich.console import Console
 
 from ..dtypes import DTYPE_BYTES, numpy_dtype
 from ..errors import EngramError
-from ..helpers import human_bytes
 from ..init import INIT_ALGORITHM, fill_rows
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
@@ -60,12 +58,6 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"store": self.path, "shards": self.shards, "bytes": self.bytes, "seconds": self.seconds, "ok": True}
-
-    def render(self, console: Console) -> None:
-        console.print(
-            f"{self.path}: {self.shards} shards, {human_bytes(self.bytes)} read, "
-            f"every crc32c checksum matches ({self.seconds:.1f} s)"
-        )
 
 
 class TableStore:

@@ -1,0 +1,46 @@
+"""The Dask client of a command: `--scheduler URL` connects to a cluster, `--dask-workers N` starts one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ..errors import EngramError, UsageError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+
+@contextmanager
+def dask_client(
+    scheduler: str | None = None, workers: int | None = None, connect_timeout: str = "15s"
+) -> Iterator[Client | None]:
+    """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
+    if scheduler and workers:
+        raise UsageError("give either --scheduler or --dask-workers, not both")
+    if not scheduler and not workers:
+        yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise EngramError("scale-out needs Dask: pip install 'dask[distributed]'") from None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=connect_timeout)
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: not a HOST:PORT address
+            raise EngramError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            yield client
+        return
+    if workers < 1:
+        raise UsageError(f"--dask-workers must be at least 1, got {workers}")
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

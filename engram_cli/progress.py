@@ -1,0 +1,42 @@
+"""Progress as long jobs report it: named tasks that advance. Whoever calls the job draws it.
+
+The library never draws anything: a job takes a `Progress` and starts one task per pass (rows
+written, bytes read, partitions merged, ...). The CLI passes one that draws rich bars on stderr;
+library callers pass their own or leave the silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ProgressTask(Protocol):
+    """One pass of a job: `advance` by done units, or `update` to an absolute count."""
+
+    def advance(self, amount: float = 1, *, note: str | None = None) -> None: ...
+
+    def update(self, completed: float, *, note: str | None = None) -> None: ...
+
+
+class Progress(Protocol):
+    """Starts the tasks of a job; `total` is None when the size of a pass is not known."""
+
+    def task(self, description: str, total: float | None = None) -> ProgressTask: ...
+
+
+class _SilentTask:
+    def advance(self, amount: float = 1, *, note: str | None = None) -> None:
+        pass
+
+    def update(self, completed: float, *, note: str | None = None) -> None:
+        pass
+
+
+class Silent:
+    """Progress that goes nowhere: the default of every job."""
+
+    def task(self, description: str, total: float | None = None) -> ProgressTask:
+        return _SilentTask()
+
+
+SILENT = Silent()
