@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo-out
 SENTENCE := Only Alexander the Great could tame the horse Bucephalus.
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check engram_cli tests benchmarks
+	$(VENV)/bin/ruff format --check engram_cli tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -34,7 +34,8 @@ class DType:
     def torch(self) -> torch.dtype:
         import torch
 
-        return getattr(torch, self.name)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, self.name)
+        return dtype
 
 
 DTYPES: dict[str, DType] = {

@@ -17,8 +17,6 @@ floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -30,7 +28,7 @@ import numpy as np
 
 from .errors import EngramError
 from .hashing import NgramHasher, check_rank, hash_kernel
-from .helpers import check_output_file
+from .helpers import atomic_file, check_output_file
 from .progress import SILENT, Progress
 from .spec import TableSpec
 from .vocab import VocabProjection
@@ -213,38 +211,29 @@ def hash_ids_file(
     n_rows, length = batch.shape
     context = spec.max_ngram_size - 1
     pieces = list(_pieces(n_rows, length, max(1, chunk_tokens)))
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(6)}.tmp")  # mode from the umask
     summary = []
     hash_kernel()  # compiling or loading it is not hashing time
     start = time.perf_counter()
-    try:
-        task = progress.task("hashing", len(pieces) * len(layer_ids))
-        with zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for layer_id in layer_ids:
-                shape = ids.shape + (hasher.head_sizes(layer_id).size,)
-                low, high = None, None
-                with archive.open(f"layer_{layer_id}.npy", "w", force_zip64=True) as entry:
-                    np.lib.format.write_array_header_2_0(
-                        entry, {"descr": "<i8", "fortran_order": False, "shape": shape}
-                    )
-                    for b0, b1, t0, t1 in pieces:
-                        first = max(0, t0 - context)
-                        piece = np.asarray(batch[b0:b1, first:t1])
-                        out = (hasher.rows if rows else hasher.hash)(piece, layers=[layer_id])[layer_id]
-                        out = np.ascontiguousarray(out[:, t0 - first :])
-                        if out.size:
-                            low = int(out.min()) if low is None else min(low, int(out.min()))
-                            high = int(out.max()) if high is None else max(high, int(out.max()))
-                            entry.write(memoryview(out.astype("<i8", copy=False)).cast("B"))
-                        task.advance()
-                summary.append(
-                    {"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape), "min": low, "max": high}
-                )
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise EngramError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    task = progress.task("hashing", len(pieces) * len(layer_ids))
+    with atomic_file(output) as tmp, zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for layer_id in layer_ids:
+            shape = ids.shape + (hasher.head_sizes(layer_id).size,)
+            low, high = None, None
+            with archive.open(f"layer_{layer_id}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_2_0(entry, {"descr": "<i8", "fortran_order": False, "shape": shape})
+                for b0, b1, t0, t1 in pieces:
+                    first = max(0, t0 - context)
+                    piece = np.asarray(batch[b0:b1, first:t1])
+                    out = (hasher.rows if rows else hasher.hash)(piece, layers=[layer_id])[layer_id]
+                    out = np.ascontiguousarray(out[:, t0 - first :])
+                    if out.size:
+                        low = int(out.min()) if low is None else min(low, int(out.min()))
+                        high = int(out.max()) if high is None else max(high, int(out.max()))
+                        entry.write(out.astype("<i8", copy=False).data.cast("B"))
+                    task.advance()
+            summary.append(
+                {"layer_id": layer_id, "key": f"layer_{layer_id}", "shape": list(shape), "min": low, "max": high}
+            )
     return HashFileReport(
         input=str(ids_path),
         output=str(output),

@@ -63,7 +63,7 @@ def hash_kernel() -> Callable[..., None]:
     import numba
 
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
     min_float_prime = FLOAT_REDUCTION_MIN_PRIME
 
     signature = (
@@ -268,6 +268,7 @@ class NgramHasher:
                     and buffer.flags.writeable
                 )
             else:
+                assert torch is not None  # the input was a tensor
                 ok = (
                     isinstance(buffer, torch.Tensor)
                     and buffer.dtype == torch.int64
@@ -289,7 +290,7 @@ class NgramHasher:
     ) -> dict[int, np.ndarray]:
         self.projection.check_ids(ids)
         batch = np.require(
-            ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64, requirements="CW"
+            ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64, requirements=["C", "W"]
         )  # the kernel takes writable arrays; a read-only map is copied
         result = {}
         for layer_id in layer_ids:

@@ -16,13 +16,16 @@ store. DCP metadata is a pickle: it is only read with `trust_pickle`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import EngramError
+import numpy as np
+
+from .errors import EngramError, OutputExistsError
 
 T = TypeVar("T")
 
@@ -85,7 +88,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def pct(x: float) -> str:
+def pct(x: float | np.floating[Any]) -> str:
     return f"{100 * x:.3f}%" if x < 0.01 else f"{100 * x:.2f}%"
 
 
@@ -98,26 +101,40 @@ def check_output_file(output: Path, overwrite: bool) -> None:
     if output.is_dir():
         raise EngramError(f"output {output} is a directory; give a file path")
     if output.exists() and not overwrite:
-        raise EngramError(f"output {output} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {output} exists; pass --overwrite to replace it")
     if not output.parent.is_dir():
         raise EngramError(f"output folder {output.parent} does not exist")
     if not os.access(output.parent, os.W_OK):
         raise EngramError(f"output folder {output.parent} is not writable")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+TMP_PREFIX = ".engram-tmp-"  # every temporary file or folder engram writes beside a target starts so
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh name beside `path` for writing it: renamed onto `path` only once complete."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; rename it onto `path` when the block ends.
+
+    Readers never see half a file, a failure leaves `path` as it was, and the file is created
+    with an ordinary `open`, so its mode follows the umask like every other output. OS errors
+    (a full disk, a read-only folder) become one-line errors naming the file.
+    """
+    tmp = temporary_name(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise EngramError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise EngramError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-from .dtypes import DTYPE_BYTES
+from .dtypes import DTYPE_BYTES, numpy_dtype
 from .errors import EngramError
 from .primes import next_unused_prime
 
@@ -188,6 +190,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(spec: TableSpec) -> None:
     if not _is_int(spec.max_ngram_size) or spec.max_ngram_size < 2:
         _fail("max_ngram_size", f"must be an integer >= 2, got {spec.max_ngram_size!r}")
@@ -224,10 +230,15 @@ def _validate(spec: TableSpec) -> None:
             "table.init.distribution",
             f"unknown distribution {init.distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}",
         )
-    if not (isinstance(init.std, int | float) and init.std > 0):
-        _fail("table.init.std", f"must be a positive number, got {init.std!r}")
-    if not (isinstance(init.bound, int | float) and init.bound > 0):
-        _fail("table.init.bound", f"must be a positive number, got {init.bound!r}")
+    # The largest |value| the init can draw must stay finite in the table dtype: a uniform value
+    # is at most `bound`, a normal one (30-bit Box-Muller) below 6.5 std.
+    largest = float(ml_dtypes.finfo(numpy_dtype(spec.dtype)).max)
+    for name, value, reach in (("std", init.std, 6.5), ("bound", init.bound, 1.0)):
+        if not (_is_number(value) and 0 < value <= largest / reach):
+            _fail(
+                f"table.init.{name}",
+                f"must be a positive finite number up to {largest / reach:.4g} for {spec.dtype}, got {value!r}",
+            )
 
 
 def _init_from_dict(raw: Any) -> InitSpec:

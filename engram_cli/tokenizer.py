@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import socket
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 from .errors import EngramError
 
 EMBEDDED_NAME = "deepseek-v3"
+_HUB_TIMEOUT = 5.0  # seconds to wait for the Hub's metadata before calling it unreachable
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,29 +70,50 @@ def _read_path(path: Path) -> bytes:
 
 
 def _read_hub(repo_id: str) -> bytes:
+    """tokenizer.json of a Hub repo: from the local Hugging Face cache first, then from the Hub.
+
+    huggingface_hub's own settings decide: `HF_HUB_OFFLINE` (parsed as it parses it, so "0"
+    means online) and `HF_ENDPOINT`. Before downloading, one TCP connection to the endpoint (or
+    to the proxy the environment names for it) tells a machine without network at once, instead
+    of after the hub client's half minute of retries.
+    """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise EngramError(
             f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it from the Hub"
         ) from None
-    offline = bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
     try:
-        return Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=offline)).read_bytes()
+        return Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)).read_bytes()
+    except Exception:  # not cached: the hub client says so with several exception types
+        pass
+    offline = "offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else None
+    if offline is None and not _reachable(constants.ENDPOINT):
+        offline = f"{constants.ENDPOINT} cannot be reached"
+    if offline:
+        raise EngramError(
+            f"cannot fetch Hub repo {repo_id!r}: {offline}, and its tokenizer.json is not in the local "
+            "Hugging Face cache"
+        )
+    try:
+        return Path(hf_hub_download(repo_id, "tokenizer.json", etag_timeout=_HUB_TIMEOUT)).read_bytes()
     except Exception as exc:  # the hub client raises many kinds of network errors
-        if offline:
-            raise EngramError(
-                f"cannot fetch Hub repo {repo_id!r}: offline, and its tokenizer.json "
-                "is not in the local Hugging Face cache"
-            ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngramError(f"cannot fetch tokenizer.json of Hub repo {repo_id!r}: {reason}") from None
+        raise EngramError(
+            f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {reason}"
+        ) from None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick look before the Hub client's minute of retries on a machine with no network."""
+def _reachable(endpoint: str) -> bool:
+    """Whether a TCP connection opens to the endpoint's host, or to the proxy that serves it."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=_HUB_TIMEOUT):
             return True
     except OSError:
         return False

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -145,10 +146,7 @@ class VocabProjection:
 
     def compress(self, ids: Any) -> Any:
         """Map ids of any shape (numpy or torch); negative ids pass through unchanged."""
-        try:
-            import torch
-        except ImportError:  # torch is a dependency, but numpy users need not pay for it
-            torch = None
+        torch = sys.modules.get("torch")  # a tensor means torch is loaded; numpy users need not load it
         if torch is not None and isinstance(ids, torch.Tensor):
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise EngramError(f"token ids must be integers, got dtype {ids.dtype}")
@@ -160,8 +158,8 @@ class VocabProjection:
             return torch.where(wide >= 0, table[wide.clamp(min=0)], wide)
         arr = np.asarray(ids)
         self.check_ids(arr)
-        wide = arr.astype(np.int64, copy=False)
-        return np.where(wide >= 0, self.lookup[np.maximum(wide, 0)], wide)
+        ints = arr.astype(np.int64, copy=False)
+        return np.where(ints >= 0, self.lookup[np.maximum(ints, 0)], ints)
 
     def save(self, path: str | Path) -> None:
         tensors = {"lookup": self.lookup}

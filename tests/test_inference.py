@@ -211,6 +211,21 @@ def test_engram_tables_lookup_matches_the_store(stores, tmp_path, layout, dtype,
         tables.gather(1, torch.tensor([tables.rows(1)]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator (run on a GPU machine)")
+@pytest.mark.parametrize("dtype", [None, "float8_e4m3fn"])
+def test_engram_tables_lookup_returns_values_on_the_ids_device(stores, tmp_path, dtype, projection):
+    """Tables stay in host memory; CUDA ids are gathered on the host, values come back on CUDA."""
+    out = tmp_path / "out"
+    export_inference(stores["bfloat16"], out, dtype=dtype)
+    tables = EngramTables.open(out)
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, projection.vocab_size, (2, 7)))
+    on_host = tables.lookup(ids)
+    on_device = tables.lookup(ids.cuda())
+    for layer_id, values in on_host.items():
+        assert on_device[layer_id].device.type == "cuda"
+        assert torch.equal(on_device[layer_id].cpu(), values)
+
+
 def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
     out = tmp_path / "t.safetensors"
     export_inference(stores["float32"], out)

@@ -145,6 +145,11 @@ def mutate(section, key, value):
         ("table", "init", {"distribution": "cauchy"}, "table.init.distribution"),
         ("table", "init", {"distribution": "uniform", "std": 1.0}, "table.init.std"),
         ("table", "init", {"distribution": "normal", "std": -1.0}, "table.init.std"),
+        ("table", "init", {"distribution": "normal", "std": True}, "table.init.std"),
+        ("table", "init", {"distribution": "normal", "std": float("inf")}, "table.init.std"),
+        ("table", "init", {"distribution": "normal", "std": float("nan")}, "table.init.std"),
+        ("table", "init", {"distribution": "uniform", "bound": float("inf")}, "table.init.bound"),
+        ("table", "init", {"distribution": "normal", "std": 1e39}, "table.init.std"),
     ],
 )
 def test_each_bad_field_is_named(section, key, value, field):
@@ -176,3 +181,12 @@ def test_bad_spec_files_give_one_line_errors(tmp_path):
 def test_scaling_past_the_size_limit_is_refused():
     with pytest.raises(EngramError, match="scaling head sizes"):
         load_spec("demo").scaled(1e308)
+
+
+def test_init_scale_must_stay_finite_in_the_table_dtype():
+    """std 2e4 is fine in bfloat16 but would overflow float16 (max 65504) at a few sigma."""
+    raw = mutate("table", "init", {"distribution": "normal", "std": 2e4})
+    assert spec_from_dict(raw).init.std == 2e4
+    raw["table"]["dtype"] = "float16"
+    with pytest.raises(EngramError, match="table.init.std.*float16"):
+        spec_from_dict(raw)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
+import subprocess
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, localcontext
@@ -16,7 +20,7 @@ from engram_cli.cli.commands import parse_factors
 from engram_cli.collisions.keys import WindowKeys, map_part, merge_partition
 from engram_cli.collisions.spill import KeyCountStore, count_corpus
 from engram_cli.collisions.statistics import collision_statistics, expected_rate
-from engram_cli.corpus.base import DocBatch
+from engram_cli.corpus.base import CorpusOptions, DocBatch
 from engram_cli.errors import EngramError
 from engram_cli.hashing import NgramHasher
 from engram_cli.inspection import inspect
@@ -480,6 +484,58 @@ def test_inspect_command_json_plot_and_schema(tmp_path, store_path, projection_f
     assert data["plot"] == str(plot)
     image = imread(plot)
     assert image.shape[0] > 400 and image.shape[1] > 1000 and image.std() > 0.05
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(plot.stat().st_mode) == 0o666 & ~umask  # like every other output
+
+
+def test_plot_value_labels_never_sit_under_the_legend(store_path, ids_file):
+    """Every rate label of the sweep panel stays clear of its legend, on a sweep whose rates
+    span the panel (tiny and huge factors), where an in-axes legend would cover some."""
+    from engram_cli.cli.plot import collision_figure
+
+    path, _ = ids_file
+    report = inspect(
+        open_tables(store_path), corpus=[path], options=CorpusOptions(doc_sep=0), sweep=[0.05, 0.2, 1, 5, 50]
+    )
+    fig = collision_figure(report)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    rate_ax = fig.axes[0]
+    legend = rate_ax.get_legend().get_window_extent(renderer)
+    labels = [t for t in rate_ax.texts if t.get_text().endswith("%")]
+    assert len(labels) >= 5 * len(SMALL.orders)
+    for label in labels:
+        assert not label.get_window_extent(renderer).overlaps(legend), label.get_text()
+
+
+def test_tables_never_cut_numbers_on_a_narrow_terminal(store_path, projection_file, ids_file):
+    """At 80 columns rich would end long numbers with an ellipsis; they fold instead."""
+    path, _ = ids_file
+    env = {**os.environ, "COLUMNS": "80"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram_cli",
+            "inspect",
+            str(store_path),
+            "--corpus",
+            str(path),
+            "--doc-sep",
+            "0",
+            "--sweep",
+            "1,2",
+            "--top",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Collisions at the head sizes" in proc.stderr and "\u2026" not in proc.stderr
 
 
 def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store_path, projection_file):
@@ -535,3 +591,18 @@ def test_human_report_renders(store_path, projection_file, ids_file):
         assert text in proc.stderr
     assert proc.stdout == ""
     assert json.loads(run_engram("inspect", str(store_path), "--json").stdout)["layers"] is None
+
+
+def test_decoder_names_each_canonical_id_by_its_first_raw_id():
+    """np.unique's first index, not a repeated fancy-index assignment whose winner NumPy leaves open."""
+    from engram_cli.collisions.statistics import NgramDecoder
+
+    rng = np.random.default_rng(3)
+    lookup = rng.integers(0, 40, 5000)
+    lookup[:40] = np.arange(40)[::-1]  # every canonical id occurs, first at a known place
+    decoder = NgramDecoder(VocabProjection(lookup))
+    brute = {}
+    for raw, canonical in enumerate(lookup.tolist()):
+        brute.setdefault(canonical, raw)
+    assert [decoder.token(c) for c in range(40)] == [f"#{c}" for c in range(40)]  # no tokenizer: ids
+    assert decoder._first.tolist() == [brute[c] for c in range(40)]

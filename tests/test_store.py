@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import zarr
-from engram_cli.errors import EngramError
+from engram_cli.errors import EngramError, UsageError
 from engram_cli.hashing import NgramHasher
 from engram_cli.init import generate_rows
 from engram_cli.spec import load_spec
@@ -152,6 +152,19 @@ def test_store_holds_exactly_the_generated_values(demo_store):
         whole = generate_rows(SPEC, layer, 0, SPEC.rows(layer))
         assert np.asarray(store.table(layer)[:]).tobytes() == whole.tobytes()
         assert store.read_rows(layer, 10, 20).tobytes() == whole[10:20].tobytes()
+        rows = SPEC.rows(layer)
+        assert store.read_rows(layer, rows - 3, rows).tobytes() == whole[rows - 3 :].tobytes()
+        assert store.read_rows(layer, rows, rows).shape == (0, SPEC.dim)
+
+
+@pytest.mark.parametrize("start,stop", [(-1, 5), (5, 4), (0, "rows+1"), ("rows+7", "rows+9"), (0, "rows+10**6")])
+def test_read_rows_refuses_rows_outside_the_table(demo_store, start, stop):
+    """The last chunk is padded on disk: a stop inside the padding must not return its bytes."""
+    store = open_tables(demo_store)
+    rows = SPEC.rows(SPEC.layer_ids[0])
+    bounds = [eval(str(x), {"rows": rows}) for x in (start, stop)]
+    with pytest.raises(UsageError, match=f"not within the {rows:,} rows"):
+        store.read_rows(SPEC.layer_ids[0], *bounds)
 
 
 # ---- determinism -------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +197,53 @@ def test_saved_file_has_ordinary_permissions(tiny, tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# ---- Hub repos: huggingface_hub's own settings decide ------------------------------------------
+
+
+def _compress_hub(env: dict[str, str], tmp_path) -> str:
+    full = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    full.update({"HF_HOME": str(tmp_path / "hf"), **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "engram_cli", "compress-vocab", "someorg/no-such-repo", "-o", str(tmp_path / "p.st")],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+def test_hub_offline_follows_huggingface_hub_parsing_and_endpoint(tmp_path):
+    closed = _free_port()
+    endpoint = f"http://127.0.0.1:{closed}"
+    # "0" means online: the endpoint is tried (and found closed), not skipped as offline.
+    online = _compress_hub({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}, tmp_path)
+    assert f"{endpoint} cannot be reached" in online and "HF_HUB_OFFLINE" not in online
+    offline = _compress_hub({"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": endpoint}, tmp_path)
+    assert "offline (HF_HUB_OFFLINE)" in offline
+
+
+def test_hub_reachability_goes_through_the_configured_proxy(monkeypatch):
+    from engram_cli.tokenizer import _reachable
+
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        for var in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        closed = f"https://127.0.0.1:{_free_port()}"
+        assert not _reachable(closed)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.setenv("no_proxy", "")
+        assert _reachable(closed)  # through the listening proxy
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert not _reachable(closed)  # bypassed: straight to the closed port
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

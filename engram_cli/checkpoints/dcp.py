@@ -210,7 +210,8 @@ def export_training(
             if write_item.index.fqn in small:
                 return small[write_item.index.fqn]
             (t, a, b), values = next(self.blocks)
-            if (t.key, a) != (write_item.index.fqn, write_item.index.offset[0]):
+            offset = write_item.index.offset
+            if offset is None or (t.key, a) != (write_item.index.fqn, offset[0]):
                 raise RuntimeError(f"DCP asked for {write_item.index} out of the planned order")
             advance(b - a)
             return values
@@ -317,7 +318,7 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -327,7 +328,10 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
             for key, (start, buffer) in windows.items():
                 offsets = torch.Size([start] + [0] * (buffer.dim() - 1))
                 chunk = ChunkStorageMetadata(offsets, buffer.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+                assert self.metadata is not None  # set by DefaultLoadPlanner.set_up_planner
+                entry = self.metadata.state_dict_metadata[key]
+                assert isinstance(entry, TensorStorageMetadata)
+                items += create_read_items_for_chunk_list(key, entry, [chunk])
             return LoadPlan(items)
 
         def lookup_tensor(self, index: Any) -> torch.Tensor:
@@ -439,7 +443,7 @@ class DcpSource(TableSource):
     def _stored_projection(self, entries: dict[str, Any], meta: dict[str, Any]) -> Any:
         from ..vocab import restore_projection
 
-        keys = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
+        keys: list[str] = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
         loaded = self._load_small(keys)
         zipped = loaded.get("engram.projection.tokenizer_zip")
         return restore_projection(

@@ -114,8 +114,8 @@ def import_checkpoint(
     task = progress.task("import", source.total_rows)
     for layer_id in source.layer_ids:
         reader = source.layer(layer_id)
-        shards = store.shard_ranges(layer_id)
-        windows = read_windows(shards, source.boundaries(layer_id)) if kind == "dcp" else shards
+        ranges = store.shard_ranges(layer_id)
+        windows = read_windows(ranges, source.boundaries(layer_id)) if kind == "dcp" else ranges
         for begin, end in windows:
             values = reader.read(begin, end)
             converted = values.to(target)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
-from ..errors import EngramError
+from ..errors import EngramError, OutputExistsError
+from ..helpers import temporary_name
 
 
 def prepare_output(output: Path, overwrite: bool) -> Path:
     """Check the target and make a temporary folder beside it, renamed into place when done."""
     if output.exists() or output.is_symlink():
         if not overwrite:
-            raise EngramError(f"{output} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
         if output.is_dir() and any(output.iterdir()) and not _looks_like_export(output):
             raise EngramError(f"{output} is a non-empty folder that is not a checkpoint; refusing to replace it")
         if not output.is_dir() and output.suffix != ".safetensors":
@@ -37,7 +37,7 @@ def prepare_output(output: Path, overwrite: bool) -> Path:
         raise EngramError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise EngramError(f"output folder {parent} is not writable")
-    tmp = parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_name(parent / output.name)
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -60,7 +60,7 @@ def remove_tree(path: Path) -> None:
 def replace_output(tmp: Path, target: Path) -> None:
     """Move a finished output into place, replacing an old one only now that the new one is whole."""
     if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = temporary_name(target)
         os.replace(target, old)
         os.replace(tmp, target)
         if old.is_dir():

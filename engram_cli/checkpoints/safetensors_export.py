@@ -17,7 +17,6 @@ reads the file directly.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ import torch
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torch_dtype
 from ..errors import EngramError
-from ..helpers import in_parallel, row_blocks
+from ..helpers import cpu_count, in_parallel, row_blocks
 from ..progress import SILENT, Progress
 from ..tokenizer import zip_bytes
 from .conversion import Conversion
@@ -50,7 +49,7 @@ _BLOCK_BYTES = 32 << 20  # rows (as float32) read, converted and written by one 
 _LOCAL_BLOCK_BYTES = 4 << 20  # rows (as stored) one export thread reads, converts and writes at a time
 
 
-_EXPORT_THREADS = max(2, min(8, os.cpu_count() or 1))
+_EXPORT_THREADS = max(2, min(8, cpu_count()))
 
 
 def _plan(
@@ -59,8 +58,11 @@ def _plan(
     """Tensor names, shapes and file metadata of an export, and the small tensors' values."""
     spec, dim = source.spec, source.spec.dim
     fp8 = dtype == "float8_e4m3fn"
-    tables, plans, small = [], [], {}
+    tables: list[Table] = []
+    plans: list[TensorPlan] = []
+    small: dict[str, Any] = {}
     for layer_id in source.layer_ids:
+        scale: str | None
         if layout == "deepseek-v41":
             weight, scale = DEEPSEEK_WEIGHT.format(layer_id=layer_id), DEEPSEEK_SCALE.format(layer_id=layer_id)
         else:
@@ -129,7 +131,7 @@ def export_inference(
         raise EngramError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     output = Path(output)
     source = open_source_store(store)
-    dtype = dtype or ("float8_e4m3fn" if layout == "deepseek-v41" else source.spec.dtype)
+    dtype = dtype or ("float8_e4m3fn" if layout == "deepseek-v41" else source.spec.dtype)  # type: ignore[assignment]
     if dtype not in INFERENCE_DTYPES:
         raise EngramError(f"unknown dtype {dtype!r} for inference; allowed: {', '.join(INFERENCE_DTYPES)}")
     if layout == "deepseek-v41" and dtype != "float8_e4m3fn":
@@ -244,6 +246,7 @@ def _write_block(
     else:
         codes, scales = quantize(values, quant, threads=threads)
         writer.write_rows(table.weight, begin, codes)
+        assert table.scale is not None  # fp8 tables carry their scales
         writer.write_rows(table.scale, begin, scales)
 
 

@@ -231,7 +231,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 def _as_bytes(rows: torch.Tensor | np.ndarray) -> memoryview:
     if isinstance(rows, torch.Tensor):
         rows = rows.detach().contiguous().view(torch.uint8).numpy()
-    return memoryview(np.ascontiguousarray(rows)).cast("B")
+    return np.ascontiguousarray(rows).data.cast("B")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
 from .layouts import FORMAT, Table, deepseek_tables, stored_projection
 from .safetensors_format import MappedTensors, open_set
+
+if TYPE_CHECKING:
+    from ..hashing import NgramHasher
 
 _GATHER_THREADS = 2
 
@@ -63,7 +66,7 @@ class EngramTables:
         self._tables = tables
         self._weights = {layer: mapped.tensor(t.weight) for layer, t in tables.items()}
         self._scales = {layer: mapped.tensor(t.scale) for layer, t in tables.items() if t.scale}
-        self._hasher = None
+        self._hasher: NgramHasher | None = None
         for layer, scale in self._scales.items():
             rows, dim = self._weights[layer].shape
             if tuple(scale.shape) != (rows, dim // BLOCK) or dim % BLOCK:
@@ -98,7 +101,7 @@ class EngramTables:
         else:
             tables = deepseek_tables(found.tensors, path)
             layout = "deepseek-v41"
-            needed = [name for t in tables.values() for name in (t.weight, t.scale)]
+            needed = [name for t in tables.values() for name in (t.weight, t.scale) if name is not None]
         missing = [name for name in needed if name not in found.tensors]
         if missing:
             raise EngramError(f"{path} lacks tensor {missing[0]!r} (an incomplete shard set?)")
@@ -136,8 +139,13 @@ class EngramTables:
         return self._scales.get(int(layer_id))
 
     def gather(self, layer_id: int, rows: Any) -> torch.Tensor:
-        """Rows of a layer's table for an index tensor of any shape -> (*shape, dim)."""
-        index = torch.as_tensor(rows, dtype=torch.int64)
+        """Rows of a layer's table for an index tensor of any shape -> (*shape, dim).
+
+        The tables live in host memory: indices on an accelerator are gathered on the host and
+        the values go back to the indices' device.
+        """
+        device = rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu")
+        index = torch.as_tensor(rows, dtype=torch.int64).cpu()
         weight = self.weight(layer_id)
         flat = index.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
@@ -148,7 +156,7 @@ class EngramTables:
         else:
             threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
             picked = gather_dequantize(weight, scale, flat, threads=threads)
-        return picked.reshape(*index.shape, weight.shape[1])
+        return picked.reshape(*index.shape, weight.shape[1]).to(device)
 
     def hasher(self) -> Any:
         if self.spec is None or self.projection is None:
@@ -165,7 +173,7 @@ class EngramTables:
     def lookup(self, input_ids: Any, layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
         """{layer_id: (B, T, heads, dim)} for token ids (B, T) (or (T, heads, dim) for 1-D ids)."""
         chosen = list(self.layer_ids if layers is None else layers)
-        rows = self.hasher().rows(input_ids, layers=chosen)
+        rows = self.hasher().rows(input_ids, layers=chosen)  # on the ids' device, as the ids
         return {layer: self.gather(layer, torch.as_tensor(r)) for layer, r in rows.items()}
 
     def _check_spec(self, spec: TableSpec) -> None:

@@ -35,7 +35,7 @@ def dask_client(
         with client:
             yield client
         return
-    if workers < 1:
+    if workers is None or workers < 1:
         raise UsageError(f"--dask-workers must be at least 1, got {workers}")
     with (
         LocalCluster(

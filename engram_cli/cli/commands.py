@@ -132,7 +132,8 @@ def run_export(
             raise UsageError("--layout and --max-shard-size apply to --for inference")
         if scheduler or dask_workers:
             raise UsageError(
-                "--scheduler and --dask-workers apply to --for inference; a training export is written by DCP's own writer"
+                "--scheduler and --dask-workers apply to --for inference; "
+                "a training export is written by DCP's own writer"
             )
         with progress_bars() as bars:
             return export_training(

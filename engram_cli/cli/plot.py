@@ -5,17 +5,15 @@ Drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global st
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..collisions.statistics import LayerStats
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
-from ..helpers import human_bytes
+from ..helpers import atomic_file, human_bytes
 from ..inspection import InspectReport
 from ..spec import TableSpec
 
@@ -35,11 +33,14 @@ def _ideal_curve(sizes: np.ndarray, distinct: int) -> np.ndarray:
 
 
 def draw_collisions(report: InspectReport, path: str | Path) -> None:
+    """Draw the figure of `collision_figure` to a PNG at `path` (written beside it, then renamed)."""
+    _save(collision_figure(report), Path(path))
+
+
+def collision_figure(report: InspectReport) -> Figure:
     """Left: collision rate per order against the size factor (measured points, ideal curve).
     Right: how many buckets hold k distinct n-grams at the spec's sizes, with the Poisson
     expectation of ideal hashing."""
-    from matplotlib.figure import Figure
-
     layers = report.layers
     if layers is None:
         raise EngramError("--plot needs collision statistics: give --corpus PATH")
@@ -92,7 +93,8 @@ def draw_collisions(report: InspectReport, path: str | Path) -> None:
     rate_ax.set_ylabel("distinct n-grams sharing their bucket, per head (%)")
     rate_ax.set_title("Collision rate against table size", fontsize=11)
     rate_ax.grid(True, which="major", alpha=0.3)
-    rate_ax.legend(fontsize=8, loc="lower left")
+    # Below the axes, not inside: no value label can sit under it, whatever the rates.
+    rate_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 
     width = 0.8 / len(orders)
     top_load = 0
@@ -142,7 +144,7 @@ def draw_collisions(report: InspectReport, path: str | Path) -> None:
         f"engram inspect: {spec.name} ({len(spec.layer_ids)} layers x {spec.heads_per_layer} heads) on {what}",
         fontsize=12,
     )
-    _save(fig, Path(path))
+    return fig
 
 
 def _factor_label(factor: float, spec: TableSpec) -> str:
@@ -156,16 +158,7 @@ def _log_factorial(k: np.ndarray) -> np.ndarray:
     return np.array([lgamma(v + 1) for v in k])
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     """Write next to the target and rename, so a reader never sees half a PNG."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    except OSError as exc:
-        raise EngramError(f"cannot write the plot to {path.parent}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise EngramError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        fig.savefig(handle, format="png")

@@ -65,10 +65,16 @@ class _RichTask:
         self.bar, self.task = bar, task
 
     def advance(self, amount: float = 1, *, note: str | None = None) -> None:
-        self.bar.update(self.task, advance=amount, **({"note": note} if note is not None else {}))
+        if note is None:
+            self.bar.update(self.task, advance=amount)
+        else:
+            self.bar.update(self.task, advance=amount, note=note)
 
     def update(self, completed: float, *, note: str | None = None) -> None:
-        self.bar.update(self.task, completed=completed, **({"note": note} if note is not None else {}))
+        if note is None:
+            self.bar.update(self.task, completed=completed)
+        else:
+            self.bar.update(self.task, completed=completed, note=note)
 
 
 class RichProgress:
@@ -115,7 +121,7 @@ def _(report: CompressReport, console: Console) -> None:
     )
     table = Table(title=f"{len(report.top_groups)} largest merge groups")
     for column in ("canonical id", "key", "ids", "examples"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for group in report.top_groups:
         table.add_row(
             str(group["canonical_id"]),
@@ -135,7 +141,7 @@ def _(report: PlanReport, console: Console) -> None:
         f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head"
     )
     for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for layer in spec.layer_ids:
         info = report.layer(layer)
         table.add_row(
@@ -167,11 +173,11 @@ def _(report: HashTextReport, console: Console) -> None:
         table = Table(
             title=f"layer {layer_id}: {kind} per head (head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
         )
-        table.add_column("#", justify="right")
-        table.add_column("token")
+        table.add_column("#", justify="right", overflow="fold")
+        table.add_column("token", overflow="fold")
         for order in layer["orders"]:
-            table.add_column(f"{order}-gram")
-            table.add_column(kind)
+            table.add_column(f"{order}-gram", overflow="fold")
+            table.add_column(kind, overflow="fold")
         for token in report.tokens:
             cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
             for ngram in token["ngrams"]:
@@ -191,7 +197,7 @@ def _(report: HashFileReport, console: Console) -> None:
     )
     table = Table()
     for column in ("layer", "array", "shape", "heads", values_key(report.rows) + " range"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for layer in report.layers:
         span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
         table.add_row(str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])), str(layer["shape"][-1]), span)
@@ -207,7 +213,7 @@ def _(report: BuildReport, console: Console) -> None:
         f"{report.ranks} rank{'s' if report.ranks != 1 else ''} by {report.shard_by}"
     )
     for column in ("layer", "rows", "parameters", "size", "chunk rows", "shard rows", "shards"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for layer in report.layers:
         table.add_row(
             str(layer["layer"]),
@@ -320,7 +326,7 @@ def render_corpus(report: InspectReport, console: Console) -> None:
 def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None:
     table = Table(title=f"Collisions at the head sizes of {spec.name}")
     for column in ("layer", "n", "distinct", "per head", "ideal", "windows", "max load", "all heads", "mix"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for layer, orders in layers.items():
         for n, s in orders.items():
             table.add_row(
@@ -350,8 +356,8 @@ def render_top(layers: LayerStats, console: Console) -> None:
         return
     table = Table(title="Most crowded buckets (n-gram x occurrences)")
     for column in ("layer", "n", "head", "bucket", "load"):
-        table.add_column(column, justify="right")
-    table.add_column("n-grams")
+        table.add_column(column, justify="right", overflow="fold")
+    table.add_column("n-grams", overflow="fold")
     for layer, n, b in rows:
         shown = ", ".join(f"{''.join(g['tokens'])!r} x{g['count']:,}" for g in b["ngrams"][:TOP_SHOWN])
         more = b["load"] - min(len(b["ngrams"]), TOP_SHOWN)
@@ -369,7 +375,7 @@ def render_top(layers: LayerStats, console: Console) -> None:
 def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
     table = Table(title="Size sweep: every head size scaled (means over layers and heads)")
     for column in ("n", "factor", "head size", "tables", "per head", "ideal", "windows", "all heads"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     orders = sorted({n for p in sweep for o in p.layers.values() for n in o})
     for n in orders:
         for point in sweep:
@@ -399,7 +405,7 @@ def render_tables(health: TableHealth, console: Console) -> None:
         )
     table = Table(title="Table health per head")
     for column in ("layer", "order", "head", "rows", "mean", "std", "max |x|", "non-finite"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for layer, info in health.layers.items():
         for h in info["heads"]:
             bad = h["nonfinite"]
@@ -418,7 +424,7 @@ def render_tables(health: TableHealth, console: Console) -> None:
     console.print(table)
     layout = Table(title="Table layout")
     for column in ("layer", "rows", "dim", "on disk", "shards", "shard rows", "ranks", "missing"):
-        layout.add_column(column, justify="right")
+        layout.add_column(column, justify="right", overflow="fold")
     for layer, info in health.layers.items():
         plan = info["shard_plan"]
         missing = len(info["missing_shards"])

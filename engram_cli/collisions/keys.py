@@ -311,7 +311,7 @@ def split_partitions(part: KeyCounts, bits: int = PARTITION_BITS) -> list[KeyCou
         return [KeyCounts(part.keys[a:b], part.counts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
     pid = (first >> shift).astype(np.uint16)
     order = np.argsort(pid, kind="stable")
-    edges = np.concatenate([[0], np.cumsum(np.bincount(pid, minlength=1 << bits))])
+    edges = np.concatenate([[0], np.cumsum(np.bincount(pid, minlength=1 << bits))]).tolist()
     keys, counts = part.keys[order], part.counts[order]
     return [KeyCounts(keys[a:b], counts[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -34,7 +34,7 @@ import numpy as np
 from ..corpus.base import DocBatch
 from ..corpus.reader import Corpus
 from ..dtypes import DTYPE_BYTES
-from ..errors import EngramError
+from ..errors import EngramError, UsageError
 from ..helpers import cpu_count, plural
 from ..kernels import bucket
 from ..spec import TableSpec
@@ -42,6 +42,9 @@ from ..vocab import VocabProjection
 from .cluster import count_on_cluster
 from .keys import KEY_MUL_U64, PARTITION_BITS, KeyCounts, KeyLayout, WindowKeys, mix_keys, unpack_windows
 from .spill import KeyCountStore, append_file, count_corpus, default_memory_budget, spill_folder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # At most this many n-grams of a crowded bucket are listed by --top (in JSON; fewer on screen).
 TOP_NGRAMS = 8
@@ -294,7 +297,8 @@ def order_statistics(
             job.result()
 
     crowded = [
-        np.packbits(loads[off : off + size] > 1, bitorder="little") for size, off in zip(sizes, offsets.tolist())
+        np.packbits(np.greater(loads[off : off + size], 1), bitorder="little")
+        for size, off in zip(sizes, offsets.tolist())
     ]
     byte_offsets = np.concatenate([[0], np.cumsum([c.size for c in crowded])[:-1]]).astype(np.int64)
     bitmap = np.concatenate(crowded)
@@ -400,7 +404,9 @@ class NgramDecoder:
     def __init__(self, projection: VocabProjection) -> None:
         lookup = projection.lookup
         self._first = np.full(projection.compressed_size, -1, np.int64)
-        self._first[lookup[::-1]] = np.arange(lookup.size - 1, -1, -1)
+        canonical, first = np.unique(lookup, return_index=True)  # the first raw id of each canonical id
+        self._first[canonical] = first
+        self._tokenizer: Tokenizer | None
         try:
             self._tokenizer = projection.tokenizer()
         except EngramError:
@@ -468,6 +474,8 @@ def collision_statistics(
     decoder = NgramDecoder(projection) if top else None
     scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]
     if client is not None:
+        if not isinstance(corpus, Corpus):
+            raise UsageError("a cluster counts a Corpus of files, not an iterable of batches")
         counts = count_on_cluster(
             client,
             corpus,

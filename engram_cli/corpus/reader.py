@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from .base import (
 from .ids import IdFile, check_chunk, open_ids, stream_state
 from .sources import Source, find_sources
 from .text import decode_utf8, read_bytes
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 class Corpus:
@@ -64,7 +67,7 @@ class Corpus:
         self.summary = CorpusSummary(inputs=[str(p) for p in paths])
         self.total_bytes = sum(s.path.stat().st_size for s in self.sources)
         self.bytes_done = 0
-        self._tokenizer = None
+        self._tokenizer: Tokenizer | None = None
         self._read = dict.fromkeys(_READ_COUNTS, 0)
 
     def add_summary(self, other: CorpusSummary) -> None:

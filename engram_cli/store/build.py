@@ -37,7 +37,7 @@ import numpy as np
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
-from ..helpers import human_bytes
+from ..helpers import cpu_count, human_bytes
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
 from ..vocab import VocabProjection, default_projection
@@ -46,7 +46,7 @@ from .create import create_layer_array, create_store, store_exists, write_projec
 from .files import is_url, store_path
 from .layout import ShardBy, plan_layout
 from .shard_format import shard_file_size
-from .tables import TableStore, _cpu_count, open_tables
+from .tables import TableStore, open_tables
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -115,7 +115,7 @@ def _repair_for_resume(path: str, spec: TableSpec, projection: VocabProjection) 
     store = open_tables(path, allow_incomplete=True, writable=True)
     for layout in store.layouts.values():
         try:
-            ok = store._group[layout.array].shape == (layout.rows, layout.dim)
+            ok = store._group[layout.array].shape == (layout.rows, layout.dim)  # type: ignore[union-attr]
         except (KeyError, ValueError, OSError):
             ok = False
         if not ok:
@@ -279,7 +279,7 @@ def build_tables(
         action = "resume" if exists and resume else ("overwrite" if exists else "create")
         if action == "resume":
             existing = _open_for_resume(output, spec, projection, shards, shard_by)
-            shards, shard_by = existing.ranks, existing.shard_by
+            shards, shard_by = existing.ranks, existing.shard_by  # type: ignore[assignment]  # a checked store
     shards, shard_by = shards or 1, shard_by or "rows"
     layouts = plan_layout(spec, shards, shard_by)
     shard_count = sum(lay.shards for lay in layouts.values())
@@ -308,7 +308,7 @@ def build_tables(
         shards_total=shard_count,
     )
     limit = max(1, BUFFER_BUDGET // max(lay.shard_rows * lay.dim * DTYPE_BYTES[spec.dtype] for lay in layouts.values()))
-    report.workers = workers or _cpu_count()
+    report.workers = workers or cpu_count()
     report.shards_in_flight = min(report.workers, limit, shard_count)
     if output is not None:
         if existing is not None:
@@ -317,7 +317,7 @@ def build_tables(
             needed = total_bytes
         reclaimed = _tree_bytes(output) if action == "overwrite" and not is_url(output) else 0
         _check_free_space(output, needed, reclaimed)
-    if dry_run:
+    if dry_run or output is None:
         return report
 
     started = time.perf_counter()
@@ -388,7 +388,7 @@ def ensure_shard_task(path: str, layer_id: int, index: int) -> tuple[int, str, i
     The shard is generated in pieces on all of the worker's cores (the kernels release the GIL),
     so the last shards of a build do not leave cores idle."""
     store = open_tables(path, allow_incomplete=True, writable=True)
-    with concurrent.futures.ThreadPoolExecutor(_cpu_count(), thread_name_prefix="engram-generate") as pool:
+    with concurrent.futures.ThreadPoolExecutor(cpu_count(), thread_name_prefix="engram-generate") as pool:
         outcome, nbytes = store.ensure_shard(layer_id, index, pool=pool)
     start, stop = store.layout(layer_id).shard_range(index)
     return stop - start, outcome, nbytes

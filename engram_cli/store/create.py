@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from ..errors import EngramError
+from ..errors import EngramError, OutputExistsError
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .attributes import ATTRS_KEY, PROJECTION_ARRAY, TOKENIZER_ARRAY, default_init, store_attrs
@@ -154,7 +154,7 @@ def create_store(
         layouts = {layer: layouts[layer] for layer in spec.layer_ids if layer in set(layers)}
     if store_exists(path):
         if not overwrite:
-            raise EngramError(f"{path} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
         _remove_existing(path)
     attrs = store_attrs(spec, projection, layouts, shards, shard_by, init or default_init(spec))
     if layers is not None:

@@ -95,7 +95,7 @@ def _head_values(
         total, squares, peak, bad = moments[h]
         finite = (size - unread[h]) * dim - bad
         mean = total / finite if finite else None
-        std = math.sqrt(max(0.0, squares / finite - mean * mean)) if finite else None
+        std = math.sqrt(max(0.0, squares / finite - mean * mean)) if mean is not None else None
         heads.append(
             {
                 "order": 2 + h // per_order,

@@ -1,24 +1,14 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""The bytes of one shard file: zarr v3's `sharding_indexed` codec as engram writes it.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
+A shard holds the inner chunks of `chunk_rows` whole rows each, in order, every chunk followed
+by its crc32c (codecs [bytes(little), crc32c]); then the index, one (offset, nbytes) uint64 pair
+per chunk slot (2**64-1 twice for an absent chunk), followed by the index's own crc32c
+(index codecs [bytes(little), crc32c], index at the end). A chunk running past the end of the
+array is padded with the fill value 0, as zarr does; chunks wholly past it are absent.
 
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
-    STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
-    STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
-    STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
-                                     hashing order (row = offset of head + bucket)
-    STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
-
-Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
-random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+Pure functions, no I/O: `encode_shard` makes the bytes, `index_size`/`chunk_size`/
+`shard_file_size` say how large they are, `parse_index` and `chunk_is_intact` read them back,
+`shard_problem` checks a whole shard. A test compares the bytes with zarr's own encoder.
 """
 
 from __future__ import annotations
@@ -32,6 +22,8 @@ import numpy as np
 from .layout import LayerLayout
 
 _EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not stored
+_CRC = 4  # bytes of a crc32c
+_ENTRY = 16  # bytes of one index entry: offset and nbytes, little-endian uint64
 
 
 def encode_shard(data: np.ndarray, layout: LayerLayout) -> list[Any]:
@@ -70,10 +62,34 @@ def crc_bytes(data: Any) -> bytes:
     return int(google_crc32c.value(data)).to_bytes(4, "little")
 
 
+def index_size(layout: LayerLayout) -> int:
+    """Bytes of a shard's index with its checksum: the last bytes of every shard file."""
+    return layout.chunks_per_shard * _ENTRY + _CRC
+
+
+def chunk_size(layout: LayerLayout) -> int:
+    """Bytes of one stored inner chunk with its checksum."""
+    return layout.chunk_rows * layout.dim * layout.itemsize + _CRC
+
+
 def shard_file_size(layout: LayerLayout, index: int) -> int:
     start, stop = layout.shard_range(index)
     chunks = -(-(stop - start) // layout.chunk_rows)
-    return chunks * (layout.chunk_rows * layout.dim * layout.itemsize + 4) + layout.chunks_per_shard * 16 + 4
+    return chunks * chunk_size(layout) + index_size(layout)
+
+
+def parse_index(tail: bytes, layout: LayerLayout) -> np.ndarray | None:
+    """The (chunks_per_shard, 2) offset/nbytes entries of a shard's last `index_size` bytes, or
+    None when they are short or fail their checksum (a truncated or corrupt file)."""
+    if len(tail) != index_size(layout) or crc_bytes(tail[:-_CRC]) != tail[-_CRC:]:
+        return None
+    return np.frombuffer(tail[:-_CRC], dtype="<u8").reshape(-1, 2)
+
+
+def chunk_is_intact(payload: bytes, layout: LayerLayout) -> bool:
+    """Whether a stored chunk read back whole has the right size and checksum."""
+    nbytes = chunk_size(layout)
+    return len(payload) == nbytes and crc_bytes(np.frombuffer(payload, np.uint8, nbytes - _CRC)) == payload[-_CRC:]
 
 
 def rows_text(start: int, stop: int) -> str:
@@ -81,26 +97,22 @@ def rows_text(start: int, stop: int) -> str:
 
 
 def shard_problem(data: bytes, layout: LayerLayout, index: int) -> str | None:
+    """What is wrong with the bytes of shard `index`, or None when every chunk is intact."""
     start, stop = layout.shard_range(index)
-    k = layout.chunks_per_shard
-    index_len = k * 16 + 4
-    if len(data) < index_len:
+    tail_size = index_size(layout)
+    if len(data) < tail_size:
         return f"truncated ({len(data)} bytes)"
-    buf = np.frombuffer(data, dtype=np.uint8)
-    index_bytes = buf[len(buf) - index_len : len(buf) - 4]
-    if crc_bytes(index_bytes) != bytes(buf[len(buf) - 4 :]):
+    entries = parse_index(data[len(data) - tail_size :], layout)
+    if entries is None:
         return "the shard index fails its crc32c checksum (truncated or corrupt file)"
-    entries = index_bytes.view("<u8").reshape(k, 2)
-    chunk_bytes = layout.chunk_rows * layout.dim * layout.itemsize + 4
-    body = len(buf) - index_len
+    body = len(data) - tail_size
     for i in range(-(-(stop - start) // layout.chunk_rows)):
         offset, nbytes = int(entries[i, 0]), int(entries[i, 1])
         rows = rows_text(start + i * layout.chunk_rows, min(start + (i + 1) * layout.chunk_rows, stop))
         if offset == _EMPTY and nbytes == _EMPTY:
             return f"chunk {rows} is absent"
-        if nbytes != chunk_bytes or offset + nbytes > body:
+        if nbytes != chunk_size(layout) or offset + nbytes > body:
             return f"chunk {rows} has a bad index entry"
-        payload = buf[offset : offset + nbytes - 4]
-        if crc_bytes(payload) != bytes(buf[offset + nbytes - 4 : offset + nbytes]):
+        if not chunk_is_intact(data[offset : offset + nbytes], layout):
             return f"chunk {rows} fails its crc32c checksum"
     return None

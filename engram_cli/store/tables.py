@@ -37,14 +37,24 @@ import numpy as np
 import zarr
 
 from ..dtypes import DTYPE_BYTES, numpy_dtype
-from ..errors import EngramError
+from ..errors import ChecksumError, EngramError, FormatError, IncompleteStoreError, UsageError
+from ..helpers import cpu_count
 from ..init import INIT_ALGORITHM, fill_rows
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .attributes import ATTRS_KEY, FORMAT, FORMAT_VERSION
 from .files import Files, is_url, store_path
 from .layout import PIECE_BYTES, LayerLayout
-from .shard_format import crc_bytes, encode_shard, rows_text, shard_file_size, shard_problem
+from .shard_format import (
+    chunk_is_intact,
+    chunk_size,
+    encode_shard,
+    index_size,
+    parse_index,
+    rows_text,
+    shard_file_size,
+    shard_problem,
+)
 
 
 @dataclass
@@ -78,9 +88,9 @@ class TableStore:
         self._files = Files(group.store)
         attrs = dict(group.attrs).get(ATTRS_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-            raise EngramError(f"{path} is a zarr group but not an engram table store")
+            raise FormatError(f"{path} is a zarr group but not an engram table store")
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise EngramError(
+            raise FormatError(
                 f"{path} has table store format version {attrs.get('format_version')}; "
                 f"this engram reads version {FORMAT_VERSION}"
             )
@@ -101,7 +111,7 @@ class TableStore:
                     DTYPE_BYTES[self.dtype],
                 )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise EngramError(f"{path}: the store's attributes are damaged ({exc!r})") from None
+            raise FormatError(f"{path}: the store's attributes are damaged ({exc!r})") from None
         self._tables: dict[int, Any] = {}
         self._verified_present = False
 
@@ -140,7 +150,7 @@ class TableStore:
         try:
             return self.layouts[int(layer_id)]
         except (KeyError, ValueError):
-            raise EngramError(
+            raise UsageError(
                 f"layer {layer_id} is not in the store (layers: {', '.join(map(str, self.layer_ids))})"
             ) from None
 
@@ -171,7 +181,7 @@ class TableStore:
             try:
                 self._tables[layout.layer_id] = self._group[layout.array]
             except KeyError:
-                raise EngramError(
+                raise FormatError(
                     f"{self.path} has no array {layout.array}: the store is damaged; rebuild it with --overwrite"
                 ) from None
         return self._tables[layout.layer_id]
@@ -180,17 +190,17 @@ class TableStore:
     def projection(self) -> VocabProjection:
         info = self._attrs["projection"]
         try:
-            lookup = np.asarray(self._group[info["array"]][:])
+            lookup = np.asarray(self._group[info["array"]][:])  # type: ignore[index]  # an array, not a group
             tokenizer = None
             if info.get("tokenizer_array"):
-                tokenizer = np.asarray(self._group[info["tokenizer_array"]][:]).tobytes()
+                tokenizer = np.asarray(self._group[info["tokenizer_array"]][:]).tobytes()  # type: ignore[index]
         except (KeyError, ValueError, OSError) as exc:
-            raise EngramError(
+            raise FormatError(
                 f"{self.path}: cannot read the projection arrays ({exc}); rebuild the store with --overwrite"
             ) from None
         projection = VocabProjection(lookup, dict(info.get("metadata", {})), tokenizer)
         if projection.fingerprint() != info["fingerprint"]:
-            raise EngramError(
+            raise ChecksumError(
                 f"{self.path}: the projection array does not match its recorded fingerprint; the store is damaged"
             )
         return projection
@@ -235,12 +245,12 @@ class TableStore:
                 if missing
                 else "every shard is written but it was never marked complete"
             )
-            raise EngramError(
+            raise IncompleteStoreError(
                 f"table store {self.path} is incomplete (its build was interrupted): "
                 f"{what}; finish it with `engram build-tables ... -o {self.path} --resume`"
             )
         if missing:
-            raise EngramError(
+            raise IncompleteStoreError(
                 f"table store {self.path} is damaged: {self._describe(missing)} "
                 "missing or truncated; rebuild it with --resume"
             )
@@ -270,7 +280,7 @@ class TableStore:
                 return layer, index, "missing", 0
             return layer, index, shard_problem(data, layout, index), len(data)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(4, _cpu_count())) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(4, cpu_count())) as pool:
             for layer, index, problem, nbytes in pool.map(check, jobs):
                 total += nbytes
                 if problem:
@@ -284,7 +294,7 @@ class TableStore:
                 for layer, index, problem in bad[:5]
             ]
             more = f"; and {len(bad) - 5} more bad shards" if len(bad) > 5 else ""
-            raise EngramError(f"table store {self.path} failed verification: " + "; ".join(lines) + more)
+            raise ChecksumError(f"table store {self.path} failed verification: " + "; ".join(lines) + more)
         if not self.is_complete:
             self.check_complete()
         return VerifyReport(self.path, len(jobs), total, time.perf_counter() - started)
@@ -300,7 +310,9 @@ class TableStore:
             if self._files.size(layout.shard_key(i)) != shard_file_size(layout, i)
         ]
         if absent:
-            raise EngramError(f"table store {self.path} is incomplete: {self._describe(absent)} not written yet")
+            raise IncompleteStoreError(
+                f"table store {self.path} is incomplete: {self._describe(absent)} not written yet"
+            )
 
     def _read_failed(self, layer_id: int, start: int, stop: int, exc: Exception) -> EngramError:
         layout = self.layout(layer_id)
@@ -315,7 +327,12 @@ class TableStore:
         raise exc
 
     def read_rows(self, layer_id: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a layer; a bad checksum raises EngramError naming the rows."""
+        """Rows [start, stop) of a layer; a bad checksum raises ChecksumError naming the rows."""
+        rows = self.layout(layer_id).rows
+        if not 0 <= start <= stop <= rows:
+            raise UsageError(f"rows [{start}, {stop}) are not within the {rows:,} rows of layer {layer_id}")
+        if start == stop:
+            return np.empty((0, self.layout(layer_id).dim), dtype=self.numpy_dtype)
         self._ensure_readable(layer_id, start, stop)
         if self._files.root is not None:
             return self._read_local_rows(self.layout(layer_id), start, stop)
@@ -330,44 +347,42 @@ class TableStore:
         out = np.empty((max(stop - start, 0), layout.dim), dtype=self.numpy_dtype)
         flat = out.view(np.uint8).reshape(len(out), -1)
         row_bytes = layout.dim * layout.itemsize
-        chunk_bytes = layout.chunk_rows * row_bytes
-        index_len = layout.chunks_per_shard * 16 + 4
+        tail_size = index_size(layout)
+        root = self._files.root
+        assert root is not None  # only local stores read this way
         for shard in range(start // layout.shard_rows, -(-stop // layout.shard_rows)):
             base = shard * layout.shard_rows
             first = (max(start, base) - base) // layout.chunk_rows
             last = (min(stop, base + layout.shard_rows) - 1 - base) // layout.chunk_rows
-            path = self._files.root / layout.shard_key(shard)
+            path = root / layout.shard_key(shard)
 
             def bad(what: str, a: int = base, b: int = min(base + layout.shard_rows, layout.rows)) -> EngramError:
-                return EngramError(
+                return ChecksumError(
                     f"table store {self.path}: layer {layout.layer_id} {rows_text(a, b)} (shard {shard}): {what}"
                 )
 
             try:
                 with open(path, "rb") as handle:
                     size = os.fstat(handle.fileno()).st_size
-                    tail = os.pread(handle.fileno(), index_len, size - index_len) if size >= index_len else b""
-                    if len(tail) != index_len or crc_bytes(tail[:-4]) != tail[-4:]:
+                    tail = os.pread(handle.fileno(), tail_size, size - tail_size) if size >= tail_size else b""
+                    entries = parse_index(tail, layout)
+                    if entries is None:
                         raise bad("the shard index fails its crc32c checksum (truncated or corrupt file)")
-                    entries = np.frombuffer(tail[:-4], dtype="<u8").reshape(-1, 2)
                     for chunk in range(first, last + 1):
                         a = base + chunk * layout.chunk_rows
                         b = min(a + layout.chunk_rows, layout.rows)
                         offset, nbytes = int(entries[chunk, 0]), int(entries[chunk, 1])
-                        if nbytes != chunk_bytes + 4:
+                        if nbytes != chunk_size(layout):
                             raise bad("bad shard index entry", a, b)
                         payload = os.pread(handle.fileno(), nbytes, offset)
-                        if (
-                            len(payload) != nbytes
-                            or crc_bytes(np.frombuffer(payload, dtype=np.uint8, count=nbytes - 4)) != payload[-4:]
-                        ):
+                        if not chunk_is_intact(payload, layout):
                             raise bad("fails its crc32c checksum", a, b)
                         lo, hi = max(a, start), min(b, stop)
                         flat[lo - start : hi - start] = np.frombuffer(
                             payload, dtype=np.uint8, count=(hi - lo) * row_bytes, offset=(lo - a) * row_bytes
                         ).reshape(hi - lo, row_bytes)
             except FileNotFoundError:
-                raise bad("not written yet (the build is incomplete)") from None
+                raise IncompleteStoreError(bad("not written yet (the build is incomplete)").args[0]) from None
             except OSError as exc:
                 raise bad(f"cannot be read: {exc.strerror or exc}") from None
         if sys.byteorder != "little":
@@ -379,7 +394,7 @@ class TableStore:
         rows = np.asarray(rows, dtype=np.int64)
         layout = self.layout(layer_id)
         if rows.size and (rows.min() < 0 or rows.max() >= layout.rows):
-            raise EngramError(f"row indices must lie in [0, {layout.rows}) for layer {layout.layer_id}")
+            raise UsageError(f"row indices must lie in [0, {layout.rows}) for layer {layout.layer_id}")
         flat = rows.reshape(-1)
         unique, inverse = np.unique(flat, return_inverse=True)
         if unique.size == 0:
@@ -404,7 +419,7 @@ class TableStore:
         start, stop = layout.shard_range(index)
         data = np.asarray(data)
         if data.shape != (stop - start, layout.dim):
-            raise EngramError(
+            raise UsageError(
                 f"shard {index} of layer {layout.layer_id} holds rows {start}-{stop - 1}: "
                 f"expected shape {(stop - start, layout.dim)}, got {data.shape}"
             )
@@ -433,7 +448,7 @@ class TableStore:
             or stop > layout.rows
             or start < 0
         ):
-            raise EngramError(
+            raise UsageError(
                 f"write_rows writes whole shards of {layout.shard_rows} rows: layer "
                 f"{layout.layer_id} rows {start}-{stop - 1} do not start and end on "
                 f"shard boundaries (the layer has {layout.rows} rows)"
@@ -457,7 +472,7 @@ class TableStore:
         the GIL), so a few shard buffers in flight keep every core busy.
         """
         if self._attrs["init"].get("algorithm") != INIT_ALGORITHM:
-            raise EngramError(
+            raise UsageError(
                 f"{self.path} holds tables from {self._attrs['init'].get('algorithm')!r}, "
                 "not generated ones; it cannot be built here"
             )
@@ -517,16 +532,9 @@ class TableStore:
         self._attrs = attrs
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _open_group(path: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode=mode, zarr_format=3)
+        return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]  # 'r' or 'r+'
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise EngramError(f"no table store at {path}") from None
     except (OSError, ValueError, ImportError) as exc:  # ImportError: an fsspec backend not installed

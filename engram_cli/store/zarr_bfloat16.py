@@ -33,7 +33,7 @@ class BFloat16(ZDType[Any, Any], HasEndianness, HasItemSize):
 
     dtype_cls: ClassVar[type] = type(BFLOAT16)
     _zarr_v3_name: ClassVar[Literal["bfloat16"]] = "bfloat16"
-    endianness: Literal["little", "big"] | None = "little"
+    endianness: Literal["little", "big"] = "little"
 
     @classmethod
     def from_native_dtype(cls, dtype: Any) -> BFloat16:
