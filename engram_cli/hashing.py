@@ -34,12 +34,8 @@ from .vocab import VocabProjection
 
 # Tokens of one row that one thread projects and mixes in cache before reducing them.
 BLOCK_TOKENS = 512
-
-
 # Below this many tokens a call hashes on one thread.
 PARALLEL_MIN_TOKENS = 1 << 15
-
-
 _KERNEL_LOCK = threading.Lock()
 
 

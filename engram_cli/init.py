@@ -37,47 +37,19 @@ from .dtypes import numpy_dtype
 from .spec import TableSpec
 
 INIT_ALGORITHM = "engram-ctr-v1"
-
-
 _U = np.uint64
-
-
 _MASK = (1 << 64) - 1
-
-
 GAMMA = 0x9E3779B97F4A7C15
-
-
 _MUL1 = 0xBF58476D1CE4E5B9
-
-
 _MUL2 = 0x94D049BB133111EB
-
-
 _G = _U(GAMMA)
-
-
 _M1 = _U(_MUL1)
-
-
 _M2 = _U(_MUL2)
-
-
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that e * LN2_HI is exact
-
-
 _LN2_LO = 1.90821492927058770002e-10
-
-
 _SQRT2 = 1.4142135623730951
-
-
 _QUARTER_STEP = (math.pi / 2) / 2**30  # one unit of the 30 low bits of `lo`, in radians
-
-
 _BLOCK_ROWS_BYTES = 1 << 20  # float32 scratch per kernel call: stays in L2
-
-
 _KERNEL = dict(nogil=True, error_model="numpy", cache=True)
 
 

@@ -24,14 +24,8 @@ from .errors import EngramError
 from .primes import next_unused_prime
 
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
-
-
 INT64_MAX = np.iinfo(np.int64).max
-
-
 MAX_HEAD_SIZE = 1 << 48  # rows of one head: far past any table; offsets and float reductions stay exact
-
-
 _ENGRAM_KEYS = {
     "layer_ids",
     "max_ngram_size",

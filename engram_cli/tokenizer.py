@@ -20,8 +20,6 @@ from .errors import EngramError
 
 EMBEDDED_NAME = "deepseek-v3"
 _HUB_TIMEOUT = 5.0  # seconds to wait for the Hub's metadata before calling it unreachable
-
-
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -28,20 +28,10 @@ from .helpers import atomic_write
 from .tokenizer import TokenizerSource, load_tokenizer, tokenizer_from_bytes, unzip_bytes, zip_bytes
 
 NORMALIZER_VERSION = "engram-nfkc-v1"
-
-
-FORMAT = "engram-projection"
-
-
-FORMAT_VERSION = "1"
-
-
+PROJECTION_FORMAT = "engram-projection"
+PROJECTION_FORMAT_VERSION = "1"
 _FILE_KEYS = ("format", "format_version", "vocab_size", "compressed_size")  # derived on save
-
-
 _SENTINEL = "\ue000"
-
-
 _REPLACEMENT = "\ufffd"
 
 
@@ -62,8 +52,6 @@ def build_normalizer() -> normalizers.Normalizer:
 
 
 _ASCII_SPACE_RUN = re.compile(r"[ \t\r\n]+")
-
-
 _ASCII_WHITESPACE = " \t\n\r\x0b\x0c"  # Rust's char::is_whitespace restricted to ASCII
 
 
@@ -167,8 +155,8 @@ class VocabProjection:
             tensors["tokenizer_zip"] = np.frombuffer(zip_bytes(self.tokenizer_json), dtype=np.uint8)
         meta = {
             **self.metadata,
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format": PROJECTION_FORMAT,
+            "format_version": PROJECTION_FORMAT_VERSION,
             "vocab_size": str(self.vocab_size),
             "compressed_size": str(self.compressed_size),
         }
@@ -215,7 +203,7 @@ def load_projection(path: str | Path) -> VocabProjection:
         raise EngramError(
             f"{path} is not a projection file (expected safetensors from `engram compress-vocab`)"
         ) from None
-    if metadata.get("format") != FORMAT or "lookup" not in tensors:
+    if metadata.get("format") != PROJECTION_FORMAT or "lookup" not in tensors:
         raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
     zipped = tensors.get("tokenizer_zip")
     tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes())

@@ -25,7 +25,7 @@ from engram_cli.errors import EngramError
 from engram_cli.hashing import NgramHasher
 from engram_cli.inspection import inspect
 from engram_cli.kernels import FLOAT_REDUCTION_MIN_PRIME
-from engram_cli.spec import TableSpec
+from engram_cli.spec import TableSpec, load_spec
 from engram_cli.store.build import build_tables
 from engram_cli.store.tables import open_tables
 from engram_cli.vocab import VocabProjection
@@ -489,18 +489,23 @@ def test_inspect_command_json_plot_and_schema(tmp_path, store_path, projection_f
     assert stat.S_IMODE(plot.stat().st_mode) == 0o666 & ~umask  # like every other output
 
 
-def test_plot_value_labels_never_sit_under_the_legend(store_path, ids_file):
-    """Every rate label of the sweep panel stays clear of its legend, on a sweep whose rates
-    span the panel (tiny and huge factors), where an in-axes legend would cover some."""
+@pytest.mark.parametrize("tokens", [40, 20_000])
+def test_plot_value_labels_never_sit_under_the_legend(tmp_path, store_path, tokens):
+    """Every rate label of the sweep panel stays clear of its legend: with few distinct n-grams
+    every rate is near 0 and the labels run along the bottom (where a legend inside the axes
+    sat), with many they span the panel."""
     from engram_cli.cli.plot import collision_figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path, _ = ids_file
+    path = tmp_path / "ids.bin"
+    np.random.default_rng(tokens).integers(1, 500, tokens).astype(np.uint16).tofile(path)
     report = inspect(
         open_tables(store_path), corpus=[path], options=CorpusOptions(doc_sep=0), sweep=[0.05, 0.2, 1, 5, 50]
     )
     fig = collision_figure(report)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
     rate_ax = fig.axes[0]
     legend = rate_ax.get_legend().get_window_extent(renderer)
     labels = [t for t in rate_ax.texts if t.get_text().endswith("%")]
@@ -509,33 +514,28 @@ def test_plot_value_labels_never_sit_under_the_legend(store_path, ids_file):
         assert not label.get_window_extent(renderer).overlaps(legend), label.get_text()
 
 
-def test_tables_never_cut_numbers_on_a_narrow_terminal(store_path, projection_file, ids_file):
-    """At 80 columns rich would end long numbers with an ellipsis; they fold instead."""
+def test_tables_never_cut_numbers_on_a_narrow_terminal(store_path, ids_file):
+    """Where rich would end long numbers with an ellipsis, the rightmost columns are left out
+    (and named) instead: every number shown is whole."""
+
+    def stderr_at(columns: int, *args: str) -> str:
+        env = {**os.environ, "COLUMNS": str(columns)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "engram_cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "\u2026" not in proc.stderr
+        return proc.stderr
+
+    plan = load_spec("deepseek-v4.1-flash")
+    narrow = stderr_at(60, "plan", "deepseek-v4.1-flash")
+    assert f"{plan.rows(plan.layer_ids[0]):,}" in narrow and f"{plan.parameters:,}" in narrow
+    assert "not shown at 60 columns" in narrow and "float16" in narrow.split("not shown")[0].splitlines()[-1]
+    wide = stderr_at(200, "plan", "deepseek-v4.1-flash")
+    assert "not shown" not in wide
     path, _ = ids_file
-    env = {**os.environ, "COLUMNS": "80"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engram_cli",
-            "inspect",
-            str(store_path),
-            "--corpus",
-            str(path),
-            "--doc-sep",
-            "0",
-            "--sweep",
-            "1,2",
-            "--top",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Collisions at the head sizes" in proc.stderr and "\u2026" not in proc.stderr
+    report = stderr_at(80, "inspect", str(store_path), "--corpus", str(path), "--doc-sep", "0", "--sweep", "1,2")
+    assert "Collisions at the head sizes" in report
 
 
 def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store_path, projection_file):

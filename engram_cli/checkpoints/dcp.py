@@ -41,11 +41,7 @@ from .reports import ExportReport
 from .sources import LayerSource, StoreSource, TableSource, open_source_store
 
 DCP_FORMAT = "engram-dcp"
-
-
 DCP_FORMAT_VERSION = "1"
-
-
 _CHUNK_BYTES = 32 << 20  # one DCP chunk: what the writer and each loading rank hold at a time
 
 

@@ -14,17 +14,9 @@ from __future__ import annotations
 from ..errors import EngramError
 
 BLOCK = 32
-
-
 E4M3_MAX = 448.0
-
-
 E8M0_BIAS = 127
-
-
 _MIN_EXPONENT = -127  # E8M0 codes 0..254 are 2**-127 .. 2**127; 255 is NaN
-
-
 _MAX_EXPONENT = 127
 
 

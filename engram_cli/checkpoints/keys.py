@@ -20,11 +20,7 @@ import string
 from ..errors import EngramError
 
 DEFAULT_KEY_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight"
-
-
 DEFAULT_HEAD_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embeddings.{head}.weight"
-
-
 _TEMPLATE_FIELDS = {"layer_id", "head", "order", "order_head"}
 
 
@@ -49,8 +45,6 @@ def check_key_template(template: str, *, per_head: bool) -> list[str]:
 
 
 DEEPSEEK_WEIGHT = "layers.{layer_id}.engram.embed.weight"
-
-
 DEEPSEEK_SCALE = "layers.{layer_id}.engram.embed.scale"
 
 

@@ -27,12 +27,11 @@ from .safetensors_format import MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
-
-
-FORMAT = "engram-tables"
-
-
-FORMAT_VERSION = "1"
+# The metadata of an engram-layout safetensors export. The same name as the table store's format
+# (store/attributes.py) for files already written; the version is a string because safetensors
+# metadata values are strings.
+SAFETENSORS_FORMAT = "engram-tables"
+SAFETENSORS_FORMAT_VERSION = "1"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from .conversion import Conversion
 from .fp8 import QuantError, quantize
 from .fp8_format import BLOCK, check_blockable
 from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, meta_keys, scale_key
-from .layouts import FORMAT, FORMAT_VERSION, LAYOUTS, Layout, Table
+from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table
 from .output import prepare_output, remove_tree, replace_output
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
@@ -44,11 +44,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 _BLOCK_BYTES = 32 << 20  # rows (as float32) read, converted and written by one Dask task
-
-
 _LOCAL_BLOCK_BYTES = 4 << 20  # rows (as stored) one export thread reads, converts and writes at a time
-
-
 _EXPORT_THREADS = max(2, min(8, cpu_count()))
 
 
@@ -87,8 +83,8 @@ def _plan(
     for name, value in small.items():
         plans.append(TensorPlan(name, "I64" if value.dtype == np.int64 else "U8", value.shape))
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": SAFETENSORS_FORMAT,
+        "format_version": SAFETENSORS_FORMAT_VERSION,
         "layout": layout,
         "dtype": dtype,
         "spec": json.dumps(spec.to_dict()),
@@ -163,7 +159,7 @@ def export_inference(
         metadata,
         max_shard_bytes=max_bytes,
         single_file=single_name,
-        index_metadata={"format": FORMAT, "layout": layout} if layout == "engram" else None,
+        index_metadata={"format": SAFETENSORS_FORMAT, "layout": layout} if layout == "engram" else None,
     )
     tmp = prepare_output(output, overwrite)
     start = time.perf_counter()

@@ -29,11 +29,7 @@ from ..dtypes import SAFETENSORS
 from ..errors import EngramError
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
 _HEADER_ALIGN = 8
-
-
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 
 
@@ -235,8 +231,6 @@ def _as_bytes(rows: torch.Tensor | np.ndarray) -> memoryview:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-
-
 _UNITS = {
     "B": 1,
     "KB": 10**3,

@@ -28,8 +28,6 @@ from ..dtypes import to_torch
 from ..spec import TableSpec
 
 _READ_THREADS = 2
-
-
 _SPLIT_BYTES = 8 << 20  # blocks at least this large are read by all reader threads
 
 

@@ -28,15 +28,13 @@ from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
-from .layouts import FORMAT, Table, deepseek_tables, stored_projection
+from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection
 from .safetensors_format import MappedTensors, open_set
 
 if TYPE_CHECKING:
     from ..hashing import NgramHasher
 
 _GATHER_THREADS = 2
-
-
 _PARALLEL_VALUES = 1 << 20  # fp8 gathers at least this large dequantize on all gather threads
 
 
@@ -84,7 +82,7 @@ class EngramTables:
         found = open_set(path)
         mapped = MappedTensors(found)
         metadata = found.metadata
-        if metadata.get("format") == FORMAT:
+        if metadata.get("format") == SAFETENSORS_FORMAT:
             try:
                 tables = {
                     int(k): Table(int(k), v["weight"], v["scale"]) for k, v in json.loads(metadata["tables"]).items()
@@ -158,7 +156,7 @@ class EngramTables:
             picked = gather_dequantize(weight, scale, flat, threads=threads)
         return picked.reshape(*index.shape, weight.shape[1]).to(device)
 
-    def hasher(self) -> Any:
+    def hasher(self) -> NgramHasher:
         if self.spec is None or self.projection is None:
             raise EngramError(
                 f"{self.path} carries no hashing metadata ({self.layout} layout); "

@@ -2,7 +2,8 @@
 
 Every command returns one report object from the library: plain data with `to_json()`. This
 module is the only place that knows how each one looks on a terminal (`render`, one function per
-report type). Numbers are never cut: tables fold long cells and drop to fewer columns instead.
+report type). Numbers are never cut: a table too wide for the terminal leaves out its rightmost
+columns instead (`print_table`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,7 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from ..checkpoints.reports import ExportReport, ImportReport
@@ -106,6 +108,27 @@ def progress_bars(*, show: bool = True, transient: bool = False) -> Iterator[Ric
         yield RichProgress(bar)
 
 
+def print_table(console: Console, table: Table) -> None:
+    """Print a table without ever cutting a number: no cell wraps or ends in an ellipsis, and
+    when the table is wider than the terminal its rightmost columns are left out, with a note."""
+
+    def width(column: Column) -> int:
+        cells = [column.header, *column.cells]
+        return max(Measurement.get(console, console.options, cell).maximum for cell in cells) + 2  # padding
+
+    for column in table.columns:
+        column.no_wrap = True
+    widths = [width(column) for column in table.columns]
+    dropped = []
+    while len(widths) > 1 and sum(widths) + len(widths) + 1 > console.width:  # + the borders
+        widths.pop()
+        dropped.append(str(table.columns.pop().header))
+    console.print(table)
+    if dropped:
+        names = ", ".join(reversed(dropped))
+        console.print(f"[dim]({names}: not shown at {console.width} columns; widen the terminal or use --json)[/]")
+
+
 @singledispatch
 def render(report: Report, console: Console) -> None:
     raise TypeError(f"no rendering for {type(report).__name__}")
@@ -121,7 +144,7 @@ def _(report: CompressReport, console: Console) -> None:
     )
     table = Table(title=f"{len(report.top_groups)} largest merge groups")
     for column in ("canonical id", "key", "ids", "examples"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for group in report.top_groups:
         table.add_row(
             str(group["canonical_id"]),
@@ -129,7 +152,7 @@ def _(report: CompressReport, console: Console) -> None:
             str(group["size"]),
             " ".join(repr(e) for e in group["examples"]),
         )
-    console.print(table)
+    print_table(console, table)
     console.print(f"wrote {report.output}")
 
 
@@ -141,7 +164,7 @@ def _(report: PlanReport, console: Console) -> None:
         f"{spec.n_head_per_ngram} heads per order, {spec.dim} dims per head"
     )
     for column in ("layer", "rows", "parameters", *DTYPE_BYTES):
-        table.add_column(column, justify="right", overflow="fold")
+        table.add_column(column, justify="right")
     for layer in spec.layer_ids:
         info = report.layer(layer)
         table.add_row(
@@ -157,7 +180,7 @@ def _(report: PlanReport, console: Console) -> None:
         *(human_bytes(spec.parameters * s) for s in DTYPE_BYTES.values()),
         style="bold",
     )
-    console.print(table)
+    print_table(console, table)
 
 
 @render.register
@@ -173,11 +196,11 @@ def _(report: HashTextReport, console: Console) -> None:
         table = Table(
             title=f"layer {layer_id}: {kind} per head (head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
         )
-        table.add_column("#", justify="right", overflow="fold")
-        table.add_column("token", overflow="fold")
+        table.add_column("#", justify="right")
+        table.add_column("token")
         for order in layer["orders"]:
-            table.add_column(f"{order}-gram", overflow="fold")
-            table.add_column(kind, overflow="fold")
+            table.add_column(f"{order}-gram")
+            table.add_column(kind)
         for token in report.tokens:
             cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
             for ngram in token["ngrams"]:
@@ -185,7 +208,7 @@ def _(report: HashTextReport, console: Console) -> None:
                 cell.append(json.dumps(ngram["text"], ensure_ascii=False))
                 cells += [cell, " ".join(str(v) for v in ngram[kind][layer_id])]
             table.add_row(*cells)
-        console.print(table)
+        print_table(console, table)
 
 
 @render.register
@@ -197,11 +220,11 @@ def _(report: HashFileReport, console: Console) -> None:
     )
     table = Table()
     for column in ("layer", "array", "shape", "heads", values_key(report.rows) + " range"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for layer in report.layers:
         span = "empty" if layer["min"] is None else f"{layer['min']:,} .. {layer['max']:,}"
         table.add_row(str(layer["layer_id"]), layer["key"], str(tuple(layer["shape"])), str(layer["shape"][-1]), span)
-    console.print(table)
+    print_table(console, table)
     console.print(f"wrote {report.output}")
 
 
@@ -213,7 +236,7 @@ def _(report: BuildReport, console: Console) -> None:
         f"{report.ranks} rank{'s' if report.ranks != 1 else ''} by {report.shard_by}"
     )
     for column in ("layer", "rows", "parameters", "size", "chunk rows", "shard rows", "shards"):
-        table.add_column(column, justify="right", overflow="fold")
+        table.add_column(column, justify="right")
     for layer in report.layers:
         table.add_row(
             str(layer["layer"]),
@@ -227,7 +250,7 @@ def _(report: BuildReport, console: Console) -> None:
     table.add_row(
         "total", "", f"{report.parameters:,}", human_bytes(report.bytes), "", "", str(report.shards_total), style="bold"
     )
-    console.print(table)
+    print_table(console, table)
     if report.ranks > 1:
         first = report.layers[0]
         spans = [f"rank {r}: rows {a:,}-{b - 1:,}" for r, (a, b) in enumerate(first["partition"])]
@@ -326,7 +349,7 @@ def render_corpus(report: InspectReport, console: Console) -> None:
 def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None:
     table = Table(title=f"Collisions at the head sizes of {spec.name}")
     for column in ("layer", "n", "distinct", "per head", "ideal", "windows", "max load", "all heads", "mix"):
-        table.add_column(column, justify="right", overflow="fold")
+        table.add_column(column, justify="right")
     for layer, orders in layers.items():
         for n, s in orders.items():
             table.add_row(
@@ -340,7 +363,7 @@ def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None
                 f"{s.all_heads_colliding:,}",
                 f"{s.mix_colliding:,}",
             )
-    console.print(table)
+    print_table(console, table)
     console.print(
         "per head: distinct n-grams that share their bucket (mean over heads); ideal: the same "
         "under uniform hashing; windows: share of occurrences whose n-gram collides; all heads, "
@@ -356,8 +379,8 @@ def render_top(layers: LayerStats, console: Console) -> None:
         return
     table = Table(title="Most crowded buckets (n-gram x occurrences)")
     for column in ("layer", "n", "head", "bucket", "load"):
-        table.add_column(column, justify="right", overflow="fold")
-    table.add_column("n-grams", overflow="fold")
+        table.add_column(column, justify="right")
+    table.add_column("n-grams")
     for layer, n, b in rows:
         shown = ", ".join(f"{''.join(g['tokens'])!r} x{g['count']:,}" for g in b["ngrams"][:TOP_SHOWN])
         more = b["load"] - min(len(b["ngrams"]), TOP_SHOWN)
@@ -369,13 +392,13 @@ def render_top(layers: LayerStats, console: Console) -> None:
             str(b["load"]),
             shown + (f", +{more} more" if more > 0 else ""),
         )
-    console.print(table)
+    print_table(console, table)
 
 
 def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
     table = Table(title="Size sweep: every head size scaled (means over layers and heads)")
     for column in ("n", "factor", "head size", "tables", "per head", "ideal", "windows", "all heads"):
-        table.add_column(column, justify="right", overflow="fold")
+        table.add_column(column, justify="right")
     orders = sorted({n for p in sweep for o in p.layers.values() for n in o})
     for n in orders:
         for point in sweep:
@@ -392,7 +415,7 @@ def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
                 f"{sum(s.all_heads_colliding for s in stats):,}",
             )
         table.add_section()
-    console.print(table)
+    print_table(console, table)
 
 
 def render_tables(health: TableHealth, console: Console) -> None:
@@ -405,7 +428,7 @@ def render_tables(health: TableHealth, console: Console) -> None:
         )
     table = Table(title="Table health per head")
     for column in ("layer", "order", "head", "rows", "mean", "std", "max |x|", "non-finite"):
-        table.add_column(column, justify="right", overflow="fold")
+        table.add_column(column, justify="right")
     for layer, info in health.layers.items():
         for h in info["heads"]:
             bad = h["nonfinite"]
@@ -421,10 +444,10 @@ def render_tables(health: TableHealth, console: Console) -> None:
                 f"{h['max_abs']:.4f}",
                 f"[red]{bad:,}[/]" if bad else "0",
             )
-    console.print(table)
+    print_table(console, table)
     layout = Table(title="Table layout")
     for column in ("layer", "rows", "dim", "on disk", "shards", "shard rows", "ranks", "missing"):
-        layout.add_column(column, justify="right", overflow="fold")
+        layout.add_column(column, justify="right")
     for layer, info in health.layers.items():
         plan = info["shard_plan"]
         missing = len(info["missing_shards"])
@@ -438,14 +461,14 @@ def render_tables(health: TableHealth, console: Console) -> None:
             str(len(plan["partition"])),
             f"[red]{missing}[/]" if missing else "0",
         )
-    console.print(layout)
+    print_table(console, layout)
 
 
 def count_noun(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def render_conversion(console: Any, conversion: dict[str, Any]) -> None:
+def render_conversion(console: Console, conversion: dict[str, Any]) -> None:
     if conversion["lossy"]:
         console.print(
             f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "

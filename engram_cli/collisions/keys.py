@@ -32,25 +32,13 @@ from ..vocab import VocabProjection
 
 # Invertible multiply that turns a packed window into a stored key (Fibonacci hashing).
 KEY_MUL = 0x9E3779B97F4A7C15
-
-
 KEY_INV = pow(KEY_MUL, -1, 1 << 64)
-
-
 # Folds the extra words of a long window into the first one, so partitions stay balanced.
 FOLD_MUL = 0xC2B2AE3D27D4EB4F
-
-
 # Partitions of spilled key counts: the top bits of a stored key.
 PARTITION_BITS = 8
-
-
 KEY_MUL_U64 = np.uint64(KEY_MUL)
-
-
 _KEY_INV = np.uint64(KEY_INV)
-
-
 _FOLD_MUL = np.uint64(FOLD_MUL)
 
 

@@ -48,11 +48,7 @@ if TYPE_CHECKING:
 
 # At most this many n-grams of a crowded bucket are listed by --top (in JSON; fewer on screen).
 TOP_NGRAMS = 8
-
-
 TOP_SHOWN = 4
-
-
 MAX_MIX = 1 << 63
 
 

@@ -18,19 +18,11 @@ from ..errors import EngramError
 from .sources import Source
 
 DOC_PER = ("file", "line")
-
-
 BIN_DTYPES = ("uint16", "uint32")
-
-
 # Characters of text handed to one encode_batch call: enough for every core, small enough to overlap.
 TEXT_BATCH_CHARS = 1 << 21
-
-
 # Token ids per chunk of a pre-tokenized array.
 ID_BATCH_TOKENS = 1 << 21
-
-
 # Bytes looked at to tell a binary file from a text file in a folder walk.
 BINARY_SNIFF_BYTES = 8192
 

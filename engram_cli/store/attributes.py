@@ -30,18 +30,10 @@ from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .layout import LayerLayout
 
-FORMAT = "engram-tables"
-
-
-FORMAT_VERSION = 1
-
-
+STORE_FORMAT = "engram-tables"  # attributes["engram"]["format"] of a table store
+STORE_FORMAT_VERSION = 1
 ATTRS_KEY = "engram"
-
-
 PROJECTION_ARRAY = "projection"
-
-
 TOKENIZER_ARRAY = "projection_tokenizer"
 
 
@@ -62,8 +54,8 @@ def store_attrs(
             "multipliers": [int(m) for m in spec.multipliers(layer, projection.compressed_size)],
         }
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": STORE_FORMAT,
+        "format_version": STORE_FORMAT_VERSION,
         "complete": False,
         "spec": spec.to_dict(),
         "dtype": spec.dtype,

@@ -28,6 +28,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from .tables import TableStore
+
 
 @numba.njit(nogil=True, cache=True)
 def _value_moments(values, out):
@@ -112,7 +114,7 @@ def _head_values(
     return heads
 
 
-def table_health(store: Any, verify: bool = False, on_rows: Callable[[int], None] | None = None) -> TableHealth:
+def table_health(store: TableStore, verify: bool = False, on_rows: Callable[[int], None] | None = None) -> TableHealth:
     checked = None
     if verify:
         checked = store.verify().to_json()

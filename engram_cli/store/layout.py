@@ -28,23 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from ..dtypes import DTYPE_BYTES
-from ..errors import EngramError
+from ..errors import EngramError, UsageError
 from ..helpers import human_bytes
 from ..spec import TableSpec
 
 ShardBy = Literal["rows", "heads"]
 SHARD_BY: tuple[str, ...] = get_args(ShardBy)
-
-
 CHUNK_BYTES = 1 << 20  # inner chunk: one random row read costs at most this much I/O
-
-
 SHARD_BYTES = 128 << 20  # shard file: the unit of writing, resuming and per-rank ownership
-
-
 MIN_CHUNK_BYTES = 16 << 10  # below this a head-aligned layout is refused as useless
-
-
 PIECE_BYTES = 8 << 20  # rows one generation task fills
 
 
@@ -108,9 +100,9 @@ def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict
     rank boundary to be a multiple of one shard size; an error says why when it is not.
     """
     if not isinstance(ranks, int) or ranks < 1:
-        raise EngramError(f"--shards must be a positive integer, got {ranks!r}")
+        raise UsageError(f"the rank count must be a positive integer, got {ranks!r}")
     if shard_by not in SHARD_BY:
-        raise EngramError(f"--shard-by must be one of {', '.join(SHARD_BY)}, got {shard_by!r}")
+        raise UsageError(f"shard_by must be one of {', '.join(SHARD_BY)}, got {shard_by!r}")
     row_bytes = spec.dim * DTYPE_BYTES[spec.dtype]
     layouts = {}
     for layer in spec.layer_ids:
@@ -137,9 +129,9 @@ def _rows_layout(layer: int, rows: int, row_bytes: int, ranks: int) -> tuple[int
         shards_per_rank += 1
     step = shards_per_rank * shard
     if (ranks - 1) * step >= rows:
-        raise EngramError(
+        raise UsageError(
             f"layer {layer} has {rows:,} rows: too few to give each of {ranks} ranks "
-            "a shard-aligned range of its own; use fewer --shards"
+            "a shard-aligned range of its own; use fewer ranks"
         )
     bounds = [min(r * step, rows) for r in range(ranks)] + [rows]
     return chunk, shard, tuple(zip(bounds[:-1], bounds[1:]))
@@ -162,9 +154,9 @@ def _heads_layout(
 ) -> tuple[int, int, tuple[tuple[int, int], ...]]:
     heads = len(offsets)
     if ranks > heads:
-        raise EngramError(
-            f"layer {layer} has {heads} heads, so --shard-by heads can serve at most "
-            f"{heads} ranks, not {ranks}; use --shard-by rows"
+        raise UsageError(
+            f"layer {layer} has {heads} heads, so sharding by heads can serve at most "
+            f"{heads} ranks, not {ranks}; shard by rows"
         )
     bounds = [offsets[(r * heads) // ranks] for r in range(ranks)] + [rows]
     common = 0
@@ -174,12 +166,12 @@ def _heads_layout(
     chunk = max(d for d in divisors if d * row_bytes <= CHUNK_BYTES or d == 1)
     if chunk * row_bytes < MIN_CHUNK_BYTES:
         shown = ", ".join(f"{b:,}" for b in bounds[1:-1][:4]) + (", ..." if ranks > 5 else "")
-        raise EngramError(
+        raise UsageError(
             f"cannot split layer {layer} by whole heads among {ranks} ranks: its head sizes are "
             f"primes, the rank boundaries fall at rows {shown}, and zarr shards form a regular "
             f"grid, so every shard would have to be a divisor of {common:,} rows; the largest "
             f"usable one is {chunk} rows ({human_bytes(chunk * row_bytes)}), too small for chunked "
-            "reads. Use --shard-by rows, or a rank count whose boundaries align"
+            "reads. Shard by rows, or choose a rank count whose boundaries align"
         )
     multiple = max((d for d in _divisors(common // chunk) if chunk * d * row_bytes <= SHARD_BYTES), default=1)
     return chunk, chunk * multiple, tuple(zip(bounds[:-1], bounds[1:]))

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -42,7 +42,7 @@ from ..helpers import cpu_count
 from ..init import INIT_ALGORITHM, fill_rows
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
-from .attributes import ATTRS_KEY, FORMAT, FORMAT_VERSION
+from .attributes import ATTRS_KEY, STORE_FORMAT, STORE_FORMAT_VERSION
 from .files import Files, is_url, store_path
 from .layout import PIECE_BYTES, LayerLayout
 from .shard_format import (
@@ -55,6 +55,9 @@ from .shard_format import (
     shard_file_size,
     shard_problem,
 )
+
+if TYPE_CHECKING:
+    from ..hashing import NgramHasher
 
 
 @dataclass
@@ -87,12 +90,12 @@ class TableStore:
         self._writable = writable
         self._files = Files(group.store)
         attrs = dict(group.attrs).get(ATTRS_KEY)
-        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
             raise FormatError(f"{path} is a zarr group but not an engram table store")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") != STORE_FORMAT_VERSION:
             raise FormatError(
                 f"{path} has table store format version {attrs.get('format_version')}; "
-                f"this engram reads version {FORMAT_VERSION}"
+                f"this engram reads version {STORE_FORMAT_VERSION}"
             )
         self._attrs = attrs
         try:
@@ -174,7 +177,7 @@ class TableStore:
     def shard_ranges(self, layer_id: int) -> list[tuple[int, int]]:
         return self.layout(layer_id).shard_ranges()
 
-    def table(self, layer_id: int) -> Any:
+    def table(self, layer_id: int) -> zarr.Array:
         """The zarr array of a layer: `table[hasher.rows(ids)[layer_id]]`-style reads."""
         layout = self.layout(layer_id)
         if layout.layer_id not in self._tables:
@@ -205,7 +208,7 @@ class TableStore:
             )
         return projection
 
-    def hasher(self) -> Any:
+    def hasher(self) -> NgramHasher:
         from ..hashing import NgramHasher
 
         return NgramHasher(self.spec, self.projection)
