@@ -1,9 +1,11 @@
 """Table stores: one sharded zarr v3 group holding every layer's table, and the job that fills it.
 
-`layout` plans rows into chunks, shard files and ranks; `shard_format` is the byte format of one
-shard file (pure functions, no I/O); `files` reads and writes shard files, local or fsspec;
-`attributes` is what a store records about itself; `tables` is the `TableStore` API; `create`
-makes an empty store; `build` generates the values; `health` summarizes them.
+`attributes` states the store format (the group, its attributes and arrays) and writes the
+attributes; `layout` plans rows into chunks, shard files and ranks; `shard_format` is the byte
+format of one shard file (pure functions, no I/O); `files` reads and writes shard files, local or
+fsspec; `tables` is the `TableStore` API; `create` makes an empty store; `build` is the build job
+(generation, resume, the `complete` flag); `health` summarizes the values; `zarr_bfloat16` is the
+zarr data type of bfloat16 tables.
 """
 
 from .build import BuildReport, build_shard, build_tables

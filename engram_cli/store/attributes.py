@@ -1,24 +1,27 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""The table store format: one zarr v3 group (readable by any zarr v3 reader) and what it records.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
-
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
+    STORE/zarr.json                  group; attributes["engram"] as below
     STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
     STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
     STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
                                      hashing order (row = offset of head + bucket)
     STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
 
+attributes["engram"] hold the format ("engram-tables") and its version (`FORMAT_VERSION`), the
+spec, the table dtype, the projection's metadata (its array names, vocab and compressed sizes,
+the sha256 fingerprint of its lookup), the hashing parameters (max_ngram_size, n_head_per_ngram,
+pad_id, dim), the sharding (ranks, shard_by), per layer the head sizes, offsets, multipliers,
+dim, chunk/shard rows and the rank partition, the init (the algorithm id and distribution that
+generated the values, or "imported" with its source), and `complete`. A store imported from
+some layers of a model also lists them under `stored_layers`.
+
 Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
 random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+index; its data type is the table dtype's zarr v3 name ("bfloat16" from `zarr_bfloat16`), fill
+value 0, dimension names (row, column), and the array attribute `engram_layer_id`. The projection
+arrays are one zstd-compressed chunk each. `layout` says how rows are cut
+into chunks, shards and ranks, `shard_format` what the bytes of a shard file are, and `build`
+when `complete` flips to true.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def store_attrs(
     shard_by: str,
     init: dict[str, Any],
 ) -> dict[str, Any]:
+    """The attributes["engram"] of a new store, `complete` false.
+
+    Args:
+        spec: the tables' spec; its multipliers are drawn for the projection's compressed size.
+        projection: the vocab projection the store holds.
+        layouts: the plan of every layer the store holds (`layout.plan_layout`).
+        ranks: the rank count the layouts were planned for.
+        shard_by: "rows" or "heads", as planned.
+        init: where the values come from (`default_init`, or an importer's record).
+    """
     layers = {}
     for layer, layout in layouts.items():
         layers[str(layer)] = {
@@ -80,10 +93,15 @@ def store_attrs(
 
 
 def default_init(spec: TableSpec) -> dict[str, Any]:
+    """The init record of generated tables: the generator's algorithm id and the spec's distribution."""
     return {"algorithm": INIT_ALGORITHM, **spec.init.to_dict()}
 
 
 def spec_difference(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str | None:
+    """The first difference between two spec dicts, as "key is X in the store but Y now", or None.
+
+    The spec's name is ignored: renaming a spec file does not change the tables it describes.
+    """
     for key in sorted(set(stored) | set(wanted)):
         if key == "name" and not prefix:
             continue

@@ -1,24 +1,8 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""An empty table store: the group and its attributes, every layer array's metadata, the projection.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
-
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
-    STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
-    STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
-    STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
-                                     hashing order (row = offset of head + bucket)
-    STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
-
-Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
-random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+The layout written is the one `attributes` states; no shard file is written here (`build` or an
+importer fills them, then marks the store complete). `--overwrite` removes the old store first,
+but never a file, a non-empty folder or a zarr group that is not a table store.
 """
 
 from __future__ import annotations
@@ -47,7 +31,13 @@ def _zarr_dtype(dtype: str) -> Any:
 
 
 def create_layer_array(group: zarr.Group, dtype: str, layout: LayerLayout) -> None:
-    """The array's metadata only; shards are written by `TableStore.write_shard`."""
+    """The array's metadata only; shards are written by `TableStore.write_shard`.
+
+    Args:
+        group: the store's zarr group.
+        dtype: the table dtype ("bfloat16" becomes the zarr extension data type).
+        layout: the layer's plan: shape, chunk and shard rows.
+    """
     group.create_array(
         layout.array,
         shape=(layout.rows, layout.dim),
@@ -63,6 +53,7 @@ def create_layer_array(group: zarr.Group, dtype: str, layout: LayerLayout) -> No
 
 
 def write_projection_arrays(group: zarr.Group, projection: VocabProjection) -> None:
+    """Write the projection lookup (and its tokenizer JSON, when it has one) as arrays of the group."""
     lookup = group.create_array(
         PROJECTION_ARRAY,
         shape=(projection.vocab_size,),
@@ -112,6 +103,7 @@ def _remove_existing(path: str) -> None:
 
 
 def store_exists(path: str) -> bool:
+    """Whether something is at `path` that an overwrite would replace: a zarr group, a file or a non-empty folder."""
     if is_url(path):
         try:
             zarr.open_group(path, mode="r", zarr_format=3)
@@ -136,13 +128,19 @@ def create_store(
 ) -> TableStore:
     """An empty store with the standard layout, ready for `write_rows`/`build_shard`.
 
-    `layers` keeps only some of the spec's layers (an import of one layer of a published
-    model): head sizes and offsets still come from the whole spec, so rows stay where the
-    model's hasher puts them, and completeness counts only the layers kept.
-
-    `init` records where the values come from (default: this module's generator and the spec's
-    distribution); an importer passes e.g. {"algorithm": "imported", "source": "ckpt.pt"}.
     Call `mark_complete()` once every shard is written.
+
+    Args:
+        path: the store folder or fsspec URL.
+        spec: the tables' spec; head sizes and offsets always come from the whole spec.
+        projection: the vocab projection to store beside the tables.
+        shards, shard_by: the rank partition to plan for (`layout.plan_layout`).
+        dtype: the table dtype (default: the spec's).
+        overwrite: replace an existing table store (never anything else).
+        init: where the values come from (default: this package's generator and the spec's
+            distribution); an importer passes e.g. {"algorithm": "imported", "source": "ckpt.pt"}.
+        layers: keep only some of the spec's layers (an import of one layer of a published model):
+            rows stay where the model's hasher puts them, and completeness counts only the layers kept.
     """
     path = store_path(path)
     if dtype is not None:

@@ -1,24 +1,10 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""Shard files and other store keys as whole objects: on a local disk directly, else through zarr.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
-
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
-    STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
-    STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
-    STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
-                                     hashing order (row = offset of head + bucket)
-    STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
-
-Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
-random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+A local store (a folder) is read and written with plain file calls, which is what makes reading
+whole chunks straight from shard files fast; a write goes to a temporary name beside the key
+(`.<name>.<pid>-<thread>.partial`) and is renamed onto it, so a file is either complete or absent,
+and the partial files of writers that died are found by that suffix. Any other store (an fsspec
+URL) goes through zarr's store API, one whole-object get or set per key.
 """
 
 from __future__ import annotations
@@ -36,6 +22,7 @@ _PARTIAL_SUFFIX = ".partial"
 
 
 def is_url(path: str) -> bool:
+    """Whether a store path is a URL (`s3://...`, `gs://...`) rather than a local folder."""
     return "://" in path
 
 
@@ -53,6 +40,7 @@ class Files:
         self.root = Path(store.root) if isinstance(store, LocalStore) else None
 
     def put(self, key: str, parts: list[Any]) -> None:
+        """Write `parts` in order as the whole object `key`: atomically on a local disk (temporary name, rename)."""
         if self.root is None:
             joined = b"".join(memoryview(p).cast("B") for p in parts)
             sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(joined)))
@@ -70,6 +58,7 @@ class Files:
             raise
 
     def get(self, key: str) -> bytes | None:
+        """The whole object `key`, or None when it does not exist."""
         if self.root is None:
             buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
             return None if buf is None else buf.to_bytes()
@@ -79,6 +68,7 @@ class Files:
             return None
 
     def size(self, key: str) -> int | None:
+        """The size of object `key` in bytes, or None when it does not exist (no read of its data)."""
         if self.root is None:
             if not sync(self.store.exists(key)):
                 return None
@@ -89,6 +79,7 @@ class Files:
             return None
 
     def remove_partials(self, prefix: str) -> None:
+        """Delete the temporary files that writers under `prefix` left behind when they died (local stores)."""
         if self.root is not None and (self.root / prefix).is_dir():
             for stale in (self.root / prefix).rglob(f".*{_PARTIAL_SUFFIX}"):
                 stale.unlink(missing_ok=True)

@@ -1,21 +1,10 @@
-"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+"""Table health: value statistics of every head of a store, with its layout and bytes on disk.
 
-Everything is counted exactly on the distinct n-grams of the corpus. A window (the
-projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
-what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
-documents maps to the distinct keys of each order with their occurrence counts, and
-these partial counts merge by key. Keys are stored through an invertible multiply,
-so their top bits spread them evenly over partitions: when the counts outgrow the
-memory budget they spill to disk one file per partition, and each partition merges
-on its own, with bounded memory and the same exact result.
-
-Per layer, order and head size, two passes over the distinct n-grams follow: the
-first counts distinct n-grams per bucket, the second flags those in a bucket with
-others. An n-gram that shares its bucket in every head with one same other n-gram is
-one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates
-by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
-exactly.
+Each layer is read shard by shard (every chunk's checksum checked on the way) and each head's
+values summed in float64: mean, standard deviation and largest magnitude of the finite values,
+and how many are not finite (what a bad init or a broken import shows first). Shards that are
+missing are listed and their rows counted as unread, so an interrupted build can still be
+inspected. With `verify`, every shard is read and checked first (`TableStore.verify`).
 """
 
 from __future__ import annotations
@@ -58,6 +47,7 @@ class TableHealth:
     verify: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The `tables` section of `engram inspect --json`."""
         return {
             "store": self.store,
             "dtype": self.dtype,
@@ -115,6 +105,13 @@ def _head_values(
 
 
 def table_health(store: TableStore, verify: bool = False, on_rows: Callable[[int], None] | None = None) -> TableHealth:
+    """The health of every layer of a store (complete or not).
+
+    Args:
+        store: an opened store.
+        verify: first read every shard and check every checksum.
+        on_rows: called with the rows of each shard read, for progress.
+    """
     checked = None
     if verify:
         checked = store.verify().to_json()

@@ -1,24 +1,24 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""How a layer table is cut: rows into inner chunks, chunks into shard files, shard files into ranks.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
+An inner chunk is `chunk_rows` whole rows of at most 1 MiB (`CHUNK_BYTES`): one random row read
+costs at most that much I/O, and each chunk carries its own crc32c. A shard file is `shard_rows`
+rows, a whole number of chunks, of at most 128 MiB (`SHARD_BYTES`): the unit of writing, resuming
+and per-rank ownership; shard i holds rows [i * shard_rows, (i + 1) * shard_rows), the last one
+possibly short. The rank partition gives each of `ranks` ranks a range of rows:
 
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
-    STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
-    STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
-    STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
-                                     hashing order (row = offset of head + bucket)
-    STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
+* `rows`: contiguous ranges, equal for every rank but the last (which may be short by a few
+  chunks), each a whole number of shards: a rank's rows go into the fewest shards within the cap,
+  those into the fewest chunks within theirs, all of one size.
+* `heads`: whole heads per rank. zarr shards form a regular grid, so every rank boundary (a head
+  offset) must be a multiple of the shard size: the chunk is the largest divisor of the
+  boundaries' gcd within 1 MiB, the shard the largest multiple of it that divides the gcd within
+  128 MiB. Head sizes are primes, so this can leave chunks too small for chunked reads (under
+  16 KiB, `MIN_CHUNK_BYTES`); such a plan is refused with the reason.
 
-Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
-random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+Rank boundaries always fall on shard boundaries, so every rank reads or writes whole shard files
+alone; zarr rewrites a partially written shard, so no plan ever lets two writers share one. The
+plan depends only on the spec (rows, dim, dtype) and on (ranks, shard_by); the store records it,
+and a resumed build must plan the same.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ PIECE_BYTES = 8 << 20  # rows one generation task fills
 
 
 def layer_array_name(layer_id: int) -> str:
+    """The zarr array name of a layer's table: `layer_<id>`."""
     return f"layer_{layer_id}"
 
 
@@ -58,29 +59,36 @@ class LayerLayout:
 
     @property
     def array(self) -> str:
+        """The zarr array name of this layer."""
         return layer_array_name(self.layer_id)
 
     @property
     def shards(self) -> int:
+        """How many shard files the layer has (the last may hold fewer rows)."""
         return -(-self.rows // self.shard_rows)
 
     @property
     def chunks_per_shard(self) -> int:
+        """Inner chunk slots in one shard file (the index has one entry per slot)."""
         return self.shard_rows // self.chunk_rows
 
     def shard_range(self, index: int) -> tuple[int, int]:
+        """Rows (start, stop) of shard `index`; an EngramError when the layer has no such shard."""
         if not 0 <= index < self.shards:
             raise EngramError(f"layer {self.layer_id} has shards 0..{self.shards - 1}, not {index}")
         start = index * self.shard_rows
         return start, min(start + self.shard_rows, self.rows)
 
     def shard_ranges(self) -> list[tuple[int, int]]:
+        """Rows (start, stop) of every shard, in order."""
         return [self.shard_range(i) for i in range(self.shards)]
 
     def shard_key(self, index: int) -> str:
+        """The store key of shard `index`: `layer_<id>/c/<index>/0` (zarr's chunk key encoding)."""
         return f"{self.array}/c/{index}/0"
 
     def to_json(self) -> dict[str, Any]:
+        """The layer's plan as the store records it (and `build-tables --json` reports it)."""
         return {
             "array": self.array,
             "rows": self.rows,
@@ -98,6 +106,11 @@ def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict
     `rows`: contiguous ranges, equal for every rank but the last (which may be short by a few
     chunks), each a whole number of shards. `heads`: whole heads per rank, which needs every
     rank boundary to be a multiple of one shard size; an error says why when it is not.
+
+    Args:
+        spec: the tables to plan (rows, dim and dtype).
+        ranks: how many ranks the rows are partitioned for (`--shards`).
+        shard_by: "rows" or "heads".
     """
     if not isinstance(ranks, int) or ranks < 1:
         raise UsageError(f"the rank count must be a positive integer, got {ranks!r}")

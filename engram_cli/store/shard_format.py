@@ -59,6 +59,7 @@ def encode_shard(data: np.ndarray, layout: LayerLayout) -> list[Any]:
 
 
 def crc_bytes(data: Any) -> bytes:
+    """The crc32c of `data` as the 4 little-endian bytes zarr's crc32c codec appends."""
     return int(google_crc32c.value(data)).to_bytes(4, "little")
 
 
@@ -73,6 +74,7 @@ def chunk_size(layout: LayerLayout) -> int:
 
 
 def shard_file_size(layout: LayerLayout, index: int) -> int:
+    """Bytes of shard file `index` when complete: its chunks with their checksums, and the index."""
     start, stop = layout.shard_range(index)
     chunks = -(-(stop - start) // layout.chunk_rows)
     return chunks * chunk_size(layout) + index_size(layout)
@@ -93,11 +95,18 @@ def chunk_is_intact(payload: bytes, layout: LayerLayout) -> bool:
 
 
 def rows_text(start: int, stop: int) -> str:
+    """Rows [start, stop) as people read them in messages: `rows 0-99`."""
     return f"rows {start}-{stop - 1}"
 
 
 def shard_problem(data: bytes, layout: LayerLayout, index: int) -> str | None:
-    """What is wrong with the bytes of shard `index`, or None when every chunk is intact."""
+    """What is wrong with the bytes of shard `index`, or None when every chunk is intact.
+
+    Args:
+        data: the whole shard file.
+        layout: the plan of its layer.
+        index: which shard of the layer it is (it decides how many chunks must be present).
+    """
     start, stop = layout.shard_range(index)
     tail_size = index_size(layout)
     if len(data) < tail_size:

@@ -1,24 +1,11 @@
-"""Table stores: the Engram tables of a spec as one sharded zarr v3 group.
+"""The `TableStore` API: an opened store, its attributes as typed values, checked reads and writes.
 
-Layout of a store (all zarr v3, readable by any zarr v3 reader):
-
-    STORE/zarr.json                  group; attributes["engram"] hold the format version, the
-                                     spec, the projection's metadata, per layer the head sizes,
-                                     offsets, multipliers, dim, chunk/shard rows and the rank
-                                     partition, the init algorithm id, and `complete`
-    STORE/projection                 int64 (vocab_size,): tokenizer id -> canonical id
-    STORE/projection_tokenizer       uint8: the tokenizer JSON the projection came from (if any)
-    STORE/layer_<id>                 (rows, dim) table of one layer, heads one after another in
-                                     hashing order (row = offset of head + bucket)
-    STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
-
-Each layer array uses the sharding codec: inner chunks of whole rows (about 1 MiB, cheap
-random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
-index. Rank boundaries always fall on shard boundaries, so every rank reads or writes whole
-shard files alone; zarr rewrites a partially written shard, so no plan ever lets two writers
-share one. Shards are encoded here (the sharding format is simple and fixed) and written to a
-temporary name then renamed, so a shard file is either complete or absent; `complete` flips to
-true only after every shard exists, which is what `--resume` and readers rely on.
+Every read checks the crc32c of each chunk it touches and names the layer, rows and shard of a bad
+one; a store that does not say it is complete is checked for the shard files a read needs before
+reading. On a local disk `read_rows` reads whole inner chunks straight from the shard files (about
+3x zarr's decode path); `lookup` and remote stores go through zarr. Writes are whole shards only
+(`write_shard`, `write_rows`), encoded by `shard_format` and written atomically by `files`. The
+format itself is stated in `attributes`.
 """
 
 from __future__ import annotations
@@ -70,6 +57,7 @@ class VerifyReport:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        """The `tables.verify` section of `engram inspect --verify --json`."""
         return {"store": self.path, "shards": self.shards, "bytes": self.bytes, "seconds": self.seconds, "ok": True}
 
 
@@ -122,6 +110,7 @@ class TableStore:
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The store's attributes["engram"], as read when it was opened (see `attributes`)."""
         return self._attrs
 
     @property
@@ -131,25 +120,31 @@ class TableStore:
 
     @property
     def ranks(self) -> int:
+        """The rank count the store's layout was planned for."""
         return int(self._attrs["sharding"]["ranks"])
 
     @property
     def shard_by(self) -> str:
+        """How ranks split the layers: "rows" or "heads"."""
         return str(self._attrs["sharding"]["shard_by"])
 
     @property
     def init(self) -> dict[str, Any]:
+        """Where the values come from: the generator's algorithm and distribution, or an import's record."""
         return dict(self._attrs["init"])
 
     @property
     def is_complete(self) -> bool:
+        """Whether the build marked the store complete (the shard files are not listed here)."""
         return bool(self._attrs.get("complete"))
 
     @property
     def numpy_dtype(self) -> np.dtype:
+        """The in-memory numpy dtype of the tables (`ml_dtypes.bfloat16` for bfloat16)."""
         return numpy_dtype(self.dtype)
 
     def layout(self, layer_id: int) -> LayerLayout:
+        """The plan of a layer; a UsageError naming the store's layers when it holds no such layer."""
         try:
             return self.layouts[int(layer_id)]
         except (KeyError, ValueError):
@@ -162,12 +157,15 @@ class TableStore:
         return self._attrs["layers"][str(int(layer_id))]
 
     def head_sizes(self, layer_id: int) -> list[int]:
+        """The prime size of every head of a layer, as recorded when the store was created."""
         return list(self._layer_attrs(layer_id)["head_sizes"])
 
     def offsets(self, layer_id: int) -> list[int]:
+        """The first row of every head in the layer table, as recorded."""
         return list(self._layer_attrs(layer_id)["offsets"])
 
     def multipliers(self, layer_id: int) -> np.ndarray:
+        """The layer's int64 hash multipliers, as recorded."""
         return np.array(self._layer_attrs(layer_id)["multipliers"], dtype=np.int64)
 
     def partition(self, layer_id: int) -> list[tuple[int, int]]:
@@ -175,6 +173,7 @@ class TableStore:
         return list(self.layout(layer_id).partition)
 
     def shard_ranges(self, layer_id: int) -> list[tuple[int, int]]:
+        """Rows (start, stop) of every shard file of a layer."""
         return self.layout(layer_id).shard_ranges()
 
     def table(self, layer_id: int) -> zarr.Array:
@@ -191,6 +190,7 @@ class TableStore:
 
     @cached_property
     def projection(self) -> VocabProjection:
+        """The projection stored beside the tables, read once and checked against its fingerprint."""
         info = self._attrs["projection"]
         try:
             lookup = np.asarray(self._group[info["array"]][:])  # type: ignore[index]  # an array, not a group
@@ -209,6 +209,7 @@ class TableStore:
         return projection
 
     def hasher(self) -> NgramHasher:
+        """An `NgramHasher` of the store's spec and projection: its `rows` index the layer tables."""
         from ..hashing import NgramHasher
 
         return NgramHasher(self.spec, self.projection)
@@ -330,7 +331,12 @@ class TableStore:
         raise exc
 
     def read_rows(self, layer_id: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a layer; a bad checksum raises ChecksumError naming the rows."""
+        """Rows [start, stop) of a layer; a bad checksum raises ChecksumError naming the rows.
+
+        Args:
+            layer_id: the layer.
+            start, stop: the row range, within the layer's rows.
+        """
         rows = self.layout(layer_id).rows
         if not 0 <= start <= stop <= rows:
             raise UsageError(f"rows [{start}, {stop}) are not within the {rows:,} rows of layer {layer_id}")
@@ -416,7 +422,13 @@ class TableStore:
             raise EngramError(f"{self.path} was opened read-only")
 
     def write_shard(self, layer_id: int, index: int, data: np.ndarray) -> int:
-        """Write one whole shard (all its rows) atomically; returns the bytes written."""
+        """Write one whole shard (all its rows) atomically; returns the bytes written.
+
+        Args:
+            layer_id: the layer.
+            index: the shard of that layer.
+            data: its rows, shape (shard rows, dim); converted to the table dtype if need be.
+        """
         self._require_writable()
         layout = self.layout(layer_id)
         start, stop = layout.shard_range(index)
@@ -442,6 +454,11 @@ class TableStore:
         Writes never touch part of a shard (zarr would rewrite it and a concurrent writer of the
         same shard would lose rows), so `start` must be a shard start and the rows must end on a
         shard boundary or at the end of the layer.
+
+        Args:
+            layer_id: the layer.
+            start: the first row, a shard start.
+            data: the rows, shape (rows, dim).
         """
         layout = self.layout(layer_id)
         stop = start + len(data)
@@ -473,6 +490,12 @@ class TableStore:
 
         With a thread `pool` the rows are generated in pieces in parallel (the kernels release
         the GIL), so a few shard buffers in flight keep every core busy.
+
+        Args:
+            layer_id: the layer.
+            index: the shard of that layer.
+            buffer: reusable bytes to generate into (a new one when None or too small).
+            pool: threads to generate 8 MiB pieces on (default: this thread alone).
         """
         if self._attrs["init"].get("algorithm") != INIT_ALGORITHM:
             raise UsageError(
@@ -504,7 +527,11 @@ class TableStore:
         buffer: np.ndarray | None = None,
         pool: concurrent.futures.Executor | None = None,
     ) -> tuple[str, int]:
-        """Keep a shard whose checksums pass, rebuild it otherwise: ("kept"|"written"|"repaired", bytes)."""
+        """Keep a shard whose checksums pass, rebuild it otherwise: ("kept"|"written"|"repaired", bytes).
+
+        Args:
+            layer_id, index: the shard; buffer, pool: as for `build_shard`.
+        """
         layout = self.layout(layer_id)
         data = self._files.get(layout.shard_key(index))
         if data is not None:
@@ -549,6 +576,11 @@ def open_tables(path: str | Path, *, allow_incomplete: bool = False, writable: b
 
     Refuses, naming layers and rows, a store whose build never finished or whose shard files
     are missing, unless `allow_incomplete` (for `--resume` and inspection).
+
+    Args:
+        path: the store folder or URL.
+        allow_incomplete: open a store that is not complete.
+        writable: open it for writing shards and attributes.
     """
     path = store_path(path)
     if not is_url(path) and not Path(path).exists():
