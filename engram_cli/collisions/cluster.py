@@ -1,21 +1,12 @@
-"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+"""Collision counting as Dask map/reduce: the key counts move between workers only through a folder.
 
-Everything is counted exactly on the distinct n-grams of the corpus. A window (the
-projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
-what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
-documents maps to the distinct keys of each order with their occurrence counts, and
-these partial counts merge by key. Keys are stored through an invertible multiply,
-so their top bits spread them evenly over partitions: when the counts outgrow the
-memory budget they spill to disk one file per partition, and each partition merges
-on its own, with bounded memory and the same exact result.
-
-Per layer, order and head size, two passes over the distinct n-grams follow: the
-first counts distinct n-grams per bucket, the second flags those in a bucket with
-others. An n-gram that shares its bucket in every head with one same other n-gram is
-one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates
-by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
-exactly.
+Map: each task reads one corpus part (`corpus.parts`) and saves its key counts one file per
+(order, partition) under the shared spill folder (a retried task starts its folder afresh).
+Reduce: each task merges a group of partitions of one order over every map output into
+`merged/`, holding only those partitions in memory. The partition count (at most 2**8) is chosen
+so that every worker has partitions to merge and one partition fits a worker's share of the
+memory budget. Only corpus summaries and counts pass through the client, and the merged folder
+reads like a local run's spilled counts, so the statistics that follow are the same numbers.
 """
 
 from __future__ import annotations
@@ -47,7 +38,17 @@ def count_part_task(
     bits: int,
 ) -> CorpusSummary:
     """Map: one corpus part to its key counts, saved one file per (order, partition) under
-    `root/name`; what was read comes back. A retried task starts its folder afresh."""
+    `root/name`; what was read comes back. A retried task starts its folder afresh.
+
+    Args:
+        part: the files, or the id range of one file, to read.
+        spec, projection: the hasher whose windows are counted.
+        options: how to read the corpus.
+        budget: bytes of counts this task holds in memory before spilling.
+        root: the folder every worker sees.
+        name: this map output's folder under `root`.
+        bits: partitions are the top `bits` bits of the stored keys.
+    """
     window = WindowKeys.of(spec, projection)
     corpus = Corpus([part.sources[0].path], projection, options, context=spec.max_ngram_size - 1, part=part)
     final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
@@ -65,7 +66,15 @@ def count_part_task(
 
 def merge_partition_task(root: str, maps: list[str], order: int, indices: list[int], words: int) -> tuple[int, int]:
     """Reduce: merge partitions `indices` of one order over every map output into
-    `root/merged`; returns (distinct keys, occurrences). Only these partitions are in memory."""
+    `root/merged`; returns (distinct keys, occurrences). Only these partitions are in memory.
+
+    Args:
+        root: the folder every worker sees.
+        maps: the map outputs' folder names under `root`.
+        order: the n-gram order.
+        indices: the partitions this task merges.
+        words: uint64 words of one stored key of that order.
+    """
     distinct = occurrences = 0
     target = Path(root) / "merged"
     for index in indices:
@@ -95,7 +104,18 @@ def count_on_cluster(
     part_ids: int | None = None,
 ) -> KeyCountStore:
     """Map the corpus parts and merge the partitions as Dask tasks; the key counts move only
-    between workers through `spill_dir` (a folder every worker sees), never through the client."""
+    between workers through `spill_dir` (a folder every worker sees), never through the client.
+
+    Args:
+        client: the Dask client.
+        corpus: the inputs, split into parts here.
+        spec, projection: the hasher whose windows are counted.
+        window: the spec's `WindowKeys`.
+        budget: bytes of counts for all workers together (each gets its share).
+        spill_dir: the shared folder.
+        on_part: called after each map task, for progress.
+        part_ids: the smallest id range of a pre-tokenized file one task reads.
+    """
     from ..cluster import run_tasks
     from ..corpus.base import ID_BATCH_TOKENS
     from ..corpus.parts import split_corpus

@@ -1,21 +1,18 @@
-"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+"""N-gram windows as stored keys, and their distinct counts: the first step of collision statistics.
 
-Everything is counted exactly on the distinct n-grams of the corpus. A window (the
-projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
-what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
-documents maps to the distinct keys of each order with their occurrence counts, and
-these partial counts merge by key. Keys are stored through an invertible multiply,
-so their top bits spread them evenly over partitions: when the counts outgrow the
-memory budget they spill to disk one file per partition, and each partition merges
-on its own, with bounded memory and the same exact result.
+Everything is counted exactly on the distinct n-grams of the corpus. A window (the projected ids
+x[t-n+1] .. x[t], the projected pad before a document's start, exactly what the hasher hashes)
+is packed into a key of one or more uint64 words: every id takes `bits` bits (enough for the
+compressed vocab), 64 // bits of them to a word, the id k tokens back in word k // per_word.
+Keys are stored through an invertible multiply: the words after the first are folded into it
+(xor, multiply by `FOLD_MUL`, xorshift), and the first word is then multiplied by the odd
+`KEY_MUL` modulo 2**64 (Fibonacci hashing). Both steps can be undone, so a stored key gives back
+its window (`unpack_windows`) and the hasher's pre-modulo mix (`mix_keys`), and the multiply
+spreads the top bits of stored keys evenly, which makes them balanced partitions (`spill`).
 
-Per layer, order and head size, two passes over the distinct n-grams follow: the
-first counts distinct n-grams per bucket, the second flags those in a bucket with
-others. An n-gram that shares its bucket in every head with one same other n-gram is
-one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates
-by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
-exactly.
+A batch of documents maps to the distinct keys of each order with their occurrence counts
+(`map_order`), and these partial counts merge by key (`merge_partition`): one-word keys are kept
+sorted and merge as sorted runs in linear time; longer keys merge by open addressing.
 """
 
 from __future__ import annotations
@@ -105,7 +102,13 @@ def _pack_windows(ids, lookup, is_start, context, pad, order, bits, per_word, ou
 
 @numba.njit(nogil=True, cache=True)
 def unpack_windows(keys, order, bits, per_word, mask, out):
-    """Projected ids of stored keys, out[i, k] = the id k tokens back."""
+    """Projected ids of stored keys, out[i, k] = the id k tokens back.
+
+    Args:
+        keys: (rows, words) stored keys of one order.
+        order, bits, per_word, mask: the order's `KeyLayout`.
+        out: (rows, order) int64, filled.
+    """
     word, shift = _slots(order, bits, per_word)
     for i in range(keys.shape[0]):
         first = (keys[i, 0] * _KEY_INV) ^ _fold(keys, i)
@@ -116,7 +119,14 @@ def unpack_windows(keys, order, bits, per_word, mask, out):
 
 @numba.njit(nogil=True, cache=True)
 def mix_keys(keys, order, bits, per_word, mask, multipliers, out):
-    """The hasher's pre-modulo mix x[t]*m[0] ^ x[t-1]*m[1] ^ ... of stored keys."""
+    """The hasher's pre-modulo mix x[t]*m[0] ^ x[t-1]*m[1] ^ ... of stored keys.
+
+    Args:
+        keys: (rows, words) stored keys of one order.
+        order, bits, per_word, mask: the order's `KeyLayout`.
+        multipliers: the layer's int64 multipliers (at least `order` of them).
+        out: (rows,) int64, filled.
+    """
     word, shift = _slots(order, bits, per_word)
     for i in range(keys.shape[0]):
         first = (keys[i, 0] * _KEY_INV) ^ _fold(keys, i)
@@ -201,14 +211,17 @@ class KeyLayout:
 
     @property
     def per_word(self) -> int:
+        """Window ids packed into one uint64 word."""
         return 64 // self.bits
 
     @property
     def words(self) -> int:
+        """uint64 words of one stored key of this order."""
         return -(-self.order // self.per_word)
 
     @property
     def mask(self) -> np.uint64:
+        """The mask of one packed id's bits."""
         return np.uint64((1 << self.bits) - 1)
 
 
@@ -224,14 +237,17 @@ class KeyCounts:
 
     @property
     def rows(self) -> int:
+        """How many distinct keys."""
         return int(self.counts.size)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the keys and counts take in memory (what the memory budget counts)."""
         return int(self.keys.nbytes + self.counts.nbytes)
 
     @staticmethod
     def empty(words: int) -> KeyCounts:
+        """No keys, of `words` words each."""
         return KeyCounts(np.zeros((0, words), np.uint64), np.zeros(0, np.int64))
 
 
@@ -246,6 +262,7 @@ class WindowKeys:
 
     @staticmethod
     def of(spec: TableSpec, projection: VocabProjection) -> WindowKeys:
+        """The window keys of a spec's hasher: its projection, projected pad and orders, ids of just enough bits."""
         if spec.pad_id >= projection.vocab_size:
             raise EngramError(
                 f"spec pad_id {spec.pad_id} is not below the projection's vocab size {projection.vocab_size}"
@@ -254,10 +271,12 @@ class WindowKeys:
         return WindowKeys(projection.lookup, int(projection.lookup[spec.pad_id]), spec.max_ngram_size, bits)
 
     def layout(self, order: int) -> KeyLayout:
+        """How a window of `order` ids packs into words."""
         return KeyLayout(order, self.bits)
 
     @property
     def orders(self) -> range:
+        """The n-gram orders counted: 2 .. max_ngram_size."""
         return range(2, self.max_order + 1)
 
 
@@ -275,7 +294,13 @@ def _aggregate(keys: np.ndarray, counts: np.ndarray) -> KeyCounts:
 
 
 def map_order(batch: DocBatch, window: WindowKeys, order: int) -> KeyCounts:
-    """Distinct windows of one order in a batch of documents, with their counts."""
+    """Distinct windows of one order in a batch of documents, with their counts.
+
+    Args:
+        batch: documents of raw token ids (and the left context of one continued from before).
+        window: the spec's `WindowKeys`.
+        order: the n-gram order.
+    """
     layout = window.layout(order)
     ids = batch.ids.astype(np.int64, copy=False)
     is_start = np.zeros(ids.size, np.bool_)
@@ -305,7 +330,13 @@ def split_partitions(part: KeyCounts, bits: int = PARTITION_BITS) -> list[KeyCou
 
 
 def map_part(batch: DocBatch, window: WindowKeys, bits: int = PARTITION_BITS) -> dict[int, list[KeyCounts]]:
-    """One part of a corpus to its key counts per order, split into 2**bits partitions."""
+    """One part of a corpus to its key counts per order, split into 2**bits partitions.
+
+    Args:
+        batch: documents of raw token ids.
+        window: the spec's `WindowKeys`.
+        bits: partitions are the top `bits` bits of the stored keys.
+    """
     return {n: split_partitions(map_order(batch, window, n), bits) for n in window.orders}
 
 

@@ -1,21 +1,11 @@
-"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+"""Key counts within a memory budget: merged in memory, spilled to disk by partition when too many.
 
-Everything is counted exactly on the distinct n-grams of the corpus. A window (the
-projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
-what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
-documents maps to the distinct keys of each order with their occurrence counts, and
-these partial counts merge by key. Keys are stored through an invertible multiply,
-so their top bits spread them evenly over partitions: when the counts outgrow the
-memory budget they spill to disk one file per partition, and each partition merges
-on its own, with bounded memory and the same exact result.
-
-Per layer, order and head size, two passes over the distinct n-grams follow: the
-first counts distinct n-grams per bucket, the second flags those in a bucket with
-others. An n-gram that shares its bucket in every head with one same other n-gram is
-one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates
-by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
-exactly.
+Stored keys (`keys`) come out of an invertible multiply, so their top bits spread them evenly over
+2**8 partitions, and equal keys always share one. Chunks of counts are merged in memory first;
+only when merged counts still take more than half the budget do they spill, each partition of
+each order appended to its own file of rows (the key words, then the count). At the end every
+partition merges on its own, with bounded memory and the same exact result. The default budget is
+a quarter of the memory available, between 256 MiB and 8 GiB.
 """
 
 from __future__ import annotations
@@ -35,6 +25,7 @@ from .keys import PARTITION_BITS, KeyCounts, WindowKeys, map_order, merge_partit
 
 
 def spill_folder(prefix: str, root: str | Path | None) -> Path:
+    """A new folder for spilled counts under `root` (the system's temporary folder when None)."""
     try:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     except OSError as exc:
@@ -44,6 +35,7 @@ def spill_folder(prefix: str, root: str | Path | None) -> Path:
 
 
 def append_file(path: Path, data: np.ndarray) -> None:
+    """Append an array's bytes to a spill file; a full disk becomes a one-line error naming the folder."""
     try:
         with open(path, "ab") as handle:
             data.tofile(handle)
@@ -55,6 +47,7 @@ def append_file(path: Path, data: np.ndarray) -> None:
 
 
 def partition_file(order: int, index: int) -> str:
+    """The file name of one partition of one order: `order<n>-part<iiii>.u64`."""
     return f"order{order}-part{index:04d}.u64"
 
 
@@ -64,6 +57,7 @@ def as_rows(part: KeyCounts) -> np.ndarray:
 
 
 def read_counts(path: Path, words: int) -> KeyCounts:
+    """The key counts of a spill file whose rows are `words` key words and a count."""
     rows = np.fromfile(path, dtype=np.uint64).reshape(-1, words + 1)
     return KeyCounts(np.ascontiguousarray(rows[:, :-1]), rows[:, -1].view(np.int64).copy())
 
@@ -97,9 +91,11 @@ class KeyCountStore:
 
     @property
     def spilled(self) -> bool:
+        """Whether the counts went to disk (then `parts` streams them partition by partition)."""
         return self._dir is not None
 
     def add(self, order: int, part: KeyCounts) -> None:
+        """Take the counts of one batch of one order, compacting or spilling when over the budget."""
         self._chunks[order].append(part)
         self._buffered += part.nbytes
         if self._buffered > self.budget:
@@ -156,7 +152,15 @@ class KeyCountStore:
         occurrences: dict[int, int],
     ) -> KeyCountStore:
         """The finished counts that cluster tasks merged into `directory`, one file a partition:
-        read into memory when they fit the budget (as a local run keeps them), else streamed."""
+        read into memory when they fit the budget (as a local run keeps them), else streamed.
+
+        Args:
+            window: the spec's `WindowKeys`.
+            budget: bytes of counts to hold in memory.
+            directory: the merged partition files.
+            partition_bits: how many top key bits made the partitions.
+            distinct, occurrences: per order, what the merge tasks counted.
+        """
         store = cls(window, budget, partition_bits=partition_bits)
         store._dir = directory
         store.distinct, store.occurrences = dict(distinct), dict(occurrences)
@@ -206,6 +210,7 @@ class KeyCountStore:
         return merged.rows, int(merged.counts.sum())
 
     def parts(self, order: int) -> Iterator[KeyCounts]:
+        """The exact counts of one order after `finish`: one part in memory, or one per spilled partition."""
         if not self.spilled:
             yield self._merged[order]
             return
@@ -218,6 +223,7 @@ class KeyCountStore:
         return None if self.spilled else self._merged[order]
 
     def close(self) -> None:
+        """Delete the spill folder (and a cluster run's shared folder)."""
         for folder in (self._dir, self.cleanup):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -236,7 +242,15 @@ def count_corpus(
     pool: ThreadPoolExecutor,
     on_batch: Callable[[DocBatch], None] | None = None,
 ) -> None:
-    """Map every batch (orders in parallel, one batch in flight while the next is read) into `store`."""
+    """Map every batch (orders in parallel, one batch in flight while the next is read) into `store`.
+
+    Args:
+        batches: documents of raw token ids.
+        window: the spec's `WindowKeys`.
+        store: receives the counts, and merges them at the end (`finish`).
+        pool: threads that map the orders of a batch and merge partitions.
+        on_batch: called after each batch is counted, for progress.
+    """
     pending: list[tuple[DocBatch, dict[int, Any]]] = []
 
     def drain(keep: int) -> None:

@@ -1,21 +1,19 @@
-"""Collision statistics of Engram tables on a corpus, size sweeps, and table health.
+"""Per-head collision statistics of the distinct n-grams of a corpus, and size sweeps.
 
-Everything is counted exactly on the distinct n-grams of the corpus. A window (the
-projected ids x[t-n+1] .. x[t], the projected pad before a document's start, exactly
-what the hasher hashes) is packed into a key of one or more uint64 words; a batch of
-documents maps to the distinct keys of each order with their occurrence counts, and
-these partial counts merge by key. Keys are stored through an invertible multiply,
-so their top bits spread them evenly over partitions: when the counts outgrow the
-memory budget they spill to disk one file per partition, and each partition merges
-on its own, with bounded memory and the same exact result.
+Everything is counted exactly on the distinct n-grams that `keys` and `spill` produce, with the
+hasher's own mix computed back from each stored key and reduced by the same modulo (`kernels`).
+Per layer, order and head size, two passes over the distinct n-grams follow: the first counts
+distinct n-grams per bucket, the second flags those in a bucket with others (unweighted, and
+weighted by occurrences). An n-gram that shares its bucket in every head with one same other
+n-gram is one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
+theorem); only n-grams crowded in every head can be one, so grouping those candidates by that
+residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding` exactly. The
+candidates spill to disk by residue as the counts do, so equal residues meet in one partition;
+when the lcm is at least 2**63 it exceeds every mix and the two counts are the same.
 
-Per layer, order and head size, two passes over the distinct n-grams follow: the
-first counts distinct n-grams per bucket, the second flags those in a bucket with
-others. An n-gram that shares its bucket in every head with one same other n-gram is
-one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates
-by that residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding`
-exactly.
+The ideal rate is what uniform hashing would give: 1 - (1 - 1/size)**(distinct - 1). A size sweep
+scales every head size; a scaled spec keeps seed, layers and vocab, hence the multipliers, so
+only the passes are redone.
 """
 
 from __future__ import annotations
@@ -81,6 +79,8 @@ def _flag_collisions(mix, counts, sizes, crowded, byte_offsets, flags, colliding
 
 @dataclass
 class HeadStats:
+    """Collisions in one head: buckets used, distinct n-grams sharing a bucket, and the load histogram."""
+
     size: int
     buckets_used: int
     colliding: int
@@ -91,6 +91,7 @@ class HeadStats:
     load_histogram: dict[int, int]
 
     def to_json(self) -> dict[str, Any]:
+        """One head's entry under `heads` in `engram inspect --json`."""
         return {
             "size": self.size,
             "buckets_used": self.buckets_used,
@@ -105,6 +106,8 @@ class HeadStats:
 
 @dataclass
 class OrderStats:
+    """Collisions of one order of one layer: every head, and the n-grams that collide in all of them."""
+
     order: int
     occurrences: int
     distinct: int
@@ -114,9 +117,11 @@ class OrderStats:
     top_buckets: list[dict[str, Any]] | None = None
 
     def mean(self, name: str) -> float:
+        """The mean of one `HeadStats` field over the heads."""
         return float(np.mean([getattr(h, name) for h in self.heads]))
 
     def to_json(self) -> dict[str, Any]:
+        """One order's entry under `orders` in `engram inspect --json`."""
         data = {
             "occurrences": self.occurrences,
             "distinct": self.distinct,
@@ -239,6 +244,7 @@ class OrderInput:
     _cached: tuple[KeyCounts, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def mixes(self, part: KeyCounts) -> np.ndarray:
+        """The hasher's mix of every key of a part, computed on all cores."""
         out = np.empty(part.rows, np.int64)
         keys = part.keys
         jobs = [
@@ -259,6 +265,7 @@ class OrderInput:
         return out
 
     def parts(self) -> Iterator[tuple[KeyCounts, np.ndarray]]:
+        """Every part of the order's counts with its mixes (computed once when the counts are in memory)."""
         single = self.store.single(self.layout.order)
         if single is not None:
             if self._cached is None:
@@ -277,7 +284,16 @@ def order_statistics(
     top: int = 0,
     decoder: NgramDecoder | None = None,
 ) -> OrderStats:
-    """Every statistic of one order of one layer at the given head sizes."""
+    """Every statistic of one order of one layer at the given head sizes.
+
+    Args:
+        data: the order's distinct n-grams and their mixes for this layer.
+        sizes: the head sizes of this order.
+        budget: bytes of all-heads candidates held in memory before spilling.
+        spill_dir: where candidates spill (the system's temporary folder when None).
+        top: how many of the most crowded buckets to list, with their n-grams.
+        decoder: turns the listed n-grams back into text (needed with `top`).
+    """
     order = data.layout.order
     distinct, occurrences = data.store.distinct[order], data.store.occurrences[order]
     pool = data.pool
@@ -410,6 +426,7 @@ class NgramDecoder:
         self._cache: dict[int, str] = {}
 
     def token(self, canonical: int) -> str:
+        """The text of one canonical id (`#<id>` when the projection carries no tokenizer)."""
         if canonical not in self._cache:
             raw = int(self._first[canonical])
             self._cache[canonical] = (
@@ -418,17 +435,21 @@ class NgramDecoder:
         return self._cache[canonical]
 
     def ngram(self, window: np.ndarray, count: int) -> dict[str, Any]:
+        """An n-gram's ids, tokens, text and occurrence count, as `--top` lists them."""
         tokens = [self.token(int(c)) for c in window]
         return {"ids": [int(c) for c in window], "tokens": tokens, "text": "".join(tokens), "count": count}
 
 
 @dataclass
 class SweepPoint:
+    """The statistics of every layer at one sweep factor, and the scaled spec."""
+
     factor: float
     spec: TableSpec
     layers: LayerStats
 
     def to_json(self) -> dict[str, Any]:
+        """One entry of `sweep` in `engram inspect --json`."""
         return {
             "factor": self.factor,
             "rows": self.spec.total_rows,
@@ -439,6 +460,7 @@ class SweepPoint:
 
 
 def layers_json(layers: LayerStats) -> dict[str, Any]:
+    """Statistics per layer and order as `engram inspect --json` writes them."""
     return {
         str(layer): {"orders": {str(n): s.to_json() for n, s in orders.items()}} for layer, orders in layers.items()
     }
@@ -460,10 +482,19 @@ def collision_statistics(
 ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
     """Statistics at the spec's sizes and at every sweep factor, and the bytes spilled to disk.
 
-    `corpus` is a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
-    `on_statistic` is called after each (layer, order, size) is done. With a Dask `client`
-    (and a `Corpus`), counting is mapped over corpus parts and merged by partition on the
-    cluster (`part_ids`: the smallest range of a pre-tokenized file one task reads).
+    Args:
+        spec: the tables whose head sizes are measured.
+        projection: the spec's vocab projection.
+        corpus: a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
+        factors: the sweep: also every head size scaled by each factor.
+        top: list the `top` most crowded buckets per order, with their n-grams.
+        memory_budget: bytes of counts held in memory (default: a quarter of what is available).
+        spill_dir: where counts spill beyond the budget; on a cluster, a folder every worker sees.
+        on_batch: called after each batch (or cluster map task, with None), for progress.
+        on_statistic: called after each (layer, order, size) is done.
+        client: a Dask client (with a `Corpus`): counting is then mapped over corpus parts and
+            merged by partition on the cluster, to the same numbers.
+        part_ids: on a cluster, the smallest range of a pre-tokenized file one task reads.
     """
     budget = memory_budget or default_memory_budget()
     window = WindowKeys.of(spec, projection)
