@@ -1,16 +1,9 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""dtype changes of the tables in an export or import, and the largest change each made.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+A conversion is lossless when the dtype stays, widens (bfloat16 or float16 to float32), or starts
+from fp8 E4M3; anything else is lossy and announced, with the largest absolute change it made to
+a value (measured for fp8 sources too). A conversion to fp8 is not counted here: the export reports
+its quantization error instead (`fp8.QuantError`).
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ _LOSSLESS = {("bfloat16", "float32"), ("float16", "float32")}
 
 
 def is_lossless(source: str, target: str) -> bool:
+    """Whether converting tables from dtype `source` to `target` keeps every value."""
     return source == target or (source, target) in _LOSSLESS or source == "float8_e4m3fn"
 
 
@@ -37,12 +31,15 @@ class Conversion:
 
     @property
     def lossy(self) -> bool:
+        """Whether the conversion can change values (and is reported as lossy)."""
         return not is_lossless(self.source, self.target) and self.target != "float8_e4m3fn"
 
     def check(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Record the largest change between a block `before` and after conversion (lossy or fp8 sources only)."""
         if (self.lossy or self.source == "float8_e4m3fn") and before.numel():
             error = (before.float() - after.float()).abs().max()
             self.max_abs_error = max(self.max_abs_error, float(error))
 
     def to_json(self) -> dict[str, Any]:
+        """The `conversion` section of the export and import `--json` reports."""
         return {"from": self.source, "to": self.target, "lossy": self.lossy, "max_abs_error": self.max_abs_error}

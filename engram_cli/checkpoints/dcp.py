@@ -1,16 +1,20 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""Training checkpoints (torch.distributed.checkpoint) of a store, and reading them back.
 
 `export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
+logical (rows, dim) tensor (or one per head, with `per_head`) saved as N row pieces (a layer
+tensor by default in the store's own rank partition, otherwise cut as `torch.chunk` cuts N
+pieces), each piece in its own `__i_0.distcp` file as chunks of at most 32 MiB, plus a `.metadata`
+that DCP's resharding reads. It drives DCP's own `FileSystemWriter` in one process with no process
+group, one chunk in memory at a time (and the next one being read), whatever the piece size; any
+world size then loads it (`dcp.load` into plain tensors, or into `Shard(0)` DTensors on M ranks).
+Every write starts its way to disk at once, so the closing fsync waits only for the last ones.
+The hashing metadata rides along as small tensors under `engram.*` (`metadata`), so training code
+can rebuild the hasher from the checkpoint alone.
 
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+`DcpSource` reads such a checkpoint back, row window by row window, for `engram import`; a
+checkpoint some framework wrote carries no such metadata, so `--spec`, `--projection` and the key
+template then say what it holds, and every tensor's shape is checked against them. DCP metadata is
+a pickle: it is only read with `trust_pickle`.
 """
 
 from __future__ import annotations
@@ -93,7 +97,19 @@ def export_training(
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> ExportReport:
-    """Write a store as a DCP checkpoint of row-sharded tensors, one piece in memory at a time."""
+    """Write a store as a DCP checkpoint of row-sharded tensors, one piece in memory at a time.
+
+    Args:
+        store: the table store to read (it must be complete).
+        output: the checkpoint folder to write.
+        shards: how many row pieces each tensor is saved as, cut as `torch.chunk` cuts them
+            (default: the store's rank partition, or for per-head tensors its rank count).
+        key_template: the tensor names, with `{layer_id}` (and head fields with `per_head`).
+        per_head: one tensor per head instead of one per layer.
+        dtype: the saved dtype (default: the store's); a table dtype.
+        overwrite: replace an existing checkpoint.
+        progress: receives a task advancing by rows exported.
+    """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import (
@@ -458,6 +474,7 @@ class DcpSource(TableSource):
         return sorted(ends)
 
     def layer(self, layer_id: int) -> LayerSource:
+        """The reader of one layer's table: each read loads just its rows through DCP's resharding reads."""
         spec = self.spec
         parts = self.tables[layer_id]
         target = torch_dtype(self.dtype)

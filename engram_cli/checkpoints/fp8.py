@@ -1,12 +1,8 @@
-"""fp8 E4M3 tables with one E8M0 (power-of-two) scale per 32 consecutive values of a row.
+"""Quantize and dequantize tables in the fp8 format of `fp8_format`, as torch tensors.
 
-This is the layout DeepSeek-V4.1-Flash ships its Engram tables in, and what vLLM and SGLang
-dequantize: value = e4m3 * 2**(e8m0 - 127). The scale of a block is the smallest power of two
-that keeps the block's largest magnitude within E4M3's finite range (448), so nothing saturates;
-multiplying by a power of two is exact, so the only error is E4M3's round-to-nearest-even.
-
-The kernels are plain (not `parallel`) numba functions that release the GIL: callers split
-rows over their own threads, and no numba threading layer is involved (the hasher owns that).
+Thin wrappers around the numba kernels of `fp8_kernels` (compiled or loaded from numba's cache on
+first use) that split rows over the caller's threads, and `QuantError`, the running error an fp8
+export reports: each value's error relative to its block's largest magnitude.
 """
 
 from __future__ import annotations
@@ -45,15 +41,18 @@ class QuantError:
     count: int = 0
 
     def merge(self, other: QuantError) -> None:
+        """Add the error of another block run to this one."""
         self.max_relative = max(self.max_relative, other.max_relative)
         self.sum_squares += other.sum_squares
         self.count += other.count
 
     @property
     def rms_relative(self) -> float:
+        """The root mean square of the relative errors so far."""
         return (self.sum_squares / self.count) ** 0.5 if self.count else 0.0
 
     def to_json(self) -> dict[str, float]:
+        """The `quantization` section of `engram export --json`."""
         return {"max_relative": self.max_relative, "rms_relative": self.rms_relative, "values": self.count}
 
 
@@ -75,7 +74,10 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (n, dim) of any float dtype -> (float8_e4m3fn (n, dim), float8_e8m0fnu (n, dim/32)).
 
-    `error` accumulates the quantization error; `threads` splits the rows between threads.
+    Args:
+        values: the rows to quantize.
+        error: accumulates the quantization error.
+        threads: splits the rows between threads.
     """
     rows, dim = values.shape
     check_blockable(dim)
@@ -101,7 +103,13 @@ def quantize(
 
 
 def dequantize(quantized: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Inverse of `quantize` for rows of any leading shape: e4m3 * 2**(e8m0 - 127)."""
+    """Inverse of `quantize` for rows of any leading shape: e4m3 * 2**(e8m0 - 127).
+
+    Args:
+        quantized: the E4M3 codes, (..., dim).
+        scales: their E8M0 scales, (..., dim / 32).
+        dtype: the result's dtype (bfloat16 rounds to nearest even).
+    """
     *lead, dim = quantized.shape
     codes = quantized.reshape(-1, dim)
     index = torch.arange(codes.shape[0])
@@ -118,6 +126,13 @@ def gather_dequantize(
     """Rows `index` (1-D) of an fp8 table and its scales, dequantized, in one pass: (len, dim).
 
     The table may be a read-only memory map: only the gathered rows are touched.
+
+    Args:
+        quantized: the (rows, dim) E4M3 table.
+        scales: its (rows, dim / 32) E8M0 scales.
+        index: the rows to gather.
+        dtype: the result's dtype (bfloat16 rounds to nearest even).
+        threads: splits the gathered rows between threads.
     """
     dim = quantized.shape[1]
     codes = quantized.view(torch.uint8).numpy()

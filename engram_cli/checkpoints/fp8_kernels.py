@@ -1,8 +1,10 @@
-"""numba kernels that quantize rows to fp8 E4M3 with E8M0 block scales (see `quant`).
+"""numba kernels that quantize rows to fp8 E4M3 with E8M0 block scales, and gather them back (see `fp8`).
 
-A module of their own so that `quant` loads numba only on first use, and so that numba can
+A module of their own so that `fp8` loads numba only on first use, and so that numba can
 cache them: kernels defined inside a function capture their helpers as closure variables,
-which numba's cache cannot key on.
+which numba's cache cannot key on. The kernels are plain (not `parallel`) numba functions that
+release the GIL: callers split rows over their own threads, and no numba threading layer is
+involved (the hasher owns that).
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ def as_bits(typingctx, value):
 @intrinsic
 def block_top(typingctx, row, start):
     """The largest magnitude of row[start:start + 32] as float32 bits (sign cleared): one vector
-    load and an unsigned max reduction, which numba's widened integers keep LLVM from finding."""
+    load and an unsigned max reduction, which numba's widened integers keep LLVM from finding.
+
+    `row` is a 1-D C-contiguous uint16 (bfloat16) or uint32 (float32) array of bits; `typingctx`
+    is numba's typing context, passed to every intrinsic.
+    """
     if not (
         isinstance(row, numba.types.Array)
         and row.ndim == 1
@@ -171,7 +177,11 @@ def quantize_rows(x, codes, scales):
 @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 def quantize_row_exactly(xr, cr, sr):
     """One row, value by value, rounding in integer arithmetic: the same codes as
-    `quantize_rows` where that applies, and a defined result where it does not."""
+    `quantize_rows` where that applies, and a defined result where it does not.
+
+    `xr` is the row's float bits, `cr` and `sr` receive its codes and scales; returns (max, sum of
+    squares) of the relative errors.
+    """
     back = np.empty(BLOCK, np.float32)
     worst = np.float32(0.0)
     total = 0.0
@@ -239,7 +249,10 @@ def gather_float32(codes, scales, index, lut, out):
 
 @numba.njit(nogil=True, cache=True)
 def gather_bfloat16(codes, scales, index, lut, out):
-    """The same, written as bfloat16 bits (float32 rounded to nearest even) in one pass."""
+    """The same as `gather_float32`, written as bfloat16 bits (float32 rounded to nearest even) in one pass.
+
+    out[j, i] is the bfloat16 of lut[codes[index[j], i]] * 2**(scales[index[j], i // 32] - 127).
+    """
     dim = codes.shape[1]
     word = np.empty(BLOCK, np.float32)
     word_bits = word.view(np.uint32)

@@ -1,16 +1,9 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""`engram import`: a DCP checkpoint or an inference export (either layout) back into a table store.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+The source (a `TableSource`) is read a window of whole store shards at a time (for DCP, windows
+aligned to the saved pieces so each is loaded about once, `dcp.read_windows`), converted to the
+store dtype and written shard by shard; the new store records `init` as imported from the
+checkpoint, keeps the source's sharding unless told otherwise, and is marked complete at the end.
 """
 
 from __future__ import annotations
@@ -66,6 +59,18 @@ def import_checkpoint(
     Hashing metadata comes from the checkpoint when `engram export` wrote it; otherwise (the
     deepseek-v41 layout, a framework's own checkpoint) `spec` and `projection` are required and
     every table's shape is checked against them.
+
+    Args:
+        checkpoint: a DCP folder, a .safetensors file, an index json, or a folder of safetensors.
+        output: the store to write.
+        trust_pickle: allow reading DCP's `.metadata`, a pickle that can run code.
+        spec, projection: what the tables are; default: the checkpoint's own metadata.
+        key_template: the tensor names of a checkpoint without engram metadata.
+        layers: import only these layers (default: all the checkpoint holds).
+        dtype: the store dtype (default: the one the tables were exported from, else theirs or the spec's).
+        shards, shard_by: the store's rank partition (default: the one recorded, else 1 by rows).
+        overwrite: replace an existing store.
+        progress: receives a task advancing by rows imported.
     """
     from ..store.create import create_store
 

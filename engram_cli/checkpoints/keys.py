@@ -1,16 +1,11 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""Tensor key names of checkpoints, per layout.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+The engram training template names one tensor per layer (default
+`model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight`), or with `--per-head` one
+per head (`{head}`, or `{order}` and `{order_head}`; default `...embeddings.{head}.weight`);
+DeepSeek-V4.1-Flash's names are fixed (`layers.{L}.engram.embed.weight` and `.scale`); the E8M0
+scales of an fp8 weight sit beside it (`...weight` -> `...scale`); the hashing metadata of a layer
+lives under `engram.layers.{L}.head_sizes`, `.offsets` and `.multipliers`.
 """
 
 from __future__ import annotations
@@ -25,6 +20,11 @@ _TEMPLATE_FIELDS = {"layer_id", "head", "order", "order_head"}
 
 
 def check_key_template(template: str, *, per_head: bool) -> list[str]:
+    """The field names of a key template, or a one-line error when it cannot name every tensor apart.
+
+    `{layer_id}` is required; `per_head` templates also need `{head}` (or `{order}` and
+    `{order_head}`), and only they may use head fields.
+    """
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
@@ -54,4 +54,5 @@ def scale_key(weight_key: str) -> str:
 
 
 def meta_keys(layer_id: int) -> dict[str, str]:
+    """The keys of one layer's hashing metadata tensors: head_sizes, offsets and multipliers."""
     return {part: f"engram.layers.{layer_id}.{part}" for part in ("head_sizes", "offsets", "multipliers")}

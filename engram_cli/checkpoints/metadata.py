@@ -1,16 +1,13 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""The hashing metadata that rides along a training checkpoint as small tensors under `engram.*`.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+`engram.meta` is the checkpoint's own description as UTF-8 JSON in a uint8 tensor (format
+"engram-dcp", spec, dtypes, per_head and the key template, per layer the keys and row ranges of
+its tensors, the store's sharding, the projection's metadata and fingerprint);
+`engram.layers.{L}.head_sizes`, `.offsets` and `.multipliers` (int64), `engram.projection.lookup`
+(int64) and `engram.projection.tokenizer_zip` (uint8, the deflated tokenizer.json) are what the
+hasher needs, so training code can rebuild it from the checkpoint alone. The engram safetensors
+layout carries the same tensors but `engram.meta`, whose place its header metadata takes
+(`layouts`).
 """
 
 from __future__ import annotations

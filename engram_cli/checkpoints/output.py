@@ -1,16 +1,8 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""Export outputs appear whole or not at all.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+An export writes into a temporary folder beside its target (`helpers.temporary_name`) and is
+renamed into place only once complete; an existing output is replaced only then, and only when
+`--overwrite` was given and it looks like an export (a DCP `.metadata` or safetensors files).
 """
 
 from __future__ import annotations
@@ -51,6 +43,7 @@ def _looks_like_export(folder: Path) -> bool:
 
 
 def remove_tree(path: Path) -> None:
+    """Delete a file or folder if it exists (a temporary output left by a failed export)."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():

@@ -1,17 +1,4 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
-
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
-"""
+"""The reports of `engram export` and `engram import`: plain data whose `to_json()` is the `--json` output."""
 
 from __future__ import annotations
 
@@ -40,6 +27,7 @@ class ExportReport:
     per_head: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram export --json` output."""
         return {
             "target": self.target,
             "layout": self.layout,
@@ -78,6 +66,7 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram import --json` output."""
         return {
             "checkpoint": self.checkpoint,
             "format": self.format,

@@ -1,17 +1,11 @@
-"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+"""`engram export --for inference`: a store streamed into safetensors of either layout (`layouts`).
 
-Two layouts:
-
-* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
-  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
-  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
-  so an engine needs nothing else.
-* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
-  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
-  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
-
-Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
-reads the file directly.
+Every file, header and byte offset is planned before any data is written
+(`safetensors_format.plan_layout`); row blocks are then read from the store, converted or
+quantized (`fp8`) and written by position: locally on up to 8 threads, each block from read to
+write on one thread (all of it outside the GIL), or on a Dask cluster as one task per block of
+about 32 MiB, every task writing into the same files. The output is written in a temporary folder
+and renamed into place when complete (`output`).
 """
 
 from __future__ import annotations
@@ -250,7 +244,16 @@ def export_block_task(
     store: str, layout_plan: Any, directory: str, table: Table, begin: int, end: int, dtype: str
 ) -> tuple[int, QuantError | None, float]:
     """One Dask task: rows [begin, end) of one table, read from the store and written by
-    position; returns (rows, quantization error, largest conversion error) for the merge."""
+    position; returns (rows, quantization error, largest conversion error) for the merge.
+
+    Args:
+        store: the store, as every worker can open it.
+        layout_plan: the planned files of the export (`SafetensorsLayout`).
+        directory: the folder being written, seen by every worker.
+        table: the table's tensor names.
+        begin, end: the rows to export.
+        dtype: the exported dtype.
+    """
     source = open_source_store(store)
     conversion = Conversion(source.spec.dtype, dtype)
     quant = QuantError() if dtype == "float8_e4m3fn" else None

@@ -43,10 +43,12 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return prod(self.shape) * SAFETENSORS[self.dtype].itemsize
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one row (of the first dimension)."""
         return prod(self.shape[1:]) * SAFETENSORS[self.dtype].itemsize
 
 
@@ -70,6 +72,7 @@ class SafetensorsLayout:
     index_metadata: dict[str, str] = field(default_factory=dict)
 
     def locate(self, name: str) -> tuple[FilePlan, int]:
+        """The file that holds tensor `name` and where its data starts in it."""
         for plan in self.files:
             if name in plan.starts:
                 return plan, plan.starts[name]
@@ -77,9 +80,11 @@ class SafetensorsLayout:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of every tensor's data (the index's `total_size`)."""
         return sum(t.nbytes for t in self.tensors.values())
 
     def index_json(self) -> dict[str, Any]:
+        """The `model.safetensors.index.json` of a sharded output: metadata and weight map."""
         weight_map = {name: plan.name for plan in self.files for name in plan.starts}
         return {
             "metadata": {"total_size": self.total_bytes, **self.index_metadata},
@@ -122,6 +127,13 @@ def plan_layout(
 
     `single_file` names the one file to write (no index); otherwise files are named
     `model-0000i-of-0000n.safetensors` and listed in `model.safetensors.index.json`.
+
+    Args:
+        tensors: every tensor's name, dtype and shape.
+        metadata: the `__metadata__` strings of every header.
+        max_shard_bytes: the size cap of a shard file (None: no cap).
+        single_file: the name of the one file to write instead of shards.
+        index_metadata: entries added to the index's metadata beside `total_size`.
     """
     groups: list[list[TensorPlan]] = []
     if single_file is not None:
@@ -201,6 +213,7 @@ class SafetensorsWriter:
         return len(data)
 
     def close(self, sync: bool = True) -> None:
+        """Close the files, first syncing them to disk when `sync`."""
         for fd in self._fds.values():
             if sync:
                 os.fsync(fd)
@@ -208,6 +221,7 @@ class SafetensorsWriter:
         self._fds.clear()
 
     def write_index(self) -> None:
+        """Write `model.safetensors.index.json` when the layout has shards."""
         if self.layout.with_index:
             (self.directory / INDEX_NAME).write_text(json.dumps(self.layout.index_json(), indent=2) + "\n")
 
@@ -219,6 +233,10 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     `fsync` (still done) only waits for the last ones. On Linux, POSIX_FADV_DONTNEED starts
     writeback of the range's dirty pages without waiting for it (and drops pages of it already
     on disk from the page cache: an export does not read its output back).
+
+    Args:
+        fd: the open file.
+        offset, length: the byte range just written.
     """
     if length > 0 and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -369,6 +387,7 @@ class MappedTensors:
         self._maps: dict[Path, mmap.mmap] = {}
 
     def tensor(self, name: str) -> torch.Tensor:
+        """A read-only zero-copy view of tensor `name`, mapping its file on first use."""
         entry = self.found.tensors[name]
         mapped = self._maps.get(entry.path)
         if mapped is None:
@@ -384,4 +403,5 @@ class MappedTensors:
         return flat.view(entry.shape)
 
     def close(self) -> None:
+        """Forget the maps; each closes once the last view of it is gone."""
         self._maps.clear()  # the maps close once the last view of them is gone

@@ -1,17 +1,8 @@
-"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+"""An inference export (either layout) read back as a `TableSource`, for `engram import`.
 
-Two layouts:
-
-* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
-  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
-  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
-  so an engine needs nothing else.
-* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
-  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
-  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
-
-Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
-reads the file directly.
+Tables are read through `EngramTables`' memory maps; fp8 ones are dequantized to float32 a block
+at a time. A deepseek-v41 export carries no hashing metadata, so the spec and projection must
+be given.
 """
 
 from __future__ import annotations
@@ -51,6 +42,7 @@ class SafetensorsSource(TableSource):
         self.dtype = "float8_e4m3fn" if tables.quantized else _name_of(tables.weight(chosen[0]).dtype)
 
     def layer(self, layer_id: int) -> LayerSource:
+        """The reader of one layer's table (fp8 blocks dequantized to float32)."""
         tables = self.tables
         weight, scale = tables.weight(layer_id), tables.scale(layer_id)
 
@@ -72,4 +64,11 @@ def _name_of(dtype: torch.dtype) -> str:
 def open_safetensors_source(
     path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None
 ) -> SafetensorsSource:
+    """An export opened as a table source.
+
+    Args:
+        path: a .safetensors file, an index json, or a folder holding either.
+        spec, projection: what the tables are (needed for the deepseek-v41 layout).
+        layers: read only these layers (default: all of them).
+    """
     return SafetensorsSource(EngramTables.open(path, spec=spec, projection=projection), layers)

@@ -1,16 +1,9 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""Where tables come from, behind one interface: a store, a DCP checkpoint or a safetensors export.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+A `TableSource` has the spec, the projection and the layer ids, and gives per layer a
+`LayerSource`: the table's size and a reader of row ranges as torch tensors in the source's dtype.
+`StoreSource` reads a complete store (what every export reads); `dcp.DcpSource` and
+`safetensors_source.SafetensorsSource` read checkpoints back (what `engram import` reads).
 """
 
 from __future__ import annotations
@@ -59,6 +52,7 @@ class TableSource:
         self.layer_ids = layer_ids
 
     def layer(self, layer_id: int) -> LayerSource:
+        """The reader of one layer's table."""
         raise NotImplementedError
 
     @property
@@ -82,6 +76,7 @@ class StoreSource(TableSource):
         self._pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="engram-store")
 
     def layer(self, layer_id: int) -> LayerSource:
+        """The reader of one layer's table; large blocks are read as halves in parallel."""
         layout = self.store.layout(layer_id)
         store = self.store
 

@@ -1,17 +1,10 @@
-"""Inference exports: safetensors that an engine memory-maps, and `EngramTables`, its read path.
+"""`EngramTables`: the read path of an inference export, from token ids to table rows.
 
-Two layouts:
-
-* `engram` (default): each layer's table under the Hugging Face-style parameter name (the
-  training key template), its E8M0 scales beside it when fp8, and everything the hasher needs
-  (spec, per-layer head sizes, offsets and multipliers, the projection lookup and its tokenizer),
-  so an engine needs nothing else.
-* `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
-  `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
-  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata.
-
-Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
-reads the file directly.
+The tables (either layout, `layouts`) are memory-mapped, so a table larger than RAM opens and
+only the rows gathered are read; ids are hashed with the export's own metadata (or a given spec
+and projection) and rows gathered straight from the mapped files, fp8 rows dequantized to
+bfloat16 in the same pass. The tables live in host memory: ids on an accelerator are gathered on
+the host and the values go back to the ids' device.
 """
 
 from __future__ import annotations
@@ -77,7 +70,13 @@ class EngramTables:
     def open(
         cls, path: str | Path, spec: TableSpec | None = None, projection: VocabProjection | None = None
     ) -> EngramTables:
-        """Open a .safetensors file, an index json, or a folder holding either."""
+        """Open a .safetensors file, an index json, or a folder holding either.
+
+        Args:
+            path: the export.
+            spec: the spec of the tables (default: the export's own; required for deepseek-v41).
+            projection: the vocab projection (likewise).
+        """
         path = Path(path)
         found = open_set(path)
         mapped = MappedTensors(found)
@@ -112,17 +111,21 @@ class EngramTables:
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
+        """The layers the export holds."""
         return tuple(sorted(self._tables))
 
     @property
     def dim(self) -> int:
+        """The width of a table row."""
         return int(next(iter(self._weights.values())).shape[1])
 
     def rows(self, layer_id: int) -> int:
+        """The rows of one layer's table."""
         return int(self.weight(layer_id).shape[0])
 
     @property
     def quantized(self) -> bool:
+        """Whether the tables are fp8 with E8M0 scales."""
         return bool(self._scales)
 
     def weight(self, layer_id: int) -> torch.Tensor:
@@ -133,6 +136,7 @@ class EngramTables:
             raise EngramError(f"layer {layer_id} is not in {self.path} (layers: {list(self.layer_ids)})") from None
 
     def scale(self, layer_id: int) -> torch.Tensor | None:
+        """The mapped E8M0 scales of a layer's table, or None when it is not fp8."""
         self.weight(layer_id)
         return self._scales.get(int(layer_id))
 
@@ -157,6 +161,7 @@ class EngramTables:
         return picked.reshape(*index.shape, weight.shape[1]).to(device)
 
     def hasher(self) -> NgramHasher:
+        """The `NgramHasher` of the tables' spec and projection (made once)."""
         if self.spec is None or self.projection is None:
             raise EngramError(
                 f"{self.path} carries no hashing metadata ({self.layout} layout); "
