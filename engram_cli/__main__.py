@@ -1,3 +1,5 @@
+"""`python -m engram_cli`: the `engram` command."""
+
 from .cli import main
 
 main()

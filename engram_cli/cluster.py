@@ -1,8 +1,11 @@
-"""Scale-out on Dask distributed: connect to a cluster (or start a local one) and run tasks.
+"""Scale-out on Dask distributed: running a command's tasks on the cluster of a client.
 
-The commands stay the same; only where their per-shard or per-partition tasks run changes.
-Tasks are plain functions of picklable arguments, so a worker needs the package and the
-store's filesystem (or object-store URL), and nothing passes through the client but results.
+The commands stay the same; only where their per-shard or per-partition tasks run changes (the
+CLI's `--scheduler` and `--dask-workers` make the client, `cli.cluster`). Tasks are plain
+functions of picklable arguments, so a worker needs the package and the store's filesystem (or
+object-store URL), and nothing passes through the client but results. Dask retries a failing task
+and reschedules the tasks of a worker that died; a task that still fails ends the command with
+one line naming it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def run_tasks(
 
     Dask retries a failing task and reschedules the tasks of a worker that died; a task that
     still fails ends the command with one line naming it. `on_done` feeds the progress bar.
+
+    Args:
+        client: the Dask client.
+        fn: the task function.
+        tasks: (name, args) of every task; the name appears in the task key and in errors.
+        on_done: called with (name, result) as each task finishes.
     """
     from distributed import as_completed
 

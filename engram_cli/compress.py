@@ -1,9 +1,8 @@
-"""The vocab projection: every tokenizer id onto a canonical id by normalized text.
+"""`engram compress-vocab`: derive a tokenizer's vocab projection, write it, report what merged.
 
-Bit-exact with the reference's CompressedTokenizer: the key of an id is its
-decoded text normalized (NFKC, NFD, strip accents, lowercase, collapse
-whitespace, strip; a lone space survives), or its raw token string when the
-decoded text is a partial UTF-8 sequence; canonical ids follow first appearance.
+The projection itself (the normalization and the file format) is defined in `vocab`; this module
+checks the output first, writes the file atomically, and reports the sizes and the largest merge
+groups with a few decoded members.
 """
 
 from __future__ import annotations
@@ -33,9 +32,11 @@ class CompressReport:
 
     @property
     def reduction(self) -> float:
+        """The share of tokenizer ids that merged away: 1 - compressed / vocab size."""
         return 1.0 - self.compressed_size / self.vocab_size
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram compress-vocab --json` output."""
         return {
             "output": self.output,
             "source": self.source,
@@ -49,7 +50,13 @@ class CompressReport:
 
 
 def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[dict[str, Any]]:
-    """The k canonical ids that merge the most tokenizer ids, with a few decoded members."""
+    """The k canonical ids that merge the most tokenizer ids, with a few decoded members.
+
+    Args:
+        projection: the projection (it must carry its tokenizer).
+        k: how many groups.
+        examples: decoded members shown per group.
+    """
     counts = np.bincount(projection.lookup)
     order = np.argsort(-counts, kind="stable")[: max(k, 0)]
     tokenizer = projection.tokenizer()
@@ -70,7 +77,15 @@ def top_groups(projection: VocabProjection, k: int, examples: int = 6) -> list[d
 def write_projection(
     tokenizer: str | None, output: str | Path, *, overwrite: bool = False, top: int = 10
 ) -> CompressReport:
-    """The whole `engram compress-vocab` job: check the target, derive, write atomically, report."""
+    """The whole `engram compress-vocab` job: check the target, derive, write atomically, report.
+
+    Args:
+        tokenizer: a tokenizer.json, a folder holding one, a Hub repo id, or None for the embedded
+            DeepSeek-V3 tokenizer.
+        output: the projection file to write (.safetensors).
+        overwrite: replace an existing file.
+        top: how many of the largest merge groups to report.
+    """
     output = Path(output)
     check_output_file(output, overwrite)
     source = load_tokenizer(tokenizer)

@@ -32,6 +32,7 @@ class DType:
 
     @property
     def torch(self) -> torch.dtype:
+        """The torch dtype (torch is imported on first use)."""
         import torch
 
         dtype: torch.dtype = getattr(torch, self.name)
@@ -72,6 +73,7 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name."""
     return DTYPES[name].torch
 
 

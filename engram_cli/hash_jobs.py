@@ -1,18 +1,10 @@
-"""N-gram hashing: token ids to the row of every Engram head, bit-exact with the reference.
+"""`engram hash`: a text's n-grams with their buckets, or a file of token ids hashed into an .npz.
 
-For position t and order n the reference mixes the projected ids
-`x[t] * m[0] ^ x[t-1] * m[1] ^ ... ^ x[t-n+1] * m[n-1]` (int64, the projected pad
-before the start of each row) and takes `mix mod p` for every head prime p of that
-order. The straightforward numpy form makes a shifted copy per order and one
-pass per head, and runs at 1 to 1.5 M tokens/s here; this one is a numba kernel that
-projects, mixes and reduces one block of a row at a time in cache, writing the
-output once.
-
-The reduction avoids 64-bit division. Three roundings of relative error 2**-53
-put float(mix) * (1/p) within 3 * 2**10 / p < 0.375 of mix / p when p >= 2**13, so
-its truncation q lies in floor(mix / p) - 1 .. floor(mix / p) + 2 and `mix - q*p`
-needs at most two corrections up and one down to land in [0, p): numpy's
-floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%`.
+A text is tokenized with the projection's tokenizer and every token's n-grams listed with the
+bucket (or row) of every head. An id file (.npy, (T,) or (B, T)) is hashed piece by piece, each
+piece with the max_ngram_size - 1 ids before it as context, and streamed into the archive's
+`layer_<id>` entries (written beside the target, then renamed), so memory stays at one piece
+however large the file.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ FILE_CHUNK_TOKENS = 1 << 19
 
 
 def values_key(rows: bool) -> str:
+    """The JSON key of the hashed values: "rows" (layer-table rows) or "buckets" (head-local)."""
     return "rows" if rows else "buckets"
 
 
@@ -55,6 +48,7 @@ class HashTextReport:
     tokens: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram hash TEXT --json` output."""
         return {
             "spec": self.spec_name,
             "projection": self.projection,
@@ -80,9 +74,11 @@ class HashFileReport:
 
     @property
     def tokens(self) -> int:
+        """How many token ids were hashed."""
         return int(np.prod(self.shape))
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram hash --ids --json` output."""
         return {
             "input": self.input,
             "output": self.output,
@@ -105,7 +101,15 @@ def hash_text(
     rows: bool = False,
     special_tokens: bool = True,
 ) -> HashTextReport:
-    """Tokenize with the projection's tokenizer, hash, and pair every n-gram's text with its buckets."""
+    """Tokenize with the projection's tokenizer, hash, and pair every n-gram's text with its buckets.
+
+    Args:
+        text: the text to tokenize.
+        spec, projection: the hasher.
+        layers: only these layers (default: every layer of the spec).
+        rows: layer-table rows (bucket + head offset) instead of head-local buckets.
+        special_tokens: let the tokenizer add its BOS and the like.
+    """
     tokenizer = projection.tokenizer()
     ids = np.array(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
     hasher = NgramHasher(spec, projection)
@@ -199,6 +203,16 @@ def hash_ids_file(
 
     The output is streamed piece by piece into the archive (written beside the
     target, then renamed), so memory stays at one piece however large the file.
+
+    Args:
+        ids_path: the .npy of token ids, (T,) or (B, T).
+        output: the .npz to write.
+        spec, projection: the hasher.
+        layers: only these layers (default: every layer of the spec).
+        rows: layer-table rows (bucket + head offset) instead of head-local buckets.
+        overwrite: replace an existing output.
+        chunk_tokens: about how many tokens one piece holds.
+        progress: receives a task advancing by pieces hashed.
     """
     ids_path, output = Path(ids_path), Path(output)
     check_output_file(output, overwrite)

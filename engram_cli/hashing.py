@@ -6,13 +6,9 @@ before the start of each row) and takes `mix mod p` for every head prime p of th
 order. The straightforward numpy form makes a shifted copy per order and one
 pass per head, and runs at 1 to 1.5 M tokens/s here; this one is a numba kernel that
 projects, mixes and reduces one block of a row at a time in cache, writing the
-output once.
-
-The reduction avoids 64-bit division. Three roundings of relative error 2**-53
-put float(mix) * (1/p) within 3 * 2**10 / p < 0.375 of mix / p when p >= 2**13, so
-its truncation q lies in floor(mix / p) - 1 .. floor(mix / p) + 2 and `mix - q*p`
-needs at most two corrections up and one down to land in [0, p): numpy's
-floor-mod, negative mixes included. Smaller primes (toy specs) take the exact `%`.
+output once. The reduction avoids 64-bit division with a float quotient and at most three
+corrections (`kernels` states why that is exact); the kernel writes those steps inline. Tensors on
+an accelerator, where the kernel cannot run, are hashed with plain torch ops to the same values.
 """
 
 from __future__ import annotations
@@ -176,12 +172,15 @@ class NgramHasher:
         self._layers: dict[int, _Layer] = {}
 
     def multipliers(self, layer_id: int) -> np.ndarray:
+        """The layer's int64 multipliers, one per position of the longest n-gram (a copy)."""
         return self._layer(layer_id).multipliers.copy()
 
     def offsets(self, layer_id: int) -> np.ndarray:
+        """The first row of every head in the layer table (a copy)."""
         return self._layer(layer_id).offsets.copy()
 
     def head_sizes(self, layer_id: int) -> np.ndarray:
+        """The prime size of every head of the layer, order-major (a copy)."""
         return self._layer(layer_id).primes.copy()
 
     def hash(
@@ -192,13 +191,24 @@ class NgramHasher:
         `out` ({layer_id: int64 array or tensor of the output's shape}) receives the
         result instead of new arrays: a data loader that reuses (pinned) buffers skips
         the allocation and its page faults.
+
+        Args:
+            input_ids: token ids, (T,) or (B, T), numpy or torch.
+            layers: only these layers.
+            out: caller-owned output buffers, per layer.
         """
         return self._run(input_ids, layers, with_offsets=False, out=out)
 
     def rows(
         self, input_ids: Any, layers: Iterable[int] | None = None, *, out: Mapping[int, Any] | None = None
     ) -> dict[int, Any]:
-        """The same buckets plus each head's offset: the row index into the layer's table."""
+        """The same buckets plus each head's offset: the row index into the layer's table.
+
+        Args:
+            input_ids: token ids, (T,) or (B, T), numpy or torch.
+            layers: only these layers.
+            out: caller-owned output buffers, per layer (as for `hash`).
+        """
         return self._run(input_ids, layers, with_offsets=True, out=out)
 
     def _layer(self, layer_id: int) -> _Layer:
@@ -341,5 +351,6 @@ class NgramHasher:
 
 
 def check_rank(shape: tuple[int, ...]) -> None:
+    """Refuse token ids that are neither one sequence (1-D) nor a batch (2-D)."""
     if len(shape) not in (1, 2):
         raise EngramError(f"token ids must be 1-D (one sequence) or 2-D (batch, time), got shape {tuple(shape)}")

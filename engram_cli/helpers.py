@@ -1,16 +1,8 @@
-"""Training checkpoints (torch.distributed.checkpoint) of a store, and `engram import` back.
+"""Small helpers used across the package, written once.
 
-`export_training` writes what N training ranks would have written with DCP: every table is one
-logical (rows, dim) tensor saved as N row pieces, each piece in its own `__i_0.distcp` file as
-chunks of at most 32 MiB, plus a `.metadata` that DCP's resharding reads. It drives DCP's own
-`FileSystemWriter` in one process with no process group, one chunk in memory at a time (and the
-next one being read), whatever the piece size; any world size then loads it (`dcp.load` into
-plain tensors, or into `Shard(0)` DTensors on M ranks).
-The hashing metadata rides along as small tensors under `engram.*`, so training code can
-rebuild the hasher from the checkpoint alone.
-
-`import_checkpoint` turns such a checkpoint, or an inference export (either layout), back into a
-store. DCP metadata is a pickle: it is only read with `trust_pickle`.
+Atomic file writes (a temporary name beside the target, renamed onto it when complete, so
+readers never see half a file), output-file checks before any work, the usable cpu count, bounded
+parallel map and one-ahead prefetch, row blocks, and numbers as people read them.
 """
 
 from __future__ import annotations
@@ -49,6 +41,11 @@ def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> I
 
     At most `threads` items are in flight, so memory stays at `threads` items' worth; the first
     error stops what has not started and is raised once the running items are done.
+
+    Args:
+        items: the work items, consumed as threads free up.
+        work: the function to run on each.
+        threads: how many run at once.
     """
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="engram-work") as pool:
         pending: set[concurrent.futures.Future[Any]] = set()
@@ -69,11 +66,13 @@ def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> I
 
 
 def row_blocks(total: int, block: int) -> Iterator[tuple[int, int]]:
+    """(begin, end) of consecutive blocks of `block` rows covering `total` rows, the last one short."""
     for begin in range(0, total, block):
         yield begin, min(begin + block, total)
 
 
 def cpu_count() -> int:
+    """The cores this process may run on (its affinity where the OS has one), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS and Windows
@@ -81,6 +80,7 @@ def cpu_count() -> int:
 
 
 def human_bytes(n: float) -> str:
+    """A byte count in decimal units, as people read it: `512 B`, `1.5 GB`."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -89,10 +89,12 @@ def human_bytes(n: float) -> str:
 
 
 def pct(x: float | np.floating[Any]) -> str:
+    """A rate as a percentage, with three decimals below 1% so small rates do not read as zero."""
     return f"{100 * x:.3f}%" if x < 0.01 else f"{100 * x:.2f}%"
 
 
 def plural(count: int, word: str) -> str:
+    """A count with its noun, plural unless the count is 1: `1 file`, `2,048 files`."""
     return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 

@@ -223,7 +223,14 @@ def _block_rows(dim: int) -> int:
 
 def fill_rows(spec: TableSpec, layer_id: int, start: int, out: np.ndarray) -> None:
     """Write rows [start, start + len(out)) of a layer table into `out` (its dtype decides the
-    rounding: float32, float16 or ml_dtypes.bfloat16), without allocating a float32 copy."""
+    rounding: float32, float16 or ml_dtypes.bfloat16), without allocating a float32 copy.
+
+    Args:
+        spec: the tables (seed, width and init distribution).
+        layer_id: the layer.
+        start: the table row of out[0].
+        out: a C-contiguous (rows, dim) array, filled.
+    """
     if out.ndim != 2 or out.shape[1] != spec.dim or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous (rows, {spec.dim}) array, got {out.shape}")
     if out.dtype == numpy_dtype("bfloat16"):
@@ -253,7 +260,14 @@ def fill_rows(spec: TableSpec, layer_id: int, start: int, out: np.ndarray) -> No
 
 
 def generate_rows(spec: TableSpec, layer_id: int, start: int, stop: int, dtype: str | None = None) -> np.ndarray:
-    """Rows [start, stop) of a layer table as a new array in `dtype` (default: the spec's)."""
+    """Rows [start, stop) of a layer table as a new array in `dtype` (default: the spec's).
+
+    Args:
+        spec: the tables (seed, width and init distribution).
+        layer_id: the layer.
+        start, stop: the table rows.
+        dtype: the table dtype of the result.
+    """
     spec.head_sizes(layer_id)  # validates the layer id
     out = np.empty((max(0, stop - start), spec.dim), dtype=numpy_dtype(dtype or spec.dtype))
     fill_rows(spec, layer_id, start, out)

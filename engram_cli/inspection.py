@@ -43,6 +43,7 @@ class InspectReport:
     plot: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram inspect --json` output."""
         corpus = None
         if self.corpus is not None:
             corpus = {

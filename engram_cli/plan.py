@@ -1,7 +1,7 @@
-"""Table specs: the single source of truth for head sizes, offsets and multipliers.
+"""`engram plan`: rows, parameters and bytes of a spec, per layer and in total, for every table dtype.
 
-A spec is a small TOML file that uses the reference EngramConfig's own field
-names, so users can copy their training config into it unchanged.
+Computed from the spec alone (the prime walk of its head sizes), so a table size can be checked
+before anything is built.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class PlanReport:
     spec: TableSpec
 
     def layer(self, layer_id: int) -> dict[str, Any]:
+        """Rows, parameters, bytes per dtype and head sizes of one layer."""
         rows = self.spec.rows(layer_id)
         params = rows * self.spec.dim
         return {
@@ -30,6 +31,7 @@ class PlanReport:
         }
 
     def to_json(self) -> dict[str, Any]:
+        """The `engram plan --json` output."""
         spec = self.spec
         return {
             "spec": spec.to_dict(),

@@ -9,6 +9,7 @@ _WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
 
 
 def is_prime(n: int) -> bool:
+    """Whether n is prime: deterministic Miller-Rabin, exact for every int64."""
     if n < 2:
         return False
     for p in _WITNESSES:

@@ -13,15 +13,18 @@ from typing import Protocol
 class ProgressTask(Protocol):
     """One pass of a job: `advance` by done units, or `update` to an absolute count."""
 
-    def advance(self, amount: float = 1, *, note: str | None = None) -> None: ...
+    def advance(self, amount: float = 1, *, note: str | None = None) -> None:
+        """Count `amount` more units done; `note` replaces the free text shown beside the bar."""
 
-    def update(self, completed: float, *, note: str | None = None) -> None: ...
+    def update(self, completed: float, *, note: str | None = None) -> None:
+        """Set the units done to `completed`; `note` as for `advance`."""
 
 
 class Progress(Protocol):
     """Starts the tasks of a job; `total` is None when the size of a pass is not known."""
 
-    def task(self, description: str, total: float | None = None) -> ProgressTask: ...
+    def task(self, description: str, total: float | None = None) -> ProgressTask:
+        """Start a task of `total` units (None: unknown) and return it."""
 
 
 class _SilentTask:
@@ -36,6 +39,7 @@ class Silent:
     """Progress that goes nowhere: the default of every job."""
 
     def task(self, description: str, total: float | None = None) -> ProgressTask:
+        """A task that ignores what it is told."""
         return _SilentTask()
 
 

@@ -49,6 +49,7 @@ class InitSpec:
     bound: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The TOML/JSON form: the distribution and its one parameter."""
         if self.distribution == "normal":
             return {"distribution": "normal", "std": self.std}
         if self.distribution == "uniform":
@@ -58,6 +59,12 @@ class InitSpec:
 
 @dataclass(frozen=True)
 class TableSpec:
+    """The tables of an Engram model: layers, orders, heads, head sizes, width, pad id and seed.
+
+    The fields are the reference EngramConfig's, plus the table dtype, the init distribution and a
+    name; head sizes (the reference's prime walk), offsets and multipliers follow from them.
+    """
+
     layer_ids: tuple[int, ...]
     max_ngram_size: int
     n_head_per_ngram: int
@@ -74,10 +81,12 @@ class TableSpec:
 
     @property
     def orders(self) -> range:
+        """The n-gram orders: 2 .. max_ngram_size."""
         return range(2, self.max_ngram_size + 1)
 
     @property
     def heads_per_layer(self) -> int:
+        """Heads of one layer: n_head_per_ngram for every order."""
         return (self.max_ngram_size - 1) * self.n_head_per_ngram
 
     @property
@@ -95,14 +104,17 @@ class TableSpec:
         return [sum(sizes[:i]) for i in range(len(sizes))]
 
     def rows(self, layer_id: int) -> int:
+        """Rows of one layer's table: the sum of its head sizes."""
         return sum(self.head_sizes(layer_id))
 
     @property
     def total_rows(self) -> int:
+        """Rows of every layer's table together."""
         return sum(self.rows(layer) for layer in self.layer_ids)
 
     @property
     def parameters(self) -> int:
+        """Values in all the tables: total rows times the head width."""
         return self.total_rows * self.dim
 
     def multipliers(self, layer_id: int, compressed_size: int) -> np.ndarray:
@@ -128,6 +140,7 @@ class TableSpec:
         return dataclasses.replace(self, engram_vocab_size=sizes, name=f"{self.name}x{factor:g}")
 
     def replace(self, **changes: Any) -> TableSpec:
+        """The same spec with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +312,7 @@ def _presets() -> Traversable:
 
 
 def preset_names() -> list[str]:
+    """The names of the preset specs shipped in `tables/`."""
     return sorted(p.name.removesuffix(".toml") for p in _presets().iterdir() if p.name.endswith(".toml"))
 
 

@@ -33,6 +33,7 @@ class TokenizerSource:
 
     @property
     def sha256(self) -> str:
+        """The sha256 of the exact tokenizer JSON, recorded in every projection made from it."""
         return hashlib.sha256(self.json_bytes).hexdigest()
 
 
@@ -118,6 +119,7 @@ def _reachable(endpoint: str) -> bool:
 
 
 def parse_tokenizer(json_bytes: bytes, source: str) -> Tokenizer:
+    """A tokenizer from its JSON bytes; a one-line error naming `source` when they are not one."""
     try:
         text = json_bytes.decode("utf-8")
     except UnicodeDecodeError:
@@ -148,6 +150,7 @@ def load_tokenizer(source: str | None = None) -> TokenizerSource:
 
 
 def tokenizer_from_bytes(json_bytes: bytes) -> Tokenizer:
+    """A tokenizer from the JSON bytes a projection or export embeds."""
     return parse_tokenizer(bytes(json_bytes), "embedded tokenizer")
 
 
@@ -161,5 +164,6 @@ def zip_bytes(json_bytes: bytes) -> bytes:
 
 
 def unzip_bytes(data: bytes) -> bytes:
+    """The tokenizer.json inside a `zip_bytes` archive."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return archive.read("tokenizer.json")

@@ -4,6 +4,13 @@ Bit-exact with the reference's CompressedTokenizer: the key of an id is its
 decoded text normalized (NFKC, NFD, strip accents, lowercase, collapse
 whitespace, strip; a lone space survives), or its raw token string when the
 decoded text is a partial UTF-8 sequence; canonical ids follow first appearance.
+
+A projection file (`engram compress-vocab`) is a safetensors file: `lookup`, int64 (vocab_size,),
+tokenizer id -> canonical id, and (when known) `tokenizer_zip`, uint8, the deflated tokenizer.json
+it was made from; its metadata hold format "engram-projection", format_version "1", vocab_size,
+compressed_size, the tokenizer's source and sha256, the normalizer version ("engram-nfkc-v1") and
+how many ids fell back to their raw token. A projection is identified by its fingerprint, the
+sha256 of its lookup's bytes.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ def _keys(tokenizer: Tokenizer) -> tuple[list[str], int]:
 
 
 def key_of(tokenizer: Tokenizer, tid: int) -> str:
+    """The normalized key of one tokenizer id (its raw token when the decoded text is partial UTF-8)."""
     text = tokenizer.decode([tid], skip_special_tokens=False)
     if _REPLACEMENT in text:
         return tokenizer.id_to_token(tid) or text
@@ -107,16 +115,20 @@ class VocabProjection:
 
     @property
     def vocab_size(self) -> int:
+        """Tokenizer ids the projection maps."""
         return int(self.lookup.size)
 
     @property
     def compressed_size(self) -> int:
+        """Canonical ids: the largest one plus 1."""
         return int(self.lookup.max()) + 1
 
     def fingerprint(self) -> str:
+        """The sha256 of the lookup's bytes: what stores and exports check a projection by."""
         return hashlib.sha256(self.lookup.tobytes()).hexdigest()
 
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer the projection was made from; an error when it carries none."""
         if self.tokenizer_json is None:
             raise EngramError("this projection carries no tokenizer; pass one that was made by `engram compress-vocab`")
         return _cached_tokenizer(self.tokenizer_json)
@@ -150,6 +162,7 @@ class VocabProjection:
         return np.where(ints >= 0, self.lookup[np.maximum(ints, 0)], ints)
 
     def save(self, path: str | Path) -> None:
+        """Write the projection file atomically (the format in the module docstring)."""
         tensors = {"lookup": self.lookup}
         if self.tokenizer_json is not None:
             tensors["tokenizer_zip"] = np.frombuffer(zip_bytes(self.tokenizer_json), dtype=np.uint8)
@@ -190,6 +203,7 @@ def compress_vocab(tokenizer: Tokenizer | TokenizerSource | str | Path | None = 
 
 
 def load_projection(path: str | Path) -> VocabProjection:
+    """Read a projection file made by `engram compress-vocab`; a one-line error for anything else."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -215,7 +229,14 @@ def restore_projection(
     lookup: np.ndarray, tokenizer_zip: bytes | None, recorded: dict[str, str], where: str
 ) -> VocabProjection:
     """The projection an export carries, refused if its lookup no longer matches the
-    fingerprint recorded beside it (a damaged or edited file would hash to other rows)."""
+    fingerprint recorded beside it (a damaged or edited file would hash to other rows).
+
+    Args:
+        lookup: the stored lookup.
+        tokenizer_zip: the stored deflated tokenizer.json, if any.
+        recorded: the metadata recorded beside it, with its fingerprint.
+        where: the file, for messages.
+    """
     metadata = {k: v for k, v in recorded.items() if k != "fingerprint"}
     projection = VocabProjection(lookup, metadata, None if tokenizer_zip is None else unzip_bytes(tokenizer_zip))
     if "fingerprint" in recorded and projection.fingerprint() != recorded["fingerprint"]:
@@ -250,4 +271,5 @@ def default_projection() -> VocabProjection:
 
 
 def resolve_projection(path: str | Path | None) -> VocabProjection:
+    """The projection file at `path`, or the embedded DeepSeek-V3 projection for None."""
     return default_projection() if path is None else load_projection(path)

@@ -1,4 +1,8 @@
-"""The `engram` command: each command parses options, calls one library function, renders it."""
+"""The `engram` command: each command parses options, calls one library function, renders it.
+
+A command's docstring is its `--help` text up to the form feed (click and typer stop there); the
+`Args:` after it only map the function's parameters to the options they are.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +43,12 @@ def compress_vocab_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Derive the vocab projection (normalized text -> canonical id) of a tokenizer."""
+    """Derive the vocab projection (normalized text -> canonical id) of a tokenizer.\f
+
+    Args:
+        tokenizer, output, top, overwrite, as_json: TOKENIZER, -o, --top, --overwrite and --json, each
+            described by its `help=`.
+    """
     from ..compress import write_projection
 
     emit(write_projection(tokenizer, output, overwrite=overwrite, top=top), as_json)
@@ -80,7 +89,13 @@ def hash_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show the n-grams of a text and their bucket in every head, or hash a token-id array."""
+    """Show the n-grams of a text and their bucket in every head, or hash a token-id array.\f
+
+    Args:
+        text, spec, projection, ids, output, layers, rows, special_tokens, overwrite, as_json: TEXT,
+            --spec, --projection, --ids, -o, --layer, --rows, --special-tokens, --overwrite and --json,
+            each described by its `help=`.
+    """
     from .commands import run_hash
 
     emit(
@@ -130,7 +145,14 @@ def build_tables_command(
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Build the initialized tables of a spec as a sharded zarr v3 store, reproducibly."""
+    """Build the initialized tables of a spec as a sharded zarr v3 store, reproducibly.\f
+
+    Args:
+        spec, output, projection, shards, shard_by, workers, dtype, resume, overwrite, dry_run,
+            scheduler, dask_workers, as_json: SPEC, -o, --projection, --shards, --shard-by, --workers,
+            --dtype, --resume, --overwrite, --dry-run, --scheduler, --dask-workers and --json, each
+            described by its `help=`.
+    """
     from .commands import run_build
 
     emit(
@@ -182,7 +204,14 @@ def export_command(
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Export a store as a DCP training checkpoint or as safetensors for inference engines."""
+    """Export a store as a DCP training checkpoint or as safetensors for inference engines.\f
+
+    Args:
+        store, target, output, shards, key_template, per_head, dtype, layout, max_shard_size, overwrite,
+            scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template, --per-head,
+            --dtype, --layout, --max-shard-size, --overwrite, --scheduler, --dask-workers and --json,
+            each described by its `help=`.
+    """
     from .commands import run_export
 
     emit(
@@ -235,7 +264,14 @@ def import_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Turn a checkpoint made by `engram export` (or a trained one) back into a table store."""
+    """Turn a checkpoint made by `engram export` (or a trained one) back into a table store.\f
+
+    Args:
+        checkpoint, output, trust_pickle, spec, projection, key_template, layers, dtype, shards,
+            shard_by, overwrite, as_json: CHECKPOINT, -o, --trust-pickle, --spec, --projection,
+            --key-template, --layer, --dtype, --shards, --shard-by, --overwrite and --json, each
+            described by its `help=`.
+    """
     from .commands import run_import
 
     emit(
@@ -292,7 +328,15 @@ def inspect_command(
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Collision statistics of a spec on a corpus, size planning, and the health of a table store."""
+    """Collision statistics of a spec on a corpus, size planning, and the health of a table store.\f
+
+    Args:
+        source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, max_tokens, sweep,
+            plot, top, verify, max_memory, spill_dir, scheduler, dask_workers, as_json: SOURCE,
+            --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
+            --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --scheduler,
+            --dask-workers and --json, each described by its `help=`.
+    """
     from ..corpus.base import CorpusOptions
     from .commands import run_inspect
 

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 def dask_client(
     scheduler: str | None = None, workers: int | None = None, connect_timeout: str = "15s"
 ) -> Iterator[Client | None]:
-    """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither."""
+    """A `distributed.Client` for `--scheduler URL` or `--dask-workers N`; None for neither.
+
+    Args:
+        scheduler: the scheduler address of an existing cluster (`--scheduler`).
+        workers: start a local cluster of this many single-threaded worker processes.
+        connect_timeout: how long to wait for the scheduler before a one-line error.
+    """
     if scheduler and workers:
         raise UsageError("give either --scheduler or --dask-workers, not both")
     if not scheduler and not workers:

@@ -40,7 +40,13 @@ def run_hash(
     special_tokens: bool = True,
     overwrite: bool = False,
 ) -> HashTextReport | HashFileReport:
-    """`engram hash`: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays."""
+    """`engram hash`: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays.
+
+    Args:
+        text: TEXT; ids, output: --ids and -o (exactly one of TEXT and --ids).
+        spec, projection: --spec (a file or preset name) and --projection (a file; default: embedded).
+        layers, rows, special_tokens, overwrite: --layer, --rows, --special-tokens and --overwrite.
+    """
     if (text is None) == (ids is None):
         raise UsageError(
             "give either TEXT to tokenize or --ids FILE.npy, not both"
@@ -79,7 +85,14 @@ def run_build(
     scheduler: str | None,
     dask_workers: int | None,
 ) -> BuildReport:
-    """`engram build-tables`: the spec and projection by name, the cluster, progress bars."""
+    """`engram build-tables`: the spec and projection by name, the cluster, progress bars.
+
+    Args:
+        spec, output, projection: SPEC (a file or preset name), -o and --projection.
+        shards, shard_by, workers, dtype: --shards, --shard-by, --workers and --dtype.
+        resume, overwrite, dry_run: --resume, --overwrite and --dry-run.
+        scheduler, dask_workers: where the shards are built (`cluster.dask_client`).
+    """
     if output is None and not dry_run:
         raise UsageError("missing option -o/--output: the table store to write")
     if resume and overwrite:
@@ -125,7 +138,15 @@ def run_export(
     scheduler: str | None = None,
     dask_workers: int | None = None,
 ) -> ExportReport:
-    """`engram export`: which options go with which target, then one of the two exports."""
+    """`engram export`: which options go with which target, then one of the two exports.
+
+    Args:
+        store, output: STORE and -o; target: --for, "training" or "inference".
+        shards, key_template, per_head, dtype: --shards, --key-template, --per-head and --dtype.
+        layout, max_shard_size: --layout and --max-shard-size (inference only).
+        overwrite: --overwrite.
+        scheduler, dask_workers: where an inference export runs (`cluster.dask_client`).
+    """
     _choice(target, "--for", ("training", "inference"))
     if target == "training":
         if layout is not None or max_shard_size is not None:
@@ -178,7 +199,13 @@ def run_import(
     shard_by: str | None,
     overwrite: bool,
 ) -> ImportReport:
-    """`engram import`: --spec and --projection by name, progress bars."""
+    """`engram import`: --spec and --projection by name, progress bars.
+
+    Args:
+        checkpoint, output, trust_pickle: CHECKPOINT, -o and --trust-pickle.
+        spec, projection, key_template: --spec (a file or preset name), --projection and --key-template.
+        layers, dtype, shards, shard_by, overwrite: --layer, --dtype, --shards, --shard-by, --overwrite.
+    """
     with progress_bars() as bars:
         return import_checkpoint(
             checkpoint,
@@ -211,7 +238,15 @@ def run_inspect(
     scheduler: str | None,
     dask_workers: int | None,
 ) -> InspectReport:
-    """`engram inspect`: a store folder or a spec name, the corpus options, the plot file."""
+    """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
+
+    Args:
+        source: SOURCE, a store folder or a spec file or preset name.
+        projection, corpus, options: --projection, --corpus and the corpus reading options.
+        sweep, plot, top, verify: --sweep (as typed, "1,2,5"), --plot, --top and --verify.
+        max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
+        scheduler, dask_workers: where the corpus is counted (`cluster.dask_client`).
+    """
     if plot is not None:
         if not corpus:
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")

@@ -47,10 +47,12 @@ from ..store.tables import VerifyReport
 class Report(Protocol):
     """What every command returns: plain data that turns into JSON."""
 
-    def to_json(self) -> dict[str, Any]: ...
+    def to_json(self) -> dict[str, Any]:
+        """The command's `--json` output."""
 
 
 def stderr_console() -> Console:
+    """The console of everything meant for people: stderr, so stdout stays JSON only."""
     return Console(stderr=True, highlight=False)
 
 
@@ -86,6 +88,7 @@ class RichProgress:
         self.bar = bar
 
     def task(self, description: str, total: float | None = None) -> _RichTask:
+        """Add a bar for one pass of the job."""
         return _RichTask(self.bar, self.bar.add_task(description, total=total, note=""))
 
 
@@ -131,6 +134,7 @@ def print_table(console: Console, table: Table) -> None:
 
 @singledispatch
 def render(report: Report, console: Console) -> None:
+    """Draw a report on the console, as the function registered for its type does."""
     raise TypeError(f"no rendering for {type(report).__name__}")
 
 
@@ -334,6 +338,7 @@ def _(report: InspectReport, console: Console) -> None:
 
 
 def render_corpus(report: InspectReport, console: Console) -> None:
+    """What was read of the corpus, and warnings about what was replaced or skipped."""
     c = report.corpus
     assert c is not None
     text = f", {human_bytes(c.text_bytes)} of text tokenized" if c.text_bytes else ""
@@ -347,6 +352,7 @@ def render_corpus(report: InspectReport, console: Console) -> None:
 
 
 def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None:
+    """Collisions at the head sizes of `spec`, per layer and order of `layers`, on `console`, with a legend."""
     table = Table(title=f"Collisions at the head sizes of {spec.name}")
     for column in ("layer", "n", "distinct", "per head", "ideal", "windows", "max load", "all heads", "mix"):
         table.add_column(column, justify="right")
@@ -373,6 +379,7 @@ def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None
 
 
 def render_top(layers: LayerStats, console: Console) -> None:
+    """The most crowded buckets and their n-grams (`--top`)."""
     rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items() for b in (s.top_buckets or [])]
     if not rows:
         console.print("--top: no bucket holds more than one distinct n-gram")
@@ -396,6 +403,7 @@ def render_top(layers: LayerStats, console: Console) -> None:
 
 
 def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
+    """Collisions at every sweep factor, per order (means over layers and heads)."""
     table = Table(title="Size sweep: every head size scaled (means over layers and heads)")
     for column in ("n", "factor", "head size", "tables", "per head", "ideal", "windows", "all heads"):
         table.add_column(column, justify="right")
@@ -419,6 +427,7 @@ def render_sweep(sweep: list[SweepPoint], console: Console) -> None:
 
 
 def render_tables(health: TableHealth, console: Console) -> None:
+    """Table health per head, and the layout and shards of every layer."""
     console.print(
         f"[bold]tables[/]: {health.store} ({health.dtype}, {'complete' if health.complete else '[red]incomplete[/]'})"
     )
@@ -465,10 +474,12 @@ def render_tables(health: TableHealth, console: Console) -> None:
 
 
 def count_noun(n: int, noun: str) -> str:
+    """A count with its noun, plural unless the count is 1 (without thousands separators)."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def render_conversion(console: Console, conversion: dict[str, Any]) -> None:
+    """Announce a lossy dtype change of an export or import, with its largest change."""
     if conversion["lossy"]:
         console.print(
             f"[yellow]lossy conversion {conversion['from']} -> {conversion['to']}[/]: "

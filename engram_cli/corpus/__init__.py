@@ -1,4 +1,10 @@
-"""Corpora for `engram inspect`: files and folders read as batches of documents of token ids."""
+"""Corpora for `engram inspect`: files and folders read as batches of documents of token ids.
+
+`sources` finds the input files and their kind; `text` and `ids` read text and pre-tokenized ids;
+`reader` is `Corpus`, which yields `DocBatch`es and states how reading overlaps tokenizing;
+`parts` splits a corpus for Dask; `base` holds the shared types (`CorpusOptions`, `DocBatch`,
+`CorpusSummary`, `CorpusPart`).
+"""
 
 from .base import CorpusOptions, CorpusPart, CorpusSummary, DocBatch
 from .parts import split_corpus

@@ -1,10 +1,8 @@
-"""Reading corpora into documents of token ids: text files and folders, jsonl, .npy and .bin.
+"""The shared types of corpus reading: how to read, what a batch is, what was read, and batch sizes.
 
-Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
-uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
+`CorpusOptions` says how to read the inputs, `DocBatch` is documents of raw token ids
+concatenated, `CorpusSummary` counts what was read (and replaced or skipped), and `CorpusPart` is
+a piece of a corpus that one cluster task reads alone.
 """
 
 from __future__ import annotations
@@ -64,6 +62,7 @@ class DocBatch:
 
     @property
     def tokens(self) -> int:
+        """How many token ids the batch holds."""
         return int(self.ids.size)
 
 
@@ -86,6 +85,7 @@ class CorpusSummary:
     truncated: bool = False
 
     def warnings(self) -> list[str]:
+        """One line for each thing the reader replaced, skipped or cut, for people to see."""
         notes = []
         if self.invalid_utf8:
             files = "1 file" if self.invalid_utf8_files == 1 else f"{self.invalid_utf8_files:,} files"
@@ -97,6 +97,7 @@ class CorpusSummary:
         return notes
 
     def to_json(self) -> dict[str, Any]:
+        """The `corpus` section of `engram inspect --json` (without its timing)."""
         return {
             "inputs": self.inputs,
             "files": self.files,
@@ -121,6 +122,7 @@ class CorpusPart:
 
     @property
     def name(self) -> str:
+        """A short name for messages and task keys: the first file, its id range, how many more files."""
         first = self.sources[0].path.name
         span = f"[{self.id_range[0]}:{self.id_range[1]}]" if self.id_range else ""
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""

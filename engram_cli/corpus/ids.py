@@ -1,10 +1,10 @@
-"""Reading corpora into documents of token ids: text files and folders, jsonl, .npy and .bin.
+"""Pre-tokenized inputs: `.npy` arrays and raw `.bin` id streams, read a chunk at a time.
 
-Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
-uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
+A `.npy` holds token ids of shape (T,) (one stream) or (B, T) (one document per row), in C order;
+a `.bin` is a raw little-endian stream of uint16 or uint32 ids. Both are read with plain file reads
+at computed offsets, checked against the vocab with the position of a bad id, and a reader that
+starts inside a stream (a cluster part) first learns the state a reader from the start would
+carry there (`stream_state`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from ..errors import EngramError
 
 def stream_state(array: IdFile, position: int, sep: int | None, context: int) -> tuple[bool, np.ndarray]:
     """Whether a document starts at `position` of a stream, and the last `context` ids of the
-    document that runs into it: what a reader that started at 0 would carry there."""
+    document that runs into it: what a reader that started at 0 would carry there.
+
+    Args:
+        array: the stream.
+        position: where the reader starts.
+        sep: the document separator id (None: the stream is one document).
+        context: how many ids of left context a batch carries.
+    """
     empty = np.zeros(0, np.int64)
     if position == 0:
         return True, empty
@@ -53,6 +60,7 @@ class IdFile:
 
     @property
     def ndim(self) -> int:
+        """1 for a stream of ids, 2 for one document per row."""
         return len(self.shape)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
@@ -71,7 +79,13 @@ class IdFile:
 
 
 def open_ids(path: Path, kind: str, bin_dtype: str) -> IdFile:
-    """The ids of a .npy (1-D or 2-D, C order) or of a raw .bin file."""
+    """The ids of a .npy (1-D or 2-D, C order) or of a raw .bin file.
+
+    Args:
+        path: the file.
+        kind: "npy" or "bin".
+        bin_dtype: the id type of a .bin file, "uint16" or "uint32" (little-endian).
+    """
     if kind == "npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -97,7 +111,14 @@ def open_ids(path: Path, kind: str, bin_dtype: str) -> IdFile:
 
 
 def check_chunk(ids: np.ndarray, path: Path, vocab_size: int, where: Callable[[tuple], list[int]]) -> None:
-    """Refuse negative ids and ids past the vocab, naming the file and the position in it."""
+    """Refuse negative ids and ids past the vocab, naming the file and the position in it.
+
+    Args:
+        ids: a chunk of ids as read.
+        path: its file.
+        vocab_size: the projection's vocab size.
+        where: the position in the file of an index into `ids`.
+    """
     if not ids.size:
         return
     low, high = ids.min(), ids.max()

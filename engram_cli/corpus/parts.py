@@ -1,11 +1,4 @@
-"""Reading corpora into documents of token ids: text files and folders, jsonl, .npy and .bin.
-
-Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
-uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
-"""
+"""Splitting a corpus for Dask: parts of similar size, in input order, that tasks read alone."""
 
 from __future__ import annotations
 
@@ -18,7 +11,13 @@ from .sources import Source
 
 def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> list[CorpusPart]:
     """Cut a corpus into about `parts` pieces of similar size, in input order: text files in
-    groups, each pre-tokenized file in ranges of at least `min_ids` ids (rows of a 2-D array)."""
+    groups, each pre-tokenized file in ranges of at least `min_ids` ids (rows of a 2-D array).
+
+    Args:
+        corpus: the corpus to split (not one cut at --max-tokens, which reads in order).
+        parts: about how many pieces.
+        min_ids: the smallest id range of a pre-tokenized file one piece holds.
+    """
     options, sources = corpus.options, corpus.sources
     if options.max_tokens is not None:
         raise EngramError(

@@ -2,9 +2,10 @@
 
 Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
 uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
+whatever consumes the batches. Pre-tokenized arrays are read in chunks, so no input has to fit in
+memory; a stream split into documents at a separator carries the tail of its last document from
+chunk to chunk, and a cluster part that starts inside a document carries that document's left
+context, so every window is counted once with the context the hasher would see.
 """
 
 from __future__ import annotations

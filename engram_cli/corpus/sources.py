@@ -1,10 +1,7 @@
-"""Reading corpora into documents of token ids: text files and folders, jsonl, .npy and .bin.
+"""The input files of a corpus and their kind: `.jsonl`, `.npy` and `.bin` by suffix, anything else text.
 
-Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
-uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
+Folders are walked recursively in sorted order, hidden entries skipped, so a corpus reads in the
+same order everywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ from ..errors import EngramError
 
 @dataclass(frozen=True)
 class Source:
+    """One input file, its kind ("text", "jsonl", "npy" or "bin"), and whether a folder walk found it."""
+
     path: Path
     kind: str  # "text" | "jsonl" | "npy" | "bin"
     from_folder: bool

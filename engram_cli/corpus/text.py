@@ -1,11 +1,4 @@
-"""Reading corpora into documents of token ids: text files and folders, jsonl, .npy and .bin.
-
-Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer
-uses every core) on a background thread, so reading and tokenizing overlap with
-whatever consumes the batches. Pre-tokenized arrays are memory-mapped and read in
-chunks, so no input has to fit in memory; a stream split into documents at a
-separator carries the tail of its last document from chunk to chunk.
-"""
+"""Text inputs: whole files as bytes, decoded as UTF-8 with invalid sequences replaced and counted."""
 
 from __future__ import annotations
 
@@ -26,6 +19,7 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
 
 
 def read_bytes(path: Path) -> bytes:
+    """The bytes of a file; an OS error becomes a one-line error naming it."""
     try:
         return path.read_bytes()
     except OSError as exc:

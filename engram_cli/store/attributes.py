@@ -101,6 +101,11 @@ def spec_difference(stored: dict[str, Any], wanted: dict[str, Any], prefix: str 
     """The first difference between two spec dicts, as "key is X in the store but Y now", or None.
 
     The spec's name is ignored: renaming a spec file does not change the tables it describes.
+
+    Args:
+        stored: the spec dict a store recorded.
+        wanted: the spec dict of this run.
+        prefix: the dotted path of these dicts inside the spec (for nested sections).
     """
     for key in sorted(set(stored) | set(wanted)):
         if key == "name" and not prefix:
