@@ -1,7 +1,7 @@
 """Key counts within a memory budget: merged in memory, spilled to disk by partition when too many.
 
 Stored keys (`keys`) come out of an invertible multiply, so their top bits spread them evenly over
-2**8 partitions, and equal keys always share one. Chunks of counts are merged in memory first;
+partitions (2**8 by default), and equal keys always share one. Chunks of counts are merged in memory first;
 only when merged counts still take more than half the budget do they spill, each partition of
 each order appended to its own file of rows (the key words, then the count). At the end every
 partition merges on its own, with bounded memory and the same exact result. The default budget is
