@@ -7,8 +7,8 @@
                                      hashing order (row = offset of head + bucket)
     STORE/layer_<id>/c/<i>/0         shard file i: rows [i * shard_rows, (i + 1) * shard_rows)
 
-attributes["engram"] hold the format ("engram-tables") and its version (`FORMAT_VERSION`), the
-spec, the table dtype, the projection's metadata (its array names, vocab and compressed sizes,
+attributes["engram"] hold the format ("engram-tables") and its version (`STORE_FORMAT_VERSION`),
+the spec, the table dtype, the projection's metadata (its array names, vocab and compressed sizes,
 the sha256 fingerprint of its lookup), the hashing parameters (max_ngram_size, n_head_per_ngram,
 pad_id, dim), the sharding (ranks, shard_by), per layer the head sizes, offsets, multipliers,
 dim, chunk/shard rows and the rank partition, the init (the algorithm id and distribution that
@@ -19,9 +19,9 @@ Each layer array uses the sharding codec: inner chunks of whole rows (about 1 Mi
 random row reads) with a crc32c per chunk, shard files of at most 128 MiB with a crc32c'd
 index; its data type is the table dtype's zarr v3 name ("bfloat16" from `zarr_bfloat16`), fill
 value 0, dimension names (row, column), and the array attribute `engram_layer_id`. The projection
-arrays are one zstd-compressed chunk each. `layout` says how rows are cut
-into chunks, shards and ranks, `shard_format` what the bytes of a shard file are, and `build`
-when `complete` flips to true.
+arrays are one zstd-compressed chunk each. `layout` says how rows are cut into chunks, shards and
+ranks, `shard_format` what the bytes of a shard file are, and `build` when `complete` flips to
+true.
 """
 
 from __future__ import annotations

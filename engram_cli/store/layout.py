@@ -109,7 +109,7 @@ def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict
 
     Args:
         spec: the tables to plan (rows, dim and dtype).
-        ranks: how many ranks the rows are partitioned for (`--shards`).
+        ranks: how many ranks the rows are partitioned for.
         shard_by: "rows" or "heads".
     """
     if not isinstance(ranks, int) or ranks < 1:
