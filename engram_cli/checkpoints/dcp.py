@@ -38,7 +38,7 @@ from ..helpers import prefetched, row_blocks
 from ..progress import SILENT, Progress
 from ..spec import TableSpec, spec_from_dict
 from .conversion import Conversion
-from .keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, check_key_template
+from .keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_key_template
 from .metadata import META_KEY, meta_tensors
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
@@ -455,11 +455,11 @@ class DcpSource(TableSource):
     def _stored_projection(self, entries: dict[str, Any], meta: dict[str, Any]) -> Any:
         from ..vocab import restore_projection
 
-        keys: list[str] = [k for k in ("engram.projection.lookup", "engram.projection.tokenizer_zip") if k in entries]
+        keys: list[str] = [k for k in (LOOKUP_KEY, TOKENIZER_ZIP_KEY) if k in entries]
         loaded = self._load_small(keys)
-        zipped = loaded.get("engram.projection.tokenizer_zip")
+        zipped = loaded.get(TOKENIZER_ZIP_KEY)
         return restore_projection(
-            loaded["engram.projection.lookup"].numpy(),
+            loaded[LOOKUP_KEY].numpy(),
             None if zipped is None else zipped.numpy().tobytes(),
             meta["projection"],
             str(self.path),

@@ -53,6 +53,10 @@ def scale_key(weight_key: str) -> str:
     return weight_key[: -len("weight")] + "scale" if weight_key.endswith("weight") else weight_key + ".scale"
 
 
+LOOKUP_KEY = "engram.projection.lookup"  # int64 (vocab_size,): the projection
+TOKENIZER_ZIP_KEY = "engram.projection.tokenizer_zip"  # uint8: the deflated tokenizer.json
+
+
 def meta_keys(layer_id: int) -> dict[str, str]:
     """The keys of one layer's hashing metadata tensors: head_sizes, offsets and multipliers."""
     return {part: f"engram.layers.{layer_id}.{part}" for part in ("head_sizes", "offsets", "multipliers")}

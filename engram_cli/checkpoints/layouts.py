@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 
 from ..errors import EngramError
 from ..vocab import VocabProjection, restore_projection
-from .keys import DEEPSEEK_SCALE
+from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY
 from .safetensors_format import MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
@@ -57,10 +57,10 @@ def stored_projection(
         metadata: the projection's recorded metadata (with its fingerprint).
         where: the export, for messages.
     """
-    zipped = tensors.get("engram.projection.tokenizer_zip")
+    zipped = tensors.get(TOKENIZER_ZIP_KEY)
     return restore_projection(
-        mapped.tensor("engram.projection.lookup").numpy().copy(),
-        None if zipped is None else mapped.tensor("engram.projection.tokenizer_zip").numpy().tobytes(),
+        mapped.tensor(LOOKUP_KEY).numpy().copy(),
+        None if zipped is None else mapped.tensor(TOKENIZER_ZIP_KEY).numpy().tobytes(),
         metadata,
         where,
     )

@@ -15,28 +15,34 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..tokenizer import zip_bytes
+from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, meta_keys
 from .sources import TableSource
 
 META_KEY = "engram.meta"
 
 
-def meta_tensors(source: TableSource, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The hashing metadata as small tensors, so nothing but the checkpoint is needed."""
-    from ..tokenizer import zip_bytes
-
+def hashing_arrays(source: TableSource) -> dict[str, np.ndarray]:
+    """What the hasher needs, under its checkpoint keys: per layer the head sizes, offsets and
+    multipliers (int64), the projection's lookup (int64) and its deflated tokenizer (uint8)."""
     spec, projection = source.spec, source.projection
-    small = {META_KEY: torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)}
+    arrays: dict[str, np.ndarray] = {}
     for layer_id in source.layer_ids:
-        small[f"engram.layers.{layer_id}.head_sizes"] = torch.tensor(spec.head_sizes(layer_id), dtype=torch.int64)
-        small[f"engram.layers.{layer_id}.offsets"] = torch.tensor(spec.offsets(layer_id), dtype=torch.int64)
-        small[f"engram.layers.{layer_id}.multipliers"] = torch.from_numpy(
-            spec.multipliers(layer_id, projection.compressed_size)
-        )
-    small["engram.projection.lookup"] = torch.from_numpy(projection.lookup.copy())
+        keys = meta_keys(layer_id)
+        arrays[keys["head_sizes"]] = np.array(spec.head_sizes(layer_id), dtype=np.int64)
+        arrays[keys["offsets"]] = np.array(spec.offsets(layer_id), dtype=np.int64)
+        arrays[keys["multipliers"]] = spec.multipliers(layer_id, projection.compressed_size)
+    arrays[LOOKUP_KEY] = projection.lookup
     if projection.tokenizer_json is not None:
-        small["engram.projection.tokenizer_zip"] = torch.frombuffer(
-            bytearray(zip_bytes(projection.tokenizer_json)), dtype=torch.uint8
-        )
+        arrays[TOKENIZER_ZIP_KEY] = np.frombuffer(zip_bytes(projection.tokenizer_json), np.uint8)
+    return arrays
+
+
+def meta_tensors(source: TableSource, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`engram.meta` and the hashing arrays as tensors, so nothing but the checkpoint is needed."""
+    small = {META_KEY: torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)}
+    small.update({key: torch.from_numpy(value.copy()) for key, value in hashing_arrays(source).items()})
     return small

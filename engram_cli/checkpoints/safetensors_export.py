@@ -23,12 +23,12 @@ from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torc
 from ..errors import EngramError
 from ..helpers import cpu_count, in_parallel, row_blocks
 from ..progress import SILENT, Progress
-from ..tokenizer import zip_bytes
 from .conversion import Conversion
 from .fp8 import QuantError, quantize
 from .fp8_format import BLOCK, check_blockable
-from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, meta_keys, scale_key
+from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, scale_key
 from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table
+from .metadata import hashing_arrays
 from .output import prepare_output, remove_tree, replace_output
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
@@ -50,7 +50,7 @@ def _plan(
     fp8 = dtype == "float8_e4m3fn"
     tables: list[Table] = []
     plans: list[TensorPlan] = []
-    small: dict[str, Any] = {}
+    small: dict[str, np.ndarray] = {}
     for layer_id in source.layer_ids:
         scale: str | None
         if layout == "deepseek-v41":
@@ -66,14 +66,7 @@ def _plan(
     if layout == "deepseek-v41":
         return tables, plans, {"format": "pt"}, small
     projection = source.projection
-    for layer_id in source.layer_ids:
-        keys = meta_keys(layer_id)
-        small[keys["head_sizes"]] = np.array(spec.head_sizes(layer_id), dtype=np.int64)
-        small[keys["offsets"]] = np.array(spec.offsets(layer_id), dtype=np.int64)
-        small[keys["multipliers"]] = spec.multipliers(layer_id, projection.compressed_size)
-    small["engram.projection.lookup"] = projection.lookup
-    if projection.tokenizer_json is not None:
-        small["engram.projection.tokenizer_zip"] = np.frombuffer(zip_bytes(projection.tokenizer_json), np.uint8)
+    small = hashing_arrays(source)
     for name, value in small.items():
         plans.append(TensorPlan(name, "I64" if value.dtype == np.int64 else "U8", value.shape))
     metadata = {

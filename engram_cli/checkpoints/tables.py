@@ -21,6 +21,7 @@ from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
+from .keys import LOOKUP_KEY
 from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection
 from .safetensors_format import MappedTensors, open_set
 
@@ -94,7 +95,7 @@ class EngramTables:
             spec = spec or stored_spec
             needed = [t.weight for t in tables.values()] + [t.scale for t in tables.values() if t.scale]
             if projection is None:
-                needed.append("engram.projection.lookup")
+                needed.append(LOOKUP_KEY)
         else:
             tables = deepseek_tables(found.tensors, path)
             layout = "deepseek-v41"

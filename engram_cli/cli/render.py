@@ -290,14 +290,14 @@ def _(report: VerifyReport, console: Console) -> None:
 def _(report: ExportReport, console: Console) -> None:
     rate = f"{human_bytes(report.bytes / report.seconds)}/s" if report.seconds else "-"
     what = (
-        f"DCP checkpoint, {count_noun(report.shards or 0, 'row piece')} per tensor"
+        f"DCP checkpoint, {plural(report.shards or 0, 'row piece')} per tensor"
         + (", one tensor per head" if report.per_head else "")
         if report.target == "training"
         else f"safetensors, {report.layout} layout"
     )
     console.print(
-        f"exported {report.store} -> {report.output} ({what}): {count_noun(len(report.layers), 'layer')}, "
-        f"{report.dtype}, {count_noun(len(report.files), 'file')}, {human_bytes(report.bytes)} in "
+        f"exported {report.store} -> {report.output} ({what}): {plural(len(report.layers), 'layer')}, "
+        f"{report.dtype}, {plural(len(report.files), 'file')}, {human_bytes(report.bytes)} in "
         f"{report.seconds:.1f} s ({rate})"
     )
     render_conversion(console, report.conversion)
@@ -471,11 +471,6 @@ def render_tables(health: TableHealth, console: Console) -> None:
             f"[red]{missing}[/]" if missing else "0",
         )
     print_table(console, layout)
-
-
-def count_noun(n: int, noun: str) -> str:
-    """A count with its noun, plural unless the count is 1 (without thousands separators)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def render_conversion(console: Console, conversion: dict[str, Any]) -> None:
