@@ -303,10 +303,27 @@ def inspect_command(
         None, "--projection", help="With a spec: " + PROJECTION_HELP + " With a store: must be the store's."
     ),
     corpus: list[str] | None = typer.Option(
-        None, "--corpus", help="Text files or folders (recursive), .jsonl, .npy (T,) or (B, T), .bin; repeatable."
+        None,
+        "--corpus",
+        help="Files or folders (recursive) of text, .jsonl/.json (.gz/.zst/.xz/.bz2 too), .parquet, .npy, .bin, "
+        "Megatron PREFIX.bin+.idx, datasets save_to_disk folders, Hub dataset ids, or fsspec URLs; repeatable.",
     ),
     doc_per: str = typer.Option("file", "--doc-per", help="Text files: one document per file or per line."),
-    text_field: str = typer.Option("text", "--text-field", help=".jsonl: the field holding the text."),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="JSON, Parquet, Hugging Face datasets: the field holding the text."
+    ),
+    ids_field: str | None = typer.Option(
+        None,
+        "--ids-field",
+        help="JSON, Parquet, Hugging Face datasets: read pre-tokenized ids from this list field instead "
+        "(tokenized with the projection's tokenizer).",
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="Hugging Face datasets: the split (train, ...) of a Hub id or a DatasetDict folder."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="Hub datasets: the configuration (subset) name, where a dataset has several."
+    ),
     bin_dtype: str = typer.Option("uint16", "--bin-dtype", help=".bin: uint16 or uint32 token ids."),
     doc_sep: int | None = typer.Option(
         None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."
@@ -341,7 +358,15 @@ def inspect_command(
     from .commands import run_inspect
 
     options = CorpusOptions(
-        doc_per=doc_per, text_field=text_field, bin_dtype=bin_dtype, doc_sep=doc_sep, glob=glob, max_tokens=max_tokens
+        doc_per=doc_per,
+        text_field=text_field,
+        ids_field=ids_field,
+        bin_dtype=bin_dtype,
+        doc_sep=doc_sep,
+        glob=glob,
+        max_tokens=max_tokens,
+        split=split,
+        config=config,
     )
     emit(
         run_inspect(

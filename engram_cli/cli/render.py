@@ -343,9 +343,13 @@ def render_corpus(report: InspectReport, console: Console) -> None:
     assert c is not None
     text = f", {human_bytes(c.text_bytes)} of text tokenized" if c.text_bytes else ""
     spilled = f"; spilled {human_bytes(report.spilled_bytes)} to disk" if report.spilled_bytes else ""
+    formats = "; ".join(
+        f"{name}: {plural(f['files'], 'file')}, {plural(f['documents'], 'document')}, {plural(f['tokens'], 'token')}"
+        for name, f in sorted(c.formats.items())
+    )
     console.print(
         f"[bold]corpus[/]: {plural(c.files, 'file')}, {plural(c.documents, 'document')}, "
-        f"{plural(c.tokens, 'token')}{text}; {report.seconds:.1f} s{spilled}"
+        f"{plural(c.tokens, 'token')}{text}; {report.seconds:.1f} s{spilled}" + (f" ({formats})" if formats else "")
     )
     for note in c.warnings():
         console.print(f"[yellow]warning[/]: {note}")

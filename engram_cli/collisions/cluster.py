@@ -50,7 +50,7 @@ def count_part_task(
         bits: partitions are the top `bits` bits of the stored keys.
     """
     window = WindowKeys.of(spec, projection)
-    corpus = Corpus([part.sources[0].path], projection, options, context=spec.max_ngram_size - 1, part=part)
+    corpus = Corpus([part.sources[0].display], projection, options, context=spec.max_ngram_size - 1, part=part)
     final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     with (

@@ -9,6 +9,22 @@
 from .base import CorpusOptions, CorpusPart, CorpusSummary, DocBatch
 from .parts import split_corpus
 from .reader import Corpus
-from .sources import find_sources
+from .readers import IdReader, IdReading, Reader, Tally, TextReader, open_reader
+from .sources import Source, find_sources
 
-__all__ = ["Corpus", "CorpusOptions", "CorpusPart", "CorpusSummary", "DocBatch", "find_sources", "split_corpus"]
+__all__ = [
+    "Corpus",
+    "CorpusOptions",
+    "CorpusPart",
+    "CorpusSummary",
+    "DocBatch",
+    "IdReader",
+    "IdReading",
+    "Reader",
+    "Source",
+    "Tally",
+    "TextReader",
+    "find_sources",
+    "open_reader",
+    "split_corpus",
+]

@@ -1,8 +1,9 @@
-"""The shared types of corpus reading: how to read, what a batch is, what was read, and batch sizes.
+"""The shapes a corpus is read into: options, batches of documents, the summary of what was read.
 
-`CorpusOptions` says how to read the inputs, `DocBatch` is documents of raw token ids
-concatenated, `CorpusSummary` counts what was read (and replaced or skipped), and `CorpusPart` is
-a piece of a corpus that one cluster task reads alone.
+A `DocBatch` is documents of raw token ids concatenated, with the offsets where each begins; a
+document may continue from the batch before (its `context` then carries the ids just before
+it). `formats` says which input format each stretch of ids came from, so that the summary can
+count documents and tokens per format.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from ..errors import EngramError
 from .sources import Source
 
 DOC_PER = ("file", "line")
+
+
 BIN_DTYPES = ("uint16", "uint32")
+
+
 # Characters of text handed to one encode_batch call: enough for every core, small enough to overlap.
 TEXT_BATCH_CHARS = 1 << 21
+
+
 # Token ids per chunk of a pre-tokenized array.
 ID_BATCH_TOKENS = 1 << 21
+
+
 # Bytes looked at to tell a binary file from a text file in a folder walk.
 BINARY_SNIFF_BYTES = 8192
 
@@ -31,10 +40,13 @@ class CorpusOptions:
 
     doc_per: str = "file"
     text_field: str = "text"
+    ids_field: str | None = None
     bin_dtype: str = "uint16"
     doc_sep: int | None = None
     glob: str | None = None
     max_tokens: int | None = None
+    split: str | None = None
+    config: str | None = None
 
     def __post_init__(self) -> None:
         if self.doc_per not in DOC_PER:
@@ -45,6 +57,10 @@ class CorpusOptions:
             raise EngramError(f"--doc-sep must be a non-negative token id, got {self.doc_sep}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise EngramError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if not self.text_field:
+            raise EngramError("--text-field must name a field")
+        if self.ids_field is not None and not self.ids_field:
+            raise EngramError("--ids-field must name a field")
 
 
 @dataclass
@@ -52,21 +68,46 @@ class DocBatch:
     """Documents concatenated: `starts` are the indices in `ids` where a document begins.
 
     When `ids[0]` continues a document from the previous batch, `context` holds that
-    document's raw ids just before it (at most max_ngram_size - 1 of them).
+    document's raw ids just before it (at most max_ngram_size - 1 of them). `formats` runs
+    over the ids in order as (format, end offset) pairs: ids [previous end, end) came from
+    inputs of that format (empty: unknown).
     """
 
     ids: np.ndarray
     starts: np.ndarray
     context: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     read: dict[str, int] = field(default_factory=dict)  # files, bytes, ... read to make this batch
+    formats: tuple[tuple[str, int], ...] = ()
 
     @property
     def tokens(self) -> int:
-        """How many token ids the batch holds."""
         return int(self.ids.size)
 
+    def per_format(self) -> dict[str, tuple[int, int]]:
+        """(documents, tokens) that start or lie in this batch, per format."""
+        counts: dict[str, tuple[int, int]] = {}
+        begin = 0
+        for name, end in self.formats:
+            end = min(end, self.tokens)
+            docs = int(np.count_nonzero((self.starts >= begin) & (self.starts < end)))
+            before = counts.get(name, (0, 0))
+            counts[name] = (before[0] + docs, before[1] + end - begin)
+            begin = end
+        return counts
 
-_READ_COUNTS = ("files", "text_bytes", "invalid_utf8", "invalid_utf8_files", "skipped_binary")
+    def cut(self, keep: int) -> DocBatch:
+        """The first `keep` ids of the batch."""
+        formats = tuple((name, min(end, keep)) for name, end in self.formats)
+        return DocBatch(self.ids[:keep], self.starts[self.starts < keep], self.context, formats=formats)
+
+
+def tagged(batch: DocBatch, format_name: str) -> DocBatch:
+    """The batch with all its ids marked as read from inputs of one format."""
+    batch.formats = ((format_name, batch.tokens),)
+    return batch
+
+
+READ_COUNTS = ("files", "text_bytes", "invalid_utf8", "invalid_utf8_files", "skipped_binary")
 
 
 @dataclass
@@ -83,9 +124,31 @@ class CorpusSummary:
     invalid_utf8_files: int = 0
     skipped_binary: int = 0
     truncated: bool = False
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count_format(self, name: str, files: int = 0, documents: int = 0, tokens: int = 0) -> None:
+        entry = self.formats.setdefault(name, {"files": 0, "documents": 0, "tokens": 0})
+        entry["files"] += files
+        entry["documents"] += documents
+        entry["tokens"] += tokens
+
+    def add_read(self, read: dict[str, int]) -> None:
+        """Fold in counts of what was read (`files:FORMAT` keys count files per format)."""
+        for name, amount in read.items():
+            if name.startswith("files:"):
+                self.count_format(name[len("files:") :], files=amount)
+            else:
+                setattr(self, name, getattr(self, name) + amount)
+
+    def add(self, other: CorpusSummary) -> None:
+        """Fold in what another reader (a cluster task) read of the same corpus."""
+        for name in (*READ_COUNTS, "documents", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.tokenized |= other.tokenized
+        for name, counts in other.formats.items():
+            self.count_format(name, **counts)
 
     def warnings(self) -> list[str]:
-        """One line for each thing the reader replaced, skipped or cut, for people to see."""
         notes = []
         if self.invalid_utf8:
             files = "1 file" if self.invalid_utf8_files == 1 else f"{self.invalid_utf8_files:,} files"
@@ -97,7 +160,6 @@ class CorpusSummary:
         return notes
 
     def to_json(self) -> dict[str, Any]:
-        """The `corpus` section of `engram inspect --json` (without its timing)."""
         return {
             "inputs": self.inputs,
             "files": self.files,
@@ -109,21 +171,21 @@ class CorpusSummary:
             "invalid_utf8_files": self.invalid_utf8_files,
             "skipped_binary": self.skipped_binary,
             "truncated": self.truncated,
+            "formats": {name: dict(counts) for name, counts in sorted(self.formats.items())},
         }
 
 
 @dataclass(frozen=True)
 class CorpusPart:
-    """A piece of a corpus that a cluster task reads alone: whole files, or a range of the
-    ids (of the documents, for a 2-D array) of one pre-tokenized file."""
+    """A piece of a corpus that a cluster task reads alone: whole files, or a span of one file
+    in the units its reader splits by (ids, rows of a 2-D array, Parquet row groups)."""
 
     sources: tuple[Source, ...]
-    id_range: tuple[int, int] | None = None
+    span: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
-        """A short name for messages and task keys: the first file, its id range, how many more files."""
-        first = self.sources[0].path.name
-        span = f"[{self.id_range[0]}:{self.id_range[1]}]" if self.id_range else ""
+        first = self.sources[0].name
+        span = f"[{self.span[0]}:{self.span[1]}]" if self.span else ""
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""
         return f"{first}{span}{more}"

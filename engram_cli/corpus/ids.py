@@ -1,124 +1,54 @@
-"""Pre-tokenized inputs: `.npy` arrays and raw `.bin` id streams, read a chunk at a time.
+"""Arrays of token ids in files: reading ranges, cutting streams into documents, checking ids.
 
-A `.npy` holds token ids of shape (T,) (one stream) or (B, T) (one document per row), in C order;
-a `.bin` is a raw little-endian stream of uint16 or uint32 ids. Both are read with plain file reads
-at computed offsets, checked against the vocab with the position of a bad id, and a reader that
-starts inside a stream (a cluster part) first learns the state a reader from the start would
-carry there (`stream_state`).
+An `IdFile` is where the ids of a `.npy` or `.bin` (or the arrays of a Megatron index) lie in a
+file, read a range at a time with plain reads: a memory map would do, but every page it touches
+counts as resident memory until unmapped. A 1-D stream is cut into documents at a separator id
+(`--doc-sep`, dropped) and read in chunks; the tail of the document that runs over a chunk's end
+is carried to the next chunk as context, and a span that starts inside a document rebuilds the
+context a reader from the start would have carried there (`stream_state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngramError
+from ..errors import EngramError, FormatError
+from .base import DocBatch
+from .readers import IdReading, Span
+from .sources import Source
 
-
-def stream_state(array: IdFile, position: int, sep: int | None, context: int) -> tuple[bool, np.ndarray]:
-    """Whether a document starts at `position` of a stream, and the last `context` ids of the
-    document that runs into it: what a reader that started at 0 would carry there.
-
-    Args:
-        array: the stream.
-        position: where the reader starts.
-        sep: the document separator id (None: the stream is one document).
-        context: how many ids of left context a batch carries.
-    """
-    empty = np.zeros(0, np.int64)
-    if position == 0:
-        return True, empty
-    if sep is None:
-        return False, array.read(max(0, position - context), position).astype(np.int64)
-    window = max(64, 2 * context)
-    while True:
-        lo = max(0, position - window)
-        before = array.read(lo, position).astype(np.int64)
-        cuts = np.flatnonzero(before == sep)
-        if cuts.size and cuts[-1] == before.size - 1:
-            return True, empty
-        kept = before[cuts[-1] + 1 :] if cuts.size else before
-        if cuts.size or kept.size >= context or lo == 0:
-            return False, kept[max(0, kept.size - context) :].copy()
-        window *= 2
+EMPTY = np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
 class IdFile:
-    """Where the ids of a .npy or .bin file lie, read a chunk at a time with plain file reads.
+    """Ids of shape (T,) or (B, T) and dtype `dtype`, `offset` bytes into a file."""
 
-    (A memory map would do, but every page it touches counts as resident memory until unmapped.)
-    """
-
-    path: Path
+    source: Source
     dtype: np.dtype
     shape: tuple[int, ...]
     offset: int
 
     @property
     def ndim(self) -> int:
-        """1 for a stream of ids, 2 for one document per row."""
         return len(self.shape)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Ids [lo, hi) of a 1-D file, or rows [lo, hi) of a 2-D one."""
         width = self.shape[1] if self.ndim == 2 else 1
         hi = min(hi, self.shape[0])
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset + lo * width * self.dtype.itemsize)
-                data = np.fromfile(handle, dtype=self.dtype, count=(hi - lo) * width)
-        except OSError as exc:
-            raise EngramError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        if data.size != (hi - lo) * width:
-            raise EngramError(f"{self.path} is shorter than its header says; is it truncated?")
+        count = max(0, hi - lo) * width
+        data = self.source.read_array(self.offset + lo * width * self.dtype.itemsize, self.dtype, count)
+        if data.size != count:
+            raise FormatError(f"{self.source} is shorter than its header says; is it truncated?")
         return data.reshape(-1, width) if self.ndim == 2 else data
 
 
-def open_ids(path: Path, kind: str, bin_dtype: str) -> IdFile:
-    """The ids of a .npy (1-D or 2-D, C order) or of a raw .bin file.
-
-    Args:
-        path: the file.
-        kind: "npy" or "bin".
-        bin_dtype: the id type of a .bin file, "uint16" or "uint32" (little-endian).
-    """
-    if kind == "npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise EngramError(f"{path} is not a readable .npy file: {exc}") from None
-        if array.dtype.kind not in "iu":
-            raise EngramError(f"{path}: token ids must be integers, got dtype {array.dtype}")
-        if array.ndim not in (1, 2):
-            raise EngramError(f"{path}: expected token ids of shape (T,) or (B, T), got {array.shape}")
-        if not array.flags.c_contiguous:
-            raise EngramError(
-                f"{path} is stored in Fortran order; save it in C order (np.save(path, np.ascontiguousarray(ids)))"
-            )
-        return IdFile(path, array.dtype, array.shape, int(getattr(array, "offset", 0)))
-    dtype = np.dtype(bin_dtype).newbyteorder("<")
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise EngramError(
-            f"{path}: {size:,} bytes is not a whole number of {bin_dtype} ids "
-            f"({dtype.itemsize} bytes each); is --bin-dtype right?"
-        )
-    return IdFile(path, dtype, (size // dtype.itemsize,), 0)
-
-
-def check_chunk(ids: np.ndarray, path: Path, vocab_size: int, where: Callable[[tuple], list[int]]) -> None:
-    """Refuse negative ids and ids past the vocab, naming the file and the position in it.
-
-    Args:
-        ids: a chunk of ids as read.
-        path: its file.
-        vocab_size: the projection's vocab size.
-        where: the position in the file of an index into `ids`.
-    """
+def check_chunk(ids: np.ndarray, source: Source, vocab_size: int, where: Callable[[tuple], list[int]]) -> None:
+    """Refuse negative ids and ids past the vocab, naming the file and the position in it."""
     if not ids.size:
         return
     low, high = ids.min(), ids.max()
@@ -129,4 +59,79 @@ def check_chunk(ids: np.ndarray, path: Path, vocab_size: int, where: Callable[[t
     position = where(tuple(int(i) for i in bad))
     shown = position[0] if len(position) == 1 else position
     reason = "is negative" if value < 0 else f"is not below the projection's vocab size {vocab_size}"
-    raise EngramError(f"{path}: token id {value} at position {shown} {reason}")
+    raise EngramError(f"{source}: token id {value} at position {shown} {reason}")
+
+
+def id_spans(array: IdFile, size: int, target_bytes: int, min_ids: int) -> list[Span]:
+    """Ranges of ids (rows of a 2-D array) of about `target_bytes` and at least `min_ids` ids."""
+    count = array.shape[0]
+    if count == 0:
+        return [(0, 0)]
+    width = array.shape[1] if array.ndim == 2 else 1
+    unit_bytes = max(1, size // max(1, count))
+    step = max(1, -(-min_ids // max(1, width)), target_bytes // unit_bytes)
+    return [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+
+
+def stream_state(array: IdFile, position: int, sep: int | None, context: int) -> tuple[bool, np.ndarray]:
+    """Whether a document starts at `position` of a stream, and the last `context` ids of the
+    document that runs into it: what a reader that started at 0 would carry there."""
+    if position == 0:
+        return True, EMPTY
+    if sep is None:
+        return False, array.read(max(0, position - context), position).astype(np.int64)
+    window = max(64, 2 * context)
+    while True:
+        lo = max(0, position - window)
+        before = array.read(lo, position).astype(np.int64)
+        cuts = np.flatnonzero(before == sep)
+        if cuts.size and cuts[-1] == before.size - 1:
+            return True, EMPTY
+        kept = before[cuts[-1] + 1 :] if cuts.size else before
+        if cuts.size or kept.size >= context or lo == 0:
+            return False, kept[max(0, kept.size - context) :].copy()
+        window *= 2
+
+
+def row_batches(array: IdFile, reading: IdReading, span: Span | None) -> Iterator[DocBatch]:
+    """Documents (rows) [first, end) of a 2-D array."""
+    first, end = span or (0, array.shape[0])
+    length = array.shape[1]
+    if length == 0:
+        return
+    step = max(1, reading.batch_tokens // length)
+    for lo in range(first, end, step):
+        chunk = array.read(lo, min(lo + step, end))
+        check_chunk(chunk, array.source, reading.vocab_size, lambda i: [lo + i[0], i[1]])
+        yield DocBatch(chunk.reshape(-1), np.arange(chunk.shape[0], dtype=np.int64) * length)
+
+
+def stream_batches(array: IdFile, reading: IdReading, sep: int | None, span: Span | None) -> Iterator[DocBatch]:
+    """Ids [first, end) of one stream, split at `sep` (the separators themselves are dropped);
+    a range that starts inside a document carries that document's left context."""
+    first, end = span or (0, array.shape[0])
+    context = reading.context
+    at_start, tail = stream_state(array, first, sep, context)
+    for lo in range(first, end, reading.batch_tokens):
+        raw = array.read(lo, min(lo + reading.batch_tokens, end))
+        if sep is None:
+            ids, flags = raw, np.zeros(raw.size, bool)
+            flags[:1] = at_start
+        else:
+            is_sep = raw == sep
+            keep = ~is_sep
+            previous = np.empty(raw.size, bool)
+            previous[0] = at_start
+            previous[1:] = is_sep[:-1]
+            ids, flags = raw[keep], previous[keep]
+            positions = np.flatnonzero(keep)
+        where = (lambda i: [lo + int(i[0])]) if sep is None else (lambda i: [lo + int(positions[i[0]])])
+        check_chunk(ids, array.source, reading.vocab_size, where)
+        ids = ids.astype(np.int64, copy=False)
+        starts = np.flatnonzero(flags)
+        carried = EMPTY if (starts.size and starts[0] == 0) else tail
+        current = ids[starts[-1] :] if starts.size else np.concatenate([tail, ids])
+        tail = current[max(0, current.size - context) :].copy()
+        at_start = bool(sep is not None and raw.size and raw[-1] == sep) or (at_start and ids.size == 0)
+        if ids.size:
+            yield DocBatch(ids, starts, carried)

@@ -1,50 +1,313 @@
-"""The input files of a corpus and their kind: `.jsonl`, `.npy` and `.bin` by suffix, anything else text.
+"""Finding the input files of a corpus: local paths, fsspec URLs, dataset folders and Hub ids.
 
-Folders are walked recursively in sorted order, hidden entries skipped, so a corpus reads in the
-same order everywhere.
+Every input becomes a list of `Source`s, each one file (or, for a Megatron indexed dataset, one
+`PREFIX.bin` + `PREFIX.idx` pair) with the kind of reader that reads it. Folders are walked
+recursively in sorted order, hidden entries skipped. The kind comes from the name: after a
+compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`, `.bz2`) is set aside, `.jsonl`/`.ndjson` are
+JSON lines, `.json` JSON lines or an array, `.npy` and `.bin` token ids (a `.bin` beside a `.idx`
+is a Megatron pair), `.parquet`/`.pq` Parquet, `.arrow` Arrow IPC; anything else is text. A folder
+written by Hugging Face `datasets`' `save_to_disk` is read as its Arrow files, and a missing path
+that looks like `owner/name` as a Hub dataset id (see `hf.py`).
+
+A URL (`s3://`, `gs://`, `hf://`, `https://`, `memory://`, ...) is opened with fsspec; `file://`
+URLs are plain local paths.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import IO, Any
 
-from ..errors import EngramError
+import numpy as np
+
+from ..errors import EngramError, FormatError, UsageError
+
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".xz", ".bz2")
+
+_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".npy": "npy",
+    ".bin": "bin",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".arrow": "arrow",
+}
+
+# Kinds read through a decompressing stream when their file is compressed.
+STREAM_KINDS = ("text", "jsonl", "json")
+
+# A Hub dataset id: `name` or `owner/name`, as the Hub allows them.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input file, its kind ("text", "jsonl", "npy" or "bin"), and whether a folder walk found it."""
+    """One input file: where it is, how to read it, and its size in bytes (for progress and parts).
 
-    path: Path
-    kind: str  # "text" | "jsonl" | "npy" | "bin"
+    `fs` is the fsspec filesystem of a URL and `path` the path inside it; for local files `fs`
+    is None and `path` a `Path`. A Megatron pair is its `.bin`; the `.idx` sits beside it.
+    """
+
+    path: PurePath
+    kind: str
     from_folder: bool
+    size: int = 0
+    fs: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def display(self) -> str:
+        if self.fs is None:
+            return str(self.path)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{str(self.path).lstrip('/')}"
+
+    def __str__(self) -> str:
+        return self.display
+
+    def sibling(self, suffix: str) -> Source:
+        """The file beside this one with another suffix (the `.idx` of a Megatron `.bin`)."""
+        return Source(self.path.with_suffix(suffix), self.kind, self.from_folder, 0, self.fs)
+
+    def open(self) -> IO[bytes]:
+        """The file's bytes, for reading; errors are one-line `EngramError`s."""
+        try:
+            if self.fs is None:
+                return open(self.path, "rb")
+            return self.fs.open(str(self.path), "rb")
+        except (OSError, ValueError) as exc:
+            raise EngramError(f"cannot read {self}: {_reason(exc)}") from None
+
+    def read_array(self, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
+        """`count` items of `dtype` at byte `offset` (fewer at the end of the file)."""
+        try:
+            with self.open() as handle:
+                handle.seek(offset)
+                if self.fs is None:
+                    return np.fromfile(handle, dtype=dtype, count=count)
+                data = handle.read(count * dtype.itemsize)
+        except OSError as exc:
+            raise EngramError(f"cannot read {self}: {_reason(exc)}") from None
+        usable = len(data) - len(data) % dtype.itemsize
+        return np.frombuffer(data[:usable], dtype=dtype)
+
+    def file_size(self) -> int:
+        try:
+            if self.fs is None:
+                return Path(self.path).stat().st_size
+            return int(self.fs.size(str(self.path)))
+        except (OSError, ValueError) as exc:
+            raise EngramError(f"cannot read {self}: {_reason(exc)}") from None
 
 
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".npy": "npy", ".bin": "bin"}.get(suffix, "text")
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0]
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def kind_of(name: str) -> str:
+    """The reader kind a file name asks for; compressed binary formats are refused."""
+    lower = name.lower()
+    compressed = next((s for s in COMPRESSED_SUFFIXES if lower.endswith(s)), None)
+    inner = lower[: -len(compressed)] if compressed else lower
+    kind = _KINDS.get(PurePosixPath(inner).suffix, "text")
+    if compressed and kind not in STREAM_KINDS:
+        raise UsageError(f"{name}: compressed {PurePosixPath(inner).suffix} files are not read; decompress it first")
+    return kind
 
 
-def find_sources(paths: list[str | Path], glob: str | None = None) -> list[Source]:
-    """Every input file, folders walked recursively in sorted order (hidden entries skipped)."""
-    sources = []
+def _hidden(relative: PurePath) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+class _Files:
+    """The filesystem a corpus input lives on: local paths or an fsspec filesystem."""
+
+    def __init__(self, fs: Any = None) -> None:
+        self.fs = fs
+
+    def path(self, raw: str) -> PurePath:
+        return Path(raw) if self.fs is None else PurePosixPath(raw)
+
+    def is_dir(self, path: PurePath) -> bool:
+        return Path(path).is_dir() if self.fs is None else bool(self.fs.isdir(str(path)))
+
+    def is_file(self, path: PurePath) -> bool:
+        return Path(path).is_file() if self.fs is None else bool(self.fs.isfile(str(path)))
+
+    def exists(self, path: PurePath) -> bool:
+        return Path(path).exists() if self.fs is None else bool(self.fs.exists(str(path)))
+
+    def size(self, path: PurePath) -> int:
+        return Path(path).stat().st_size if self.fs is None else int(self.fs.size(str(path)))
+
+    def read_text(self, path: PurePath) -> str:
+        if self.fs is None:
+            return Path(path).read_text(encoding="utf-8")
+        with self.fs.open(str(path), "rb") as handle:
+            return handle.read().decode("utf-8")
+
+    def head(self, path: PurePath, count: int) -> bytes:
+        if self.fs is None:
+            with open(path, "rb") as handle:
+                return handle.read(count)
+        with self.fs.open(str(path), "rb") as handle:
+            return handle.read(count)
+
+    def walk(self, root: PurePath) -> list[tuple[PurePath, int]]:
+        """Every file under `root` with its size, sorted, hidden entries skipped."""
+        if self.fs is None:
+            found = sorted(p for p in Path(root).rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+            return [(p, p.stat().st_size) for p in found]
+        entries = self.fs.find(str(root), detail=True)
+        files = []
+        for name, info in entries.items():
+            path = PurePosixPath(name)
+            if info.get("type", "file") == "file" and not _hidden(path.relative_to(root)):
+                files.append((path, int(info.get("size") or 0)))
+        return sorted(files)
+
+    def source(self, path: PurePath, kind: str, from_folder: bool, size: int | None = None) -> Source:
+        return Source(path, kind, from_folder, self.size(path) if size is None else size, self.fs)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL and the path in it; a missing backend names its package."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        missing = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None)
+        package = (missing or protocol).split(".")[0]
+        raise UsageError(f"reading {protocol}:// URLs needs the {package} package: pip install {package}") from None
+    except ValueError as exc:
+        raise UsageError(f"cannot open {url}: {_reason(exc)}") from None
+
+
+def find_sources(
+    paths: list[str | Path], glob: str | None = None, *, split: str | None = None, config: str | None = None
+) -> list[Source]:
+    """Every input file, folders walked recursively in sorted order (hidden entries skipped).
+
+    `split` picks the split of a Hugging Face dataset dict or Hub dataset, `config` the
+    configuration of a Hub dataset.
+    """
+    sources: list[Source] = []
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob(glob or "*") if p.is_file() and not _hidden(p, path))
-            sources += [Source(p, _kind(p), True) for p in found]
-        elif path.is_file():
-            if glob and not fnmatch.fnmatch(path.name, glob):
-                raise EngramError(f"--corpus {path} does not match --glob {glob!r}")
-            sources.append(Source(path, _kind(path), False))
-        elif path.exists():
-            raise EngramError(f"corpus input {path} is neither a file nor a folder")
-        else:
-            raise EngramError(f"no such corpus file or folder: {path}")
+        text = str(raw)
+        if "://" in text and not text.lower().startswith("file://"):
+            fs, inner = filesystem(text)
+            files = _Files(fs)
+            path = files.path(inner)
+            try:
+                sources += _find(files, path, text, glob, split)
+            except EngramError:
+                raise
+            except Exception as exc:  # each backend raises its own errors for missing keys, denied access, ...
+                raise EngramError(f"cannot read {text}: {_reason(exc)}") from None
+            continue
+        if text.lower().startswith("file://"):
+            text = filesystem(text)[1]
+        sources += _find(_Files(), Path(text), text, glob, split, config=config)
     return sources
+
+
+def _find(
+    files: _Files, path: PurePath, raw: str, glob: str | None, split: str | None, config: str | None = None
+) -> list[Source]:
+    from .hf import dataset_folder_sources, hub_sources, is_dataset_folder
+
+    if files.is_dir(path):
+        if is_dataset_folder(files, path):
+            return dataset_folder_sources(files, path, split, from_folder=False)
+        return _walk(files, path, glob, split)
+    if files.is_file(path):
+        if glob and not fnmatch.fnmatch(path.name, glob):
+            raise UsageError(f"--corpus {raw} does not match --glob {glob!r}")
+        if path.suffix.lower() in (".bin", ".idx"):
+            pair = _megatron_pair(files, path.with_suffix(""), explicit=True)
+            if pair is not None:
+                return [pair]
+        return [files.source(path, kind_of(path.name), False)]
+    if files.exists(path):
+        raise UsageError(f"corpus input {raw} is neither a file nor a folder")
+    pair = _megatron_pair(files, path, explicit=False)
+    if pair is not None:
+        return [pair]
+    if files.fs is None and _HUB_ID.match(raw) and not raw.startswith("."):
+        return hub_sources(raw, split, config)
+    raise UsageError(f"no such corpus file or folder: {raw}")
+
+
+def _megatron_pair(files: _Files, prefix: PurePath, explicit: bool) -> Source | None:
+    """PREFIX.bin + PREFIX.idx as one source; an explicit `.idx` without its `.bin` is an error."""
+    bin_path, idx_path = prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
+    has_bin, has_idx = files.is_file(bin_path), files.is_file(idx_path)
+    if has_bin and has_idx:
+        return files.source(bin_path, "megatron", False, files.size(bin_path) + files.size(idx_path))
+    if explicit and has_idx and not has_bin:
+        raise FormatError(f"{idx_path}: a Megatron index without its data file {bin_path.name}")
+    return None
+
+
+def _walk(files: _Files, root: PurePath, glob: str | None, split: str | None) -> list[Source]:
+    from .hf import dataset_folder_sources, is_dataset_folder
+
+    found = files.walk(root)
+    folders = sorted(
+        {p.parent for p, _ in found if p.name in ("state.json", "dataset_dict.json")},
+        key=lambda p: len(p.parts),
+    )
+    datasets: list[PurePath] = []
+    for folder in folders:
+        if not any(_within(folder, d) for d in datasets) and is_dataset_folder(files, folder):
+            datasets.append(folder)
+    names = {p for p, _ in found}
+    sources: list[Source] = []
+    done: set[PurePath] = set()
+    for path, size in found:
+        owner = next((d for d in datasets if _within(path, d)), None)
+        if owner is not None:
+            if owner not in done:
+                done.add(owner)
+                inside = dataset_folder_sources(files, owner, split, from_folder=True)
+                if not glob or any(fnmatch.fnmatch(s.name, glob) for s in inside):
+                    sources += inside
+            continue
+        if glob and not fnmatch.fnmatch(path.name, glob):
+            continue
+        suffix = path.suffix.lower()
+        if suffix in (".bin", ".idx"):
+            other = path.with_suffix(".idx" if suffix == ".bin" else ".bin")
+            if other in names:
+                if suffix == ".bin":
+                    idx_size = next(s for p, s in found if p == other)
+                    sources.append(files.source(path, "megatron", True, size + idx_size))
+                continue
+            if suffix == ".idx" and files.head(path, 9) == b"MMIDIDX\x00\x00":
+                raise FormatError(f"{path}: a Megatron index without its data file {other.name}")
+        sources.append(files.source(path, kind_of(path.name), True, size))
+    return sources
+
+
+def _within(path: PurePath, folder: PurePath) -> bool:
+    return path == folder or folder in path.parents
+
+
+def read_json(files: _Files, path: PurePath) -> Any:
+    try:
+        return json.loads(files.read_text(path))
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not readable JSON ({_reason(exc)})") from None
+

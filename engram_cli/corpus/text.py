@@ -1,12 +1,20 @@
-"""Text inputs: whole files as bytes, decoded as UTF-8 with invalid sequences replaced and counted."""
+"""Plain UTF-8 text: one document per file, or per line with `--doc-per line`.
+
+Invalid UTF-8 is replaced by U+FFFD and counted. In folders, a file with a NUL byte in its
+first 8 KiB is binary and skipped (and counted); a file named on the command line is always
+read. A compressed file (gzip, zstd, xz, bz2) is read through its decompressor.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
-from ..errors import EngramError
+from .base import BINARY_SNIFF_BYTES, CorpusOptions
+from .compressed import decompression_errors, open_stream
+from .readers import Span, Tally, TextReader
+from .sources import Source
 
-_REPLACEMENT_BYTES = "\ufffd".encode("utf-8")
+_REPLACEMENT_BYTES = "\ufffd".encode()
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
@@ -18,9 +26,56 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.count(_REPLACEMENT_BYTES)
 
 
-def read_bytes(path: Path) -> bytes:
-    """The bytes of a file; an OS error becomes a one-line error naming it."""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise EngramError(f"cannot read {path}: {exc.strerror or exc}") from None
+class Utf8Lines:
+    """Decode lines of one file, counting invalid UTF-8 (and the file, once) through a tally."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.file_bad = False
+
+    def decode(self, data: bytes) -> str:
+        text, bad = decode_utf8(data)
+        self.tally.count("text_bytes", len(data))
+        if bad:
+            self.tally.count("invalid_utf8", bad)
+            if not self.file_bad:
+                self.tally.count("invalid_utf8_files")
+                self.file_bad = True
+        return text
+
+
+def skip_binary(source: Source, head: bytes, tally: Tally) -> bool:
+    """Whether a file found in a folder is binary (a NUL byte early on), counted as skipped."""
+    if source.from_folder and b"\0" in head[:BINARY_SNIFF_BYTES]:
+        tally.count("files", -1)
+        tally.count(f"files:{source.kind}", -1)
+        tally.count("skipped_binary")
+        return True
+    return False
+
+
+class TextFileReader(TextReader):
+    def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
+        stream, compression = open_stream(self.source)
+        with stream, decompression_errors(self.source, compression):
+            if skip_binary(self.source, stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES], tally):  # type: ignore[attr-defined]
+                tally.advance(self.source.size)
+                return
+            lines = Utf8Lines(tally)
+            if self.options.doc_per == "line":
+                for line in stream:
+                    if compression is None:
+                        tally.advance(len(line))
+                    text = lines.decode(line.rstrip(b"\r\n"))
+                    if text:
+                        yield text
+                if compression is not None:
+                    tally.advance(self.source.size)
+                return
+            data = stream.read()
+        tally.advance(self.source.size)
+        yield lines.decode(data)
+
+
+def make_reader(source: Source, options: CorpusOptions) -> TextFileReader:
+    return TextFileReader(source, options)

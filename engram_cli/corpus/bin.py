@@ -1,0 +1,39 @@
+"""Flat `.bin` token ids (the nanoGPT convention): little-endian `--bin-dtype` ids, one stream,
+cut into documents at `--doc-sep` when given. A `.bin` beside a `.idx` is a Megatron dataset
+(`megatron.py`) instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import CorpusOptions, DocBatch
+from .ids import IdFile, id_spans, stream_batches
+from .readers import IdReader, IdReading, Span, Tally
+from .sources import Source
+
+
+class BinReader(IdReader):
+    def __init__(self, source: Source, options: CorpusOptions) -> None:
+        super().__init__(source, options)
+        dtype = np.dtype(options.bin_dtype).newbyteorder("<")
+        size = source.size
+        if size % dtype.itemsize:
+            raise FormatError(
+                f"{source}: {size:,} bytes is not a whole number of {options.bin_dtype} ids "
+                f"({dtype.itemsize} bytes each); is --bin-dtype right?"
+            )
+        self.array = IdFile(source, dtype, (size // dtype.itemsize,), 0)
+
+    def spans(self, target_bytes: int, min_ids: int) -> list[Span] | None:
+        return id_spans(self.array, self.source.size, target_bytes, min_ids)
+
+    def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
+        yield from stream_batches(self.array, reading, self.options.doc_sep, span)
+        tally.advance(self.source.size)
+
+
+def make_reader(source: Source, options: CorpusOptions) -> BinReader:
+    return BinReader(source, options)

@@ -1,0 +1,121 @@
+"""Compressed text inputs: gzip, zstd, xz and bz2 streams, told apart by their magic bytes.
+
+A file's first bytes decide how it is decompressed (gzip `1f 8b`, zstd `28 b5 2f fd`, xz
+`fd 37 7a 58 5a 00`, bz2 `BZh`), so a compressed file under a plain name is still read; a name
+that promises a compression its bytes do not start with is an error. Streams are decompressed as
+they are read, never whole. zstd input may hold several frames (as `pzstd` and concatenated
+files do); input that ends inside a frame is reported as truncated, which zstd's own stream
+reader would pass over silently. Corrupt or truncated data of any kind is a one-line
+`FormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import io
+import lzma
+import zlib
+from collections.abc import Iterator
+from typing import IO
+
+from ..errors import FormatError
+from .sources import Source
+
+MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\xfd7zXZ\x00": "xz",
+    b"BZh": "bz2",
+}
+SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".bz2": "bz2"}
+
+# Bytes of compressed input handed to a decompressor at a time.
+READ_BYTES = 1 << 20
+
+
+def compression_of(head: bytes) -> str | None:
+    return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+
+
+def open_stream(source: Source) -> tuple[IO[bytes], str | None]:
+    """The decompressed bytes of a file (buffered, with `peek`), and the compression found."""
+    raw = source.open()
+    try:
+        head = raw.read(6)
+        raw.seek(0)
+    except OSError:
+        raw.close()
+        raise
+    found = compression_of(head)
+    promised = SUFFIXES.get(source.path.suffix.lower())
+    if promised and promised != found:
+        raw.close()
+        what = f"{found} data" if found else "not compressed"
+        raise FormatError(f"{source}: the name says {promised}, but the file is {what}")
+    if found is None:
+        return (raw if hasattr(raw, "peek") else io.BufferedReader(raw)), None  # type: ignore[arg-type]
+    if found == "gzip":
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif found == "xz":
+        stream = lzma.LZMAFile(raw, "rb")
+    elif found == "bz2":
+        stream = bz2.BZ2File(raw, "rb")
+    else:
+        stream = io.BufferedReader(_ZstdReader(raw), buffer_size=READ_BYTES)
+    return stream, found
+
+
+@contextlib.contextmanager
+def decompression_errors(source: Source, compression: str | None) -> Iterator[None]:
+    """Turn a decompressor's complaint into a one-line error that names the file."""
+    if compression is None:
+        yield
+        return
+    import zstandard
+
+    try:
+        yield
+    except (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, gzip.BadGzipFile, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{source}: corrupt or truncated {compression} data ({reason})") from None
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompressed bytes of a zstd stream of one or more frames; an unfinished frame is an error."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None
+        self._pending = b""
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def,override]
+        while not len(self._out):
+            data = self._pending or self._raw.read(READ_BYTES)
+            self._pending = b""
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the input ends inside a zstd frame")
+                return 0
+            if self._frame is None:
+                self._frame = self._context.decompressobj()
+            self._out = memoryview(self._frame.decompress(data))
+            if self._frame.eof:
+                self._pending = self._frame.unused_data
+                self._frame = None
+        count = min(len(buffer), len(self._out))
+        buffer[:count] = self._out[:count]
+        self._out = self._out[count:]
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()

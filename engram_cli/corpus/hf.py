@@ -1,0 +1,195 @@
+"""Hugging Face datasets: folders written by `save_to_disk`, Hub dataset ids, and Arrow files.
+
+A `save_to_disk` folder of one `Dataset` holds `state.json` (its `_data_files` list the Arrow
+files in order) and `dataset_info.json`; a `DatasetDict` folder holds `dataset_dict.json` (its
+`splits`) and one such folder per split, picked with `--split` where there are several. A Hub
+dataset id (`owner/name`) is loaded with `datasets.load_dataset` (with `--config` and `--split`),
+which, offline, finds it in the local Hugging Face cache; its Arrow cache files are then read
+like those of a folder. `datasets` is only imported for Hub ids.
+
+The Arrow files themselves are read with pyarrow alone, record batch by record batch (memory
+mapped when local): Arrow IPC streams, as `datasets` writes them, or Arrow IPC files. Each row is
+a document, from the `--text-field` column or the `--ids-field` list column, as for Parquet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePath
+from typing import Any
+
+from ..errors import EngramError, FormatError, UsageError
+from .base import CorpusOptions, DocBatch
+from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
+from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
+from .sources import Source, _Files, read_json
+from .text import Utf8Lines
+
+_ARROW_FILE_MAGIC = b"ARROW1"
+
+
+def is_dataset_folder(files: _Files, folder: PurePath) -> bool:
+    """Whether a folder was written by `save_to_disk` (a Dataset or a DatasetDict)."""
+    if files.is_file(folder / "dataset_dict.json"):
+        return True
+    state = folder / "state.json"
+    if not files.is_file(state):
+        return False
+    try:
+        return "_data_files" in read_json(files, state)
+    except FormatError:
+        return False
+
+
+def dataset_folder_sources(files: _Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
+    """The Arrow files of a `save_to_disk` folder, in order; a DatasetDict's split by `split`."""
+    listing = folder / "dataset_dict.json"
+    if files.is_file(listing):
+        splits = [str(s) for s in read_json(files, listing).get("splits", [])]
+        chosen = _choose_split(str(folder), splits, split)
+        return dataset_folder_sources(files, folder / chosen, None, from_folder=from_folder)
+    state = read_json(files, folder / "state.json")
+    names = [entry.get("filename") for entry in state.get("_data_files", []) if isinstance(entry, dict)]
+    sources = []
+    for name in names:
+        path = folder / str(name)
+        if not name or not files.is_file(path):
+            raise FormatError(f"{folder}: state.json lists {name}, which is not in the folder")
+        sources.append(files.source(path, "hf-dataset", from_folder))
+    return sources
+
+
+def _choose_split(where: str, splits: list[str], split: str | None) -> str:
+    if split is not None:
+        if split not in splits:
+            raise UsageError(f"{where} has no split {split!r} (has: {', '.join(splits)})")
+        return split
+    if len(splits) == 1:
+        return splits[0]
+    raise UsageError(f"{where} holds the splits {', '.join(splits)}: choose one with --split")
+
+
+def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[Source]:
+    """The Arrow cache files of a Hub dataset, loaded (or, offline, found in the cache) by `datasets`."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"no such corpus file or folder: {dataset_id}; to read it as a Hub dataset id, "
+            "install the datasets package (pip install datasets)"
+        ) from None
+    offline = _offline()
+    verbosity = datasets.utils.logging.get_verbosity()
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    progress = datasets.are_progress_bars_disabled()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.config.HF_HUB_OFFLINE = offline or was_offline
+    try:
+        loaded = datasets.load_dataset(dataset_id, name=config, split=split)
+    except Exception as exc:  # datasets raises many kinds for missing, gated or uncached datasets
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if offline:
+            raise EngramError(
+                f"no such corpus file or folder: {dataset_id}, nor a Hub dataset in the local Hugging Face "
+                f"cache (offline): {reason}"
+            ) from None
+        raise EngramError(f"cannot load Hub dataset {dataset_id}: {reason}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+        datasets.utils.logging.set_verbosity(verbosity)
+        if not progress:
+            datasets.enable_progress_bars()
+    if isinstance(loaded, dict):
+        chosen = _choose_split(f"Hub dataset {dataset_id}", list(loaded), None)
+        loaded = loaded[chosen]
+    names = [entry["filename"] for entry in loaded.cache_files]
+    if not names:
+        raise EngramError(f"Hub dataset {dataset_id} has no cache files to read")
+    local = _Files()
+    return [local.source(Path(name), "hf-dataset", False) for name in names]
+
+
+def _offline() -> bool:
+    """Offline as huggingface_hub sees it, or with the Hub out of reach."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    from ..tokenizer import _hub_reachable
+
+    return not _hub_reachable()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _ArrowFile:
+    """The record batches of one Arrow IPC stream or file, and its chosen column."""
+
+    def __init__(self, source: Source, options: CorpusOptions) -> None:
+        import pyarrow as pa
+
+        self.source = source
+        self._errors = (pa.ArrowException, OSError, ValueError)
+        try:
+            handle = pa.memory_map(str(source.path)) if source.fs is None else pa.PythonFile(source.open(), mode="r")
+            head = handle.read(len(_ARROW_FILE_MAGIC))
+            handle.seek(0)
+            if head == _ARROW_FILE_MAGIC:
+                file_reader = pa.ipc.open_file(handle)
+                self.schema = file_reader.schema
+                self._batches: Any = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+            else:
+                stream_reader = pa.ipc.open_stream(handle)
+                self.schema = stream_reader.schema
+                self._batches = iter(stream_reader)
+        except self._errors as exc:
+            raise FormatError(f"{source}: not a readable Arrow file ({_reason(exc)})") from None
+        self.field = require_column(source, self.schema.names, options)
+
+    def columns(self, tally: Tally) -> Iterator[tuple[int, Any]]:
+        """(first row, column array) of each record batch, counting progress."""
+        row, done = 0, 0
+        try:
+            for batch in self._batches:
+                yield row, batch.column(self.field)
+                row += batch.num_rows
+                step = min(batch.nbytes, self.source.size - done)
+                tally.advance(step)
+                done += step
+        except self._errors as exc:
+            raise FormatError(f"{self.source}: cannot read record batch at row {row} ({_reason(exc)})") from None
+        tally.advance(self.source.size - done)
+
+
+class ArrowTextReader(TextReader):
+    def __init__(self, source: Source, options: CorpusOptions) -> None:
+        super().__init__(source, options)
+        self.arrow = _ArrowFile(source, options)
+
+    def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
+        lines = Utf8Lines(tally)
+        for _, column in self.arrow.columns(tally):
+            yield from arrow_texts(column, self.source, self.arrow.field, lines)
+
+
+class ArrowIdReader(IdReader):
+    def __init__(self, source: Source, options: CorpusOptions) -> None:
+        super().__init__(source, options)
+        self.arrow = _ArrowFile(source, options)
+
+    def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
+        rows = RowBatcher(reading.batch_tokens)
+        for first_row, column in self.arrow.columns(tally):
+            ids, lengths = arrow_id_rows(column, self.source, self.arrow.field, first_row, reading.vocab_size)
+            yield from rows.add(ids, lengths)
+        yield from rows.finish()
+
+
+def make_reader(source: Source, options: CorpusOptions) -> Reader:
+    return ArrowIdReader(source, options) if options.ids_field is not None else ArrowTextReader(source, options)

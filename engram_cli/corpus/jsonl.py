@@ -1,0 +1,173 @@
+"""JSON inputs, plain or compressed: JSON lines (`.jsonl`, `.ndjson`, and `.json` files whose first
+character is not `[`) and JSON arrays of records (`.json` starting with `[`).
+
+Each record is an object and one document: its `--text-field` string, or with `--ids-field` its
+list of token ids. Lines are parsed one at a time; an array is parsed one element at a time from
+a growing window of decoded text, so neither form is ever held whole. Errors name the file and
+line (`docs.jsonl:3: ...`) or element (`docs.json[2]: ...`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import BINARY_SNIFF_BYTES, CorpusOptions, DocBatch
+from .compressed import decompression_errors, open_stream
+from .readers import IdReader, IdReading, Span, Tally, TextReader
+from .records import RowBatcher, chosen_field
+from .sources import Source
+from .text import Utf8Lines, skip_binary
+
+# Characters of a JSON array decoded at a time.
+ARRAY_CHARS = 1 << 20
+
+_WHITESPACE = " \t\r\n"
+_DECODER = json.JSONDecoder()
+
+
+class _JsonRecords:
+    """The records of one JSON file with where each came from, counting what was read."""
+
+    def __init__(self, source: Source, options: CorpusOptions) -> None:
+        self.source = source
+        self.field, self.flag = chosen_field(options)
+
+    def records(self, tally: Tally) -> Iterator[tuple[str, Any]]:
+        stream, compression = open_stream(self.source)
+        with stream, decompression_errors(self.source, compression):
+            head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]  # type: ignore[attr-defined]
+            if skip_binary(self.source, head, tally):
+                tally.advance(self.source.size)
+                return
+            first = head.lstrip()[:1]
+            if self.source.kind == "json" and first == b"[":
+                yield from self._array(stream, tally, compression is None)
+            else:
+                yield from self._lines(stream, tally, compression is None)
+        if compression is not None:
+            tally.advance(self.source.size)
+
+    def _lines(self, stream: IO[bytes], tally: Tally, plain: bool) -> Iterator[tuple[str, Any]]:
+        lines = Utf8Lines(tally)
+        for number, line in enumerate(stream, start=1):
+            if plain:
+                tally.advance(len(line))
+            text = lines.decode(line.rstrip(b"\r\n"))
+            if not text.strip():
+                continue
+            where = f"{self.source}:{number}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{where}: not valid JSON ({exc.msg})") from None
+            yield where, record
+
+    def _array(self, stream: IO[bytes], tally: Tally, plain: bool) -> Iterator[tuple[str, Any]]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buffer, pos, ended, index = "", 0, False, 0
+        expect_value = True  # after "[" or ","
+
+        def more() -> bool:
+            nonlocal buffer, pos, ended
+            data = stream.read(ARRAY_CHARS)
+            if plain:
+                tally.advance(len(data))
+            tally.count("text_bytes", len(data))
+            text = decoder.decode(data, final=not data)
+            bad = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+            if bad > 0:
+                tally.count("invalid_utf8", bad)
+            buffer, pos = buffer[pos:] + text, 0
+            ended = not data
+            return bool(data)
+
+        def skip_space() -> bool:
+            nonlocal pos
+            while True:
+                while pos < len(buffer) and buffer[pos] in _WHITESPACE:
+                    pos += 1
+                if pos < len(buffer):
+                    return True
+                if ended or not more():
+                    return False
+
+        skip_space()
+        pos += 1  # the "[" that made this an array
+        while True:
+            if not skip_space():
+                raise FormatError(f"{self.source}: the JSON array ends before its closing ']'")
+            char = buffer[pos]
+            if char == "]":
+                pos += 1
+                if skip_space():
+                    raise FormatError(f"{self.source}: text after the end of the JSON array")
+                return
+            if not expect_value:
+                if char != ",":
+                    raise FormatError(f"{self.source}[{index}]: expected ',' or ']' in the JSON array")
+                pos += 1
+                expect_value = True
+                continue
+            while True:
+                try:
+                    record, end = _DECODER.raw_decode(buffer, pos)
+                    break
+                except json.JSONDecodeError as exc:
+                    # Only an element cut by the window's end is worth more text; others are broken.
+                    cut = exc.msg.startswith("Unterminated string") or not buffer[exc.pos :].strip()
+                    if not cut or ended or not more():
+                        raise FormatError(f"{self.source}[{index}]: not valid JSON ({exc.msg})") from None
+            pos = end
+            expect_value = False
+            yield f"{self.source}[{index}]", record
+            index += 1
+
+    def value(self, where: str, record: Any) -> Any:
+        if not isinstance(record, dict) or self.field not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise FormatError(f"{where}: no {self.field!r} field (has: {keys}); choose the field with {self.flag}")
+        return record[self.field]
+
+
+class JsonTextReader(TextReader):
+    def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
+        records = _JsonRecords(self.source, self.options)
+        for where, record in records.records(tally):
+            value = records.value(where, record)
+            if not isinstance(value, str):
+                raise FormatError(f"{where}: field {records.field!r} is {type(value).__name__}, not a string")
+            if value:
+                yield value
+
+
+class JsonIdReader(IdReader):
+    def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
+        records = _JsonRecords(self.source, self.options)
+        rows = RowBatcher(reading.batch_tokens)
+        for where, record in records.records(tally):
+            value = records.value(where, record)
+            try:
+                ids = np.array(value) if isinstance(value, list) else None
+            except (ValueError, OverflowError):
+                ids = None
+            if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                raise FormatError(f"{where}: field {records.field!r} is not a list of integer token ids")
+            ids = ids.astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= reading.vocab_size):
+                at = int(np.flatnonzero((ids < 0) | (ids >= reading.vocab_size))[0])
+                reason = (
+                    "is negative" if ids[at] < 0 else f"is not below the projection's vocab size {reading.vocab_size}"
+                )
+                raise FormatError(f"{where}: token id {int(ids[at])} at position {at} {reason}")
+            yield from rows.add(ids, np.array([ids.size], np.int64))
+        yield from rows.finish()
+
+
+def make_reader(source: Source, options: CorpusOptions) -> JsonTextReader | JsonIdReader:
+    return JsonIdReader(source, options) if options.ids_field is not None else JsonTextReader(source, options)

@@ -1,0 +1,119 @@
+"""Documents in records (Parquet and Arrow batches, JSON objects): one per record, taken from a
+text field (`--text-field`, tokenized) or from a field of token id lists (`--ids-field`).
+
+Arrow columns are converted a batch at a time: a text column to Python strings (null and empty
+values skipped), a list column to one flat id array plus the length of each row, so pre-tokenized
+records cost no Python loop per row. Rows of ids are gathered into batches of about the batch
+size; a row is never cut, so one batch holds at least one whole row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import CorpusOptions, DocBatch
+from .ids import EMPTY
+from .sources import Source
+from .text import Utf8Lines
+
+
+def chosen_field(options: CorpusOptions) -> tuple[str, str]:
+    """The field documents come from, and the option that chose it."""
+    if options.ids_field is not None:
+        return options.ids_field, "--ids-field"
+    return options.text_field, "--text-field"
+
+
+def require_column(source: Source, names: list[str], options: CorpusOptions) -> str:
+    field, flag = chosen_field(options)
+    if field not in names:
+        raise FormatError(f"{source}: no {field!r} column (has: {', '.join(names)}); choose the column with {flag}")
+    return field
+
+
+def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Iterator[str]:
+    """The non-empty strings of a string or binary Arrow column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        lines.tally.count("text_bytes", int(pc.sum(pc.binary_length(array)).as_py() or 0))
+        for text in array.to_pylist():
+            if text:
+                yield text
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        for data in array.to_pylist():
+            if data:
+                yield lines.decode(data)
+    else:
+        raise FormatError(f"{source}: column {field!r} holds {kind}, not text; for token ids use --ids-field")
+
+
+def arrow_id_rows(array: Any, source: Source, field: str, first_row: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of a list-of-integers Arrow column, flat, and the number of ids of each row;
+    rows are counted from `first_row` in error messages."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind):
+        array, is_list = array.cast(pa.large_list(kind.value_type)), True
+    if not is_list or not pa.types.is_integer(kind.value_type):
+        raise FormatError(f"{source}: column {field!r} holds {kind}, not lists of integer token ids")
+    flat = array.flatten()
+    if flat.null_count:
+        raise FormatError(f"{source}: column {field!r} holds null token ids")
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = flat.to_numpy(zero_copy_only=False)
+    check_rows(ids, lengths, source, first_row, vocab_size)
+    return ids.astype(np.int64, copy=False), lengths
+
+
+def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: int, vocab_size: int) -> None:
+    """Refuse ids outside [0, vocab_size), naming the row and the position in it."""
+    if not ids.size:
+        return
+    if ids.min() >= 0 and ids.max() < vocab_size:
+        return
+    at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+    ends = np.cumsum(lengths)
+    row = int(np.searchsorted(ends, at, side="right"))
+    index = at - int(ends[row] - lengths[row])
+    value = int(ids[at])
+    reason = "is negative" if value < 0 else f"is not below the projection's vocab size {vocab_size}"
+    raise FormatError(f"{source}: token id {value} at position [{first_row + row}, {index}] {reason}")
+
+
+class RowBatcher:
+    """Rows of ids gathered into `DocBatch`es of at least `batch_tokens` ids (the last one fewer)."""
+
+    def __init__(self, batch_tokens: int) -> None:
+        self.batch_tokens = batch_tokens
+        self.ids: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> Iterator[DocBatch]:
+        if ids.size:
+            self.ids.append(ids)
+            self.lengths.append(lengths)
+            self.size += ids.size
+        if self.size >= self.batch_tokens:
+            yield self.take()
+
+    def finish(self) -> Iterator[DocBatch]:
+        if self.size:
+            yield self.take()
+
+    def take(self) -> DocBatch:
+        ids = np.concatenate(self.ids) if len(self.ids) > 1 else self.ids[0]
+        lengths = np.concatenate(self.lengths) if len(self.lengths) > 1 else self.lengths[0]
+        starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+        self.ids, self.lengths, self.size = [], [], 0
+        return DocBatch(ids, starts.astype(np.int64, copy=False), EMPTY)
