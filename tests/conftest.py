@@ -63,10 +63,10 @@ def shipped_tokenizer(name: str) -> Path:
 
 
 def run_engram(
-    *args: str, check: bool = False, cwd: Path | None = None, timeout: float = 600
+    *args: str, check: bool = False, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess, as a user would."""
-    env = {**os.environ, "COLUMNS": "200"}
+    """Run the real CLI in a subprocess, as a user would (`env` adds environment variables)."""
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "engram_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )

@@ -20,11 +20,13 @@ MEGATRON_CODES = {np.dtype("uint8"): 1, np.dtype("int8"): 2, np.dtype("int16"): 
                   np.dtype("int64"): 5, np.dtype("uint16"): 8}  # fmt: skip
 
 
-def megatron_index(lengths: list[int], doc_index: list[int], dtype: np.dtype, pointers: list[int] | None = None) -> bytes:
+def megatron_index(
+    lengths: list[int], doc_index: list[int], dtype: np.dtype, pointers: list[int] | None = None
+) -> bytes:
     """An MMIDIDX index, laid out field by field as the format defines it."""
     lengths_a = np.asarray(lengths, dtype="<i4")
     if pointers is None:
-        pointers = list(np.concatenate([[0], np.cumsum(lengths_a, dtype=np.int64)[:-1]]) * dtype.itemsize)
+        pointers = list((np.cumsum(lengths_a, dtype=np.int64) - lengths_a) * dtype.itemsize)
     header = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", MEGATRON_CODES[np.dtype(dtype)])
     header += struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_index))
     body = lengths_a.tobytes() + np.asarray(pointers, dtype="<i8").tobytes() + np.asarray(doc_index, "<i8").tobytes()

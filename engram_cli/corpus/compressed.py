@@ -39,40 +39,38 @@ def compression_of(head: bytes) -> str | None:
     return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
 
 
-def open_stream(source: Source) -> tuple[IO[bytes], str | None]:
-    """The decompressed bytes of a file (buffered, with `peek`), and the compression found."""
-    raw = source.open()
-    try:
+@contextlib.contextmanager
+def open_stream(source: Source) -> Iterator[tuple[IO[bytes], str | None]]:
+    """The decompressed bytes of a file (buffered, with `peek`) and the compression found, for
+    the length of a `with` block; decompression errors inside it name the file."""
+    with source.open() as raw:
         head = raw.read(6)
         raw.seek(0)
-    except OSError:
-        raw.close()
-        raise
-    found = compression_of(head)
-    promised = SUFFIXES.get(source.path.suffix.lower())
-    if promised and promised != found:
-        raw.close()
-        what = f"{found} data" if found else "not compressed"
-        raise FormatError(f"{source}: the name says {promised}, but the file is {what}")
-    if found is None:
-        return (raw if hasattr(raw, "peek") else io.BufferedReader(raw)), None  # type: ignore[arg-type]
-    if found == "gzip":
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif found == "xz":
-        stream = lzma.LZMAFile(raw, "rb")
-    elif found == "bz2":
-        stream = bz2.BZ2File(raw, "rb")
-    else:
-        stream = io.BufferedReader(_ZstdReader(raw), buffer_size=READ_BYTES)
-    return stream, found
+        found = compression_of(head)
+        promised = SUFFIXES.get(source.path.suffix.lower())
+        if promised and promised != found:
+            what = f"{found} data" if found else "not compressed"
+            raise FormatError(f"{source}: the name says {promised}, but the file is {what}")
+        if found is None:
+            yield (raw if hasattr(raw, "peek") else io.BufferedReader(raw)), None  # type: ignore[arg-type]
+            return
+        with _decompressed(raw, found) as stream, decompression_errors(source, found):
+            yield stream, found
+
+
+def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(raw, "rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, "rb")
+    return io.BufferedReader(_ZstdReader(raw), buffer_size=READ_BYTES)
 
 
 @contextlib.contextmanager
-def decompression_errors(source: Source, compression: str | None) -> Iterator[None]:
+def decompression_errors(source: Source, compression: str) -> Iterator[None]:
     """Turn a decompressor's complaint into a one-line error that names the file."""
-    if compression is None:
-        yield
-        return
     import zstandard
 
     try:
@@ -115,7 +113,3 @@ class _ZstdReader(io.RawIOBase):
         buffer[:count] = self._out[:count]
         self._out = self._out[count:]
         return count
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()

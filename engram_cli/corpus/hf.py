@@ -74,7 +74,9 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
     """The Arrow cache files of a Hub dataset, loaded (or, offline, found in the cache) by `datasets`."""
     try:
         import datasets
-    except ImportError:
+    except ImportError as exc:
+        if exc.name != "datasets":
+            raise UsageError(f"cannot read Hub dataset {dataset_id}: importing datasets failed ({exc})") from None
         raise UsageError(
             f"no such corpus file or folder: {dataset_id}; to read it as a Hub dataset id, "
             "install the datasets package (pip install datasets)"
@@ -85,7 +87,7 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
     progress = datasets.are_progress_bars_disabled()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.config.HF_HUB_OFFLINE = offline or was_offline
+    datasets.config.HF_HUB_OFFLINE = offline or was_offline  # read by load_dataset at call time
     try:
         loaded = datasets.load_dataset(dataset_id, name=config, split=split)
     except Exception as exc:  # datasets raises many kinds for missing, gated or uncached datasets

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import BINARY_SNIFF_BYTES, CorpusOptions, DocBatch
-from .compressed import decompression_errors, open_stream
+from .compressed import open_stream
 from .readers import IdReader, IdReading, Span, Tally, TextReader
 from .records import RowBatcher, chosen_field
 from .sources import Source
@@ -28,6 +28,8 @@ from .text import Utf8Lines, skip_binary
 ARRAY_CHARS = 1 << 20
 
 _WHITESPACE = " \t\r\n"
+# Longest JSON token that parsing can fail at the start of when cut short (`\uXXXX`, `false`).
+_LONGEST_TOKEN = 16
 _DECODER = json.JSONDecoder()
 
 
@@ -39,8 +41,7 @@ class _JsonRecords:
         self.field, self.flag = chosen_field(options)
 
     def records(self, tally: Tally) -> Iterator[tuple[str, Any]]:
-        stream, compression = open_stream(self.source)
-        with stream, decompression_errors(self.source, compression):
+        with open_stream(self.source) as (stream, compression):
             head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]  # type: ignore[attr-defined]
             if skip_binary(self.source, head, tally):
                 tally.advance(self.source.size)
@@ -119,8 +120,9 @@ class _JsonRecords:
                     record, end = _DECODER.raw_decode(buffer, pos)
                     break
                 except json.JSONDecodeError as exc:
-                    # Only an element cut by the window's end is worth more text; others are broken.
-                    cut = exc.msg.startswith("Unterminated string") or not buffer[exc.pos :].strip()
+                    # An element cut by the window's end fails at (or a token before) the end, or
+                    # inside an unterminated string; only those are worth more text.
+                    cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(buffer) - _LONGEST_TOKEN
                     if not cut or ended or not more():
                         raise FormatError(f"{self.source}[{index}]: not valid JSON ({exc.msg})") from None
             pos = end

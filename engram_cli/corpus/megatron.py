@@ -83,7 +83,11 @@ class MegatronIndex:
             raise FormatError(f"{data}: {self.data_bytes:,} bytes is not a whole number of {self.dtype.name} ids")
         self.tokens = self.data_bytes // itemsize
         self.ids = IdFile(data, self.dtype, (self.tokens,), 0)
-        if documents < 1 or self.doc_index.read(0, 1)[0] != 0 or self.doc_index.read(documents - 1, documents)[0] != count:
+        if (
+            documents < 1
+            or self.doc_index.read(0, 1)[0] != 0
+            or self.doc_index.read(documents - 1, documents)[0] != count
+        ):
             raise FormatError(f"{index}: document indices must run from 0 to the sequence count {count:,}")
         end = 0
         if count:
@@ -106,7 +110,9 @@ class MegatronIndex:
         """Id offset where document `document` starts (the end of the ids for the last index)."""
         sequence = int(self.doc_index.read(document, document + 1)[0])
         if not 0 <= sequence <= self.count:
-            raise FormatError(f"{self.index}: document index {document:,} points at sequence {sequence:,} of {self.count:,}")
+            raise FormatError(
+                f"{self.index}: document index {document:,} points at sequence {sequence:,} of {self.count:,}"
+            )
         return self._pointer(sequence) // self.dtype.itemsize
 
     def first_doc_from(self, position: int) -> int:

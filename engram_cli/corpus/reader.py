@@ -187,7 +187,9 @@ class Corpus:
         nonempty = lengths > 0
         starts = (ends - lengths)[nonempty]
         self.projection.check_ids(ids)
-        runs = [(name, int(ends[i])) for i, name in enumerate(formats) if i + 1 == len(formats) or formats[i + 1] != name]
+        runs = [
+            (name, int(ends[i])) for i, name in enumerate(formats) if i + 1 == len(formats) or formats[i + 1] != name
+        ]
         return DocBatch(ids, starts, formats=tuple(runs))
 
     # pre-tokenized ids ------------------------------------------------------------------

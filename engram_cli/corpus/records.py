@@ -54,7 +54,9 @@ def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Ite
         raise FormatError(f"{source}: column {field!r} holds {kind}, not text; for token ids use --ids-field")
 
 
-def arrow_id_rows(array: Any, source: Source, field: str, first_row: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def arrow_id_rows(
+    array: Any, source: Source, field: str, first_row: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The ids of a list-of-integers Arrow column, flat, and the number of ids of each row;
     rows are counted from `first_row` in error messages."""
     import pyarrow as pa

@@ -310,4 +310,3 @@ def read_json(files: _Files, path: PurePath) -> Any:
         return json.loads(files.read_text(path))
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path}: not readable JSON ({_reason(exc)})") from None
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .base import BINARY_SNIFF_BYTES, CorpusOptions
-from .compressed import decompression_errors, open_stream
+from .compressed import open_stream
 from .readers import Span, Tally, TextReader
 from .sources import Source
 
@@ -56,8 +56,7 @@ def skip_binary(source: Source, head: bytes, tally: Tally) -> bool:
 
 class TextFileReader(TextReader):
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
-        stream, compression = open_stream(self.source)
-        with stream, decompression_errors(self.source, compression):
+        with open_stream(self.source) as (stream, compression):
             if skip_binary(self.source, stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES], tally):  # type: ignore[attr-defined]
                 tally.advance(self.source.size)
                 return
