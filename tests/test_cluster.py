@@ -272,3 +272,50 @@ def test_cluster_refuses_max_tokens(cluster):
             options=CorpusOptions(max_tokens=100),
             client=cluster[1],
         )
+
+
+def test_cluster_inspect_splits_parquet_and_megatron_exactly(tmp_path, cluster):
+    """Row groups of Parquet files and id ranges of a Megatron dataset read by separate tasks,
+    next to whole compressed JSON lines: the local numbers, per format too."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    from engram_cli.corpus.base import CorpusOptions
+    from engram_cli.inspection import inspect
+
+    from corpus_forms import write_megatron
+
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(0, 60, size=int(rng.integers(1, 400))).tolist() for _ in range(120)]
+    write_megatron(tmp_path / "mega", docs[:60], piece=50)
+    pq.write_table(pa.table({"input_ids": docs[60:]}), tmp_path / "ids.parquet", row_group_size=6)
+    (tmp_path / "ids.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("".join(json.dumps({"ids": d}) + "\n" for d in docs[:10]).encode())
+    )
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        "[engram]\nlayer_ids = [1]\nmax_ngram_size = 3\nn_head_per_ngram = 2\n"
+        "engram_vocab_size = [97, 89]\nn_embed_per_ngram = 8\npad_id = 0\n"
+    )
+    projection = tmp_path / "p.safetensors"
+    VocabProjection(__import__("numpy").arange(64) % 23).save(projection)
+    kwargs = dict(
+        projection=projection,
+        corpus=[tmp_path / "mega", tmp_path / "ids.parquet", tmp_path / "ids.jsonl.zst"],
+        options=CorpusOptions(ids_field="ids"),
+        show_progress=False,
+    )
+    with pytest.raises(EngramError, match="no 'ids' column"):
+        inspect(str(spec), **kwargs)
+    pq.write_table(pa.table({"ids": docs[60:]}), tmp_path / "ids.parquet", row_group_size=6)
+    local = inspect(str(spec), **kwargs)
+    remote = inspect(str(spec), scheduler=cluster[0].scheduler_address, part_ids=500, **kwargs)
+    assert _numbers(local) == _numbers(remote)
+    assert local.corpus.formats == {
+        "megatron": {"files": 1, "documents": 60, "tokens": sum(map(len, docs[:60]))},
+        "parquet": {"files": 1, "documents": 60, "tokens": sum(map(len, docs[60:]))},
+        "jsonl": {"files": 1, "documents": 10, "tokens": sum(map(len, docs[:10]))},
+    }

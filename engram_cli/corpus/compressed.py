@@ -18,7 +18,7 @@ import io
 import lzma
 import zlib
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from ..errors import FormatError
 from .sources import Source
@@ -52,13 +52,13 @@ def open_stream(source: Source) -> Iterator[tuple[IO[bytes], str | None]]:
             what = f"{found} data" if found else "not compressed"
             raise FormatError(f"{source}: the name says {promised}, but the file is {what}")
         if found is None:
-            yield (raw if hasattr(raw, "peek") else io.BufferedReader(raw)), None  # type: ignore[arg-type]
+            yield (raw if hasattr(raw, "peek") else io.BufferedReader(raw)), None  # type: ignore[type-var]
             return
         with _decompressed(raw, found) as stream, decompression_errors(source, found):
             yield stream, found
 
 
-def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
+def _decompressed(raw: IO[bytes], compression: str) -> Any:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "xz":
@@ -88,7 +88,7 @@ class _ZstdReader(io.RawIOBase):
 
         self._raw = raw
         self._context = zstandard.ZstdDecompressor()
-        self._frame = None
+        self._frame: Any = None
         self._pending = b""
         self._out = memoryview(b"")
 

@@ -2,7 +2,8 @@
 
 Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer uses every
 core) on a background thread, so reading and tokenizing overlap with whatever consumes the
-batches; text inputs come first, then pre-tokenized ones, each in input order. The summary
+batches; pre-tokenized inputs are read on a background thread too. Text inputs come first,
+then pre-tokenized ones, each in input order. The summary
 counts what was read, per format too, as batches are consumed, and `max_tokens` cuts the
 last batch to fit.
 """
@@ -108,14 +109,16 @@ class Corpus:
         text_sources = [s for s in self.sources if reads_text(s, self.options)]
         id_sources = [s for s in self.sources if not reads_text(s, self.options)]
         self.summary.tokenized = bool(text_sources)
-        prefetch = _Prefetch(lambda stop: self._text_batches(text_sources, stop)) if text_sources else None
+        producers = []
+        if text_sources:
+            producers.append(lambda stop: self._text_batches(text_sources, stop))
+        if id_sources:
+            producers.append(lambda stop: self._id_batches(id_sources, stop))
         summary = self.summary
-        try:
-            streams = [iter(prefetch)] if prefetch else []
-            if id_sources:
-                streams.append(self._id_batches(id_sources))
-            for stream in streams:
-                for batch in stream:
+        for produce in producers:  # one after the other: readers report to one tally
+            prefetch = _Prefetch(produce)
+            try:
+                for batch in prefetch:
                     summary.add_read(batch.read)
                     if limit is not None and summary.tokens + batch.tokens > limit:
                         batch = batch.cut(limit - summary.tokens)
@@ -128,8 +131,7 @@ class Corpus:
                         yield batch
                     if summary.truncated:
                         return
-        finally:
-            if prefetch is not None:
+            finally:
                 prefetch.close()
 
     # text ------------------------------------------------------------------------------
@@ -194,10 +196,12 @@ class Corpus:
 
     # pre-tokenized ids ------------------------------------------------------------------
 
-    def _id_batches(self, sources: list[Source]) -> Iterator[DocBatch]:
+    def _id_batches(self, sources: list[Source], stop: threading.Event) -> Iterator[DocBatch]:
         reading = IdReading(self.id_batch_tokens, self.context, self.projection.vocab_size)
         span = self._span()
         for source in sources:
+            if stop.is_set():
+                return
             self._start(source, span)
             reader = open_reader(source, self.options)
             assert isinstance(reader, IdReader)

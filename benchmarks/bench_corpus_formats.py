@@ -1,0 +1,130 @@
+"""Reading is not the bottleneck: `engram inspect` on the same documents in each corpus format.
+
+1. Pre-tokenized: the same ids as a 1-D `.npy` stream cut at `--doc-sep` (the baseline), as a
+   Parquet list-of-ids column, and as a Megatron `.bin` + `.idx` pair; the whole statistics job
+   (read, count, every statistic) and reading alone, tokens/s against the `.npy` baseline.
+2. Text: the same documents as plain `.txt` files (the baseline), as a Parquet text column and
+   as `.jsonl.zst`; the whole job (read, decompress, tokenize, count, every statistic).
+
+The documents are the Python standard library's `.py` files (site-packages excluded), one per
+file; the ids case repeats their token ids up to `--ids-tokens`. Every form must give the same
+numbers, which the benchmark checks before timing.
+
+Run: .venv/bin/python benchmarks/bench_corpus_formats.py [--text-mb 6] [--ids-tokens 12000000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+from engram_cli.collisions.statistics import collision_statistics
+from engram_cli.corpus.base import CorpusOptions
+from engram_cli.corpus.reader import Corpus
+from engram_cli.inspection import InspectReport
+from engram_cli.spec import load_spec
+from engram_cli.vocab import default_projection
+
+from bench_inspect import SEP, read_texts, stdlib_files
+from common import interleaved, markdown_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from corpus_forms import write_megatron  # noqa: E402
+
+
+def numbers(spec, projection, layers) -> dict:
+    return InspectReport(source="", spec=spec, projection=projection, layers=layers).to_json()["layers"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--text-mb", type=float, default=6.0, help="MB of stdlib source for the text case")
+    parser.add_argument("--ids-tokens", type=int, default=12_000_000, help="token ids in the pre-tokenized case")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    spec = load_spec("engram-demo-v1")
+    projection = default_projection()
+    files = stdlib_files()
+    subset, size = [], 0
+    for f in files:
+        if size >= args.text_mb * 1e6:
+            break
+        subset.append(f)
+        size += f.stat().st_size
+    texts = [t for t in read_texts(subset) if t]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        encodings = projection.tokenizer().encode_batch_fast(texts, add_special_tokens=False)
+        base_docs = [e.ids for e in encodings if len(e)]
+        docs, tokens = [], 0
+        while tokens < args.ids_tokens:
+            for doc in base_docs:
+                docs.append(doc)
+                tokens += len(doc)
+                if tokens >= args.ids_tokens:
+                    break
+        np.save(root / "ids.npy", np.array([v for d in docs for v in [*d, SEP]], np.int32))
+        pq.write_table(pa.table({"input_ids": pa.array(docs, pa.list_(pa.int32()))}), root / "ids.parquet")
+        write_megatron(root / "ids", docs, dtype="int32", piece=1 << 30)
+        id_forms = {
+            ".npy, --doc-sep (baseline)": ([root / "ids.npy"], CorpusOptions(doc_sep=SEP)),
+            "Parquet list<int32> column": ([root / "ids.parquet"], CorpusOptions(ids_field="input_ids")),
+            "Megatron .bin + .idx": ([root / "ids"], CorpusOptions()),
+        }
+
+        (root / "txt").mkdir()
+        for i, text in enumerate(texts):
+            (root / "txt" / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+        pq.write_table(pa.table({"text": texts}), root / "text.parquet")
+        lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        (root / "text.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+        text_forms = {
+            ".txt files (baseline)": ([root / "txt"], CorpusOptions()),
+            "Parquet text column": ([root / "text.parquet"], CorpusOptions()),
+            ".jsonl.zst": ([root / "text.jsonl.zst"], CorpusOptions()),
+        }
+
+        def job(paths, options):
+            return lambda: collision_statistics(spec, projection, Corpus(paths, projection, options, context=2))[0]
+
+        def read_only(paths, options):
+            return lambda: sum(b.tokens for b in Corpus(paths, projection, options, context=2).batches())
+
+        for title, forms, count in (("pre-tokenized", id_forms, tokens), ("text", text_forms, None)):
+            reference = None
+            for name, (paths, options) in forms.items():
+                got = numbers(spec, projection, job(paths, options)())
+                reference = reference or got
+                assert got == reference, name
+            if count is None:
+                paths, options = next(iter(forms.values()))
+                corpus = Corpus(paths, projection, options, context=2)
+                count = sum(b.tokens for b in corpus.batches())
+                detail = f"{len(texts):,} stdlib files, {size / 1e6:.1f} MB, {count:,} tokens"
+            else:
+                detail = f"{len(docs):,} documents, {count:,} tokens"
+            medians = interleaved({name: job(*form) for name, form in forms.items()}, args.repeats)
+            base = next(iter(medians.values()))
+            rows = [[name, f"{t:.2f}", f"{count / t / 1e6:.2f}", f"{base / t:.2f}x"] for name, t in medians.items()]
+            if title == "pre-tokenized":
+                reads = interleaved({name: read_only(*form) for name, form in forms.items()}, args.repeats)
+                read_base = next(iter(reads.values()))
+                for row, t in zip(rows, reads.values()):
+                    row += [f"{count / t / 1e6:.0f}", f"{read_base / t:.2f}x"]
+            header = ["inspect " + title, "median s", "M tokens/s", "speed vs baseline"]
+            if title == "pre-tokenized":
+                header += ["reading alone, M tokens/s", "vs baseline"]
+            print(f"\n{title.capitalize()}: {detail}, engram-demo-v1, identical numbers in every form\n")
+            print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
