@@ -36,7 +36,7 @@ from bench_inspect import SEP, read_texts, stdlib_files
 from common import interleaved, markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from corpus_forms import write_megatron  # noqa: E402
+from corpus_forms import write_megatron
 
 
 def numbers(spec, projection, layers) -> dict:

@@ -4,7 +4,7 @@ text field (`--text-field`, tokenized) or from a field of token id lists (`--ids
 Arrow columns are converted a batch at a time: a text column to Python strings (null and empty
 values skipped), a list column to one flat id array plus the length of each row, so pre-tokenized
 records cost no Python loop per row. Rows of ids are gathered into batches of about the batch
-size; a row is never cut, so one batch holds at least one whole row.
+size; a row is never cut, so a batch holds at least one whole row.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: 
 
 
 class RowBatcher:
-    """Rows of ids gathered into `DocBatch`es of at least `batch_tokens` ids (the last one fewer)."""
+    """Rows of ids gathered into `DocBatch`es of about `batch_tokens` ids: pieces are added whole,
+    and a batch is handed over before a piece would take it past `batch_tokens`."""
 
     def __init__(self, batch_tokens: int) -> None:
         self.batch_tokens = batch_tokens
@@ -102,6 +103,8 @@ class RowBatcher:
         self.size = 0
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> Iterator[DocBatch]:
+        if self.size and self.size + ids.size > self.batch_tokens:
+            yield self.take()
         if ids.size:
             self.ids.append(ids)
             self.lengths.append(lengths)
