@@ -86,9 +86,7 @@ def _read_hub(repo_id: str) -> bytes:
         return Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)).read_bytes()
     except Exception:  # not cached: the hub client says so with several exception types
         pass
-    offline = "offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else None
-    if offline is None and not _reachable(constants.ENDPOINT):
-        offline = f"{constants.ENDPOINT} cannot be reached"
+    offline = hub_offline()
     if offline:
         raise EngramError(
             f"cannot fetch Hub repo {repo_id!r}: {offline}, and its tokenizer.json is not in the local "
@@ -101,6 +99,17 @@ def _read_hub(repo_id: str) -> bytes:
         raise EngramError(
             f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {reason}"
         ) from None
+
+
+def hub_offline() -> str | None:
+    """Why the Hub cannot be used now (offline mode, or its endpoint out of reach), or None."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline (HF_HUB_OFFLINE)"
+    if not _reachable(constants.ENDPOINT):
+        return f"{constants.ENDPOINT} cannot be reached"
+    return None
 
 
 def _reachable(endpoint: str) -> bool:

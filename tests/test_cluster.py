@@ -300,19 +300,16 @@ def test_cluster_inspect_splits_parquet_and_megatron_exactly(tmp_path, cluster):
         "[engram]\nlayer_ids = [1]\nmax_ngram_size = 3\nn_head_per_ngram = 2\n"
         "engram_vocab_size = [97, 89]\nn_embed_per_ngram = 8\npad_id = 0\n"
     )
-    projection = tmp_path / "p.safetensors"
-    VocabProjection(__import__("numpy").arange(64) % 23).save(projection)
     kwargs = dict(
-        projection=projection,
+        projection=VocabProjection(np.arange(64) % 23),
         corpus=[tmp_path / "mega", tmp_path / "ids.parquet", tmp_path / "ids.jsonl.zst"],
         options=CorpusOptions(ids_field="ids"),
-        show_progress=False,
     )
     with pytest.raises(EngramError, match="no 'ids' column"):
-        inspect(str(spec), **kwargs)
+        inspect(load_spec(spec), **kwargs)
     pq.write_table(pa.table({"ids": docs[60:]}), tmp_path / "ids.parquet", row_group_size=6)
-    local = inspect(str(spec), **kwargs)
-    remote = inspect(str(spec), scheduler=cluster[0].scheduler_address, part_ids=500, **kwargs)
+    local = inspect(load_spec(spec), **kwargs)
+    remote = inspect(load_spec(spec), client=cluster[1], part_ids=500, **kwargs)
     assert _numbers(local) == _numbers(remote)
     assert local.corpus.formats == {
         "megatron": {"files": 1, "documents": 60, "tokens": sum(map(len, docs[:60]))},

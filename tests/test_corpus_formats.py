@@ -82,6 +82,7 @@ CLI_FORMS = ("txt", "jsonl.zst", "json-array.xz", "parquet", "npy", "parquet-ids
 def in_process(args: list[str]) -> dict:
     """`engram inspect demo --corpus ARGS --json`, called as a library."""
     from engram_cli.inspection import inspect
+    from engram_cli.spec import load_spec
 
     flags = {"--text-field": "text_field", "--ids-field": "ids_field", "--split": "split", "--doc-sep": "doc_sep"}
     paths, options, rest = [], {}, iter(args)
@@ -91,7 +92,7 @@ def in_process(args: list[str]) -> dict:
             options[flags[arg]] = int(value) if arg == "--doc-sep" else value
         else:
             paths.append(arg)
-    return inspect("demo", corpus=paths, options=CorpusOptions(**options), show_progress=False).to_json()
+    return inspect(load_spec("demo"), corpus=paths, options=CorpusOptions(**options)).to_json()
 
 
 def test_every_form_of_the_same_documents_gives_the_same_statistics(tmp_path, texts, docs):
@@ -185,7 +186,13 @@ def test_corrupt_and_truncated_files_are_one_line_errors(tmp_path, texts, docs):
     (tmp_path / "short.bin").write_bytes((tmp_path / "short.bin").read_bytes()[:-8])
     cases.append(([str(tmp_path / "short.bin")], r"short.idx: its sequences end at byte .* but short.bin holds", None))
     offline = {"HF_HOME": str(tmp_path / "empty-home"), "HF_HUB_OFFLINE": "1"}
-    cases.append((["nobody/nothing-here"], r"nor a Hub dataset in the local Hugging Face cache \(offline\)", offline))
+    cases.append(
+        (
+            ["nobody/nothing-here"],
+            r"nor a Hub dataset in the local Hugging Face cache .*; the Hub cannot be used: offline",
+            offline,
+        )
+    )
     for url, package in (("s3://bucket/corpus/", "s3fs"), ("gs://bucket/corpus/", "gcsfs")):
         if importlib.util.find_spec(package) is None:
             cases.append(([url], rf"reading \w+:// URLs needs the {package} package: pip install {package}", None))

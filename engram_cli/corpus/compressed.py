@@ -95,7 +95,7 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def,override]
+    def readinto(self, buffer: Any) -> int:
         while not len(self._out):
             data = self._pending or self._raw.read(READ_BYTES)
             self._pending = b""

@@ -14,7 +14,6 @@ a document, from the `--text-field` column or the `--ids-field` list column, as 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any
@@ -81,13 +80,15 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
             f"no such corpus file or folder: {dataset_id}; to read it as a Hub dataset id, "
             "install the datasets package (pip install datasets)"
         ) from None
-    offline = _offline()
+    from ..tokenizer import hub_offline
+
+    offline = "offline (HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else hub_offline()
     verbosity = datasets.utils.logging.get_verbosity()
     was_offline = datasets.config.HF_HUB_OFFLINE
     progress = datasets.are_progress_bars_disabled()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.config.HF_HUB_OFFLINE = offline or was_offline  # read by load_dataset at call time
+    datasets.config.HF_HUB_OFFLINE = bool(offline)  # read by load_dataset at call time: use the cache alone
     try:
         loaded = datasets.load_dataset(dataset_id, name=config, split=split)
     except Exception as exc:  # datasets raises many kinds for missing, gated or uncached datasets
@@ -96,7 +97,7 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
         if offline:
             raise EngramError(
                 f"no such corpus file or folder: {dataset_id}, nor a Hub dataset in the local Hugging Face "
-                f"cache (offline): {reason}"
+                f"cache ({reason}); the Hub cannot be used: {offline}"
             ) from None
         raise EngramError(f"cannot load Hub dataset {dataset_id}: {reason}") from None
     finally:
@@ -112,17 +113,6 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
         raise EngramError(f"Hub dataset {dataset_id} has no cache files to read")
     local = _Files()
     return [local.source(Path(name), "hf-dataset", False) for name in names]
-
-
-def _offline() -> bool:
-    """Offline as huggingface_hub sees it, or with the Hub out of reach."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    from ..tokenizer import _hub_reachable
-
-    return not _hub_reachable()
 
 
 def _reason(exc: BaseException) -> str:
