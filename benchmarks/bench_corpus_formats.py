@@ -5,18 +5,22 @@
    (read, count, every statistic) and reading alone, tokens/s against the `.npy` baseline.
 2. Text: the same documents as plain `.txt` files (the baseline), as a Parquet text column and
    as `.jsonl.zst`; the whole job (read, decompress, tokenize, count, every statistic).
+3. Memory: a fresh process reads every batch of `--memory-tokens` random ids in each pre-tokenized
+   form; its peak RSS against the file's size shows that reading holds batches, not files.
 
 The documents are the Python standard library's `.py` files (site-packages excluded), one per
 file; the ids case repeats their token ids up to `--ids-tokens`. Every form must give the same
 numbers, which the benchmark checks before timing.
 
-Run: .venv/bin/python benchmarks/bench_corpus_formats.py [--text-mb 6] [--ids-tokens 12000000] [--repeats 5]
+Run: .venv/bin/python benchmarks/bench_corpus_formats.py [--text-mb 4] [--ids-tokens 12000000]
+     [--memory-tokens 60000000] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +40,45 @@ from bench_inspect import SEP, read_texts, stdlib_files
 from common import interleaved, markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from corpus_forms import write_megatron
+from corpus_forms import megatron_index, write_megatron
+
+# Read every batch of one corpus in a fresh process; print its peak RSS (VmHWM, Linux) in KiB.
+_READ_ALL = (
+    "import sys; from engram_cli.corpus.base import CorpusOptions; from engram_cli.corpus.reader import Corpus; "
+    "from engram_cli.vocab import VocabProjection; import numpy as np; "
+    "ids = sys.argv[2] or None; corpus = Corpus([sys.argv[1]], VocabProjection(np.arange(1 << 17)), "
+    "CorpusOptions(ids_field=ids, doc_sep=int(sys.argv[3]) if sys.argv[3] else None), context=2); "
+    "n = sum(b.tokens for b in corpus.batches()); "
+    "print(n, [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+)
+
+
+def memory_forms(root: Path, tokens: int) -> dict[str, tuple[Path, str, str, int]]:
+    """Random documents of about 2,000 ids as .npy, Parquet and Megatron, written from numpy."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 4000, size=tokens // 2000 + 1)
+    values = rng.integers(2, 1 << 17, size=int(lengths.sum()), dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    stream = np.insert(values, offsets[1:], SEP)
+    np.save(root / "big.npy", stream)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    pq.write_table(pa.table({"input_ids": column}), root / "big.parquet", row_group_size=4096)
+    values.tofile(root / "big.bin")
+    (root / "big.idx").write_bytes(megatron_index(lengths.tolist(), list(range(lengths.size + 1)), np.dtype("int32")))
+    size = {name: (root / name).stat().st_size for name in ("big.npy", "big.parquet", "big.bin", "big.idx")}
+    return {
+        ".npy, --doc-sep": (root / "big.npy", "", str(SEP), size["big.npy"]),
+        "Parquet list<int32> column": (root / "big.parquet", "input_ids", "", size["big.parquet"]),
+        "Megatron .bin + .idx": (root / "big", "", "", size["big.bin"] + size["big.idx"]),
+    }
+
+
+def peak_rss(path: Path, ids_field: str, doc_sep: str) -> tuple[int, int]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_ALL, str(path), ids_field, doc_sep], capture_output=True, text=True, check=True
+    )
+    tokens, kib = proc.stdout.split()
+    return int(tokens), int(kib) * 1024
 
 
 def numbers(spec, projection, layers) -> dict:
@@ -47,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--text-mb", type=float, default=6.0, help="MB of stdlib source for the text case")
     parser.add_argument("--ids-tokens", type=int, default=12_000_000, help="token ids in the pre-tokenized case")
+    parser.add_argument("--memory-tokens", type=int, default=60_000_000, help="random ids in the memory case")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     spec = load_spec("engram-demo-v1")
@@ -124,6 +167,13 @@ def main() -> None:
                 header += ["reading alone, M tokens/s", "vs baseline"]
             print(f"\n{title.capitalize()}: {detail}, engram-demo-v1, identical numbers in every form\n")
             print(markdown_table(header, rows))
+
+        rows = []
+        for name, (path, ids_field, doc_sep, size) in memory_forms(root, args.memory_tokens).items():
+            count, peak = peak_rss(path, ids_field, doc_sep)
+            rows.append([name, f"{size / 1e6:.0f} MB", f"{count:,}", f"{peak / 1e6:.0f} MB"])
+        print(f"\nMemory: reading every batch of {args.memory_tokens:,} random ids, in a fresh process\n")
+        print(markdown_table(["input", "on disk", "tokens read", "peak RSS"], rows))
 
 
 if __name__ == "__main__":
