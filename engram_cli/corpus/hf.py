@@ -22,13 +22,13 @@ from ..errors import EngramError, FormatError, UsageError
 from .base import CorpusOptions, DocBatch
 from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
 from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
-from .sources import Source, _Files, read_json
+from .sources import Files, Source, read_json
 from .text import Utf8Lines
 
 _ARROW_FILE_MAGIC = b"ARROW1"
 
 
-def is_dataset_folder(files: _Files, folder: PurePath) -> bool:
+def is_dataset_folder(files: Files, folder: PurePath) -> bool:
     """Whether a folder was written by `save_to_disk` (a Dataset or a DatasetDict)."""
     if files.is_file(folder / "dataset_dict.json"):
         return True
@@ -41,7 +41,7 @@ def is_dataset_folder(files: _Files, folder: PurePath) -> bool:
         return False
 
 
-def dataset_folder_sources(files: _Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
+def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
     """The Arrow files of a `save_to_disk` folder, in order; a DatasetDict's split by `split`."""
     listing = folder / "dataset_dict.json"
     if files.is_file(listing):
@@ -111,7 +111,7 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
     names = [entry["filename"] for entry in loaded.cache_files]
     if not names:
         raise EngramError(f"Hub dataset {dataset_id} has no cache files to read")
-    local = _Files()
+    local = Files()
     return [local.source(Path(name), "hf-dataset", False) for name in names]
 
 

@@ -100,7 +100,7 @@ class MegatronIndex:
                 f"{index}: its sequences end at byte {end:,}, but {data.name} holds {self.data_bytes:,} bytes"
             )
 
-    def _pointer(self, sequence: int) -> int:
+    def pointer(self, sequence: int) -> int:
         """Byte offset of a sequence; the end of the data for `sequence == count`."""
         if sequence >= self.count:
             return self.data_bytes
@@ -113,7 +113,7 @@ class MegatronIndex:
             raise FormatError(
                 f"{self.index}: document index {document:,} points at sequence {sequence:,} of {self.count:,}"
             )
-        return self._pointer(sequence) // self.dtype.itemsize
+        return self.pointer(sequence) // self.dtype.itemsize
 
     def first_doc_from(self, position: int) -> int:
         """The first document (counting the end marker D-1) that starts at or after `position`."""
@@ -150,7 +150,7 @@ class MegatronIndex:
         lo, hi = 0, self.count
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._pointer(mid) <= target:
+            if self.pointer(mid) <= target:
                 lo = mid + 1
             else:
                 hi = mid
@@ -167,11 +167,11 @@ class _SequenceCheck:
     def through(self, position: int) -> None:
         """Check every sequence that holds ids before `position`."""
         index, itemsize = self.index, self.index.dtype.itemsize
-        while self.next < index.count and index._pointer(self.next) < position * itemsize:
+        while self.next < index.count and index.pointer(self.next) < position * itemsize:
             lo, hi = self.next, min(self.next + CHECK_BLOCK, index.count)
             lengths = index.lengths.read(lo, hi).astype(np.int64)
             pointers = index.pointers.read(lo, hi)
-            following = np.append(pointers[1:], index._pointer(hi))
+            following = np.append(pointers[1:], index.pointer(hi))
             bad = np.flatnonzero((lengths < 0) | (pointers + lengths * itemsize != following))
             if bad.size:
                 at = lo + int(bad[0])

@@ -7,10 +7,10 @@ compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`, `.bz2`) is set aside, `.jsonl
 JSON lines, `.json` JSON lines or an array, `.npy` and `.bin` token ids (a `.bin` beside a `.idx`
 is a Megatron pair), `.parquet`/`.pq` Parquet, `.arrow` Arrow IPC; anything else is text. A folder
 written by Hugging Face `datasets`' `save_to_disk` is read as its Arrow files, and a missing path
-that looks like `owner/name` as a Hub dataset id (see `hf.py`).
+of the form `owner/name` as a Hub dataset id (see `hf.py`).
 
 A URL (`s3://`, `gs://`, `hf://`, `https://`, `memory://`, ...) is opened with fsspec; `file://`
-URLs are plain local paths.
+URLs are plain local paths. A missing path of the form `owner/name` is tried as a Hub dataset id.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _KINDS = {
 # Kinds read through a decompressing stream when their file is compressed.
 STREAM_KINDS = ("text", "jsonl", "json")
 
-# A Hub dataset id: `name` or `owner/name`, as the Hub allows them.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# A Hub dataset id, `owner/name`, as the Hub allows them.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,16 @@ def _reason(exc: BaseException) -> str:
     return text.strip().splitlines()[0]
 
 
-def kind_of(name: str) -> str:
-    """The reader kind a file name asks for; compressed binary formats are refused."""
+def kind_of(name: str, explicit: bool = True) -> str:
+    """The reader kind a file name asks for. A compressed binary format (`x.npy.gz`) is refused
+    when named, and in a folder left to the text reader, which skips it as binary."""
     lower = name.lower()
     compressed = next((s for s in COMPRESSED_SUFFIXES if lower.endswith(s)), None)
     inner = lower[: -len(compressed)] if compressed else lower
     kind = _KINDS.get(PurePosixPath(inner).suffix, "text")
     if compressed and kind not in STREAM_KINDS:
+        if not explicit:
+            return "text"
         raise UsageError(f"{name}: compressed {PurePosixPath(inner).suffix} files are not read; decompress it first")
     return kind
 
@@ -129,7 +132,7 @@ def _hidden(relative: PurePath) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-class _Files:
+class Files:
     """The filesystem a corpus input lives on: local paths or an fsspec filesystem."""
 
     def __init__(self, fs: Any = None) -> None:
@@ -208,7 +211,7 @@ def find_sources(
         text = str(raw)
         if "://" in text and not text.lower().startswith("file://"):
             fs, inner = filesystem(text)
-            files = _Files(fs)
+            files = Files(fs)
             path = files.path(inner)
             try:
                 sources += _find(files, path, text, glob, split)
@@ -219,12 +222,12 @@ def find_sources(
             continue
         if text.lower().startswith("file://"):
             text = filesystem(text)[1]
-        sources += _find(_Files(), Path(text), text, glob, split, config=config)
+        sources += _find(Files(), Path(text), text, glob, split, config=config)
     return sources
 
 
 def _find(
-    files: _Files, path: PurePath, raw: str, glob: str | None, split: str | None, config: str | None = None
+    files: Files, path: PurePath, raw: str, glob: str | None, split: str | None, config: str | None = None
 ) -> list[Source]:
     from .hf import dataset_folder_sources, hub_sources, is_dataset_folder
 
@@ -245,12 +248,12 @@ def _find(
     pair = _megatron_pair(files, path, explicit=False)
     if pair is not None:
         return [pair]
-    if files.fs is None and _HUB_ID.match(raw) and not raw.startswith("."):
+    if files.fs is None and _HUB_ID.match(raw):
         return hub_sources(raw, split, config)
     raise UsageError(f"no such corpus file or folder: {raw}")
 
 
-def _megatron_pair(files: _Files, prefix: PurePath, explicit: bool) -> Source | None:
+def _megatron_pair(files: Files, prefix: PurePath, explicit: bool) -> Source | None:
     """PREFIX.bin + PREFIX.idx as one source; an explicit `.idx` without its `.bin` is an error."""
     bin_path, idx_path = prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
     has_bin, has_idx = files.is_file(bin_path), files.is_file(idx_path)
@@ -261,7 +264,7 @@ def _megatron_pair(files: _Files, prefix: PurePath, explicit: bool) -> Source | 
     return None
 
 
-def _walk(files: _Files, root: PurePath, glob: str | None, split: str | None) -> list[Source]:
+def _walk(files: Files, root: PurePath, glob: str | None, split: str | None) -> list[Source]:
     from .hf import dataset_folder_sources, is_dataset_folder
 
     found = files.walk(root)
@@ -297,7 +300,7 @@ def _walk(files: _Files, root: PurePath, glob: str | None, split: str | None) ->
                 continue
             if suffix == ".idx" and files.head(path, 9) == b"MMIDIDX\x00\x00":
                 raise FormatError(f"{path}: a Megatron index without its data file {other.name}")
-        sources.append(files.source(path, kind_of(path.name), True, size))
+        sources.append(files.source(path, kind_of(path.name, explicit=False), True, size))
     return sources
 
 
@@ -305,7 +308,7 @@ def _within(path: PurePath, folder: PurePath) -> bool:
     return path == folder or folder in path.parents
 
 
-def read_json(files: _Files, path: PurePath) -> Any:
+def read_json(files: Files, path: PurePath) -> Any:
     try:
         return json.loads(files.read_text(path))
     except (OSError, ValueError) as exc:
