@@ -5,15 +5,16 @@
    (read, count, every statistic) and reading alone, tokens/s against the `.npy` baseline.
 2. Text: the same documents as plain `.txt` files (the baseline), as a Parquet text column and
    as `.jsonl.zst`; the whole job (read, decompress, tokenize, count, every statistic).
-3. Memory: a fresh process reads every batch of `--memory-tokens` random ids in each pre-tokenized
-   form; its peak RSS against the file's size shows that reading holds batches, not files.
+3. Memory: a fresh process reads every batch of random ids in each pre-tokenized form, at each
+   size of `--memory-tokens`; its peak RSS stays flat as the files grow: reading holds batches,
+   not files.
 
 The documents are the Python standard library's `.py` files (site-packages excluded), one per
 file; the ids case repeats their token ids up to `--ids-tokens`. Every form must give the same
 numbers, which the benchmark checks before timing.
 
 Run: .venv/bin/python benchmarks/bench_corpus_formats.py [--text-mb 4] [--ids-tokens 12000000]
-     [--memory-tokens 60000000] [--repeats 5]
+     [--memory-tokens 10000000,120000000] [--repeats 5] [--parts ids,text,memory]
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--text-mb", type=float, default=6.0, help="MB of stdlib source for the text case")
     parser.add_argument("--ids-tokens", type=int, default=12_000_000, help="token ids in the pre-tokenized case")
-    parser.add_argument("--memory-tokens", type=int, default=60_000_000, help="random ids in the memory case")
+    parser.add_argument("--memory-tokens", default="10000000,120000000", help="random ids in the memory case")
+    parser.add_argument("--parts", default="ids,text,memory", help="which of the three cases to run")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     spec = load_spec("engram-demo-v1")
@@ -141,7 +143,8 @@ def main() -> None:
         def read_only(paths, options):
             return lambda: sum(b.tokens for b in Corpus(paths, projection, options, context=2).batches())
 
-        for title, forms, count in (("pre-tokenized", id_forms, tokens), ("text", text_forms, None)):
+        cases = [("pre-tokenized", id_forms, tokens), ("text", text_forms, None)]
+        for title, forms, count in [c for c, part in zip(cases, ("ids", "text")) if part in args.parts]:
             reference = None
             for name, (paths, options) in forms.items():
                 got = numbers(spec, projection, job(paths, options)())
@@ -168,11 +171,14 @@ def main() -> None:
             print(f"\n{title.capitalize()}: {detail}, engram-demo-v1, identical numbers in every form\n")
             print(markdown_table(header, rows))
 
+        if "memory" not in args.parts:
+            return
         rows = []
-        for name, (path, ids_field, doc_sep, size) in memory_forms(root, args.memory_tokens).items():
-            count, peak = peak_rss(path, ids_field, doc_sep)
-            rows.append([name, f"{size / 1e6:.0f} MB", f"{count:,}", f"{peak / 1e6:.0f} MB"])
-        print(f"\nMemory: reading every batch of {args.memory_tokens:,} random ids, in a fresh process\n")
+        for tokens in (int(t) for t in args.memory_tokens.split(",")):
+            for name, (path, ids_field, doc_sep, size) in memory_forms(root, tokens).items():
+                count, peak = peak_rss(path, ids_field, doc_sep)
+                rows.append([name, f"{size / 1e6:.0f} MB", f"{count:,}", f"{peak / 1e6:.0f} MB"])
+        print("\nMemory: reading every batch of random ids, in a fresh process\n")
         print(markdown_table(["input", "on disk", "tokens read", "peak RSS"], rows))
 
 
