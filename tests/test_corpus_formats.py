@@ -475,3 +475,19 @@ def test_json_arrays_parse_element_by_element_like_json_loads(tmp_path_factory, 
     finally:
         jsonl_module.ARRAY_CHARS = previous
     assert got == records
+
+
+def test_compressed_files_in_folders_are_read_or_skipped_as_binary(tmp_path, projection):
+    """In a folder, a compressed text is read through its decompressor and a compressed binary
+    file (a gzipped .npy) is skipped as binary after decompression, not refused."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "notes.txt.xz").write_bytes(__import__("lzma").compress(b"the horse"))
+    buffer = __import__("io").BytesIO()
+    np.save(buffer, np.arange(5))
+    (folder / "ids.npy.gz").write_bytes(gzip.compress(buffer.getvalue()))
+    corpus = Corpus([folder], projection, context=2)
+    docs = stitched([corpus])
+    assert docs == [projection.tokenizer().encode("the horse", add_special_tokens=False).ids]
+    assert (corpus.summary.files, corpus.summary.skipped_binary) == (1, 1)
+    assert corpus.summary.formats == {"text": {"files": 1, "documents": 1, "tokens": len(docs[0])}}

@@ -276,7 +276,7 @@ def _walk(files: Files, root: PurePath, glob: str | None, split: str | None) -> 
     for folder in folders:
         if not any(_within(folder, d) for d in datasets) and is_dataset_folder(files, folder):
             datasets.append(folder)
-    names = {p for p, _ in found}
+    sizes = dict(found)
     sources: list[Source] = []
     done: set[PurePath] = set()
     for path, size in found:
@@ -293,10 +293,9 @@ def _walk(files: Files, root: PurePath, glob: str | None, split: str | None) -> 
         suffix = path.suffix.lower()
         if suffix in (".bin", ".idx"):
             other = path.with_suffix(".idx" if suffix == ".bin" else ".bin")
-            if other in names:
+            if other in sizes:
                 if suffix == ".bin":
-                    idx_size = next(s for p, s in found if p == other)
-                    sources.append(files.source(path, "megatron", True, size + idx_size))
+                    sources.append(files.source(path, "megatron", True, size + sizes[other]))
                 continue
             if suffix == ".idx" and files.head(path, 9) == b"MMIDIDX\x00\x00":
                 raise FormatError(f"{path}: a Megatron index without its data file {other.name}")
