@@ -81,6 +81,7 @@ class DocBatch:
 
     @property
     def tokens(self) -> int:
+        """How many token ids the batch holds."""
         return int(self.ids.size)
 
     def per_format(self) -> dict[str, tuple[int, int]]:
@@ -127,6 +128,14 @@ class CorpusSummary:
     formats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count_format(self, name: str, files: int = 0, documents: int = 0, tokens: int = 0) -> None:
+        """Add to the counts of one input format.
+
+        Args:
+            name: the format (`text`, `jsonl`, `parquet`, `megatron`, ...).
+            files: files read in it.
+            documents: documents that start in it.
+            tokens: token ids read from it.
+        """
         entry = self.formats.setdefault(name, {"files": 0, "documents": 0, "tokens": 0})
         entry["files"] += files
         entry["documents"] += documents
@@ -149,6 +158,7 @@ class CorpusSummary:
             self.count_format(name, **counts)
 
     def warnings(self) -> list[str]:
+        """One line for each thing the reader replaced, skipped or cut, for people to see."""
         notes = []
         if self.invalid_utf8:
             files = "1 file" if self.invalid_utf8_files == 1 else f"{self.invalid_utf8_files:,} files"
@@ -160,6 +170,7 @@ class CorpusSummary:
         return notes
 
     def to_json(self) -> dict[str, Any]:
+        """The `corpus` section of `engram inspect --json` (without its timing)."""
         return {
             "inputs": self.inputs,
             "files": self.files,
@@ -185,6 +196,7 @@ class CorpusPart:
 
     @property
     def name(self) -> str:
+        """A short name for messages and task keys: the first file, its span, how many more files."""
         first = self.sources[0].name
         span = f"[{self.span[0]}:{self.span[1]}]" if self.span else ""
         more = f"+{len(self.sources) - 1}" if len(self.sources) > 1 else ""

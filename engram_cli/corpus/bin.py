@@ -36,4 +36,5 @@ class BinReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> BinReader:
+    """A flat `.bin` stream of `--bin-dtype` ids."""
     return BinReader(source, options)

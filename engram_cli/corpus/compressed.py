@@ -36,6 +36,7 @@ READ_BYTES = 1 << 20
 
 
 def compression_of(head: bytes) -> str | None:
+    """The compression a file's first bytes announce, or None."""
     return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
 
 

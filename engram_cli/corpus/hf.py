@@ -42,7 +42,14 @@ def is_dataset_folder(files: Files, folder: PurePath) -> bool:
 
 
 def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
-    """The Arrow files of a `save_to_disk` folder, in order; a DatasetDict's split by `split`."""
+    """The Arrow files of a `save_to_disk` folder, in order; a DatasetDict's split by `split`.
+
+    Args:
+        files: the filesystem of the folder.
+        folder: the folder.
+        split: the split of a DatasetDict (None: its only one).
+        from_folder: whether the folder was found in a folder walk.
+    """
     listing = folder / "dataset_dict.json"
     if files.is_file(listing):
         splits = [str(s) for s in read_json(files, listing).get("splits", [])]
@@ -70,7 +77,13 @@ def _choose_split(where: str, splits: list[str], split: str | None) -> str:
 
 
 def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[Source]:
-    """The Arrow cache files of a Hub dataset, loaded (or, offline, found in the cache) by `datasets`."""
+    """The Arrow cache files of a Hub dataset, loaded (or, offline, found in the cache) by `datasets`.
+
+    Args:
+        dataset_id: `owner/name`.
+        split: the split (None: the only one).
+        config: the configuration, `load_dataset`'s `name` (None: the default).
+    """
     try:
         import datasets
     except ImportError as exc:
@@ -184,4 +197,5 @@ class ArrowIdReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> Reader:
+    """Ids from `--ids-field`, else text from `--text-field`."""
     return ArrowIdReader(source, options) if options.ids_field is not None else ArrowTextReader(source, options)

@@ -34,6 +34,7 @@ class IdFile:
 
     @property
     def ndim(self) -> int:
+        """1 for a stream of ids, 2 for one document per row."""
         return len(self.shape)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
@@ -48,7 +49,14 @@ class IdFile:
 
 
 def check_chunk(ids: np.ndarray, source: Source, vocab_size: int, where: Callable[[tuple], list[int]]) -> None:
-    """Refuse negative ids and ids past the vocab, naming the file and the position in it."""
+    """Refuse negative ids and ids past the vocab, naming the file and the position in it.
+
+    Args:
+        ids: a chunk of ids as read.
+        source: its file.
+        vocab_size: the projection's vocab size.
+        where: the position in the file of an index into `ids`.
+    """
     if not ids.size:
         return
     low, high = ids.min(), ids.max()
@@ -63,7 +71,14 @@ def check_chunk(ids: np.ndarray, source: Source, vocab_size: int, where: Callabl
 
 
 def id_spans(array: IdFile, size: int, target_bytes: int, min_ids: int) -> list[Span]:
-    """Ranges of ids (rows of a 2-D array) of about `target_bytes` and at least `min_ids` ids."""
+    """Ranges of ids (rows of a 2-D array) of about `target_bytes` and at least `min_ids` ids.
+
+    Args:
+        array: the ids.
+        size: the file's size in bytes.
+        target_bytes: about how many bytes of the file one range covers.
+        min_ids: the fewest ids one range holds.
+    """
     count = array.shape[0]
     if count == 0:
         return [(0, 0)]
@@ -75,7 +90,14 @@ def id_spans(array: IdFile, size: int, target_bytes: int, min_ids: int) -> list[
 
 def stream_state(array: IdFile, position: int, sep: int | None, context: int) -> tuple[bool, np.ndarray]:
     """Whether a document starts at `position` of a stream, and the last `context` ids of the
-    document that runs into it: what a reader that started at 0 would carry there."""
+    document that runs into it: what a reader that started at 0 would carry there.
+
+    Args:
+        array: the stream.
+        position: where the reader starts.
+        sep: the document separator id (None: the stream is one document).
+        context: how many ids of left context a batch carries.
+    """
     if position == 0:
         return True, EMPTY
     if sep is None:
@@ -94,7 +116,13 @@ def stream_state(array: IdFile, position: int, sep: int | None, context: int) ->
 
 
 def row_batches(array: IdFile, reading: IdReading, span: Span | None) -> Iterator[DocBatch]:
-    """Documents (rows) [first, end) of a 2-D array."""
+    """Documents (rows) [first, end) of a 2-D array.
+
+    Args:
+        array: the rows.
+        reading: batch size and vocab size.
+        span: the rows to read (None: all).
+    """
     first, end = span or (0, array.shape[0])
     length = array.shape[1]
     if length == 0:
@@ -108,7 +136,14 @@ def row_batches(array: IdFile, reading: IdReading, span: Span | None) -> Iterato
 
 def stream_batches(array: IdFile, reading: IdReading, sep: int | None, span: Span | None) -> Iterator[DocBatch]:
     """Ids [first, end) of one stream, split at `sep` (the separators themselves are dropped);
-    a range that starts inside a document carries that document's left context."""
+    a range that starts inside a document carries that document's left context.
+
+    Args:
+        array: the stream.
+        reading: batch size, left context and vocab size.
+        sep: the document separator id (None: the stream is one document).
+        span: the ids to read (None: all).
+    """
     first, end = span or (0, array.shape[0])
     context = reading.context
     at_start, tail = stream_state(array, first, sep, context)

@@ -41,6 +41,7 @@ class _JsonRecords:
         self.field, self.flag = chosen_field(options)
 
     def records(self, tally: Tally) -> Iterator[tuple[str, Any]]:
+        """(where, record) of every record: `file:line` or `file[element]`, and the parsed JSON."""
         with open_stream(self.source) as (stream, compression):
             head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]  # type: ignore[attr-defined]
             if skip_binary(self.source, head, tally):
@@ -131,6 +132,7 @@ class _JsonRecords:
             index += 1
 
     def value(self, where: str, record: Any) -> Any:
+        """The chosen field of a record, refused with the fields there are when it is missing."""
         if not isinstance(record, dict) or self.field not in record:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise FormatError(f"{where}: no {self.field!r} field (has: {keys}); choose the field with {self.flag}")
@@ -172,4 +174,5 @@ class JsonIdReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> JsonTextReader | JsonIdReader:
+    """Ids from `--ids-field`, else text from `--text-field`."""
     return JsonIdReader(source, options) if options.ids_field is not None else JsonTextReader(source, options)

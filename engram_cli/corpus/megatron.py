@@ -216,4 +216,5 @@ class MegatronReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> MegatronReader:
+    """A Megatron `.bin` + `.idx` pair."""
     return MegatronReader(source, options)

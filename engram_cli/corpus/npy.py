@@ -54,4 +54,5 @@ class NpyReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> NpyReader:
+    """`.npy` token ids."""
     return NpyReader(source, options)

@@ -67,6 +67,7 @@ class _ParquetFile:
         )
 
     def spans(self, target_bytes: int) -> list[Span] | None:
+        """Consecutive row groups of about `target_bytes` (compressed) each; None for one group."""
         if self.groups <= 1:
             return None
         spans, begin, size = [], 0, 0
@@ -80,7 +81,13 @@ class _ParquetFile:
         return spans if len(spans) > 1 else None
 
     def columns(self, span: Span | None, per_batch: Any, tally: Tally) -> Iterator[tuple[int, Any]]:
-        """(first row, column array) of each record batch of row groups `span`, counting progress."""
+        """(first row, column array) of each record batch of row groups `span`, counting progress.
+
+        Args:
+            span: the row groups to read (None: all).
+            per_batch: rows per record batch, given a row group.
+            tally: where progress is reported.
+        """
         first, end = span or (0, self.groups)
         row = sum(self.group_rows(g) for g in range(first))
         for group in range(first, end):
@@ -136,4 +143,5 @@ class ParquetIdReader(IdReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> Reader:
+    """Ids from `--ids-field`, else text from `--text-field`."""
     return ParquetIdReader(source, options) if options.ids_field is not None else ParquetTextReader(source, options)

@@ -16,7 +16,13 @@ from .sources import Source
 
 def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> list[CorpusPart]:
     """Cut a corpus into about `parts` pieces of similar size, in input order: whole files in
-    groups, each splittable file in spans of at least `min_ids` ids (rows of a 2-D array)."""
+    groups, each splittable file in spans of at least `min_ids` ids (rows of a 2-D array).
+
+    Args:
+        corpus: the corpus to split (not one cut at --max-tokens, which reads in order).
+        parts: about how many pieces.
+        min_ids: the smallest id range of a pre-tokenized file one piece holds.
+    """
     options, sources = corpus.options, corpus.sources
     if options.max_tokens is not None:
         raise EngramError(

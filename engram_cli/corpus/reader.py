@@ -2,10 +2,12 @@
 
 Text is tokenized with the projection's tokenizer in batches (the Rust tokenizer uses every
 core) on a background thread, so reading and tokenizing overlap with whatever consumes the
-batches; pre-tokenized inputs are read on a background thread too. Text inputs come first,
-then pre-tokenized ones, each in input order. The summary
-counts what was read, per format too, as batches are consumed, and `max_tokens` cuts the
-last batch to fit.
+batches; pre-tokenized inputs are read on a background thread too. Text inputs come first, then
+pre-tokenized ones, each in input order. No input has to fit in memory: readers hand over
+batches, a document that runs over a batch's end carries its tail to the next batch, and a
+cluster part that starts inside a document carries that document's left context, so every
+window is counted once with the context the hasher would see. The summary counts what was read,
+per format too, as batches are consumed, and `max_tokens` cuts the last batch to fit.
 """
 
 from __future__ import annotations
@@ -79,9 +81,11 @@ class Corpus:
     # the Tally that readers report to ---------------------------------------------------
 
     def count(self, name: str, amount: int = 1) -> None:
+        """Tally: add to a read count, handed to the next batch."""
         self._read[name] = self._read.get(name, 0) + amount
 
     def advance(self, nbytes: int) -> None:
+        """Tally: progress in bytes of the input files."""
         self.bytes_done += nbytes
 
     def _tagged(self, batch: DocBatch) -> DocBatch:

@@ -85,7 +85,13 @@ class IdReader(Reader):
     @abstractmethod
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
         """The documents of the source (or span) as batches of about `reading.batch_tokens` ids;
-        ids at or above `reading.vocab_size` (or negative) are an error naming the file and position."""
+        ids at or above `reading.vocab_size` (or negative) are an error naming the file and position.
+
+        Args:
+            tally: where to report files, bytes and progress.
+            reading: batch size, left context and vocab size.
+            span: the part of the file to read, in the units of `spans` (None: all of it).
+        """
 
 
 # kind -> module that reads it; each module's `make_reader(source, options)` picks the reader class.

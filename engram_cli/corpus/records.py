@@ -29,6 +29,13 @@ def chosen_field(options: CorpusOptions) -> tuple[str, str]:
 
 
 def require_column(source: Source, names: list[str], options: CorpusOptions) -> str:
+    """The column the options choose, refused with the columns there are when it is missing.
+
+    Args:
+        source: the file, for the message.
+        names: its columns.
+        options: `--text-field` or `--ids-field`.
+    """
     field, flag = chosen_field(options)
     if field not in names:
         raise FormatError(f"{source}: no {field!r} column (has: {', '.join(names)}); choose the column with {flag}")
@@ -36,7 +43,14 @@ def require_column(source: Source, names: list[str], options: CorpusOptions) -> 
 
 
 def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Iterator[str]:
-    """The non-empty strings of a string or binary Arrow column."""
+    """The non-empty strings of a string or binary Arrow column.
+
+    Args:
+        array: the column of one record batch.
+        source: its file, for messages.
+        field: the column's name, for messages.
+        lines: decodes binary values and counts text bytes and invalid UTF-8.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -57,8 +71,15 @@ def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Ite
 def arrow_id_rows(
     array: Any, source: Source, field: str, first_row: int, vocab_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ids of a list-of-integers Arrow column, flat, and the number of ids of each row;
-    rows are counted from `first_row` in error messages."""
+    """The ids of a list-of-integers Arrow column, flat, and the number of ids of each row.
+
+    Args:
+        array: the column of one record batch.
+        source: its file, for messages.
+        field: the column's name, for messages.
+        first_row: the row in the file of the batch's first row.
+        vocab_size: every id must be below it.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -78,7 +99,15 @@ def arrow_id_rows(
 
 
 def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: int, vocab_size: int) -> None:
-    """Refuse ids outside [0, vocab_size), naming the row and the position in it."""
+    """Refuse ids outside [0, vocab_size), naming the row and the position in it.
+
+    Args:
+        ids: the ids of some rows, flat.
+        lengths: the number of ids of each row.
+        source: their file, for the message.
+        first_row: the row in the file of the first row.
+        vocab_size: every id must be below it.
+    """
     if not ids.size:
         return
     if ids.min() >= 0 and ids.max() < vocab_size:
@@ -103,6 +132,7 @@ class RowBatcher:
         self.size = 0
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> Iterator[DocBatch]:
+        """Take rows (flat ids and each row's length); a full batch comes out first."""
         if self.size and self.size + ids.size > self.batch_tokens:
             yield self.take()
         if ids.size:
@@ -113,10 +143,12 @@ class RowBatcher:
             yield self.take()
 
     def finish(self) -> Iterator[DocBatch]:
+        """The last, partial batch."""
         if self.size:
             yield self.take()
 
     def take(self) -> DocBatch:
+        """The rows gathered so far as one batch."""
         ids = np.concatenate(self.ids) if len(self.ids) > 1 else self.ids[0]
         lengths = np.concatenate(self.lengths) if len(self.lengths) > 1 else self.lengths[0]
         starts = (np.cumsum(lengths) - lengths)[lengths > 0]

@@ -62,10 +62,12 @@ class Source:
 
     @property
     def name(self) -> str:
+        """The file's name."""
         return self.path.name
 
     @property
     def display(self) -> str:
+        """The path, or the URL, as users wrote it: what messages name."""
         if self.fs is None:
             return str(self.path)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
@@ -88,7 +90,13 @@ class Source:
             raise EngramError(f"cannot read {self}: {_reason(exc)}") from None
 
     def read_array(self, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
-        """`count` items of `dtype` at byte `offset` (fewer at the end of the file)."""
+        """`count` items of `dtype` at byte `offset` (fewer at the end of the file).
+
+        Args:
+            offset: where they start, in bytes.
+            dtype: their type.
+            count: how many.
+        """
         try:
             with self.open() as handle:
                 handle.seek(offset)
@@ -101,6 +109,7 @@ class Source:
         return np.frombuffer(data[:usable], dtype=dtype)
 
     def file_size(self) -> int:
+        """The size of the file now, in bytes."""
         try:
             if self.fs is None:
                 return Path(self.path).stat().st_size
@@ -180,6 +189,14 @@ class Files:
         return sorted(files)
 
     def source(self, path: PurePath, kind: str, from_folder: bool, size: int | None = None) -> Source:
+        """A `Source` on this filesystem.
+
+        Args:
+            path: the file.
+            kind: its reader kind.
+            from_folder: whether a folder walk found it.
+            size: its size in bytes (None: looked up).
+        """
         return Source(path, kind, from_folder, self.size(path) if size is None else size, self.fs)
 
 
@@ -203,8 +220,11 @@ def find_sources(
 ) -> list[Source]:
     """Every input file, folders walked recursively in sorted order (hidden entries skipped).
 
-    `split` picks the split of a Hugging Face dataset dict or Hub dataset, `config` the
-    configuration of a Hub dataset.
+    Args:
+        paths: files, folders, Megatron prefixes, URLs and Hub dataset ids.
+        glob: in folders, only files whose name matches.
+        split: the split of a Hugging Face DatasetDict folder or Hub dataset.
+        config: the configuration of a Hub dataset.
     """
     sources: list[Source] = []
     for raw in paths:
@@ -308,6 +328,7 @@ def _within(path: PurePath, folder: PurePath) -> bool:
 
 
 def read_json(files: Files, path: PurePath) -> Any:
+    """A small JSON file (a dataset's state), parsed; unreadable JSON names the file."""
     try:
         return json.loads(files.read_text(path))
     except (OSError, ValueError) as exc:

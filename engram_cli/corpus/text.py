@@ -34,6 +34,7 @@ class Utf8Lines:
         self.file_bad = False
 
     def decode(self, data: bytes) -> str:
+        """Text of one line or file, invalid UTF-8 replaced and counted."""
         text, bad = decode_utf8(data)
         self.tally.count("text_bytes", len(data))
         if bad:
@@ -45,7 +46,13 @@ class Utf8Lines:
 
 
 def skip_binary(source: Source, head: bytes, tally: Tally) -> bool:
-    """Whether a file found in a folder is binary (a NUL byte early on), counted as skipped."""
+    """Whether a file found in a folder is binary (a NUL byte early on), counted as skipped.
+
+    Args:
+        source: the file.
+        head: its first bytes (decompressed).
+        tally: counts the skipped file.
+    """
     if source.from_folder and b"\0" in head[:BINARY_SNIFF_BYTES]:
         tally.count("files", -1)
         tally.count(f"files:{source.kind}", -1)
@@ -77,4 +84,5 @@ class TextFileReader(TextReader):
 
 
 def make_reader(source: Source, options: CorpusOptions) -> TextFileReader:
+    """Text, one document per file or per line."""
     return TextFileReader(source, options)
