@@ -1,7 +1,7 @@
 """Corpora for `engram inspect`: files and folders read as batches of documents of token ids.
 
-`sources` finds the input files and their kind (local paths, fsspec URLs, `datasets` folders, Hub
-ids); `readers` is the one interface every input kind is read through (`TextReader`, `IdReader`),
+`files` is a `Source` (one input file and its kind) and the file system behind it (local or
+fsspec); `sources` finds the input files (local paths, URLs, `datasets` folders, Hub ids); `readers` is the one interface every input kind is read through (`TextReader`, `IdReader`),
 with one module per kind: `text`, `jsonl` (JSON lines and arrays), `npy`, `bin`, `parquet`, `hf`
 (Hugging Face datasets and Arrow files) and `megatron`; `compressed` decompresses gzip, zstd, xz
 and bz2 streams, `records` turns Arrow and JSON records into documents, `ids` reads id arrays and
@@ -11,10 +11,11 @@ tokenizing; `parts` splits a corpus for Dask; `base` holds the shared types (`Co
 """
 
 from .base import CorpusOptions, CorpusPart, CorpusSummary, DocBatch
+from .files import Source
 from .parts import split_corpus
 from .reader import Corpus
 from .readers import IdReader, IdReading, Reader, Tally, TextReader, open_reader
-from .sources import Source, find_sources
+from .sources import find_sources
 
 __all__ = [
     "Corpus",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EngramError
-from .sources import Source
+from .files import Source
 
 DOC_PER = ("file", "line")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ..errors import FormatError
-from .sources import Source
+from .files import Source
 
 MAGIC = {
     b"\x1f\x8b": "gzip",

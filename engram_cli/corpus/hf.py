@@ -20,9 +20,9 @@ from typing import Any
 
 from ..errors import EngramError, FormatError, UsageError
 from .base import CorpusOptions, DocBatch
+from .files import Files, Source, read_json, reason
 from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
 from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
-from .sources import Files, Source, read_json
 from .text import Utf8Lines
 
 _ARROW_FILE_MAGIC = b"ARROW1"
@@ -128,11 +128,6 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
     return [local.source(Path(name), "hf-dataset", False) for name in names]
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class _ArrowFile:
     """The record batches of one Arrow IPC stream or file, and its chosen column."""
 
@@ -154,7 +149,7 @@ class _ArrowFile:
                 self.schema = stream_reader.schema
                 self._batches = iter(stream_reader)
         except self._errors as exc:
-            raise FormatError(f"{source}: not a readable Arrow file ({_reason(exc)})") from None
+            raise FormatError(f"{source}: not a readable Arrow file ({reason(exc)})") from None
         self.field = require_column(source, self.schema.names, options)
 
     def columns(self, tally: Tally) -> Iterator[tuple[int, Any]]:
@@ -168,7 +163,7 @@ class _ArrowFile:
                 tally.advance(step)
                 done += step
         except self._errors as exc:
-            raise FormatError(f"{self.source}: cannot read record batch at row {row} ({_reason(exc)})") from None
+            raise FormatError(f"{self.source}: cannot read record batch at row {row} ({reason(exc)})") from None
         tally.advance(self.source.size - done)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import EngramError, FormatError
 from .base import DocBatch
+from .files import Source
 from .readers import IdReading, Span
-from .sources import Source
 
 EMPTY = np.zeros(0, np.int64)
 

@@ -19,9 +19,9 @@ import numpy as np
 from ..errors import FormatError
 from .base import BINARY_SNIFF_BYTES, CorpusOptions, DocBatch
 from .compressed import open_stream
+from .files import Source
 from .readers import IdReader, IdReading, Span, Tally, TextReader
 from .records import RowBatcher, chosen_field
-from .sources import Source
 from .text import Utf8Lines, skip_binary
 
 # Characters of a JSON array decoded at a time.

@@ -32,9 +32,9 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
+from .files import Source
 from .ids import EMPTY, IdFile, check_chunk, id_spans
 from .readers import IdReader, IdReading, Span, Tally
-from .sources import Source
 
 MAGIC = b"MMIDIDX\x00\x00"
 LEGACY_MAGIC = b"TNTIDX\x00\x00"

@@ -9,9 +9,9 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
+from .files import Source
 from .ids import IdFile, id_spans, row_batches, stream_batches
 from .readers import IdReader, IdReading, Span, Tally
-from .sources import Source
 
 
 def open_npy(source: Source) -> IdFile:

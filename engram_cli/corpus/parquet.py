@@ -13,9 +13,9 @@ from typing import Any
 
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
+from .files import Source
 from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
 from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
-from .sources import Source
 from .text import Utf8Lines
 
 # Bytes of uncompressed text per record batch.

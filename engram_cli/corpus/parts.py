@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ..errors import EngramError
 from .base import ID_BATCH_TOKENS, CorpusPart
+from .files import Source
 from .reader import Corpus
 from .readers import open_reader
-from .sources import Source
 
 
 def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> list[CorpusPart]:

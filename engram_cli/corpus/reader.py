@@ -31,8 +31,9 @@ from .base import (
     DocBatch,
     tagged,
 )
+from .files import Source
 from .readers import IdReader, IdReading, Span, TextReader, open_reader, reads_text
-from .sources import Source, find_sources
+from .sources import find_sources
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

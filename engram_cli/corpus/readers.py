@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from .base import CorpusOptions, DocBatch
-from .sources import Source
+from .files import Source
 
 Span = tuple[int, int]
 

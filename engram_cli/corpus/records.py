@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
+from .files import Source
 from .ids import EMPTY
-from .sources import Source
 from .text import Utf8Lines
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 from .base import BINARY_SNIFF_BYTES, CorpusOptions
 from .compressed import open_stream
+from .files import Source
 from .readers import Span, Tally, TextReader
-from .sources import Source
 
 _REPLACEMENT_BYTES = "\ufffd".encode()
 
