@@ -1,13 +1,14 @@
 """Corpora for `engram inspect`: files and folders read as batches of documents of token ids.
 
-`files` is a `Source` (one input file and its kind) and the file system behind it (local or
-fsspec); `sources` finds the input files (local paths, URLs, `datasets` folders, Hub ids); `readers` is the one interface every input kind is read through (`TextReader`, `IdReader`),
-with one module per kind: `text`, `jsonl` (JSON lines and arrays), `npy`, `bin`, `parquet`, `hf`
-(Hugging Face datasets and Arrow files) and `megatron`; `compressed` decompresses gzip, zstd, xz
-and bz2 streams, `records` turns Arrow and JSON records into documents, `ids` reads id arrays and
-cuts streams. `reader` is `Corpus`, which yields `DocBatch`es and states how reading overlaps
-tokenizing; `parts` splits a corpus for Dask; `base` holds the shared types (`CorpusOptions`,
-`DocBatch`, `CorpusSummary`, `CorpusPart`).
+`files` is a `Source` (one input file and its kind) and the file system behind it (local or fsspec);
+`sources` finds the input files (local paths, URLs, `datasets` folders, Hub ids); `readers` is the
+one interface every input kind is read through (`TextReader`, `IdReader`), with one module per kind:
+`text`, `jsonl` (JSON lines and arrays), `npy`, `bin`, `parquet`, `hf` (Hugging Face datasets and
+Arrow files) and `megatron`; `compressed` decompresses gzip, zstd, xz and bz2 streams, `records`
+turns Arrow and JSON records into documents, `ids` reads id arrays and cuts streams. `reader` is
+`Corpus`, which yields `DocBatch`es and states how reading overlaps tokenizing; `parts` splits a
+corpus for Dask; `base` holds the shared types (`CorpusOptions`, `DocBatch`, `CorpusSummary`,
+`CorpusPart`).
 """
 
 from .base import CorpusOptions, CorpusPart, CorpusSummary, DocBatch
