@@ -214,5 +214,5 @@ def read_json(files: Files, path: PurePath) -> Any:
     """A small JSON file (a dataset's state), parsed; unreadable JSON names the file."""
     try:
         return json.loads(files.read_text(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise FormatError(f"{path}: not readable JSON ({reason(exc)})") from None

@@ -68,6 +68,8 @@ class _JsonRecords:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise FormatError(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise FormatError(f"{where}: JSON nested too deeply to read") from None
             yield where, record
 
     def _array(self, stream: IO[bytes], tally: Tally, plain: bool) -> Iterator[tuple[str, Any]]:
@@ -120,6 +122,8 @@ class _JsonRecords:
                 try:
                     record, end = _DECODER.raw_decode(buffer, pos)
                     break
+                except RecursionError:
+                    raise FormatError(f"{self.source}[{index}]: JSON nested too deeply to read") from None
                 except json.JSONDecodeError as exc:
                     # An element cut by the window's end fails at (or a token before) the end, or
                     # inside an unterminated string; only those are worth more text.

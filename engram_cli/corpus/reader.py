@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import EngramError
 from ..vocab import VocabProjection
+from . import long_documents
 from .base import (
     ID_BATCH_TOKENS,
     TEXT_BATCH_CHARS,
@@ -56,6 +57,7 @@ class Corpus:
         id_batch_tokens: int = ID_BATCH_TOKENS,
         text_batch_chars: int = TEXT_BATCH_CHARS,
         part: CorpusPart | None = None,
+        piece_chars: int = long_documents.PIECE_CHARS,
     ) -> None:
         if not paths:
             raise EngramError("no corpus given: pass --corpus PATH (files or folders)")
@@ -64,6 +66,7 @@ class Corpus:
         self.context = context
         self.id_batch_tokens = id_batch_tokens
         self.text_batch_chars = text_batch_chars
+        self.piece_chars = piece_chars
         self.part = part
         if part is not None:
             self.sources = list(part.sources)
@@ -167,22 +170,40 @@ class Corpus:
                 yield source.kind, text
 
     def _text_batches(self, sources: list[Source], stop: threading.Event) -> Iterator[DocBatch]:
+        """Documents tokenized `text_batch_chars` at a time; a long document in pieces, so a
+        batch may end inside one and the next carry its left context."""
         tokenizer = self.tokenizer()
         pending: list[str] = []
         formats: list[str] = []
+        continues: list[bool] = []  # the text continues the document before it
         size = 0
+        carry = np.zeros(0, np.int64)  # the last ids of the document the previous batch ended in
         for name, text in self._texts(sources, stop):
-            pending.append(text)
-            formats.append(name)
-            size += len(text)
-            if size >= self.text_batch_chars:
-                yield self._tagged(self._encode(tokenizer, pending, formats))
-                pending, formats, size = [], [], 0
+            for index, piece in enumerate(long_documents.pieces(tokenizer, text, self.piece_chars)):
+                pending.append(piece)
+                formats.append(name)
+                continues.append(index > 0)
+                size += len(piece)
+                if size >= self.text_batch_chars:
+                    batch = self._encode(tokenizer, pending, formats, continues, carry)
+                    carry = self._carry(batch, carry)
+                    yield self._tagged(batch)
+                    pending, formats, continues, size = [], [], [], 0
         if pending:
-            yield self._tagged(self._encode(tokenizer, pending, formats))
+            yield self._tagged(self._encode(tokenizer, pending, formats, continues, carry))
         yield from self._leftover()
 
-    def _encode(self, tokenizer: Any, texts: list[str], formats: list[str]) -> DocBatch:
+    def _carry(self, batch: DocBatch, before: np.ndarray) -> np.ndarray:
+        """The left context a next batch needs if it continues the document this one ends in."""
+        if batch.starts.size:
+            tail = batch.ids[int(batch.starts[-1]) :]
+        else:  # the whole batch continues one document
+            tail = np.concatenate([before, batch.ids])
+        return tail[max(0, tail.size - self.context) :].copy()
+
+    def _encode(
+        self, tokenizer: Any, texts: list[str], formats: list[str], continues: list[bool], carry: np.ndarray
+    ) -> DocBatch:
         encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         ids = np.empty(int(lengths.sum()), dtype=np.int64)
@@ -191,13 +212,14 @@ class Corpus:
             ids[pos : pos + length] = encoding.ids
             pos += length
         ends = np.cumsum(lengths)
-        nonempty = lengths > 0
-        starts = (ends - lengths)[nonempty]
+        new = (lengths > 0) & ~np.array(continues, dtype=bool)
+        starts = (ends - lengths)[new]
         self.projection.check_ids(ids)
         runs = [
             (name, int(ends[i])) for i, name in enumerate(formats) if i + 1 == len(formats) or formats[i + 1] != name
         ]
-        return DocBatch(ids, starts, formats=tuple(runs))
+        context = carry if continues[0] else np.zeros(0, np.int64)
+        return DocBatch(ids, starts, context, formats=tuple(runs))
 
     # pre-tokenized ids ------------------------------------------------------------------
 
