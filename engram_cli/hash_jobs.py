@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EngramError
-from .hashing import NgramHasher, check_rank, hash_kernel
+from .errors import EngramError, UsageError
+from .hashing import NgramHasher, check_positions, check_rank, hash_kernel
 from .helpers import atomic_file, check_output_file
 from .progress import SILENT, Progress
 from .spec import TableSpec
@@ -100,6 +100,7 @@ def hash_text(
     layers: Iterable[int] | None = None,
     rows: bool = False,
     special_tokens: bool = True,
+    barrier_ids: Iterable[int] | None = None,
 ) -> HashTextReport:
     """Tokenize with the projection's tokenizer, hash, and pair every n-gram's text with its buckets.
 
@@ -109,25 +110,31 @@ def hash_text(
         layers: only these layers (default: every layer of the spec).
         rows: layer-table rows (bucket + head offset) instead of head-local buckets.
         special_tokens: let the tokenizer add its BOS and the like.
+        barrier_ids: tokens no n-gram spans; a barrier's own n-grams are all pad.
     """
     tokenizer = projection.tokenizer()
     ids = np.array(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
     hasher = NgramHasher(spec, projection)
     layer_ids = hasher._layer_ids(layers)
-    values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids)
+    barrier = None if barrier_ids is None else sorted(set(barrier_ids))
+    values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids, barrier_ids=barrier)
     per_order = spec.n_head_per_ngram
     tokens = []
+    since_barrier = -1  # index of the last barrier so far
     for t, tid in enumerate(ids.tolist()):
+        is_barrier = barrier is not None and tid in barrier
+        reach = -1 if is_barrier else t - since_barrier - 1  # how many tokens back its n-grams see
+        since_barrier = t if is_barrier else since_barrier
         ngrams = []
         for n in spec.orders:
-            first = t - n + 1
-            real = ids[max(first, 0) : t + 1].tolist()
+            seen = max(0, min(n, reach + 1))
+            real = ids[t - seen + 1 : t + 1].tolist()
             heads = slice((n - 2) * per_order, (n - 1) * per_order)
             ngrams.append(
                 {
                     "n": n,
-                    "pads": max(0, -first),
-                    "ids": [spec.pad_id] * max(0, -first) + real,
+                    "pads": n - seen,
+                    "ids": [spec.pad_id] * (n - seen) + real,
                     "text": tokenizer.decode(real, skip_special_tokens=False),
                     values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
                 }
@@ -175,15 +182,15 @@ def _pieces(rows: int, length: int, chunk_tokens: int) -> Iterator[tuple[int, in
                 yield b, b + 1, t0, min(length, t0 + chunk_tokens)
 
 
-def _load_ids(path: Path) -> np.ndarray:
+def _load_ids(path: Path, what: str = "token ids") -> np.ndarray:
     if not path.is_file():
-        raise EngramError(f"no such token-id file: {path}")
+        raise EngramError(f"no such {'token-id' if what == 'token ids' else what} file: {path}")
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise EngramError(f"{path} is not a readable .npy array: {exc}") from None
     if not isinstance(ids, np.ndarray):
-        raise EngramError(f"{path} is an .npz archive; give one .npy array of token ids")
+        raise EngramError(f"{path} is an .npz archive; give one .npy array of {what}")
     return ids
 
 
@@ -197,6 +204,8 @@ def hash_ids_file(
     rows: bool = False,
     overwrite: bool = False,
     chunk_tokens: int = FILE_CHUNK_TOKENS,
+    positions: str | Path | None = None,
+    barrier_ids: Iterable[int] | None = None,
     progress: Progress = SILENT,
 ) -> HashFileReport:
     """Hash a .npy of token ids into an .npz with one array `layer_<id>` per layer.
@@ -212,6 +221,9 @@ def hash_ids_file(
         rows: layer-table rows (bucket + head offset) instead of head-local buckets.
         overwrite: replace an existing output.
         chunk_tokens: about how many tokens one piece holds.
+        positions: a .npy of the ids' shape, 0 at each sequence start and +1 within it (several
+            sequences per row; see `NgramHasher.hash`); checked whole before anything is written.
+        barrier_ids: tokens no n-gram spans; a barrier's own n-grams are all pad.
         progress: receives a task advancing by pieces hashed.
     """
     ids_path, output = Path(ids_path), Path(output)
@@ -221,7 +233,18 @@ def hash_ids_file(
     projection.check_ids(ids)
     hasher = NgramHasher(spec, projection)
     layer_ids = hasher._layer_ids(layers)
+    barrier = None if barrier_ids is None else list(barrier_ids)
+    hasher.barrier_vocab(barrier)  # refuse bad ids before anything is written
     batch = ids.reshape(1, -1) if ids.ndim == 1 else ids
+    places = None
+    if positions is not None:
+        places = _load_ids(Path(positions), "positions")
+        if places.shape != ids.shape:
+            raise UsageError(f"positions {positions} have shape {places.shape}, the token ids {ids.shape}")
+        if places.dtype.kind not in "iu":
+            raise UsageError(f"positions must be integers, got dtype {places.dtype}")
+        check_positions(places)
+        places = places.reshape(batch.shape)
     n_rows, length = batch.shape
     context = spec.max_ngram_size - 1
     pieces = list(_pieces(n_rows, length, max(1, chunk_tokens)))
@@ -238,7 +261,12 @@ def hash_ids_file(
                 for b0, b1, t0, t1 in pieces:
                     first = max(0, t0 - context)
                     piece = np.asarray(batch[b0:b1, first:t1])
-                    out = (hasher.rows if rows else hasher.hash)(piece, layers=[layer_id])[layer_id]
+                    # A piece starts mid-row: its positions, capped by the index in the piece, are
+                    # valid and still reach back as far as the tokens it hashes need.
+                    local = None if places is None else np.minimum(places[b0:b1, first:t1], np.arange(t1 - first))
+                    out = (hasher.rows if rows else hasher.hash)(
+                        piece, layers=[layer_id], positions=local, barrier_ids=barrier
+                    )[layer_id]
                     out = np.ascontiguousarray(out[:, t0 - first :])
                     if out.size:
                         low = int(out.min()) if low is None else min(low, int(out.min()))

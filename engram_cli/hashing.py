@@ -9,6 +9,17 @@ projects, mixes and reduces one block of a row at a time in cache, writing the
 output once. The reduction avoids 64-bit division with a float quotient and at most three
 corrections (`kernels` states why that is exact); the kernel writes those steps inline. Tensors on
 an accelerator, where the kernel cannot run, are hashed with plain torch ops to the same values.
+
+Sequence positions and barrier tokens (packed sequences, image placeholders) follow the
+engines' rule: for token t and shift s, the id at t-s is the projected pad when
+`position[t] - s < 0` or when any of the tokens t, t-1, ..., t-s is a barrier. The kernel
+keeps, per token, its reach: -1 on a barrier, else how far back it may look,
+`min(position[t], k - 1 for the nearest barrier k tokens back)` capped at max_ngram_size - 1;
+a shift past the reach takes the pad. The reach needs only the block's own `context` tokens
+of look-back, so it is a few vectorized passes over the block, not a running scan, and the
+positions are checked in the same passes. Without positions (each row one sequence from 0)
+and barriers the reach never binds and the kernel skips it. The torch path computes the same
+reach with a running maximum of the last barrier's index.
 """
 
 from __future__ import annotations
@@ -18,12 +29,12 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import EngramError
+from .errors import EngramError, UsageError
 from .kernels import FLOAT_REDUCTION_MIN_PRIME
 from .spec import TableSpec
 from .vocab import VocabProjection
@@ -60,17 +71,23 @@ def hash_kernel() -> Callable[..., None]:
 
     signature = (
         "void(int64[:, ::1], int64[::1], int64, int64[::1], int64[::1], float64[::1], "
-        "int64[::1], int64[:, :, ::1], int64)"
+        "int64[::1], int64[:, :, ::1], int64, int64[:, ::1], boolean[:, ::1], boolean[::1], int64[::1])"
     )
 
     @numba.njit(signature, parallel=True, nogil=True, cache=True)
-    def hash_layer(ids, lookup, pad, mults, primes, inv_primes, offsets, out, block):
+    def hash_layer(
+        ids, lookup, pad, mults, primes, inv_primes, offsets, out, block, positions, barrier, barrier_vocab, bad
+    ):
         n_rows, length = ids.shape
         order_max = mults.size
         heads = primes.size
         per_order = heads // (order_max - 1)
         context = order_max - 1
         blocks_per_row = (length + block - 1) // block
+        has_positions = positions.shape[0] > 0
+        has_barrier = barrier.shape[0] > 0
+        has_barrier_ids = barrier_vocab.size > 0
+        gated = has_positions or has_barrier or has_barrier_ids
         for task in numba.prange(n_rows * blocks_per_row):
             # Inner loops index views with their own counters only: an index that numba
             # cannot prove non-negative gets a wraparound fix-up that stops vectorization.
@@ -86,17 +103,66 @@ def hash_kernel() -> Callable[..., None]:
             for i in range(src.size):
                 v = src[i]
                 known[i] = lookup[v] if v >= 0 else v
+            reach = np.empty(width if gated else 0, np.int64)
+            bad[task] = -1
+            if gated:
+                # blocked[j]: token t0 - context + j is a barrier (none before the row's start).
+                blocked = np.zeros(width + context, np.bool_)
+                mine = blocked[pads:]
+                if has_barrier:
+                    given = barrier[b, t0 - context + pads : t0 + width]
+                    for i in range(given.size):
+                        mine[i] = given[i]
+                if has_barrier_ids:
+                    for i in range(src.size):
+                        v = src[i]
+                        mine[i] |= barrier_vocab[max(v, 0)] & (v >= 0)
+                if has_positions:
+                    own = positions[b, t0 : t0 + width]
+                    for i in range(width):
+                        reach[i] = min(own[i], context)
+                    wrong = 0
+                    if t0 == 0:
+                        wrong += own[0] != 0
+                    first = 1 if t0 == 0 else 0
+                    later = positions[b, t0 + first : t0 + width]
+                    before = positions[b, t0 + first - 1 : t0 + width - 1]
+                    for i in range(later.size):
+                        wrong += (later[i] != 0) & (later[i] != before[i] + 1)
+                    if wrong:
+                        for t in range(t0, t0 + width):
+                            if positions[b, t] != 0 and (t == 0 or positions[b, t] != positions[b, t - 1] + 1):
+                                bad[task] = t
+                                break
+                else:
+                    for i in range(width):
+                        reach[i] = min(t0 + i, context)
+                for k in range(1, context + 1):  # a barrier k tokens back stops the reach short of it
+                    back = blocked[context - k : context - k + width]
+                    for i in range(width):
+                        reach[i] = min(reach[i], k - 1) if back[i] else reach[i]
+                here = blocked[context:]
+                for i in range(width):
+                    reach[i] = -1 if here[i] else reach[i]
             mix = np.empty(width, np.int64)
             current = x[context:]
             m0 = mults[0]
-            for i in range(width):
-                mix[i] = current[i] * m0
+            if gated:
+                for i in range(width):
+                    mix[i] = (current[i] if reach[i] >= 0 else pad) * m0
+            else:
+                for i in range(width):
+                    mix[i] = current[i] * m0
             dest = out[b, t0 : t0 + width]
             for n in range(1, order_max):
                 m = mults[n]
                 earlier = x[context - n : context - n + width]
-                for i in range(width):
-                    mix[i] ^= earlier[i] * m
+                if gated:
+                    for i in range(width):
+                        mix[i] ^= (earlier[i] if reach[i] >= n else pad) * m
+                else:
+                    for i in range(width):
+                        mix[i] ^= earlier[i] * m
                 first = (n - 1) * per_order
                 order_primes = primes[first : first + per_order]
                 order_inv = inv_primes[first : first + per_order]
@@ -122,8 +188,8 @@ def hash_kernel() -> Callable[..., None]:
     return hash_layer
 
 
-def _launch(ids: np.ndarray, *args: Any) -> None:
-    """Run the kernel; small batches on the calling thread alone.
+def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
+    """Run the kernel; small batches on the calling thread alone. A bad position is refused.
 
     Waking the worker threads costs more than a data-loader batch takes to hash, and on
     a busy machine a sleeping worker can take milliseconds to get a core.
@@ -131,16 +197,36 @@ def _launch(ids: np.ndarray, *args: Any) -> None:
     import numba
 
     kernel = hash_kernel()
+    bad = np.empty(ids.shape[0] * -(-ids.shape[1] // BLOCK_TOKENS), np.int64)
+    launch = (*args, BLOCK_TOKENS, gates.positions, gates.barrier, gates.barrier_vocab, bad)
     with _KERNEL_LOCK:
         if ids.size >= PARALLEL_MIN_TOKENS:
-            kernel(ids, *args, BLOCK_TOKENS)
-            return
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            kernel(ids, *args, BLOCK_TOKENS)
-        finally:
-            numba.set_num_threads(threads)
+            kernel(ids, *launch)
+        else:
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                kernel(ids, *launch)
+            finally:
+                numba.set_num_threads(threads)
+    found = np.flatnonzero(bad >= 0)
+    if found.size:  # tasks run in row-major order: the first task with one holds the first index
+        row = int(found[0]) // max(1, bad.size // max(1, ids.shape[0]))
+        raise_bad_position(gates.positions, row, int(bad[found[0]]), gates.one_dimensional)
+
+
+def raise_bad_position(positions: np.ndarray, row: int, col: int, one_dimensional: bool) -> None:
+    """The one-line error for the first position that neither starts a sequence nor follows its predecessor."""
+
+    def at(c: int) -> str:
+        return f"positions[{c}]" if one_dimensional else f"positions[{row}, {c}]"
+
+    value = f"{at(col)} = {int(positions[row, col])}"
+    if col == 0:
+        raise UsageError(f"{value} does not start a sequence (0), as the first position of a row must")
+    raise UsageError(
+        f"{value} neither starts a sequence (0) nor follows {at(col - 1)} = {int(positions[row, col - 1])} by one"
+    )
 
 
 @dataclass(frozen=True)
@@ -152,15 +238,42 @@ class _Layer:
     zeros: np.ndarray
 
 
+_NO_POSITIONS = np.zeros((0, 0), np.int64)
+
+
+_NO_BARRIER = np.zeros((0, 0), np.bool_)
+
+
+_NO_BARRIER_IDS = np.zeros(0, np.bool_)
+
+
+@dataclass(frozen=True)
+class _Gates:
+    """Positions (B, T) int64, a barrier mask (B, T) and a barrier-id mask over the vocab, each
+    empty when not given; what the kernel takes to stop n-grams at sequence starts and barriers."""
+
+    positions: np.ndarray = field(default_factory=lambda: _NO_POSITIONS)
+    barrier: np.ndarray = field(default_factory=lambda: _NO_BARRIER)
+    barrier_vocab: np.ndarray = field(default_factory=lambda: _NO_BARRIER_IDS)
+    one_dimensional: bool = False
+
+
 class NgramHasher:
     """Token ids to head-local buckets (`hash`) or layer-table rows (`rows`), per layer.
 
     numpy in, numpy out; torch in, torch out on the same device. A 1-D input is
     one sequence and gives (T, heads); a 2-D input (B, T) gives (B, T, heads),
-    heads order-major as the reference stacks them.
+    heads order-major as the reference stacks them. Without a projection the
+    spec's own is used (that of the tokenizer it names, cached on disk).
     """
 
-    def __init__(self, spec: TableSpec, projection: VocabProjection) -> None:
+    def __init__(self, spec: TableSpec, projection: VocabProjection | None = None) -> None:
+        from .vocab import spec_projection
+
+        if projection is None:
+            projection = spec_projection(spec)
+        else:
+            spec.check_compressed_size(projection.compressed_size, "the projection")
         self.spec = spec
         self.projection = projection
         self.compressed_size = projection.compressed_size
@@ -184,7 +297,14 @@ class NgramHasher:
         return self._layer(layer_id).primes.copy()
 
     def hash(
-        self, input_ids: Any, layers: Iterable[int] | None = None, *, out: Mapping[int, Any] | None = None
+        self,
+        input_ids: Any,
+        layers: Iterable[int] | None = None,
+        *,
+        positions: Any = None,
+        barrier: Any = None,
+        barrier_ids: Iterable[int] | None = None,
+        out: Mapping[int, Any] | None = None,
     ) -> dict[int, Any]:
         """Head-local bucket of every head, per layer (all layers of the spec by default).
 
@@ -195,21 +315,35 @@ class NgramHasher:
         Args:
             input_ids: token ids, (T,) or (B, T), numpy or torch.
             layers: only these layers.
+            positions: the ids' shape, 0 at each sequence start and +1 within it, so several
+                sequences may share a row (default: each row one sequence from 0). A position that
+                neither is 0 nor follows its predecessor by one is an error naming its index.
+            barrier: a boolean mask of the ids' shape: tokens no n-gram may span, whose own
+                n-grams are all pad.
+            barrier_ids: the same given as token ids (not with `barrier`).
             out: caller-owned output buffers, per layer.
         """
-        return self._run(input_ids, layers, with_offsets=False, out=out)
+        return self._run(input_ids, layers, False, out, positions, barrier, barrier_ids)
 
     def rows(
-        self, input_ids: Any, layers: Iterable[int] | None = None, *, out: Mapping[int, Any] | None = None
+        self,
+        input_ids: Any,
+        layers: Iterable[int] | None = None,
+        *,
+        positions: Any = None,
+        barrier: Any = None,
+        barrier_ids: Iterable[int] | None = None,
+        out: Mapping[int, Any] | None = None,
     ) -> dict[int, Any]:
         """The same buckets plus each head's offset: the row index into the layer's table.
 
         Args:
             input_ids: token ids, (T,) or (B, T), numpy or torch.
             layers: only these layers.
+            positions, barrier, barrier_ids: sequence starts and barrier tokens (as for `hash`).
             out: caller-owned output buffers, per layer (as for `hash`).
         """
-        return self._run(input_ids, layers, with_offsets=True, out=out)
+        return self._run(input_ids, layers, True, out, positions, barrier, barrier_ids)
 
     def _layer(self, layer_id: int) -> _Layer:
         layer_id = int(layer_id)
@@ -231,27 +365,85 @@ class NgramHasher:
             self._layer(layer_id)
         return [int(layer_id) for layer_id in chosen]
 
+    def barrier_vocab(self, barrier_ids: Iterable[int] | None) -> np.ndarray:
+        """A boolean mask over the vocab of the barrier token ids (empty when none are given)."""
+        if barrier_ids is None:
+            return _NO_BARRIER_IDS
+        try:
+            chosen = np.asarray(list(barrier_ids))
+        except TypeError:
+            raise UsageError("barrier_ids must be a list of token ids") from None
+        if chosen.size == 0:
+            return _NO_BARRIER_IDS
+        if chosen.dtype.kind not in "iu":
+            raise UsageError(f"barrier ids must be integers, got {chosen.tolist()!r}")
+        outside = chosen[(chosen < 0) | (chosen >= self.projection.vocab_size)]
+        if outside.size:
+            raise UsageError(
+                f"barrier id {int(outside[0])} is not a token id below the vocab size {self.projection.vocab_size}"
+            )
+        mask = np.zeros(self.projection.vocab_size, np.bool_)
+        mask[chosen] = True
+        return mask
+
     def _run(
-        self, input_ids: Any, layers: Iterable[int] | None, with_offsets: bool, out: Mapping[int, Any] | None
+        self,
+        input_ids: Any,
+        layers: Iterable[int] | None,
+        with_offsets: bool,
+        out: Mapping[int, Any] | None,
+        positions: Any,
+        barrier: Any,
+        barrier_ids: Iterable[int] | None,
     ) -> dict[int, Any]:
         layer_ids = self._layer_ids(layers)
+        if barrier is not None and barrier_ids is not None:
+            raise UsageError("give barrier (a mask) or barrier_ids (token ids), not both")
+        barrier_vocab = self.barrier_vocab(barrier_ids)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(input_ids, torch.Tensor):
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise EngramError(f"token ids must be integers, got dtype {input_ids.dtype}")
-            check_rank(tuple(input_ids.shape))
-            buffers = self._buffers(out, layer_ids, tuple(input_ids.shape), input_ids.device)
+            shape = tuple(input_ids.shape)
+            check_rank(shape)
+            buffers = self._buffers(out, layer_ids, shape, input_ids.device)
             if input_ids.device.type != "cpu":
-                return self._run_torch(input_ids, layer_ids, with_offsets, buffers)
+                return self._run_torch(
+                    input_ids,
+                    layer_ids,
+                    with_offsets,
+                    buffers,
+                    positions=_as_tensor(positions, "positions", shape, input_ids.device),
+                    barrier=_as_tensor(barrier, "barrier", shape, input_ids.device),
+                    barrier_vocab=barrier_vocab,
+                )
+            gates = self._gates(shape, positions, barrier, barrier_vocab)
             arrays = None if buffers is None else {k: v.numpy() for k, v in buffers.items()}
-            result = self._run_numpy(input_ids.detach().numpy(), layer_ids, with_offsets, arrays)
+            result = self._run_numpy(input_ids.detach().numpy(), layer_ids, with_offsets, arrays, gates)
             return buffers or {k: torch.from_numpy(v) for k, v in result.items()}
         try:
             array = np.asarray(input_ids)
         except (OverflowError, ValueError, TypeError) as exc:
             raise EngramError(f"token ids must be an integer array: {exc}") from None
         check_rank(array.shape)
-        return self._run_numpy(array, layer_ids, with_offsets, self._buffers(out, layer_ids, array.shape, None))
+        gates = self._gates(array.shape, positions, barrier, barrier_vocab)
+        return self._run_numpy(array, layer_ids, with_offsets, self._buffers(out, layer_ids, array.shape, None), gates)
+
+    def _gates(self, shape: tuple[int, ...], positions: Any, barrier: Any, barrier_vocab: np.ndarray) -> _Gates:
+        """Positions and barrier mask as the kernel takes them: (B, T) int64 and bool, C order."""
+        batch = (1, shape[0]) if len(shape) == 1 else shape
+        gate_positions, gate_barrier = _NO_POSITIONS, _NO_BARRIER
+        if positions is not None:
+            array = _as_array(positions, "positions", shape)
+            if array.dtype.kind not in "iu":
+                raise UsageError(f"positions must be integers, got dtype {array.dtype}")
+            gate_positions = np.ascontiguousarray(array.reshape(batch), dtype=np.int64)
+        if barrier is not None:
+            array = _as_array(barrier, "barrier", shape)
+            if array.dtype != np.bool_:
+                raise UsageError(f"barrier must be a boolean mask, got dtype {array.dtype}")
+            gate_barrier = np.ascontiguousarray(array.reshape(batch))
+        return _Gates(gate_positions, gate_barrier, barrier_vocab, len(shape) == 1)
 
     def _buffers(
         self, out: Mapping[int, Any] | None, layer_ids: list[int], shape: tuple[int, ...], device: Any
@@ -292,9 +484,15 @@ class NgramHasher:
         return buffers
 
     def _run_numpy(
-        self, ids: np.ndarray, layer_ids: list[int], with_offsets: bool, buffers: dict[int, np.ndarray] | None
+        self,
+        ids: np.ndarray,
+        layer_ids: list[int],
+        with_offsets: bool,
+        buffers: dict[int, np.ndarray] | None,
+        gates: _Gates | None = None,
     ) -> dict[int, np.ndarray]:
         self.projection.check_ids(ids)
+        gates = gates or _Gates()
         batch = np.require(
             ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64, requirements=["C", "W"]
         )  # the kernel takes writable arrays; a read-only map is copied
@@ -318,12 +516,20 @@ class NgramHasher:
                     layer.inv_primes,
                     layer.offsets if with_offsets else layer.zeros,
                     out,
+                    gates=gates,
                 )
             result[layer_id] = out[0] if ids.ndim == 1 else out
         return result if buffers is None else buffers
 
     def _run_torch(
-        self, ids: Any, layer_ids: list[int], with_offsets: bool, buffers: dict[int, Any] | None
+        self,
+        ids: Any,
+        layer_ids: list[int],
+        with_offsets: bool,
+        buffers: dict[int, Any] | None,
+        positions: Any = None,
+        barrier: Any = None,
+        barrier_vocab: np.ndarray = _NO_BARRIER_IDS,
     ) -> dict[int, Any]:
         """Plain torch ops for tensors on an accelerator, where the numba kernel cannot run."""
         import torch
@@ -333,6 +539,7 @@ class NgramHasher:
         rows, length = batch.shape
         context = self.spec.max_ngram_size - 1
         padded = torch.cat([batch.new_full((rows, context), self.pad), batch], dim=1)
+        reach = self._torch_reach(ids.reshape(rows, length), positions, barrier, barrier_vocab, ids.ndim == 1)
         result = {}
         for layer_id in layer_ids:
             layer = self._layer(layer_id)
@@ -340,14 +547,97 @@ class NgramHasher:
             per_order = self.spec.n_head_per_ngram
             shape = (rows, length, layer.primes.size)
             out = batch.new_empty(shape) if buffers is None else buffers[layer_id].view(shape)
-            mix = batch * mults[0]
+            current = batch if reach is None else torch.where(reach >= 0, batch, self.pad)
+            mix = current * mults[0]
             for n in range(1, len(mults)):
-                mix = mix ^ (padded[:, context - n : context - n + length] * mults[n])
+                earlier = padded[:, context - n : context - n + length]
+                if reach is not None:
+                    earlier = torch.where(reach >= n, earlier, self.pad)
+                mix = mix ^ (earlier * mults[n])
                 for h in range((n - 1) * per_order, n * per_order):
                     bucket = torch.remainder(mix, int(layer.primes[h]))
                     out[..., h] = bucket + int(layer.offsets[h]) if with_offsets else bucket
             result[layer_id] = out[0] if ids.ndim == 1 else out
         return result if buffers is None else buffers
+
+    def _torch_reach(
+        self, ids: Any, positions: Any, barrier: Any, barrier_vocab: np.ndarray, one_dimensional: bool
+    ) -> Any:
+        """Per token, how far back its n-grams may reach (-1 on a barrier); None when nothing gates.
+
+        A token not a barrier reaches min(position, tokens since the last barrier): the last
+        barrier's index is a running maximum, so this is a few whole-tensor ops.
+        """
+        import torch
+
+        if positions is None and barrier is None and barrier_vocab.size == 0:
+            return None
+        rows, length = ids.shape
+        index = torch.arange(length, device=ids.device).expand(rows, length)
+        if positions is None:
+            positions = index
+        else:
+            positions = positions.reshape(rows, length).long()
+            before = torch.cat([positions.new_full((rows, 1), -1), positions[:, :-1]], dim=1)
+            wrong = (positions != 0) & (positions != before + 1)
+            if bool(wrong.any()):
+                row, col = (int(v) for v in wrong.nonzero()[0])
+                raise_bad_position(positions.cpu().numpy(), row, col, one_dimensional)
+        blocked = torch.zeros((rows, length), dtype=torch.bool, device=ids.device)
+        if barrier is not None:
+            blocked = barrier.reshape(rows, length)
+        if barrier_vocab.size:
+            mask = torch.from_numpy(barrier_vocab).to(ids.device)
+            wide = ids.long()
+            blocked = blocked | ((wide >= 0) & mask[wide.clamp(min=0)])
+        last = torch.where(blocked, index, -1).cummax(dim=1).values
+        reach = torch.minimum(positions, index - last - 1)
+        return torch.where(blocked, -1, reach)
+
+
+def _as_array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise UsageError(f"{name} must be an array of the token ids' shape: {exc}") from None
+    if array.shape != tuple(shape):
+        raise UsageError(f"{name} must have the token ids' shape {tuple(shape)}, got {array.shape}")
+    return array
+
+
+def _as_tensor(value: Any, name: str, shape: tuple[int, ...], device: Any) -> Any:
+    """Positions or a barrier mask beside ids on an accelerator, checked like the numpy ones."""
+    import torch
+
+    if value is None:
+        return None
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(_as_array(value, name, shape))
+    if tuple(tensor.shape) != tuple(shape):
+        raise UsageError(f"{name} must have the token ids' shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if name == "barrier" and tensor.dtype != torch.bool:
+        raise UsageError(f"barrier must be a boolean mask, got dtype {tensor.dtype}")
+    if name == "positions" and (
+        tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool
+    ):
+        raise UsageError(f"positions must be integers, got dtype {tensor.dtype}")
+    return tensor.to(device)
+
+
+def check_positions(positions: np.ndarray, rows_per_pass: int = 1 << 20) -> None:
+    """Refuse, naming the first index, a position that neither starts a sequence (0) nor follows
+    its predecessor by one; reads a memory-mapped array a few rows at a time."""
+    batch = positions.reshape(1, -1) if positions.ndim == 1 else positions
+    step = max(1, rows_per_pass // max(1, batch.shape[1]))
+    for b0 in range(0, batch.shape[0], step):
+        part = np.asarray(batch[b0 : b0 + step], dtype=np.int64)
+        wrong = part != 0
+        wrong[:, 1:] &= part[:, 1:] != part[:, :-1] + 1
+        if wrong.any():
+            row, col = (int(v) for v in np.argwhere(wrong)[0])
+            raise_bad_position(batch, b0 + row, col, positions.ndim == 1)
 
 
 def check_rank(shape: tuple[int, ...]) -> None:

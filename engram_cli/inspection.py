@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from .progress import SILENT, Progress
 from .spec import TableSpec
 from .store.health import TableHealth, table_health
 from .store.tables import TableStore
-from .vocab import VocabProjection, default_projection
+from .vocab import VocabProjection, spec_projection
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -41,6 +41,7 @@ class InspectReport:
     spilled_bytes: int = 0
     seconds: float = 0.0
     plot: str | None = None
+    barrier_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The `engram inspect --json` output."""
@@ -61,6 +62,7 @@ class InspectReport:
                 "compressed_size": self.projection.compressed_size,
             },
             "corpus": corpus,
+            "barrier_ids": self.barrier_ids,
             "layers": None if self.layers is None else layers_json(self.layers),
             "sweep": None if self.sweep is None else [p.to_json() for p in self.sweep],
             "tables": None if self.tables is None else self.tables.to_json(),
@@ -82,13 +84,14 @@ def inspect(
     client: Client | None = None,
     progress: Progress = SILENT,
     part_ids: int | None = None,
+    barrier_ids: list[int] | None = None,
 ) -> InspectReport:
     """The whole `engram inspect` job: table health of a store, collision statistics on a corpus.
 
     Args:
         source: a spec (collisions only) or an opened table store (its health, and collisions of
             its spec and projection).
-        projection: the spec's projection (default: the store's, or the embedded DeepSeek-V3 one).
+        projection: the spec's projection (default: the store's, or that of the spec's tokenizer).
         corpus: files, folders or URLs to count n-grams in; `options` says how to read them.
         sweep: also every head size scaled by each factor; top: list the K most crowded buckets.
         verify: with a store, read every shard and check every checksum.
@@ -96,6 +99,7 @@ def inspect(
         client: a Dask client: the corpus is then counted as map/reduce tasks, to the same numbers.
         progress: receives one task per pass (table health, corpus bytes, statistics).
         part_ids: ids per corpus part on a cluster (default: sized to the corpus).
+        barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
     """
     store = source if isinstance(source, TableStore) else None
     spec = source.spec if isinstance(source, TableStore) else source
@@ -106,16 +110,22 @@ def inspect(
                 f"(fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
             )
         projection = store.projection
-    projection = projection or default_projection()
+    projection = projection or spec_projection(spec)
+    spec.check_compressed_size(projection.compressed_size, "the projection")
     if verify and store is None:
         raise UsageError("verify needs a table store, not a spec")
     if store is None and not corpus:
         raise UsageError(
             "nothing to inspect: a spec has no tables, so give a corpus for collision statistics (or a table store)"
         )
-    if (sweep or top) and not corpus:
-        raise UsageError("a sweep and the top buckets describe collisions: give a corpus")
-    report = InspectReport(source=str(store.path if store is not None else spec.name), spec=spec, projection=projection)
+    if (sweep or top or barrier_ids) and not corpus:
+        raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
+    report = InspectReport(
+        source=str(store.path if store is not None else spec.name),
+        spec=spec,
+        projection=projection,
+        barrier_ids=sorted(set(barrier_ids or [])),
+    )
     if store is not None:
         rows = sum(store.layout(layer).rows for layer in store.layer_ids)
         report.tables = table_health(store, verify, progress.task("table health", rows).advance)
@@ -142,6 +152,7 @@ def inspect(
             on_statistic=step,
             client=client,
             part_ids=part_ids,
+            barrier_ids=barrier_ids,
         )
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started

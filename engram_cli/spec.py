@@ -1,7 +1,11 @@
 """Table specs: the single source of truth for head sizes, offsets and multipliers.
 
 A spec is a small TOML file that uses the reference EngramConfig's own field
-names, so users can copy their training config into it unchanged.
+names, so users can copy their training config into it unchanged. Two optional
+fields tie it to its vocab projection, from which every multiplier derives:
+`tokenizer` (`embedded:NAME`, a tokenizer.json or folder, or a Hub id; default the
+embedded DeepSeek-V3 tokenizer) and `compressed_vocab_size`, which any projection
+used with the spec must have.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from .dtypes import DTYPE_BYTES, numpy_dtype
-from .errors import EngramError
+from .errors import EngramError, UsageError
 from .primes import next_unused_prime
 
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
@@ -34,7 +38,12 @@ _ENGRAM_KEYS = {
     "n_embed_per_ngram",
     "pad_id",
     "seed",
+    "tokenizer",
+    "compressed_vocab_size",
 }
+
+
+_OPTIONAL_KEYS = {"seed", "tokenizer", "compressed_vocab_size"}
 
 
 _TABLE_KEYS = {"dtype", "init"}
@@ -75,6 +84,8 @@ class TableSpec:
     dtype: str = "bfloat16"
     init: InitSpec = field(default_factory=InitSpec)
     name: str = "custom"
+    tokenizer: str | None = None  # None: the embedded DeepSeek-V3 tokenizer
+    compressed_vocab_size: int | None = None  # None: whatever the projection has
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -155,9 +166,19 @@ class TableSpec:
                 "n_embed_per_ngram": self.n_embed_per_ngram,
                 "pad_id": self.pad_id,
                 "seed": self.seed,
+                **({} if self.tokenizer is None else {"tokenizer": self.tokenizer}),
+                **({} if self.compressed_vocab_size is None else {"compressed_vocab_size": self.compressed_vocab_size}),
             },
             "table": {"dtype": self.dtype, "init": self.init.to_dict()},
         }
+
+    def check_compressed_size(self, compressed_size: int, what: str, error: type[EngramError] = UsageError) -> None:
+        """Refuse a projection of another size than the spec names: every multiplier derives from it."""
+        if self.compressed_vocab_size is not None and compressed_size != self.compressed_vocab_size:
+            raise error(
+                f"{what} has {compressed_size:,} canonical ids, but spec {self.name} says "
+                f"compressed_vocab_size = {self.compressed_vocab_size:,}"
+            )
 
     def _index(self, layer_id: int) -> int:
         try:
@@ -229,6 +250,12 @@ def _validate(spec: TableSpec) -> None:
         _fail("pad_id", f"must be a non-negative token id, got {spec.pad_id!r}")
     if not _is_int(spec.seed) or spec.seed < 0:
         _fail("seed", f"must be a non-negative integer, got {spec.seed!r}")
+    if spec.tokenizer is not None and (not isinstance(spec.tokenizer, str) or not spec.tokenizer.strip()):
+        _fail("tokenizer", f"must be embedded:NAME, a tokenizer path or a Hub id, got {spec.tokenizer!r}")
+    if spec.compressed_vocab_size is not None and (
+        not _is_int(spec.compressed_vocab_size) or spec.compressed_vocab_size < 1
+    ):
+        _fail("compressed_vocab_size", f"must be a positive integer, got {spec.compressed_vocab_size!r}")
     if spec.dtype not in DTYPE_BYTES:
         _fail("table.dtype", f"unknown dtype {spec.dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     init = spec.init
@@ -279,7 +306,7 @@ def spec_from_dict(raw: dict[str, Any], name: str = "custom") -> TableSpec:
         extra = set(keys) - allowed
         if extra:
             _fail(f"{section}.{sorted(extra)[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
-    missing = _ENGRAM_KEYS - {"seed"} - set(engram)
+    missing = _ENGRAM_KEYS - _OPTIONAL_KEYS - set(engram)
     if missing:
         _fail(f"engram.{sorted(missing)[0]}", "is required")
     for list_key in ("layer_ids", "engram_vocab_size"):
@@ -296,6 +323,8 @@ def spec_from_dict(raw: dict[str, Any], name: str = "custom") -> TableSpec:
         dtype=table.get("dtype", "bfloat16"),
         init=_init_from_dict(table.get("init", {"distribution": "normal", "std": 1.0})),
         name=str(raw.get("name", name)),
+        tokenizer=engram.get("tokenizer"),
+        compressed_vocab_size=engram.get("compressed_vocab_size"),
     )
 
 
@@ -334,4 +363,9 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
         raise EngramError(f"cannot read spec {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise EngramError(f"spec {path} is not valid TOML: {exc}") from None
-    return spec_from_dict(raw, name=path.stem)
+    spec = spec_from_dict(raw, name=path.stem)
+    if spec.tokenizer is not None and not spec.tokenizer.startswith("embedded:"):
+        beside = path.parent / spec.tokenizer
+        if not Path(spec.tokenizer).is_absolute() and beside.exists():  # a path is relative to the spec file
+            spec = spec.replace(tokenizer=str(beside.resolve()))
+    return spec

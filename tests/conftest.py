@@ -58,6 +58,22 @@ def projection_file(tmp_path_factory, projection) -> Path:
     return path
 
 
+def untied_preset(name: str) -> str:
+    """A preset's TOML without the tokenizer it names, for tests that hash with a toy projection."""
+    text = (ROOT / "tables" / f"{name}.toml").read_text()
+    return "\n".join(
+        line for line in text.splitlines() if not line.startswith(("tokenizer =", "compressed_vocab_size ="))
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_spec_file(tmp_path_factory) -> Path:
+    """The demo preset untied from its tokenizer, as a spec file for the CLI."""
+    path = tmp_path_factory.mktemp("spec") / "demo.toml"
+    path.write_text(untied_preset("demo"))
+    return path
+
+
 def shipped_tokenizer(name: str) -> Path:
     return embedded_tokenizer_path(name)
 

@@ -128,7 +128,7 @@ def test_rows_of_a_2d_npy_are_documents(tmp_path):
     corpus = Corpus([tmp_path / "rows.npy"], VocabProjection(np.arange(50)), context=2, id_batch_tokens=25)
     assert documents(corpus) == rows.tolist()
     np.array([v for row in rows.tolist() for v in row + [49]], np.uint16).tofile(tmp_path / "rows.bin")
-    spec = SPEC.replace(pad_id=3)
+    spec = SPEC.replace(pad_id=3, compressed_vocab_size=None)  # with a toy projection
     stats = [
         collision_statistics(
             spec,

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import engram_json, make_byte_level_tokenizer, run_engram
+from conftest import ROOT, engram_json, make_byte_level_tokenizer, run_engram
 
 INT64_MAX = (1 << 63) - 1
 SENTENCE = "Only Alexander the Great could tame the horse Bucephalus."
@@ -507,10 +507,15 @@ def test_cli_hash_text_custom_projection_rows_and_layer(tmp_path):
     tokenizer = make_byte_level_tokenizer(["a", "b", "c", " ", "ab", "abc", "x", "y"])
     projection = compress_vocab(tokenizer)
     projection.save(tmp_path / "p.safetensors")
-    spec = load_spec("demo")
+    text = (ROOT / "tables" / "demo.toml").read_text()
+    own = ("tokenizer =", "compressed_vocab_size =")
+    (tmp_path / "any.toml").write_text("\n".join(line for line in text.splitlines() if not line.startswith(own)))
+    spec = load_spec(tmp_path / "any.toml")  # the demo spec without a tokenizer of its own
     proc = run_engram(
         "hash",
         "abc ab xy",
+        "--spec",
+        str(tmp_path / "any.toml"),
         "--projection",
         str(tmp_path / "p.safetensors"),
         "--rows",
@@ -574,7 +579,7 @@ def test_cli_hash_errors(tmp_path):
 
 def test_read_only_memory_mapped_int64_input(tmp_path):
     """`np.load(..., mmap_mode="r")` gives a read-only int64 array, the commonest loader input."""
-    spec = load_spec("demo")
+    spec = load_spec("demo").replace(compressed_vocab_size=None)
     projection = VocabProjection(np.arange(1000) % 311)
     ids = np.random.default_rng(3).integers(-2, 1000, size=(3, 40)).astype(np.int64)
     np.save(tmp_path / "ids.npy", ids)

@@ -188,8 +188,14 @@ def test_engram_tables_lookup_matches_the_store(stores, tmp_path, layout, dtype,
     export_inference(stores["bfloat16"], out, layout=layout, dtype=dtype)
     store = open_tables(stores["bfloat16"])
     if layout == "deepseek-v41":
-        with pytest.raises(EngramError, match="spec= and projection="):
+        # the spec comes from the engram_config.json beside the shards; the projection of the
+        # store's toy tokenizer is not the default one, and the folder holds no tokenizer.json
+        with pytest.raises(EngramError, match="has no tokenizer.json: give the projection of its tokenizer"):
             EngramTables.open(out).lookup(np.zeros((1, 3), dtype=np.int64))
+        described = EngramTables.open(out, projection=store.projection)
+        described.lookup(np.zeros((1, 3), dtype=np.int64))
+        assert described.spec.head_sizes(3) == store.spec.head_sizes(3)
+        assert described.spec.compressed_vocab_size == store.projection.compressed_size
         tables = EngramTables.open(out / INDEX_NAME, spec=store.spec, projection=store.projection)
     else:
         tables = EngramTables.open(out)
@@ -247,9 +253,14 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
 def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection):
     out = tmp_path / "ds"
     export_inference(stores["bfloat16"], out, layout="deepseek-v41")
-    with pytest.raises(EngramError, match="--spec and --projection"):
+    with pytest.raises(EngramError, match="has no tokenizer.json: give the projection"):
         import_checkpoint(out, tmp_path / "a")
     wrong = tiny_spec().replace(engram_vocab_size=(300, 420))
+    with pytest.raises(EngramError, match=r"engram_vocab_size = \[300, 420\], but .*engram_config.json has"):
+        import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection)
+    (out / "engram_config.json").unlink()  # an export of an older engram: only the tensors
+    with pytest.raises(EngramError, match="has no config.json with engram_\\* keys: give its spec"):
+        import_checkpoint(out, tmp_path / "a")
     with pytest.raises(EngramError, match="layer 1 .* says"):
         import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection)
     report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3])

@@ -538,7 +538,7 @@ def test_tables_never_cut_numbers_on_a_narrow_terminal(store_path, ids_file):
     assert "Collisions at the head sizes" in report
 
 
-def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store_path, projection_file):
+def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store_path, projection_file, demo_spec_file):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.array([[5, 6, 7], [8, 9, 700]], np.int32))
     odd = tmp_path / "odd.bin"
@@ -556,16 +556,21 @@ def test_inspect_with_a_spec_and_bad_inputs_give_one_line_errors(tmp_path, store
     data[100] ^= 0xFF
     key.write_bytes(bytes(data))
     start, stop = layout.shard_range(0)
+    demo = str(demo_spec_file)  # the demo spec untied from its tokenizer, for the toy projection
     cases = [
         (
             ["demo", "--projection", str(projection_file), "--corpus", str(ids)],
+            "has 400 canonical ids, but spec demo says compressed_vocab_size = 98,627",
+        ),
+        (
+            [demo, "--projection", str(projection_file), "--corpus", str(ids)],
             rf"{ids}: token id 700 at position \[1, 2\] is not below the projection's vocab size 500",
         ),
-        (["demo", "--projection", str(projection_file), "--corpus", str(odd)], "not a whole number of uint16"),
-        (["demo", "--projection", str(projection_file), "--corpus", str(empty)], "the corpus holds no tokens"),
+        ([demo, "--projection", str(projection_file), "--corpus", str(odd)], "not a whole number of uint16"),
+        ([demo, "--projection", str(projection_file), "--corpus", str(empty)], "the corpus holds no tokens"),
         ([str(store_path), "--projection", str(other), "--corpus", str(ids)], "does not match"),
-        (["demo", "--projection", str(projection_file)], "nothing to inspect"),
-        (["demo", "--corpus", str(ids), "--projection", str(projection_file), "--verify"], "needs a table store"),
+        ([demo, "--projection", str(projection_file)], "nothing to inspect"),
+        ([demo, "--corpus", str(ids), "--projection", str(projection_file), "--verify"], "needs a table store"),
         ([str(shard), "--verify"], rf"layer 3 rows {start}-{stop - 1} \(shard 0\)"),
     ]
     for args, message in cases:

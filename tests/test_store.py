@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, run_engram
 
-SPEC = load_spec("demo")
+SPEC = load_spec("demo").replace(tokenizer=None, compressed_vocab_size=None)
 
 
 @pytest.fixture(scope="module")
@@ -282,15 +282,17 @@ def test_build_shard_is_a_plain_function_of_path_layer_index(tmp_path, demo_stor
 # ---- faults -----------------------------------------------------------------------------------
 
 
-def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projection_file):
+def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projection_file, demo_spec_file):
     path = tmp_path / "t.zarr"
     build_tables(SPEC, path, projection=projection)
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(path))
+    proc = run_engram("build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", str(path))
     assert proc.returncode == 1 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
     other = tmp_path / "not-a-store"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(other), "--overwrite")
+    proc = run_engram(
+        "build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", str(other), "--overwrite"
+    )
     assert proc.returncode == 1 and "not a table store" in proc.stderr
     assert (other / "precious.txt").read_text() == "keep me"
     report = build_tables(SPEC, path, projection=projection, resume=True)
@@ -333,13 +335,17 @@ def test_corrupt_and_missing_shards_are_named_and_repaired(tmp_path, demo_store,
         open_tables(path)
 
 
-def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_file):
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", "/proc/engram-test.zarr")
+def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_file, demo_spec_file):
+    proc = run_engram(
+        "build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", "/proc/engram-test.zarr"
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("engram: error: ")
     assert len(proc.stderr.strip().splitlines()) == 1
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(blocker / "t.zarr"))
+    proc = run_engram(
+        "build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", str(blocker / "t.zarr")
+    )
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     # A write that fails midway (here: the file-size limit, EFBIG) is one line too, and names --resume.
     script = (
@@ -353,7 +359,7 @@ def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_f
             "-c",
             script,
             "build-tables",
-            "demo",
+            str(demo_spec_file),
             "--projection",
             str(projection_file),
             "-o",
@@ -370,7 +376,7 @@ def test_unwritable_and_full_targets_give_one_line_errors(tmp_path, projection_f
         open_tables(tmp_path / "big.zarr")
 
 
-def test_full_disk_gives_one_line_error(tmp_path, projection_file):
+def test_full_disk_gives_one_line_error(tmp_path, projection_file, demo_spec_file):
     mount = tmp_path / "small"
     mount.mkdir()
     if (
@@ -382,20 +388,20 @@ def test_full_disk_gives_one_line_error(tmp_path, projection_file):
     ):
         pytest.skip("needs permission to mount a small tmpfs")
     try:
-        proc = run_engram("build-tables", "demo", "--projection", str(projection_file), "-o", str(mount / "t.zarr"))
+        proc = run_engram(
+            "build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", str(mount / "t.zarr")
+        )
         assert proc.returncode == 1 and "not enough disk space" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projection_file):
+def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projection_file, demo_spec_file):
     out = tmp_path / "plan.zarr"
     proc = run_engram(
         "build-tables",
-        "engram-27b",
-        "--projection",
-        str(projection_file),
+        "engram-27b",  # with the projection of the tokenizer it names
         "-o",
         str(out),
         "--shards",
@@ -413,7 +419,7 @@ def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projecti
     small = json.loads(
         run_engram(
             "build-tables",
-            "demo",
+            str(demo_spec_file),
             "--projection",
             str(projection_file),
             "-o",
@@ -427,7 +433,15 @@ def test_dry_run_writes_nothing_and_plans_what_a_build_writes(tmp_path, projecti
     assert not out.exists()
     built = json.loads(
         run_engram(
-            "build-tables", "demo", "--projection", str(projection_file), "-o", str(out), "--shards", "2", "--json"
+            "build-tables",
+            str(demo_spec_file),
+            "--projection",
+            str(projection_file),
+            "-o",
+            str(out),
+            "--shards",
+            "2",
+            "--json",
         ).stdout
     )
     assert len([p for p in out.rglob("*") if p.is_file()]) == small["total"]["files"]

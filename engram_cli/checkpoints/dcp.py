@@ -382,11 +382,15 @@ class DcpSource(TableSource):
             self.sharding = meta.get("sharding")
             self.store_dtype = meta.get("store_dtype")
         else:
-            if spec is None or projection is None:
+            if spec is None:
                 raise EngramError(
                     f"{path} carries no engram hashing metadata (not made by `engram export`): "
-                    "pass --spec and --projection"
+                    "pass --spec (and --projection, unless the spec's tokenizer is the model's)"
                 )
+            if projection is None:
+                from ..vocab import spec_projection
+
+                projection = spec_projection(spec)
             template = key_template or DEFAULT_KEY_TEMPLATE
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
             names = check_key_template(template, per_head=bool(fields & {"head", "order", "order_head"}))

@@ -54,17 +54,23 @@ def import_checkpoint(
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> ImportReport:
-    """Turn a DCP checkpoint or a safetensors export back into a store, one shard run at a time.
+    """Turn a DCP checkpoint, a safetensors export or a DeepSeek-V4.1 model folder into a store,
+    one shard run at a time.
 
-    Hashing metadata comes from the checkpoint when `engram export` wrote it; otherwise (the
-    deepseek-v41 layout, a framework's own checkpoint) `spec` and `projection` are required and
-    every table's shape is checked against them.
+    Hashing metadata comes from the checkpoint when `engram export` wrote it; a deepseek-v41
+    folder describes its spec with `engram_*` config keys and its projection with its
+    tokenizer.json (see `model_hashing`: only the files holding Engram tensors are opened, and
+    fp8 tables are dequantized as the engines do, float32(e4m3) * 2**(scale - 127), then rounded
+    to the store dtype). Otherwise (a framework's own checkpoint) `spec` is required, the
+    projection defaults to that of the spec's tokenizer, and every table's shape is checked.
 
     Args:
-        checkpoint: a DCP folder, a .safetensors file, an index json, or a folder of safetensors.
+        checkpoint: a DCP folder, a .safetensors file, an index json, a folder of safetensors, or a
+            DeepSeek-V4.1 model folder.
         output: the store to write.
         trust_pickle: allow reading DCP's `.metadata`, a pickle that can run code.
-        spec, projection: what the tables are; default: the checkpoint's own metadata.
+        spec, projection: what the tables are; default: the checkpoint's own metadata (or config
+            keys and tokenizer.json), else the spec's tokenizer's projection.
         key_template: the tensor names of a checkpoint without engram metadata.
         layers: import only these layers (default: all the checkpoint holds).
         dtype: the store dtype (default: the one the tables were exported from, else theirs or the spec's).

@@ -10,8 +10,11 @@
   `model.safetensors` (or the file named) when it fits the shard size, else shards and an index.
 * `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
   `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
-  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing metadata
-  (the header says only format "pt"), so reading one back takes a spec and a projection.
+  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing tensors
+  (the header says only format "pt"). `engram export` writes `engram_config.json` beside the
+  index (the `engram_*` keys of a model's config.json, see `model_config`), from which, with a
+  tokenizer.json, reading one back finds its spec and projection; a model's own folder of this
+  layout also holds every other weight, and only the files with Engram tensors are opened.
 
 Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
 reads the file directly. A reader tells them apart by the header's `format`.
@@ -19,6 +22,9 @@ reads the file directly. A reader tells them apart by the header's `format`.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -26,7 +32,7 @@ from typing import Any, Literal, get_args
 from ..errors import EngramError
 from ..vocab import VocabProjection, restore_projection
 from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY
-from .safetensors_format import MappedTensors
+from .safetensors_format import INDEX_NAME, MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -66,15 +72,33 @@ def stored_projection(
     )
 
 
+_DEEPSEEK_TENSOR = re.compile(r"^layers\.(\d+)\.engram\.embed\.(weight|scale)$")
+
+
+def is_deepseek_tensor(name: str) -> bool:
+    """An Engram table or its scales under DeepSeek-V4.1's names (a model holds many other weights)."""
+    return _DEEPSEEK_TENSOR.match(name) is not None
+
+
+def tensor_filter(path: Path) -> Callable[[str], bool] | None:
+    """Which tensors of `path` to open: all of an engram export or a lone file; of a model's
+    shard set (an index not written by engram) only the deepseek-v41 Engram tensors."""
+    index = path / INDEX_NAME if path.is_dir() else path
+    if not index.name.endswith(".json") or not index.is_file():
+        return None
+    try:
+        metadata = json.loads(index.read_text()).get("metadata") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # open_set words the error
+    return None if isinstance(metadata, dict) and metadata.get("format") == SAFETENSORS_FORMAT else is_deepseek_tensor
+
+
 def deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, Table]:
     """The layers of a deepseek-v41 export, found by their tensor names; an error when there are none."""
-    import re
-
-    pattern = re.compile(r"^layers\.(\d+)\.engram\.embed\.weight$")
     tables = {}
     for name in tensors:
-        match = pattern.match(name)
-        if match:
+        match = _DEEPSEEK_TENSOR.match(name)
+        if match and match.group(2) == "weight":
             layer_id = int(match.group(1))
             tables[layer_id] = Table(layer_id, name, DEEPSEEK_SCALE.format(layer_id=layer_id))
     if not tables:

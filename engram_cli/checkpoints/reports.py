@@ -25,6 +25,7 @@ class ExportReport:
     quantization: dict[str, float] | None = None
     shards: int | None = None
     per_head: bool = False
+    config: str | None = None  # engram_config.json beside a deepseek-v41 export
 
     def to_json(self) -> dict[str, Any]:
         """The `engram export --json` output."""
@@ -45,6 +46,7 @@ class ExportReport:
             "bytes_per_second": round(self.bytes / self.seconds) if self.seconds else 0,
             "conversion": self.conversion,
             "quantization": self.quantization,
+            "config": self.config,
         }
 
 

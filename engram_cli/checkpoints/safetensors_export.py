@@ -5,7 +5,8 @@ Every file, header and byte offset is planned before any data is written
 quantized (`fp8`) and written by position: locally on up to 8 threads, each block from read to
 write on one thread (all of it outside the GIL), or on a Dask cluster as one task per block of
 about 32 MiB, every task writing into the same files. The output is written in a temporary folder
-and renamed into place when complete (`output`).
+and renamed into place when complete (`output`). A deepseek-v41 export also gets
+`engram_config.json` beside its index: the `engram_*` keys of a model's config.json (`model_config`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .fp8_format import BLOCK, check_blockable
 from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, scale_key
 from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table
 from .metadata import hashing_arrays
+from .model_config import ENGRAM_CONFIG, config_keys
 from .output import prepare_output, remove_tree, replace_output
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
@@ -190,6 +192,9 @@ def export_inference(
         finally:
             writer.close(sync=True)
         writer.write_index()
+        if layout == "deepseek-v41":  # the engram_* keys a model's config.json needs beside these tensors
+            keys = config_keys(source.spec, source.projection.compressed_size)
+            (tmp / ENGRAM_CONFIG).write_text(json.dumps(keys, indent=2) + "\n")
         replace_output(tmp / output.name if single else tmp, output)
     finally:
         remove_tree(tmp)
@@ -203,6 +208,7 @@ def export_inference(
         source_dtype=source.spec.dtype,
         files=[f.name for f in layout_plan.files],
         index=layout_plan.with_index,
+        config=ENGRAM_CONFIG if layout == "deepseek-v41" else None,
         layers={t.layer_id: {"key": t.weight, "scale": t.scale, "rows": source.spec.rows(t.layer_id)} for t in tables},
         bytes=total,
         seconds=seconds,

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -297,8 +298,12 @@ class SafetensorsSet:
     metadata: dict[str, str]
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A file's parsed header and where its data section starts; EngramError if malformed."""
+def read_header(path: Path, select: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], int]:
+    """A file's parsed header and where its data section starts; EngramError if malformed.
+
+    With `select`, only the tensors it accepts are checked (and kept): the rest of a model's
+    file may hold dtypes engram does not know.
+    """
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -314,6 +319,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise EngramError(f"{path} is not a safetensors file (header is not a JSON object)")
     data_start = 8 + length
+    if select is not None:
+        header = {k: v for k, v in header.items() if k == "__metadata__" or select(k)}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -331,8 +338,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, data_start
 
 
-def open_set(path: str | Path) -> SafetensorsSet:
-    """Headers of a .safetensors file, of an index json, or of a folder holding either."""
+def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> SafetensorsSet:
+    """Headers of a .safetensors file, of an index json, or of a folder holding either.
+
+    `select` picks tensors by name (a model's Engram tables among all its weights): an index
+    then opens only the files that hold a selected tensor, and the other files may be absent.
+    """
     path = Path(path)
     if path.is_dir():
         index = path / INDEX_NAME
@@ -342,27 +353,28 @@ def open_set(path: str | Path) -> SafetensorsSet:
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise EngramError(f"{path} holds no .safetensors files")
-            return _collect(files)
+            return _collect(files, select)
     if not path.exists():
         raise EngramError(f"no such file or folder: {path}")
     if path.name.endswith(".json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-            files = sorted({path.parent / name for name in weight_map.values()})
+            chosen = {name: file for name, file in weight_map.items() if select is None or select(name)}
+            files = sorted({path.parent / name for name in chosen.values()})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise EngramError(f"{path} is not a safetensors index (no weight_map)") from None
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise EngramError(f"{path} lists {missing[0]}, which does not exist")
-        return _collect(files)
-    return _collect([path])
+        return _collect(files, select)
+    return _collect([path], select)
 
 
-def _collect(files: list[Path]) -> SafetensorsSet:
+def _collect(files: list[Path], select: Callable[[str], bool] | None = None) -> SafetensorsSet:
     tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
     for file in files:
-        header, data_start = read_header(file)
+        header, data_start = read_header(file, select)
         metadata = metadata or header.get("__metadata__") or {}
         for name, entry in header.items():
             if name == "__metadata__":

@@ -1,8 +1,10 @@
-"""An inference export (either layout) read back as a `TableSource`, for `engram import`.
+"""An inference export (either layout) or a DeepSeek-V4.1 model folder read back as a
+`TableSource`, for `engram import`.
 
 Tables are read through `EngramTables`' memory maps; fp8 ones are dequantized to float32 a block
-at a time. A deepseek-v41 export carries no hashing metadata, so the spec and projection must
-be given.
+at a time (float32(e4m3) * 2**(scale - 127), as the engines do). A deepseek-v41 set carries no
+hashing tensors: its spec and projection come from its folder's `engram_*` config keys and
+tokenizer.json (`model_config.model_hashing`), or from those given.
 """
 
 from __future__ import annotations
@@ -18,19 +20,17 @@ from ..errors import EngramError
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import dequantize
+from .model_config import model_hashing
 from .sources import LayerSource, TableSource
 from .tables import EngramTables
 
 
 class SafetensorsSource(TableSource):
-    """An inference export (either layout) read back as a table source, for `engram import`."""
+    """An inference export (either layout), or a DeepSeek-V4.1 model folder, read back as a table
+    source for `engram import`."""
 
     def __init__(self, tables: EngramTables, layers: Iterable[int] | None) -> None:
-        if tables.spec is None or tables.projection is None:
-            raise EngramError(
-                f"{tables.path} is in the deepseek-v41 layout, which carries no hashing "
-                "metadata: pass --spec and --projection (e.g. --spec deepseek-v4.1-flash)"
-            )
+        assert tables.spec is not None and tables.projection is not None, "resolved by open_safetensors_source"
         chosen = tables.layer_ids if layers is None else tuple(int(x) for x in layers)
         for layer_id in chosen:
             tables.weight(layer_id)
@@ -64,11 +64,17 @@ def _name_of(dtype: torch.dtype) -> str:
 def open_safetensors_source(
     path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None
 ) -> SafetensorsSource:
-    """An export opened as a table source.
+    """An engram export as it describes itself (or as `spec`/`projection` say); a deepseek-v41 set
+    (a model folder, or `engram export --layout deepseek-v41`) hashed as `model_hashing` finds.
 
     Args:
         path: a .safetensors file, an index json, or a folder holding either.
-        spec, projection: what the tables are (needed for the deepseek-v41 layout).
+        spec, projection: what the tables are (for a deepseek-v41 set without config keys or
+            tokenizer; checked against those it has).
         layers: read only these layers (default: all of them).
     """
+    tables = EngramTables.open(path, spec=None, projection=None)
+    if tables.layout == "deepseek-v41":
+        spec, projection = model_hashing(path if path.is_dir() else path.parent, spec, projection)
+        return SafetensorsSource(tables.with_hashing(spec, projection), layers)
     return SafetensorsSource(EngramTables.open(path, spec=spec, projection=projection), layers)

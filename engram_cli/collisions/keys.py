@@ -1,7 +1,8 @@
 """N-gram windows as stored keys, and their distinct counts: the first step of collision statistics.
 
 Everything is counted exactly on the distinct n-grams of the corpus. A window (the projected ids
-x[t-n+1] .. x[t], the projected pad before a document's start, exactly what the hasher hashes)
+x[t-n+1] .. x[t], the projected pad before a document's start, and with barrier tokens the pad
+at and before the nearest barrier, a barrier's own window all pad: exactly what the hasher hashes)
 is packed into a key of one or more uint64 words: every id takes `bits` bits (enough for the
 compressed vocab), 64 // bits of them to a word, the id k tokens back in word k // per_word.
 Keys are stored through an invertible multiply: the words after the first are folded into it
@@ -17,13 +18,13 @@ sorted and merge as sorted runs in linear time; longer keys merge by open addres
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
 from ..corpus.base import DocBatch
-from ..errors import EngramError
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 
@@ -60,7 +61,7 @@ def _slots(order, bits, per_word):
 
 
 @numba.njit(nogil=True, cache=True)
-def _pack_one_word(ids, lookup, is_start, context, pad, order, bits, out):
+def _pack_one_word(ids, lookup, is_start, barrier, context, pad, order, bits, out):
     """`_pack_windows` for windows that fit one word: shift the previous window in."""
     step = np.uint64(bits)
     mask = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - order * bits)
@@ -69,28 +70,43 @@ def _pack_one_word(ids, lookup, is_start, context, pad, order, bits, out):
     for k in range(order - 1):
         padded |= np.uint64(pad) << np.uint64(k * bits)
         key |= np.uint64(context[context.size - 1 - k]) << np.uint64(k * bits)
+    gated = barrier.size > 0
     for i in range(ids.size):
         if is_start[i]:
             key = padded
-        key = ((key << step) | np.uint64(lookup[ids[i]])) & mask
+        if gated and barrier[ids[i]]:
+            key = ((padded << step) | np.uint64(pad)) & mask  # all pad; the next window starts afresh
+        else:
+            key = ((key << step) | np.uint64(lookup[ids[i]])) & mask
         out[i, 0] = key * KEY_MUL_U64
 
 
 @numba.njit(nogil=True, cache=True)
-def _pack_windows(ids, lookup, is_start, context, pad, order, bits, per_word, out):
-    """Stored key of the order-`order` window ending at every token."""
+def _pack_windows(ids, lookup, is_start, barrier, context, pad, order, bits, per_word, out):
+    """Stored key of the order-`order` window ending at every token.
+
+    `barrier` (a mask over the vocab, or empty) marks tokens no window spans: a barrier's own
+    window is all pad, and the windows after it see pad where they would reach it, exactly as
+    the hasher pads them.
+    """
     if out.shape[1] == 1:
-        _pack_one_word(ids, lookup, is_start, context, pad, order, bits, out)
+        _pack_one_word(ids, lookup, is_start, barrier, context, pad, order, bits, out)
         return
     word, shift = _slots(order, bits, per_word)
     hist = np.empty(order, np.int64)  # hist[k] = projected id k tokens back
     for k in range(1, order):
         hist[k] = context[context.size - k]
+    gated = barrier.size > 0
     for i in range(ids.size):
         if is_start[i]:
             for k in range(1, order):
                 hist[k] = pad
-        hist[0] = lookup[ids[i]]
+        if gated and barrier[ids[i]]:
+            for k in range(1, order):
+                hist[k] = pad
+            hist[0] = pad
+        else:
+            hist[0] = lookup[ids[i]]
         for w in range(out.shape[1]):
             out[i, w] = 0
         for k in range(order):
@@ -253,22 +269,24 @@ class KeyCounts:
 
 @dataclass(frozen=True)
 class WindowKeys:
-    """What turns token ids into stored keys: the projection, the projected pad, the orders."""
+    """What turns token ids into stored keys: the projection, the projected pad, the orders, and
+    the barrier tokens (a mask over the vocab; empty when there are none)."""
 
     lookup: np.ndarray
     pad: int
     max_order: int
     bits: int
+    barrier: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
 
     @staticmethod
-    def of(spec: TableSpec, projection: VocabProjection) -> WindowKeys:
-        """The window keys of a spec's hasher: its projection, projected pad and orders, ids of just enough bits."""
-        if spec.pad_id >= projection.vocab_size:
-            raise EngramError(
-                f"spec pad_id {spec.pad_id} is not below the projection's vocab size {projection.vocab_size}"
-            )
+    def of(spec: TableSpec, projection: VocabProjection, barrier_ids: Iterable[int] | None = None) -> WindowKeys:
+        """The window keys of a spec's hasher: its projection, projected pad and orders, ids of just
+        enough bits, and the barrier tokens' mask (checked as the hasher checks them)."""
+        from ..hashing import NgramHasher
+
+        hasher = NgramHasher(spec, projection)  # the same checks, pad and barrier mask as the hasher's
         bits = max(1, (projection.compressed_size - 1).bit_length())
-        return WindowKeys(projection.lookup, int(projection.lookup[spec.pad_id]), spec.max_ngram_size, bits)
+        return WindowKeys(projection.lookup, hasher.pad, spec.max_ngram_size, bits, hasher.barrier_vocab(barrier_ids))
 
     def layout(self, order: int) -> KeyLayout:
         """How a window of `order` ids packs into words."""
@@ -278,6 +296,19 @@ class WindowKeys:
     def orders(self) -> range:
         """The n-gram orders counted: 2 .. max_ngram_size."""
         return range(2, self.max_order + 1)
+
+    def context_ids(self, raw: np.ndarray) -> np.ndarray:
+        """The projected left context of a batch that continues a document (max_order - 1 ids):
+        pad before the document's start, and at and before its last barrier."""
+        context = np.full(self.max_order - 1, self.pad, np.int64)
+        tail = np.asarray(raw[-(self.max_order - 1) :], np.int64) if raw.size else np.zeros(0, np.int64)
+        if self.barrier.size and tail.size:
+            hits = np.flatnonzero(self.barrier[tail])
+            if hits.size:
+                tail = tail[hits[-1] + 1 :]
+        if tail.size:
+            context[context.size - tail.size :] = self.lookup[tail]
+        return context
 
 
 def count_keys(keys: np.ndarray) -> KeyCounts:
@@ -305,12 +336,11 @@ def map_order(batch: DocBatch, window: WindowKeys, order: int) -> KeyCounts:
     ids = batch.ids.astype(np.int64, copy=False)
     is_start = np.zeros(ids.size, np.bool_)
     is_start[batch.starts] = True
-    context = np.full(window.max_order - 1, window.pad, np.int64)
-    if batch.context.size:
-        tail = window.lookup[batch.context[-(window.max_order - 1) :]]
-        context[context.size - tail.size :] = tail
+    context = window.context_ids(batch.context)
     out = np.empty((ids.size, layout.words), np.uint64)
-    _pack_windows(ids, window.lookup, is_start, context, window.pad, order, layout.bits, layout.per_word, out)
+    _pack_windows(
+        ids, window.lookup, is_start, window.barrier, context, window.pad, order, layout.bits, layout.per_word, out
+    )
     return count_keys(out)
 
 

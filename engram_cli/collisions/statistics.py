@@ -479,6 +479,7 @@ def collision_statistics(
     on_statistic: Callable[[], None] | None = None,
     client: Any = None,
     part_ids: int | None = None,
+    barrier_ids: Iterable[int] | None = None,
 ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
     """Statistics at the spec's sizes and at every sweep factor, and the bytes spilled to disk.
 
@@ -495,9 +496,10 @@ def collision_statistics(
         client: a Dask client (with a `Corpus`): counting is then mapped over corpus parts and
             merged by partition on the cluster, to the same numbers.
         part_ids: on a cluster, the smallest range of a pre-tokenized file one task reads.
+        barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
     """
     budget = memory_budget or default_memory_budget()
-    window = WindowKeys.of(spec, projection)
+    window = WindowKeys.of(spec, projection, barrier_ids)
     decoder = NgramDecoder(projection) if top else None
     scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]
     if client is not None:
@@ -506,7 +508,6 @@ def collision_statistics(
         counts = count_on_cluster(
             client,
             corpus,
-            spec,
             projection,
             window,
             budget,

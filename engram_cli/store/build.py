@@ -41,7 +41,7 @@ from ..errors import EngramError, OutputExistsError, UsageError
 from ..helpers import cpu_count, human_bytes
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
-from ..vocab import VocabProjection, default_projection
+from ..vocab import VocabProjection, spec_projection
 from .attributes import default_init, spec_difference
 from .create import create_layer_array, create_store, store_exists, write_projection_arrays
 from .files import is_url, store_path
@@ -73,7 +73,12 @@ def _check_resumable(
     store: TableStore, spec: TableSpec, projection: VocabProjection, shards: int, shard_by: str
 ) -> None:
     where = store.path
-    diff = spec_difference(store.attrs["spec"], spec.to_dict())
+    # The tokenizer a spec names counts through the projection's fingerprint below, not by its name.
+    unnamed = {"tokenizer": None, "compressed_vocab_size": None}
+    stored, wanted = store.attrs["spec"], spec.to_dict()
+    diff = spec_difference(
+        {**stored, "engram": {**stored["engram"], **unnamed}}, {**wanted, "engram": {**wanted["engram"], **unnamed}}
+    )
     if diff:
         raise EngramError(
             f"cannot resume {where}: it was built from a different spec ({diff}); "
@@ -254,7 +259,7 @@ def build_tables(
     Args:
         spec: the tables to build; `dtype` overrides its table dtype.
         output: the store folder or URL; None only for a dry run.
-        projection: the vocab projection (default: the embedded DeepSeek-V3 one).
+        projection: the vocab projection (default: that of the spec's tokenizer, cached on disk).
         shards, shard_by: the rank partition; default 1 and "rows", or the store's own on resume.
         workers: threads generating values (default: all cores).
         resume: finish an interrupted build; overwrite: replace an existing store.
@@ -275,7 +280,8 @@ def build_tables(
         if dtype not in STORE_DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
         spec = spec.replace(dtype=dtype)
-    projection = projection or default_projection()
+    projection = projection or spec_projection(spec)
+    spec.check_compressed_size(projection.compressed_size, "the projection")
     output = None if output is None else store_path(output)
     action, existing = "plan", None
     if output is not None:

@@ -145,6 +145,7 @@ def create_store(
     path = store_path(path)
     if dtype is not None:
         spec = spec.replace(dtype=dtype)
+    spec.check_compressed_size(projection.compressed_size, "the projection")
     layouts = plan_layout(spec, shards, shard_by)
     if layers is not None:
         for layer in layers:

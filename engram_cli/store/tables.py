@@ -206,6 +206,7 @@ class TableStore:
             raise ChecksumError(
                 f"{self.path}: the projection array does not match its recorded fingerprint; the store is damaged"
             )
+        self.spec.check_compressed_size(projection.compressed_size, f"the projection of store {self.path}", FormatError)
         return projection
 
     def hasher(self) -> NgramHasher:
