@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from engram_cli import EngramError, EngramTables, NgramHasher, open_tables
-from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.checkpoints.model_config import config_keys
+from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.spec import TableSpec, load_spec
 from engram_cli.store.build import build_tables
 from engram_cli.vocab import compress_vocab, load_projection
@@ -189,7 +189,10 @@ def test_given_spec_and_projection_must_agree_with_the_folder(tmp_path, model, d
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"engram: error: spec demo has layer_ids = [1, 3], but {folder / 'config.json'}")
     for kwargs, message in [
-        ({"spec": load_spec("deepseek-v4.1-flash")}, r"has layer_ids = \[1, 14\], but .*config.json has engram_layer_ids"),
+        (
+            {"spec": load_spec("deepseek-v4.1-flash")},
+            r"has layer_ids = \[1, 14\], but .*config.json has engram_layer_ids",
+        ),
         (
             {"spec": load_spec(agreeing), "projection": load_projection(tmp_path / "other.safetensors")},
             "is not that of .*tokenizer.json",

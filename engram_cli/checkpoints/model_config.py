@@ -172,9 +172,11 @@ def model_hashing(
     config = find_model_config(folder)
     own_tokenizer = folder / "tokenizer.json"
     tokenizer = str(own_tokenizer) if own_tokenizer.is_file() else None
-    described = None if config is None else spec_from_config(config, tokenizer)
-    if described is not None and spec is not None:
-        check_spec_agrees(spec, described, config)
+    described = None
+    if config is not None:
+        described = spec_from_config(config, tokenizer)
+        if spec is not None:
+            check_spec_agrees(spec, described, config)
     spec = spec or described
     if spec is None:
         raise UsageError(

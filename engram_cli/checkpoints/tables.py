@@ -176,6 +176,7 @@ class EngramTables:
         if self.spec is None:
             folder = self.path if self.path.is_dir() else self.path.parent
             self.with_hashing(*model_hashing(folder, None, self.projection))
+        assert self.spec is not None
         if self._hasher is None:
             from ..hashing import NgramHasher
 
