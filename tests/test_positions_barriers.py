@@ -15,6 +15,7 @@ from engram_cli.collisions import collision_statistics
 from engram_cli.collisions.keys import WindowKeys, map_order, mix_keys
 from engram_cli.corpus.base import DocBatch
 from engram_cli.hash_jobs import hash_ids_file
+from engram_cli.hashing import _as_tensor
 from engram_cli.spec import TableSpec, load_spec
 from engram_cli.vocab import VocabProjection
 from hypothesis import HealthCheck, given, settings
@@ -207,6 +208,30 @@ def test_numpy_and_torch_in_and_out_with_buffers(small):
         np.testing.assert_array_equal(buffers[layer], expected[layer])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator (run on a GPU machine)")
+def test_accelerator_tensors_in_and_out(small):
+    """CUDA ids, positions and mask (or barrier ids) hash on the device to the kernel's numbers."""
+    spec, projection = small
+    hasher = NgramHasher(spec, projection)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1000, size=(3, 700))
+    positions = packed_positions(rng, ids.shape, 30)
+    mask = rng.random(ids.shape) < 0.05
+    expected = hasher.rows(ids, positions=positions, barrier=mask)
+    got = hasher.rows(
+        torch.from_numpy(ids).cuda(),
+        positions=torch.from_numpy(positions).cuda(),
+        barrier=torch.from_numpy(mask).cuda(),
+    )
+    by_ids = hasher.hash(torch.from_numpy(ids).cuda(), positions=positions, barrier_ids=[5, 9])
+    for layer in spec.layer_ids:
+        assert got[layer].device.type == "cuda"
+        np.testing.assert_array_equal(got[layer].cpu().numpy(), expected[layer])
+        np.testing.assert_array_equal(
+            by_ids[layer].cpu().numpy(), hasher.hash(ids, positions=positions, barrier_ids=[5, 9])[layer]
+        )
+
+
 def test_bad_positions_and_barriers_are_one_line_errors(small):
     spec, projection = small
     hasher = NgramHasher(spec, projection)
@@ -232,6 +257,16 @@ def test_bad_positions_and_barriers_are_one_line_errors(small):
     ]:
         with pytest.raises(EngramError, match=message):
             hasher.hash(ids, **kwargs)
+    # what tensors beside accelerator ids go through before the torch path
+    assert torch.equal(_as_tensor(positions, "positions", ids.shape, "cpu"), torch.from_numpy(positions))
+    for value, name, message in [
+        (np.arange(5), "positions", "must have the token ids' shape"),
+        (torch.zeros(2, 600), "positions", "positions must be integers"),
+        (torch.zeros(2, 600, dtype=torch.int8), "barrier", "boolean mask"),
+        (torch.zeros(2, 5, dtype=torch.bool), "barrier", "must have the token ids' shape"),
+    ]:
+        with pytest.raises(EngramError, match=message):
+            _as_tensor(value, name, ids.shape, "cpu")
 
 
 @pytest.mark.parametrize("shape,chunk", [((3, 50), 16), ((40,), 7), ((2, 0), 4)])
