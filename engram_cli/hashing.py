@@ -216,7 +216,13 @@ def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
 
 
 def raise_bad_position(positions: np.ndarray, row: int, col: int, one_dimensional: bool) -> None:
-    """The one-line error for the first position that neither starts a sequence nor follows its predecessor."""
+    """The one-line error for the first position that neither starts a sequence nor follows its predecessor.
+
+    Args:
+        positions: the positions, (B, T).
+        row, col: the offending index.
+        one_dimensional: the caller gave 1-D ids: name the index as one number.
+    """
 
     def at(c: int) -> str:
         return f"positions[{c}]" if one_dimensional else f"positions[{row}, {c}]"

@@ -173,7 +173,13 @@ class TableSpec:
         }
 
     def check_compressed_size(self, compressed_size: int, what: str, error: type[EngramError] = UsageError) -> None:
-        """Refuse a projection of another size than the spec names: every multiplier derives from it."""
+        """Refuse a projection of another size than the spec names: every multiplier derives from it.
+
+        Args:
+            compressed_size: the projection's canonical ids.
+            what: the projection, for the message ("projection p.safetensors").
+            error: the error class to raise (a store that contradicts itself is a FormatError).
+        """
         if self.compressed_vocab_size is not None and compressed_size != self.compressed_vocab_size:
             raise error(
                 f"{what} has {compressed_size:,} canonical ids, but spec {self.name} says "

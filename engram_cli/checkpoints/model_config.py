@@ -134,7 +134,13 @@ _COMPARED = (
 
 
 def check_spec_agrees(given: TableSpec, described: TableSpec, path: Path) -> None:
-    """Refuse a spec that hashes differently from the one a model's config describes."""
+    """Refuse a spec that hashes differently from the one a model's config describes.
+
+    Args:
+        given: the spec given by the user.
+        described: the spec of the config's `engram_*` keys.
+        path: the config file, for the message.
+    """
     for field, key in _COMPARED:
         mine, theirs = getattr(given, field), getattr(described, field)
         if mine != theirs:
@@ -147,7 +153,13 @@ def check_spec_agrees(given: TableSpec, described: TableSpec, path: Path) -> Non
 
 
 def check_projection_agrees(given: VocabProjection, own: VocabProjection, where: str) -> None:
-    """Refuse a projection other than the one of the folder's own tokenizer."""
+    """Refuse a projection other than the one of the folder's own tokenizer.
+
+    Args:
+        given: the projection given by the user.
+        own: the projection of the folder's tokenizer.json.
+        where: that tokenizer.json, for the message.
+    """
     if given.fingerprint() != own.fingerprint():
         raise UsageError(
             f"the projection given ({given.compressed_size:,} canonical ids, lookup sha256 "
@@ -168,6 +180,11 @@ def model_hashing(
     The spec comes from the folder's `engram_*` config keys (config.json, or engram_config.json
     from `engram export`), the projection from its tokenizer.json; a `spec` or `projection` given
     serves a folder without them, and must agree with them where the folder has its own.
+
+    Args:
+        folder: the model folder (or the folder of an index or file).
+        spec: the spec given, if any.
+        projection: the projection given, if any.
     """
     config = find_model_config(folder)
     own_tokenizer = folder / "tokenizer.json"

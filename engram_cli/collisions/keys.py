@@ -281,7 +281,13 @@ class WindowKeys:
     @staticmethod
     def of(spec: TableSpec, projection: VocabProjection, barrier_ids: Iterable[int] | None = None) -> WindowKeys:
         """The window keys of a spec's hasher: its projection, projected pad and orders, ids of just
-        enough bits, and the barrier tokens' mask (checked as the hasher checks them)."""
+        enough bits, and the barrier tokens' mask (checked as the hasher checks them).
+
+        Args:
+            spec: the tables' spec.
+            projection: its projection.
+            barrier_ids: tokens no window spans (default: none).
+        """
         from ..hashing import NgramHasher
 
         hasher = NgramHasher(spec, projection)  # the same checks, pad and barrier mask as the hasher's
