@@ -100,23 +100,28 @@ def hash_kernel() -> Callable[..., None]:
                 x[i] = pad
             src = ids[b, t0 - context + pads : t0 + width]
             known = x[pads:]
-            for i in range(src.size):
-                v = src[i]
-                known[i] = lookup[v] if v >= 0 else v
+            # blocked[j]: token t0 - context + j is a barrier (none before the row's start).
+            blocked = np.zeros(width + context if gated else 0, np.bool_)
+            mine = blocked[pads:]
+            if has_barrier_ids:  # looked up in the same pass as the projection
+                for i in range(src.size):
+                    v = src[i]
+                    if v >= 0:
+                        known[i] = lookup[v]
+                        mine[i] = barrier_vocab[v]
+                    else:
+                        known[i] = v
+            else:
+                for i in range(src.size):
+                    v = src[i]
+                    known[i] = lookup[v] if v >= 0 else v
             reach = np.empty(width if gated else 0, np.int64)
             bad[task] = -1
             if gated:
-                # blocked[j]: token t0 - context + j is a barrier (none before the row's start).
-                blocked = np.zeros(width + context, np.bool_)
-                mine = blocked[pads:]
                 if has_barrier:
                     given = barrier[b, t0 - context + pads : t0 + width]
                     for i in range(given.size):
-                        mine[i] = given[i]
-                if has_barrier_ids:
-                    for i in range(src.size):
-                        v = src[i]
-                        mine[i] |= barrier_vocab[max(v, 0)] & (v >= 0)
+                        mine[i] |= given[i]
                 if has_positions:
                     own = positions[b, t0 : t0 + width]
                     for i in range(width):
