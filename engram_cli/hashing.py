@@ -448,12 +448,13 @@ class NgramHasher:
             array = _as_array(positions, "positions", shape)
             if array.dtype.kind not in "iu":
                 raise UsageError(f"positions must be integers, got dtype {array.dtype}")
-            gate_positions = np.ascontiguousarray(array.reshape(batch), dtype=np.int64)
+            # the kernel takes writable arrays, as for the ids: a read-only map is copied
+            gate_positions = np.require(array.reshape(batch), dtype=np.int64, requirements="CW")
         if barrier is not None:
             array = _as_array(barrier, "barrier", shape)
             if array.dtype != np.bool_:
                 raise UsageError(f"barrier must be a boolean mask, got dtype {array.dtype}")
-            gate_barrier = np.ascontiguousarray(array.reshape(batch))
+            gate_barrier = np.require(array.reshape(batch), requirements="CW")
         return _Gates(gate_positions, gate_barrier, barrier_vocab, len(shape) == 1)
 
     def _buffers(

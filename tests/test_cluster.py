@@ -231,10 +231,11 @@ def test_cluster_inspect_equals_local_on_text(tmp_path, cluster):
     assert local.corpus.files > 5 and _numbers(local) == _numbers(remote)
 
 
-@pytest.mark.parametrize("doc_sep", [None, 7])
-def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
+@pytest.mark.parametrize("doc_sep,barrier_ids", [(None, None), (7, [5])])
+def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep, barrier_ids):
     """Ranges of one .bin stream (and rows of a 2-D .npy) read by separate tasks give the
-    local numbers to the last count: each range carries its document's left context."""
+    local numbers to the last count: each range carries its document's left context (and the
+    barriers in it)."""
     from engram_cli.corpus.base import CorpusOptions
     from engram_cli.inspection import inspect
 
@@ -254,6 +255,7 @@ def test_cluster_inspect_splits_id_streams_exactly(tmp_path, cluster, doc_sep):
         projection=load_projection(projection),
         corpus=[tmp_path / "ids.bin", tmp_path / "rows.npy"],
         options=CorpusOptions(doc_sep=doc_sep),
+        barrier_ids=barrier_ids,
     )
     local = inspect(load_spec(spec), **kwargs)
     remote = inspect(load_spec(spec), client=cluster[1], part_ids=997, **kwargs)

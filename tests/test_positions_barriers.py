@@ -201,11 +201,16 @@ def test_numpy_and_torch_in_and_out_with_buffers(small):
     )
     buffers = {layer: np.empty(ids.shape + (6,), np.int64) for layer in spec.layer_ids}
     filled = hasher.rows(ids, positions=positions.astype(np.int32), barrier=mask, out=buffers)
+    read_only = {"positions": positions.copy(), "barrier": mask.copy()}  # as np.load(mmap_mode="r") gives
+    for array in read_only.values():
+        array.flags.writeable = False
+    mapped = hasher.rows(ids, **read_only)
     for layer in spec.layer_ids:
         assert isinstance(tensors[layer], torch.Tensor)
         np.testing.assert_array_equal(tensors[layer].numpy(), expected[layer])
         assert filled[layer] is buffers[layer]
         np.testing.assert_array_equal(buffers[layer], expected[layer])
+        np.testing.assert_array_equal(mapped[layer], expected[layer])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator (run on a GPU machine)")
