@@ -449,12 +449,12 @@ class NgramHasher:
             if array.dtype.kind not in "iu":
                 raise UsageError(f"positions must be integers, got dtype {array.dtype}")
             # the kernel takes writable arrays, as for the ids: a read-only map is copied
-            gate_positions = np.require(array.reshape(batch), dtype=np.int64, requirements="CW")
+            gate_positions = np.require(array.reshape(batch), dtype=np.int64, requirements=["C", "W"])
         if barrier is not None:
             array = _as_array(barrier, "barrier", shape)
             if array.dtype != np.bool_:
                 raise UsageError(f"barrier must be a boolean mask, got dtype {array.dtype}")
-            gate_barrier = np.require(array.reshape(batch), requirements="CW")
+            gate_barrier = np.require(array.reshape(batch), requirements=["C", "W"])
         return _Gates(gate_positions, gate_barrier, barrier_vocab, len(shape) == 1)
 
     def _buffers(
