@@ -11,13 +11,14 @@ import concurrent.futures
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from .errors import EngramError, OutputExistsError
+from .errors import EngramError, OutputExistsError, ResourceError
 
 T = TypeVar("T")
 
@@ -86,6 +87,32 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def mebibytes(n: int) -> str:
+    """A size limit as it is documented: in MiB."""
+    return f"{n / (1 << 20):g} MiB"
+
+
+def read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
+    """All of `stream`, or a ResourceError once it passes `limit` bytes: at most `limit + 1`
+    bytes are ever held, whatever the stream (a pipe, a device, a decompressing zip member)."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ResourceError(f"{what} is larger than {mebibytes(limit)}, the most engram reads for it")
+    return data
+
+
+def read_file_limited(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a file, refused past `limit`: a regular file by its size before reading,
+    anything else (a device, a pipe) once it has yielded `limit + 1` bytes."""
+    with open(path, "rb") as stream:
+        info = os.fstat(stream.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise ResourceError(
+                f"{what} is {human_bytes(info.st_size)}, larger than {mebibytes(limit)}, the most engram reads for it"
+            )
+        return read_limited(stream, limit, what)
 
 
 def pct(x: float | np.floating[Any]) -> str:
