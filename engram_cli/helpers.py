@@ -89,6 +89,18 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping, now."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def gibibytes(n: int) -> str:
+    """A memory size in GiB, or TiB past 1024 GiB."""
+    return f"{n / (1 << 40):,.1f} TiB" if n >= 1 << 40 else f"{n / (1 << 30):,.1f} GiB"
+
+
 def mebibytes(n: int) -> str:
     """A size limit as it is documented: in MiB."""
     return f"{n / (1 << 20):g} MiB"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.statistics import LayerStats, SweepPoint, collision_statistics, layers_json
+from .collisions.statistics import LayerStats, SweepPoint, check_counter_memory, collision_statistics, layers_json
 from .corpus.base import CorpusOptions, CorpusSummary
 from .corpus.reader import Corpus
 from .errors import UsageError
@@ -115,6 +115,8 @@ def inspect(
         )
     if (sweep or top) and not corpus:
         raise UsageError("a sweep and the top buckets describe collisions: give a corpus")
+    if corpus:
+        check_counter_memory(spec, sweep, memory_budget)  # before the table health pass, too
     report = InspectReport(source=str(store.path if store is not None else spec.name), spec=spec, projection=projection)
     if store is not None:
         rows = sum(store.layout(layer).rows for layer in store.layer_ids)
