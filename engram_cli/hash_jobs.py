@@ -14,16 +14,19 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import EngramError
 from .hashing import NgramHasher, check_rank, hash_kernel
-from .helpers import atomic_file, check_output_file
+from .helpers import atomic_file, check_output_file, paused_gc
 from .progress import SILENT, Progress
 from .spec import TableSpec
 from .vocab import VocabProjection
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # Tokens per piece when `engram hash --ids` streams a large array to disk.
 FILE_CHUNK_TOKENS = 1 << 19
@@ -115,32 +118,8 @@ def hash_text(
     hasher = NgramHasher(spec, projection)
     layer_ids = hasher._layer_ids(layers)
     values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids)
-    per_order = spec.n_head_per_ngram
-    tokens = []
-    for t, tid in enumerate(ids.tolist()):
-        ngrams = []
-        for n in spec.orders:
-            first = t - n + 1
-            real = ids[max(first, 0) : t + 1].tolist()
-            heads = slice((n - 2) * per_order, (n - 1) * per_order)
-            ngrams.append(
-                {
-                    "n": n,
-                    "pads": max(0, -first),
-                    "ids": [spec.pad_id] * max(0, -first) + real,
-                    "text": tokenizer.decode(real, skip_special_tokens=False),
-                    values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
-                }
-            )
-        tokens.append(
-            {
-                "position": t,
-                "id": tid,
-                "compressed_id": int(projection.lookup[tid]),
-                "text": tokenizer.decode([tid], skip_special_tokens=False),
-                "ngrams": ngrams,
-            }
-        )
+    with paused_gc():
+        tokens = _token_entries(ids, values, spec, projection, tokenizer, values_key(rows))
     layer_info = [
         {
             "layer_id": k,
@@ -161,6 +140,48 @@ def hash_text(
         layers=layer_info,
         tokens=tokens,
     )
+
+
+def _token_entries(
+    ids: np.ndarray,
+    values: dict[int, np.ndarray],
+    spec: TableSpec,
+    projection: VocabProjection,
+    tokenizer: Tokenizer,
+    key: str,
+) -> list[dict[str, Any]]:
+    """Every token's entry of `HashTextReport.tokens`.
+
+    Everything comes from whole-array conversions and two batched decodes, so a token costs
+    microseconds (a decode call per n-gram and per-head array slicing cost milliseconds).
+    """
+    id_list = ids.tolist()
+    orders = list(spec.orders)
+    per_order = spec.n_head_per_ngram
+    per_layer = [(str(k), v.tolist()) for k, v in values.items()]
+    windows = [id_list[max(t - n + 1, 0) : t + 1] for t in range(len(id_list)) for n in orders]
+    ngram_texts = tokenizer.decode_batch(windows, skip_special_tokens=False) if windows else []
+    token_texts = tokenizer.decode_batch([[tid] for tid in id_list], skip_special_tokens=False) if id_list else []
+    compressed = projection.lookup[ids].tolist()
+    tokens = []
+    for t, tid in enumerate(id_list):
+        ngrams = []
+        for i, n in enumerate(orders):
+            pads = max(0, n - 1 - t)
+            a, b = (n - 2) * per_order, (n - 1) * per_order
+            ngrams.append(
+                {
+                    "n": n,
+                    "pads": pads,
+                    "ids": [spec.pad_id] * pads + windows[t * len(orders) + i],
+                    "text": ngram_texts[t * len(orders) + i],
+                    key: {k: v[t][a:b] for k, v in per_layer},
+                }
+            )
+        tokens.append(
+            {"position": t, "id": tid, "compressed_id": compressed[t], "text": token_texts[t], "ngrams": ngrams}
+        )
+    return tokens
 
 
 def _pieces(rows: int, length: int, chunk_tokens: int) -> Iterator[tuple[int, int, int, int]]:

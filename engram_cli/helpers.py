@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import os
 import secrets
 import stat
@@ -64,6 +65,19 @@ def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> I
         finally:
             for future in pending:
                 future.cancel()
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block: building a few hundred thousand small
+    dicts and lists otherwise triggers full collections that rescan all of them, over and over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def row_blocks(total: int, block: int) -> Iterator[tuple[int, int]]:

@@ -45,7 +45,7 @@ from ..spec import TableSpec
 from ..vocab import VocabProjection, default_projection
 from .attributes import default_init, spec_difference
 from .create import create_layer_array, create_store, store_exists, write_projection_arrays
-from .files import is_url, store_path
+from .files import BuildLock, is_url, store_path
 from .layout import ShardBy, plan_layout
 from .shard_format import layer_file_bytes, shard_file_size
 from .tables import TableStore, open_tables
@@ -330,16 +330,25 @@ def build_tables(
         return report
 
     started = time.perf_counter()
-    if action == "resume":
-        store = _repair_for_resume(output, spec, projection)
-    else:
-        store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
-    task = progress.task(f"{report.action} {Path(store.path).name}", sum(lay.rows for lay in store.layouts.values()))
-    if client is None:
-        _fill(store, report, task)
-    else:
-        _fill_on_cluster(client, store, report, task)
-    store.mark_complete()
+    lock = BuildLock(output)
+    try:
+        if action == "resume" or lock.held_elsewhere_possible():
+            lock.acquire()  # no other build may be writing the store this one resumes or replaces
+        if action == "resume":
+            store = _repair_for_resume(output, spec, projection)
+        else:
+            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
+            lock.acquire()  # in the new folder: replacing a store removed the old one's lock file
+        rows = sum(lay.rows for lay in store.layouts.values())
+        task = progress.task(f"{report.action} {Path(store.path).name}", rows)
+        if client is None:
+            _fill(store, report, task)
+        else:
+            _fill_on_cluster(client, store, report, task)
+        store.mark_complete()
+        lock.release(remove=True)
+    finally:
+        lock.release()
     report.complete = True
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = _peak_rss()
