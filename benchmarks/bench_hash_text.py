@@ -7,8 +7,8 @@ projection. Baseline, measured in the same run and interleaved: the straightforw
 same report (one `decode` call per n-gram and per token, one numpy slice per head group) shown
 as one rich Table row per token. Ours: `hash_text` (batched decodes, whole-array conversions)
 and `render` (a plain aligned grid). Both include the `--json` text (json.dumps, indent 2); the
-JSON is checked identical. `--cli N` also times the real command on N characters, and on one
-word for the start-up cost, each in a fresh process.
+JSON is checked identical. `--cli N` also times ours alone on N characters, and the real command
+on them and on one word (the start-up cost), interleaved, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -109,6 +109,12 @@ def ours(text: str, spec: TableSpec, projection: VocabProjection) -> str:
     return json.dumps(report.to_json()["tokens"], indent=2)
 
 
+def timed_ours(text: str, spec: TableSpec, projection: VocabProjection) -> float:
+    start = time.perf_counter()
+    ours(text, spec, projection)
+    return time.perf_counter() - start
+
+
 def cli_seconds(text: str) -> float:
     start = time.perf_counter()
     subprocess.run(
@@ -168,12 +174,17 @@ def main() -> None:
     )
     if args.cli:
         text = source[: args.cli]
-        word = [cli_seconds("word") for _ in range(args.rounds)]
-        full = [cli_seconds(text) for _ in range(args.rounds)]
+        tokens = len(projection.tokenizer().encode(text).ids)
+        inside = statistics.median(timed_ours(text, spec, projection) for _ in range(args.rounds))
+        word, full = [], []
+        for _ in range(args.rounds):  # interleaved: machine noise hits both alike
+            word.append(cli_seconds("word"))
+            full.append(cli_seconds(text))
+        extra = statistics.median(f - w for f, w in zip(full, word))
         print(
-            f"\n`engram hash TEXT --json`, fresh process, medians of {args.rounds}: "
-            f"{args.cli:,} characters {statistics.median(full):.2f} s, one word {statistics.median(word):.2f} s "
-            f"(start-up), so {statistics.median(full) - statistics.median(word):.2f} s for the text"
+            f"\n{args.cli:,} characters ({tokens:,} tokens), medians of {args.rounds}: ours in process "
+            f"{inside:.2f} s; `engram hash TEXT --json` in a fresh process {statistics.median(full):.2f} s, "
+            f"with one word {statistics.median(word):.2f} s (start-up), so {extra:.2f} s for the text"
         )
 
 

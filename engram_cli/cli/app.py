@@ -47,8 +47,8 @@ def path_text(text: str) -> str:
         for name in text.split(os.sep):
             if len(os.fsencode(name)) > NAME_MAX:
                 raise typer.BadParameter(
-                    f"the name {name[:24]}... is {len(os.fsencode(name))} bytes long; "
-                    f"file systems allow at most {NAME_MAX}"
+                    f"name too long: {name[:24]}... is {len(os.fsencode(name))} bytes, "
+                    f"and file systems allow at most {NAME_MAX}"
                 )
     return text
 
