@@ -1,8 +1,9 @@
 """Small helpers used across the package, written once.
 
 Atomic file writes (a temporary name beside the target, renamed onto it when complete, so
-readers never see half a file), output-file checks before any work, the usable cpu count, bounded
-parallel map and one-ahead prefetch, row blocks, and numbers as people read them.
+readers never see half a file), output-file checks before any work, reads bounded by a size
+limit, the usable cpu count and available memory, bounded parallel map and one-ahead prefetch,
+row blocks, and numbers as people read them.
 """
 
 from __future__ import annotations
@@ -122,7 +123,13 @@ def mebibytes(n: int) -> str:
 
 def read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
     """All of `stream`, or a ResourceError once it passes `limit` bytes: at most `limit + 1`
-    bytes are ever held, whatever the stream (a pipe, a device, a decompressing zip member)."""
+    bytes are ever held, whatever the stream (a pipe, a device, a decompressing zip member).
+
+    Args:
+        stream: a binary stream, read to its end.
+        limit: the most bytes accepted.
+        what: names the input in the error.
+    """
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise ResourceError(f"{what} is larger than {mebibytes(limit)}, the most engram reads for it")
@@ -131,7 +138,13 @@ def read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
 
 def read_file_limited(path: Path, limit: int, what: str) -> bytes:
     """The bytes of a file, refused past `limit`: a regular file by its size before reading,
-    anything else (a device, a pipe) once it has yielded `limit + 1` bytes."""
+    anything else (a device, a pipe) once it has yielded `limit + 1` bytes.
+
+    Args:
+        path: the file.
+        limit: the most bytes accepted.
+        what: names the input in the error.
+    """
     with open(path, "rb") as stream:
         info = os.fstat(stream.fileno())
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:

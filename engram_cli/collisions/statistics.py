@@ -485,6 +485,11 @@ def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_bu
 
     The counters are not spilled (every head's loads are needed at once for the second pass),
     so a spec or sweep factor whose heads hold more buckets than memory does is an error.
+
+    Args:
+        spec: the spec at its own sizes.
+        factors: the sweep factors, if any.
+        memory_budget: bytes of n-gram counts held beside the counters (default: as counting uses).
     """
     limit = counter_limit(memory_budget)
     for factor in [1.0, *(f for f in factors or [] if f != 1)]:
