@@ -14,7 +14,7 @@ import gc
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -39,7 +39,7 @@ def prefetched(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T
             yield item, result
 
 
-def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Iterator[Any]:
+def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Generator[Any, None, None]:
     """work(item) for every item on `threads` threads, results as they finish.
 
     At most `threads` items are in flight, so memory stays at `threads` items' worth; the first
