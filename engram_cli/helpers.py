@@ -122,18 +122,22 @@ def mebibytes(n: int) -> str:
 
 
 def read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
-    """All of `stream`, or a ResourceError once it passes `limit` bytes: at most `limit + 1`
-    bytes are ever held, whatever the stream (a pipe, a device, a decompressing zip member).
+    """All of `stream`, or a ResourceError once it passes `limit` bytes: it is read 1 MiB at a
+    time, so no more than `limit` plus one piece is ever held, whatever the stream (a pipe, a
+    device, a zip member inflating far past what its header claims).
 
     Args:
         stream: a binary stream, read to its end.
         limit: the most bytes accepted.
         what: names the input in the error.
     """
-    data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise ResourceError(f"{what} is larger than {mebibytes(limit)}, the most engram reads for it")
-    return data
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        piece = stream.read(min(1 << 20, limit + 1 - len(buffer)))
+        if not piece:
+            return bytes(buffer)
+        buffer += piece
+    raise ResourceError(f"{what} is larger than {mebibytes(limit)}, the most engram reads for it")
 
 
 def read_file_limited(path: Path, limit: int, what: str) -> bytes:

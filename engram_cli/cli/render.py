@@ -35,7 +35,7 @@ from ..collisions.statistics import TOP_SHOWN, LayerStats, SweepPoint
 from ..compress import CompressReport
 from ..dtypes import DTYPE_BYTES
 from ..hash_jobs import HashFileReport, HashTextReport, values_key
-from ..helpers import human_bytes, pct, plural
+from ..helpers import human_bytes, paused_gc, pct, plural
 from ..inspection import InspectReport
 from ..plan import PlanReport
 from ..spec import TableSpec
@@ -57,11 +57,15 @@ def stderr_console() -> Console:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout."""
-    render(report, stderr_console())
-    if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
-        sys.stdout.flush()
+    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout.
+
+    The cyclic collector is paused meanwhile: a large report (`hash` of a long text) is hundreds
+    of thousands of containers, which every collection would traverse again."""
+    with paused_gc():
+        render(report, stderr_console())
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+            sys.stdout.flush()
 
 
 class _RichTask:
@@ -193,6 +197,12 @@ def _(report: HashTextReport, console: Console) -> None:
         f"{report.projection} ({report.compressed_size:,} canonical ids); "
         f"∅ = pad {report.pad_text!r} (id {report.pad_id})"
     )
+    quote = json.JSONEncoder(ensure_ascii=False).encode
+    texts = [  # the same in every layer's table: position, token, then each n-gram
+        [str(token["position"]), quote(token["text"])]
+        + ["∅ " * ngram["pads"] + quote(ngram["text"]) for ngram in token["ngrams"]]
+        for token in report.tokens
+    ]
     for layer in report.layers:
         layer_id = str(layer["layer_id"])
         sizes = ", ".join(f"{p:,}" for p in layer["head_sizes"])
@@ -201,11 +211,10 @@ def _(report: HashTextReport, console: Console) -> None:
         for order in layer["orders"]:
             headers += [f"{order}-gram", kind]
         rows = []
-        for token in report.tokens:
-            cells = [str(token["position"]), json.dumps(token["text"], ensure_ascii=False)]
-            for ngram in token["ngrams"]:
-                cells.append("∅ " * ngram["pads"] + json.dumps(ngram["text"], ensure_ascii=False))
-                cells.append(" ".join(map(str, ngram[kind][layer_id])))
+        for token, text in zip(report.tokens, texts):
+            cells = text[:2]
+            for ngram, ngram_text in zip(token["ngrams"], text[2:]):
+                cells += [ngram_text, " ".join(map(str, ngram[kind][layer_id]))]
             rows.append(cells)
         print_grid(console, headers, rows)
 
