@@ -14,16 +14,19 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import EngramError, UsageError
 from .hashing import NgramHasher, check_positions, check_rank, hash_kernel
-from .helpers import atomic_file, check_output_file
+from .helpers import atomic_file, check_output_file, paused_gc
 from .progress import SILENT, Progress
 from .spec import TableSpec
 from .vocab import VocabProjection
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # Tokens per piece when `engram hash --ids` streams a large array to disk.
 FILE_CHUNK_TOKENS = 1 << 19
@@ -118,36 +121,8 @@ def hash_text(
     layer_ids = hasher._layer_ids(layers)
     barrier = None if barrier_ids is None else sorted(set(barrier_ids))
     values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids, barrier_ids=barrier)
-    per_order = spec.n_head_per_ngram
-    tokens = []
-    since_barrier = -1  # index of the last barrier so far
-    for t, tid in enumerate(ids.tolist()):
-        is_barrier = barrier is not None and tid in barrier
-        reach = -1 if is_barrier else t - since_barrier - 1  # how many tokens back its n-grams see
-        since_barrier = t if is_barrier else since_barrier
-        ngrams = []
-        for n in spec.orders:
-            seen = max(0, min(n, reach + 1))
-            real = ids[t - seen + 1 : t + 1].tolist()
-            heads = slice((n - 2) * per_order, (n - 1) * per_order)
-            ngrams.append(
-                {
-                    "n": n,
-                    "pads": n - seen,
-                    "ids": [spec.pad_id] * (n - seen) + real,
-                    "text": tokenizer.decode(real, skip_special_tokens=False),
-                    values_key(rows): {str(k): v[t, heads].tolist() for k, v in values.items()},
-                }
-            )
-        tokens.append(
-            {
-                "position": t,
-                "id": tid,
-                "compressed_id": int(projection.lookup[tid]),
-                "text": tokenizer.decode([tid], skip_special_tokens=False),
-                "ngrams": ngrams,
-            }
-        )
+    with paused_gc():
+        tokens = _token_entries(ids, values, spec, projection, tokenizer, values_key(rows), set(barrier or ()))
     layer_info = [
         {
             "layer_id": k,
@@ -168,6 +143,58 @@ def hash_text(
         layers=layer_info,
         tokens=tokens,
     )
+
+
+def _token_entries(
+    ids: np.ndarray,
+    values: dict[int, np.ndarray],
+    spec: TableSpec,
+    projection: VocabProjection,
+    tokenizer: Tokenizer,
+    key: str,
+    barriers: set[int],
+) -> list[dict[str, Any]]:
+    """Every token's entry of `HashTextReport.tokens`.
+
+    An n-gram sees back to the row's start or to just after the last barrier token, whichever is
+    nearer; a barrier's own n-grams are all pad. Everything comes from whole-array conversions and
+    two batched decodes, so a token costs microseconds (a decode call per n-gram and per-head
+    array slicing cost milliseconds).
+    """
+    id_list = ids.tolist()
+    orders = list(spec.orders)
+    per_order = spec.n_head_per_ngram
+    per_layer = [(str(k), v.tolist()) for k, v in values.items()]
+    seen: list[int] = []  # per token: how many tokens its n-grams may reach, itself included
+    since = -1  # index of the last barrier so far
+    for t, tid in enumerate(id_list):
+        if tid in barriers:
+            since = t
+        seen.append(0 if tid in barriers else t - since)
+    windows = [id_list[t - min(n, seen[t]) + 1 : t + 1] for t in range(len(id_list)) for n in orders]
+    ngram_texts = tokenizer.decode_batch(windows, skip_special_tokens=False) if windows else []
+    token_texts = tokenizer.decode_batch([[tid] for tid in id_list], skip_special_tokens=False) if id_list else []
+    compressed = projection.lookup[ids].tolist()
+    tokens = []
+    for t, tid in enumerate(id_list):
+        ngrams = []
+        for i, n in enumerate(orders):
+            window = windows[t * len(orders) + i]
+            pads = n - len(window)
+            a, b = (n - 2) * per_order, (n - 1) * per_order
+            ngrams.append(
+                {
+                    "n": n,
+                    "pads": pads,
+                    "ids": [spec.pad_id] * pads + window,
+                    "text": ngram_texts[t * len(orders) + i],
+                    key: {k: v[t][a:b] for k, v in per_layer},
+                }
+            )
+        tokens.append(
+            {"position": t, "id": tid, "compressed_id": compressed[t], "text": token_texts[t], "ngrams": ngrams}
+        )
+    return tokens
 
 
 def _pieces(rows: int, length: int, chunk_tokens: int) -> Iterator[tuple[int, int, int, int]]:

@@ -1,23 +1,26 @@
 """Small helpers used across the package, written once.
 
 Atomic file writes (a temporary name beside the target, renamed onto it when complete, so
-readers never see half a file), output-file checks before any work, the usable cpu count, bounded
-parallel map and one-ahead prefetch, row blocks, and numbers as people read them.
+readers never see half a file), output-file checks before any work, reads bounded by a size
+limit, the usable cpu count and available memory, bounded parallel map and one-ahead prefetch,
+row blocks, and numbers as people read them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import stat
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from .errors import EngramError, OutputExistsError
+from .errors import EngramError, OutputExistsError, ResourceError
 
 T = TypeVar("T")
 
@@ -36,7 +39,7 @@ def prefetched(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T
             yield item, result
 
 
-def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Iterator[Any]:
+def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> Generator[Any, None, None]:
     """work(item) for every item on `threads` threads, results as they finish.
 
     At most `threads` items are in flight, so memory stays at `threads` items' worth; the first
@@ -65,6 +68,19 @@ def in_parallel(items: Iterable[T], work: Callable[[T], Any], threads: int) -> I
                 future.cancel()
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block: building a few hundred thousand small
+    dicts and lists otherwise triggers full collections that rescan all of them, over and over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def row_blocks(total: int, block: int) -> Iterator[tuple[int, int]]:
     """(begin, end) of consecutive blocks of `block` rows covering `total` rows, the last one short."""
     for begin in range(0, total, block):
@@ -86,6 +102,60 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping, now."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def gibibytes(n: int) -> str:
+    """A memory size in GiB, or TiB past 1024 GiB."""
+    return f"{n / (1 << 40):,.1f} TiB" if n >= 1 << 40 else f"{n / (1 << 30):,.1f} GiB"
+
+
+def mebibytes(n: int) -> str:
+    """A size limit as it is documented: in MiB."""
+    return f"{n / (1 << 20):g} MiB"
+
+
+def read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
+    """All of `stream`, or a ResourceError once it passes `limit` bytes: it is read 1 MiB at a
+    time, so no more than `limit` plus one piece is ever held, whatever the stream (a pipe, a
+    device, a zip member inflating far past what its header claims).
+
+    Args:
+        stream: a binary stream, read to its end.
+        limit: the most bytes accepted.
+        what: names the input in the error.
+    """
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        piece = stream.read(min(1 << 20, limit + 1 - len(buffer)))
+        if not piece:
+            return bytes(buffer)
+        buffer += piece
+    raise ResourceError(f"{what} is larger than {mebibytes(limit)}, the most engram reads for it")
+
+
+def read_file_limited(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a file, refused past `limit`: a regular file by its size before reading,
+    anything else (a device, a pipe) once it has yielded `limit + 1` bytes.
+
+    Args:
+        path: the file.
+        limit: the most bytes accepted.
+        what: names the input in the error.
+    """
+    with open(path, "rb") as stream:
+        info = os.fstat(stream.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise ResourceError(
+                f"{what} is {human_bytes(info.st_size)}, larger than {mebibytes(limit)}, the most engram reads for it"
+            )
+        return read_limited(stream, limit, what)
 
 
 def pct(x: float | np.floating[Any]) -> str:

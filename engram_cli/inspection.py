@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.statistics import LayerStats, SweepPoint, collision_statistics, layers_json
+from .collisions.statistics import LayerStats, SweepPoint, check_counter_memory, collision_statistics, layers_json
 from .corpus.base import CorpusOptions, CorpusSummary
 from .corpus.reader import Corpus
 from .errors import UsageError
@@ -120,6 +120,8 @@ def inspect(
         )
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
+    if corpus:
+        check_counter_memory(spec, sweep, memory_budget)  # before the table health pass, too
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ import ml_dtypes
 import numpy as np
 
 from .dtypes import DTYPE_BYTES, numpy_dtype
-from .errors import EngramError, UsageError
+from .errors import EngramError, ResourceError, UsageError
+from .helpers import plural
 from .primes import next_unused_prime
 
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
 INT64_MAX = np.iinfo(np.int64).max
 MAX_HEAD_SIZE = 1 << 48  # rows of one head: far past any table; offsets and float reductions stay exact
+MAX_HEADS = 4096  # heads of all layers together: the prime walk then takes well under a second
 _ENGRAM_KEYS = {
     "layer_ids",
     "max_ngram_size",
@@ -111,8 +114,7 @@ class TableSpec:
 
     def offsets(self, layer_id: int) -> list[int]:
         """First row of every head in the layer table (prefix sums of head sizes)."""
-        sizes = self.head_sizes(layer_id)
-        return [sum(sizes[:i]) for i in range(len(sizes))]
+        return [0, *itertools.accumulate(self.head_sizes(layer_id)[:-1])]
 
     def rows(self, layer_id: int) -> int:
         """Rows of one layer's table: the sum of its head sizes."""
@@ -200,15 +202,28 @@ class TableSpec:
 def _walk_primes(
     layer_ids: tuple[int, ...], max_ngram_size: int, n_head: int, vocab_sizes: tuple[int, ...]
 ) -> tuple[tuple[int, ...], ...]:
-    """The reference's prime walk: layers, then orders, then heads, never reusing a prime."""
+    """The reference's prime walk: layers, then orders, then heads, never reusing a prime.
+
+    Every walk from one start passes the primes earlier walks took; each prime's successor is
+    found once and remembered, so skipping taken primes costs a lookup, not a primality test.
+    """
     taken: set[int] = set()
+    successor: dict[int, int] = {}
+
+    def next_prime(after: int) -> int:
+        if after not in successor:
+            successor[after] = next_unused_prime(after, ())
+        return successor[after]
+
     per_layer = []
     for _layer in layer_ids:
         sizes = []
         for n in range(2, max_ngram_size + 1):
             start = vocab_sizes[n - 2] - 1
             for _head in range(n_head):
-                prime = next_unused_prime(start, taken)
+                prime = next_prime(start)
+                while prime in taken:
+                    prime = next_prime(prime)
                 taken.add(prime)
                 sizes.append(prime)
                 start = prime
@@ -238,6 +253,12 @@ def _validate(spec: TableSpec) -> None:
     if len(set(spec.layer_ids)) != len(spec.layer_ids):
         _fail("layer_ids", f"has duplicate layer ids: {list(spec.layer_ids)}")
     orders = spec.max_ngram_size - 1
+    heads = len(spec.layer_ids) * orders * spec.n_head_per_ngram
+    if heads > MAX_HEADS:
+        raise ResourceError(
+            f"spec has {heads:,} heads ({plural(len(spec.layer_ids), 'layer')} x {plural(orders, 'order')} x "
+            f"{spec.n_head_per_ngram:,} per order); engram plans at most {MAX_HEADS:,} heads"
+        )
     if len(spec.engram_vocab_size) != orders:
         _fail(
             "engram_vocab_size",

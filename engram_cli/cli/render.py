@@ -16,6 +16,7 @@ from functools import singledispatch
 from typing import Any, Protocol
 
 import numpy as np
+from rich.cells import cell_len
 from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import (
@@ -28,14 +29,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Column, Table
-from rich.text import Text
 
 from ..checkpoints.reports import ExportReport, ImportReport
 from ..collisions.statistics import TOP_SHOWN, LayerStats, SweepPoint
 from ..compress import CompressReport
 from ..dtypes import DTYPE_BYTES
 from ..hash_jobs import HashFileReport, HashTextReport, values_key
-from ..helpers import human_bytes, pct, plural
+from ..helpers import human_bytes, paused_gc, pct, plural
 from ..inspection import InspectReport
 from ..plan import PlanReport
 from ..spec import TableSpec
@@ -57,11 +57,15 @@ def stderr_console() -> Console:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout."""
-    render(report, stderr_console())
-    if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
-        sys.stdout.flush()
+    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout.
+
+    The cyclic collector is paused meanwhile: a large report (`hash` of a long text) is hundreds
+    of thousands of containers, which every collection would traverse again."""
+    with paused_gc():
+        render(report, stderr_console())
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+            sys.stdout.flush()
 
 
 class _RichTask:
@@ -127,9 +131,7 @@ def print_table(console: Console, table: Table) -> None:
         widths.pop()
         dropped.append(str(table.columns.pop().header))
     console.print(table)
-    if dropped:
-        names = ", ".join(reversed(dropped))
-        console.print(f"[dim]({names}: not shown at {console.width} columns; widen the terminal or use --json)[/]")
+    _note_dropped(console, dropped[::-1])
 
 
 @singledispatch
@@ -195,24 +197,60 @@ def _(report: HashTextReport, console: Console) -> None:
         f"{report.projection} ({report.compressed_size:,} canonical ids); "
         f"∅ = pad {report.pad_text!r} (id {report.pad_id})"
     )
+    quote = json.JSONEncoder(ensure_ascii=False).encode
+    texts = [  # the same in every layer's table: position, token, then each n-gram
+        [str(token["position"]), quote(token["text"])]
+        + ["∅ " * ngram["pads"] + quote(ngram["text"]) for ngram in token["ngrams"]]
+        for token in report.tokens
+    ]
     for layer in report.layers:
         layer_id = str(layer["layer_id"])
-        table = Table(
-            title=f"layer {layer_id}: {kind} per head (head sizes {', '.join(f'{p:,}' for p in layer['head_sizes'])})"
-        )
-        table.add_column("#", justify="right")
-        table.add_column("token")
+        sizes = ", ".join(f"{p:,}" for p in layer["head_sizes"])
+        console.print(f"[bold]layer {layer_id}[/]: {kind} per head (head sizes {sizes})")
+        headers = ["#", "token"]
         for order in layer["orders"]:
-            table.add_column(f"{order}-gram")
-            table.add_column(kind)
-        for token in report.tokens:
-            cells: list[Any] = [str(token["position"]), Text(json.dumps(token["text"], ensure_ascii=False))]
-            for ngram in token["ngrams"]:
-                cell = Text("∅ " * ngram["pads"], style="dim")
-                cell.append(json.dumps(ngram["text"], ensure_ascii=False))
-                cells += [cell, " ".join(str(v) for v in ngram[kind][layer_id])]
-            table.add_row(*cells)
-        print_table(console, table)
+            headers += [f"{order}-gram", kind]
+        rows = []
+        for token, text in zip(report.tokens, texts):
+            cells = text[:2]
+            for ngram, ngram_text in zip(token["ngrams"], text[2:]):
+                cells += [ngram_text, " ".join(map(str, ngram[kind][layer_id]))]
+            rows.append(cells)
+        print_grid(console, headers, rows)
+
+
+def print_grid(console: Console, headers: list[str], rows: list[list[str]]) -> None:
+    """`print_table`'s rules (no cell wraps, rightmost columns left out with a note when the
+    terminal is too narrow) for tables of a row per token, written straight to the console's
+    file as plain aligned text: a rich Table costs milliseconds a row, this microseconds. The
+    first column is right-aligned, the others left-aligned."""
+    widths = [max([_cells(header)] + [_cells(row[i]) for row in rows]) for i, header in enumerate(headers)]
+    shown = len(widths)
+    while shown > 1 and sum(widths[:shown]) + 2 * (shown - 1) > console.width:
+        shown -= 1
+
+    def line(cells: list[str]) -> str:
+        padded = [" " * (widths[0] - _cells(cells[0])) + cells[0]]
+        padded += [cell + " " * (width - _cells(cell)) for cell, width in zip(cells[1:shown], widths[1:shown])]
+        return "  ".join(padded).rstrip()
+
+    lines = [line(headers), "  ".join("─" * width for width in widths[:shown])]
+    lines += (line(row) for row in rows)
+    console.file.write("\n".join(lines) + "\n")
+    console.file.flush()
+    _note_dropped(console, headers[shown:])
+
+
+def _cells(text: str) -> int:
+    """Terminal cells a text takes (wide characters count two)."""
+    return len(text) if text.isascii() else cell_len(text)
+
+
+def _note_dropped(console: Console, names: list[str]) -> None:
+    if names:
+        console.print(
+            f"[dim]({', '.join(names)}: not shown at {console.width} columns; widen the terminal or use --json)[/]"
+        )
 
 
 @render.register

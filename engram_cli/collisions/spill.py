@@ -21,6 +21,7 @@ import numpy as np
 
 from ..corpus.base import DocBatch
 from ..errors import EngramError
+from ..helpers import available_memory
 from .keys import PARTITION_BITS, KeyCounts, WindowKeys, map_order, merge_partition, split_partitions
 
 
@@ -270,6 +271,4 @@ def count_corpus(
 
 def default_memory_budget() -> int:
     """A quarter of the memory available now, between 256 MiB and 8 GiB."""
-    import psutil
-
-    return int(min(8 << 30, max(256 << 20, psutil.virtual_memory().available // 4)))
+    return int(min(8 << 30, max(256 << 20, available_memory() // 4)))

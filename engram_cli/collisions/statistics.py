@@ -32,8 +32,8 @@ import numpy as np
 from ..corpus.base import DocBatch
 from ..corpus.reader import Corpus
 from ..dtypes import DTYPE_BYTES
-from ..errors import EngramError, UsageError
-from ..helpers import cpu_count, plural
+from ..errors import EngramError, ResourceError, UsageError
+from ..helpers import available_memory, cpu_count, gibibytes, plural
 from ..kernels import bucket
 from ..spec import TableSpec
 from ..vocab import VocabProjection
@@ -466,6 +466,49 @@ def layers_json(layers: LayerStats) -> dict[str, Any]:
     }
 
 
+def counter_bytes(sizes: list[int]) -> int:
+    """Memory of one order's statistic at these head sizes: a load counter per bucket (int32,
+    int64 past 2**31 distinct n-grams), the crowded-bucket bitmap twice, one head's comparison."""
+    return 4 * sum(sizes) + sum(sizes) // 4 + max(sizes)
+
+
+def counter_limit(memory_budget: int | None = None) -> int:
+    """Bytes the bucket counters of one order may take: the memory available now less the
+    n-gram counts' budget (held at the same time), and never less than a quarter of it."""
+    available = available_memory()
+    budget = memory_budget or default_memory_budget()
+    return max(available - budget, available // 4)
+
+
+def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_budget: int | None = None) -> None:
+    """Refuse, before reading any corpus, statistics whose bucket counters cannot fit in memory.
+
+    The counters are not spilled (every head's loads are needed at once for the second pass),
+    so a spec or sweep factor whose heads hold more buckets than memory does is an error.
+
+    Args:
+        spec: the spec at its own sizes.
+        factors: the sweep factors, if any.
+        memory_budget: bytes of n-gram counts held beside the counters (default: as counting uses).
+    """
+    limit = counter_limit(memory_budget)
+    for factor in [1.0, *(f for f in factors or [] if f != 1)]:
+        scaled = spec if factor == 1 else spec.scaled(factor)
+        for layer in scaled.layer_ids:
+            sizes = scaled.head_sizes(layer)
+            for n in scaled.orders:
+                heads = sizes[(n - 2) * scaled.n_head_per_ngram : (n - 1) * scaled.n_head_per_ngram]
+                need = counter_bytes(heads)
+                if need > limit:
+                    at = "the spec's head sizes" if factor == 1 else f"sweep factor {factor:g}"
+                    raise ResourceError(
+                        f"collision statistics at {at} need {gibibytes(need)} of bucket counters for layer "
+                        f"{layer}, order {n} ({plural(len(heads), 'head')} of up to {max(heads):,} rows); "
+                        f"at most {gibibytes(limit)} may go to them (the memory available less the n-gram "
+                        "budget): use smaller head sizes or sweep factors"
+                    )
+
+
 def collision_statistics(
     spec: TableSpec,
     projection: VocabProjection,
@@ -499,6 +542,7 @@ def collision_statistics(
         barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
     """
     budget = memory_budget or default_memory_budget()
+    check_counter_memory(spec, factors, budget)
     window = WindowKeys.of(spec, projection, barrier_ids)
     decoder = NgramDecoder(projection) if top else None
     scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]

@@ -22,7 +22,6 @@ import numpy as np
 
 from ..errors import EngramError
 from ..vocab import VocabProjection
-from . import long_documents
 from .base import (
     ID_BATCH_TOKENS,
     TEXT_BATCH_CHARS,
@@ -33,6 +32,7 @@ from .base import (
     tagged,
 )
 from .files import Source
+from .long_documents import PIECE_CHARS, pieces
 from .readers import IdReader, IdReading, Span, TextReader, open_reader, reads_text
 from .sources import find_sources
 
@@ -57,7 +57,7 @@ class Corpus:
         id_batch_tokens: int = ID_BATCH_TOKENS,
         text_batch_chars: int = TEXT_BATCH_CHARS,
         part: CorpusPart | None = None,
-        piece_chars: int = long_documents.PIECE_CHARS,
+        piece_chars: int = PIECE_CHARS,
     ) -> None:
         if not paths:
             raise EngramError("no corpus given: pass --corpus PATH (files or folders)")
@@ -179,7 +179,7 @@ class Corpus:
         size = 0
         carry = np.zeros(0, np.int64)  # the last ids of the document the previous batch ended in
         for name, text in self._texts(sources, stop):
-            for index, piece in enumerate(long_documents.pieces(tokenizer, text, self.piece_chars)):
+            for index, piece in enumerate(pieces(tokenizer, text, self.piece_chars)):
                 pending.append(piece)
                 formats.append(name)
                 continues.append(index > 0)

@@ -25,6 +25,7 @@ result; on a Dask cluster every shard file is one task, so no two workers ever w
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import resource
 import shutil
 import threading
@@ -38,15 +39,15 @@ import numpy as np
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
-from ..helpers import cpu_count, human_bytes
+from ..helpers import cpu_count, human_bytes, in_parallel
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
 from ..vocab import VocabProjection, spec_projection
 from .attributes import default_init, spec_difference
 from .create import create_layer_array, create_store, store_exists, write_projection_arrays
-from .files import is_url, store_path
+from .files import BuildLock, is_url, store_path
 from .layout import ShardBy, plan_layout
-from .shard_format import shard_file_size
+from .shard_format import layer_file_bytes, shard_file_size
 from .tables import TableStore, open_tables
 
 if TYPE_CHECKING:
@@ -297,7 +298,7 @@ def build_tables(
     shards, shard_by = shards or 1, shard_by or "rows"
     layouts = plan_layout(spec, shards, shard_by)
     shard_count = sum(lay.shards for lay in layouts.values())
-    total_bytes = sum(shard_file_size(lay, i) for lay in layouts.values() for i in range(lay.shards))
+    total_bytes = sum(layer_file_bytes(lay) for lay in layouts.values())  # closed form: any shard count
     report = BuildReport(
         store=output or "",
         spec_name=spec.name,
@@ -335,16 +336,25 @@ def build_tables(
         return report
 
     started = time.perf_counter()
-    if action == "resume":
-        store = _repair_for_resume(output, spec, projection)
-    else:
-        store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
-    task = progress.task(f"{report.action} {Path(store.path).name}", sum(lay.rows for lay in store.layouts.values()))
-    if client is None:
-        _fill(store, report, task)
-    else:
-        _fill_on_cluster(client, store, report, task)
-    store.mark_complete()
+    lock = BuildLock(output)
+    try:
+        if action == "resume" or lock.held_elsewhere_possible():
+            lock.acquire()  # no other build may be writing the store this one resumes or replaces
+        if action == "resume":
+            store = _repair_for_resume(output, spec, projection)
+        else:
+            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
+            lock.acquire()  # in the new folder: replacing a store removed the old one's lock file
+        rows = sum(lay.rows for lay in store.layouts.values())
+        task = progress.task(f"{report.action} {Path(store.path).name}", rows)
+        if client is None:
+            _fill(store, report, task)
+        else:
+            _fill_on_cluster(client, store, report, task)
+        store.mark_complete()
+        lock.release(remove=True)
+    finally:
+        lock.release()
     report.complete = True
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = _peak_rss()
@@ -354,7 +364,7 @@ def build_tables(
 def _fill(store: TableStore, report: BuildReport, task: ProgressTask) -> None:
     """Run every shard through `ensure_shard`: a few shard threads, each with one reusable
     buffer, hand the generation to `report.workers` threads and write the result."""
-    jobs = [(layer, i) for layer, lay in store.layouts.items() for i in range(lay.shards)]
+    jobs = ((layer, i) for layer, lay in store.layouts.items() for i in range(lay.shards))  # lazily: any count
     local = threading.local()
     started = time.perf_counter()
 
@@ -371,17 +381,12 @@ def _fill(store: TableStore, report: BuildReport, task: ProgressTask) -> None:
         return stop - start, outcome, nbytes
 
     compute = concurrent.futures.ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="engram-generate")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=report.shards_in_flight, thread_name_prefix="engram-shard")
     try:
-        futures = [pool.submit(run, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            _count_shard(report, task, started, *future.result())
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.closing(in_parallel(jobs, run, report.shards_in_flight)) as results:
+            for result in results:
+                _count_shard(report, task, started, *result)
+    finally:
         compute.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    compute.shutdown(wait=True)
 
 
 def _count_shard(report: BuildReport, task: ProgressTask, started: float, rows: int, outcome: str, nbytes: int) -> None:

@@ -14,9 +14,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no build lock
+    fcntl = None  # type: ignore[assignment]
+
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
+
+from ..errors import ResourceError
 
 _PARTIAL_SUFFIX = ".partial"
 
@@ -83,3 +90,51 @@ class Files:
         if self.root is not None and (self.root / prefix).is_dir():
             for stale in (self.root / prefix).rglob(f".*{_PARTIAL_SUFFIX}"):
                 stale.unlink(missing_ok=True)
+
+
+LOCK_NAME = ".engram-build.lock"  # inside a local store while a build writes it
+
+
+class BuildLock:
+    """The exclusive lock a build holds on a local store while it writes it.
+
+    An `fcntl.flock` on STORE/.engram-build.lock: the kernel drops it when the holder exits,
+    however it dies (kill -9 included), so a lock is never stale; the file itself is removed
+    when the build completes. fsspec URLs, and systems without flock, take no lock.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path) / LOCK_NAME
+
+    def held_elsewhere_possible(self) -> bool:
+        """Whether a build may be writing the store now: only a build in progress has the file."""
+        return not is_url(self.path) and self.file.exists()
+
+    def acquire(self) -> None:
+        """Take the lock, or refuse at once (ResourceError) when another build holds it."""
+        self.release()
+        if is_url(self.path) or fcntl is None:
+            return
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ResourceError(
+                f"{self.path} is being written by another engram build (it holds {self.file}); "
+                "let that one finish, or stop it and resume"
+            ) from None
+        self._fd = fd
+
+    def release(self, *, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            self.file.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None

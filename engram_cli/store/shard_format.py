@@ -80,6 +80,13 @@ def shard_file_size(layout: LayerLayout, index: int) -> int:
     return chunks * chunk_size(layout) + index_size(layout)
 
 
+def layer_file_bytes(layout: LayerLayout) -> int:
+    """Bytes of all shard files of a layer, in closed form: every shard but the last is full."""
+    if layout.shards == 0:
+        return 0
+    return (layout.shards - 1) * shard_file_size(layout, 0) + shard_file_size(layout, layout.shards - 1)
+
+
 def parse_index(tail: bytes, layout: LayerLayout) -> np.ndarray | None:
     """The (chunks_per_shard, 2) offset/nbytes entries of a shard's last `index_size` bytes, or
     None when they are short or fail their checksum (a truncated or corrupt file)."""
