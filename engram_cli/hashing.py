@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from .errors import EngramError, UsageError
-from .kernels import FLOAT_REDUCTION_MIN_PRIME
 from .spec import TableSpec
 from .vocab import VocabProjection
 
@@ -67,7 +66,7 @@ def hash_kernel() -> Callable[..., None]:
 
     if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
-    min_float_prime = FLOAT_REDUCTION_MIN_PRIME
+    from .kernels import FLOAT_REDUCTION_MIN_PRIME as min_float_prime
 
     signature = (
         "void(int64[:, ::1], int64[::1], int64, int64[::1], int64[::1], float64[::1], "

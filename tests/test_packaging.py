@@ -62,3 +62,15 @@ def test_installed_wheel_finds_its_presets_away_from_the_checkout(wheel, tmp_pat
     from engram_cli.spec import load_spec
 
     assert int(parameters) == load_spec("engram-27b").parameters
+
+
+def test_cli_and_package_start_without_torch_zarr_or_numba():
+    """Every command starts by importing the CLI: the heavy libraries load only when a command's
+    work needs them, so `engram --help` or `engram plan` cost a fraction of a second."""
+    script = (
+        "import sys, engram_cli, engram_cli.cli, engram_cli.store, engram_cli.checkpoints, engram_cli.collisions; "
+        "print(sorted(m for m in ('torch', 'zarr', 'numba', 'distributed') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

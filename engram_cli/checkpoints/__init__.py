@@ -11,9 +11,21 @@ is the file format itself; `fp8_format` the DeepSeek-V4.1 block quantization, `f
 export and import reports.
 """
 
-from .dcp import export_training
-from .importing import import_checkpoint
-from .safetensors_export import export_inference
-from .tables import EngramTables
+import importlib
+
+_LAZY = {
+    "EngramTables": "tables",
+    "export_inference": "safetensors_export",
+    "export_training": "dcp",
+    "import_checkpoint": "importing",
+}
 
 __all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint"]
+
+
+def __getattr__(name: str) -> object:
+    """Load a submodule on first use of one of its names, so that importing this package (for its
+    light modules) does not load torch."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import singledispatch
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from rich.cells import cell_len
@@ -30,18 +29,21 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from ..checkpoints.reports import ExportReport, ImportReport
-from ..collisions.statistics import TOP_SHOWN, LayerStats, SweepPoint
-from ..compress import CompressReport
 from ..dtypes import DTYPE_BYTES
-from ..hash_jobs import HashFileReport, HashTextReport, values_key
+from ..hash_jobs import values_key
 from ..helpers import human_bytes, paused_gc, pct, plural
-from ..inspection import InspectReport
-from ..plan import PlanReport
-from ..spec import TableSpec
-from ..store.build import BuildReport
-from ..store.health import TableHealth
-from ..store.tables import VerifyReport
+
+if TYPE_CHECKING:
+    from ..checkpoints.reports import ExportReport, ImportReport
+    from ..collisions.statistics import LayerStats, SweepPoint
+    from ..compress import CompressReport
+    from ..hash_jobs import HashFileReport, HashTextReport
+    from ..inspection import InspectReport
+    from ..plan import PlanReport
+    from ..spec import TableSpec
+    from ..store.build import BuildReport
+    from ..store.health import TableHealth
+    from ..store.tables import VerifyReport
 
 
 class Report(Protocol):
@@ -134,14 +136,31 @@ def print_table(console: Console, table: Table) -> None:
     _note_dropped(console, dropped[::-1])
 
 
-@singledispatch
+_RENDERERS: dict[str, Callable[[Any, Console], None]] = {}
+
+
+def renders(name: str) -> Callable[[Callable[[Any, Console], None]], Callable[[Any, Console], None]]:
+    """Register the renderer of the report class `name`: by name, so that starting the CLI does
+    not import every report's module (and with them torch, zarr and numba)."""
+
+    def register(function: Callable[[Any, Console], None]) -> Callable[[Any, Console], None]:
+        _RENDERERS[name] = function
+        return function
+
+    return register
+
+
 def render(report: Report, console: Console) -> None:
-    """Draw a report on the console, as the function registered for its type does."""
-    raise TypeError(f"no rendering for {type(report).__name__}")
+    """Draw a command's report on the console with the renderer registered for its class."""
+    try:
+        renderer = _RENDERERS[type(report).__name__]
+    except KeyError:
+        raise TypeError(f"no rendering for {type(report).__name__}") from None
+    renderer(report, console)
 
 
-@render.register
-def _(report: CompressReport, console: Console) -> None:
+@renders("CompressReport")
+def render_compress_report(report: CompressReport, console: Console) -> None:
     console.print(
         f"[bold]{report.source}[/]: {report.vocab_size:,} ids -> "
         f"{report.compressed_size:,} canonical ids "
@@ -162,8 +181,8 @@ def _(report: CompressReport, console: Console) -> None:
     console.print(f"wrote {report.output}")
 
 
-@render.register
-def _(report: PlanReport, console: Console) -> None:
+@renders("PlanReport")
+def render_plan_report(report: PlanReport, console: Console) -> None:
     spec = report.spec
     table = Table(
         title=f"{spec.name}: {len(spec.layer_ids)} layers, orders 2..{spec.max_ngram_size}, "
@@ -189,8 +208,8 @@ def _(report: PlanReport, console: Console) -> None:
     print_table(console, table)
 
 
-@render.register
-def _(report: HashTextReport, console: Console) -> None:
+@renders("HashTextReport")
+def render_hash_text_report(report: HashTextReport, console: Console) -> None:
     kind = values_key(report.rows)
     console.print(
         f"[bold]{len(report.tokens)}[/] tokens, spec [bold]{report.spec_name}[/], projection "
@@ -253,8 +272,8 @@ def _note_dropped(console: Console, names: list[str]) -> None:
         )
 
 
-@render.register
-def _(report: HashFileReport, console: Console) -> None:
+@renders("HashFileReport")
+def render_hash_file_report(report: HashFileReport, console: Console) -> None:
     rate = f", {report.tokens / report.seconds / 1e6:.1f} M tokens/s" if report.seconds > 0 else ""
     console.print(
         f"hashed {report.tokens:,} tokens {tuple(report.shape)} ({report.dtype}) of {report.input} "
@@ -270,8 +289,8 @@ def _(report: HashFileReport, console: Console) -> None:
     console.print(f"wrote {report.output}")
 
 
-@render.register
-def _(report: BuildReport, console: Console) -> None:
+@renders("BuildReport")
+def render_build_report(report: BuildReport, console: Console) -> None:
     where = f" -> {report.store}" if report.store else ""
     table = Table(
         title=f"{'plan: ' if report.dry_run else ''}{report.spec_name}{where}, {report.dtype}, "
@@ -316,16 +335,16 @@ def _(report: BuildReport, console: Console) -> None:
     )
 
 
-@render.register
-def _(report: VerifyReport, console: Console) -> None:
+@renders("VerifyReport")
+def render_verify_report(report: VerifyReport, console: Console) -> None:
     console.print(
         f"{report.path}: {report.shards} shards, {human_bytes(report.bytes)} read, "
         f"every crc32c checksum matches ({report.seconds:.1f} s)"
     )
 
 
-@render.register
-def _(report: ExportReport, console: Console) -> None:
+@renders("ExportReport")
+def render_export_report(report: ExportReport, console: Console) -> None:
     rate = f"{human_bytes(report.bytes / report.seconds)}/s" if report.seconds else "-"
     what = (
         f"DCP checkpoint, {plural(report.shards or 0, 'row piece')} per tensor"
@@ -347,8 +366,8 @@ def _(report: ExportReport, console: Console) -> None:
         )
 
 
-@render.register
-def _(report: ImportReport, console: Console) -> None:
+@renders("ImportReport")
+def render_import_report(report: ImportReport, console: Console) -> None:
     console.print(
         f"imported {report.checkpoint} ({report.format}, {report.layout}) -> {report.store}: "
         f"layers {', '.join(map(str, report.layers))}, {report.source_dtype} -> {report.dtype}, "
@@ -359,8 +378,8 @@ def _(report: ImportReport, console: Console) -> None:
         console.print(f"[yellow]{note}[/]")
 
 
-@render.register
-def _(report: InspectReport, console: Console) -> None:
+@renders("InspectReport")
+def render_inspect_report(report: InspectReport, console: Console) -> None:
     if report.tables is not None:
         render_tables(report.tables, console)
     if report.corpus is not None:
@@ -421,6 +440,8 @@ def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None
 
 
 def render_top(layers: LayerStats, console: Console) -> None:
+    from ..collisions.statistics import TOP_SHOWN
+
     """The most crowded buckets and their n-grams (`--top`)."""
     rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items() for b in (s.top_buckets or [])]
     if not rows:

@@ -7,8 +7,24 @@ algorithm is stated where each step lives: window keys and merging in `keys`, pa
 spilling in `spill`, the two passes and the all-heads count in `statistics`.
 """
 
-from .keys import KeyCounts, WindowKeys
-from .spill import KeyCountStore
-from .statistics import HeadStats, OrderStats, SweepPoint, collision_statistics
+import importlib
+
+_LAZY = {
+    "HeadStats": "statistics",
+    "KeyCountStore": "spill",
+    "KeyCounts": "keys",
+    "OrderStats": "statistics",
+    "SweepPoint": "statistics",
+    "WindowKeys": "keys",
+    "collision_statistics": "statistics",
+}
 
 __all__ = ["HeadStats", "KeyCountStore", "KeyCounts", "OrderStats", "SweepPoint", "WindowKeys", "collision_statistics"]
+
+
+def __getattr__(name: str) -> object:
+    """Load a submodule on first use of one of its names, so that importing this package (for its
+    light modules) does not load numba."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

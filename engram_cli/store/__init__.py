@@ -8,10 +8,18 @@ fsspec; `tables` is the `TableStore` API; `create` makes an empty store; `build`
 zarr data type of bfloat16 tables.
 """
 
-from .build import BuildReport, build_shard, build_tables
-from .create import create_store
-from .layout import LayerLayout, plan_layout
-from .tables import TableStore, open_tables
+import importlib
+
+_LAZY = {
+    "BuildReport": "build",
+    "LayerLayout": "layout",
+    "TableStore": "tables",
+    "build_shard": "build",
+    "build_tables": "build",
+    "create_store": "create",
+    "open_tables": "tables",
+    "plan_layout": "layout",
+}
 
 __all__ = [
     "BuildReport",
@@ -23,3 +31,11 @@ __all__ = [
     "open_tables",
     "plan_layout",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Load a submodule on first use of one of its names, so that importing this package (for its
+    light modules) does not load zarr."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
