@@ -89,7 +89,7 @@ def peak_rss(code: str) -> tuple[int, int]:
     VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
     """
     script = (
-        "import torch, engram_cli.checkpoint, engram_cli.inference, engram_cli.store\n"
+        "import torch, engram_cli.checkpoints.dcp, engram_cli.checkpoints.safetensors_export, engram_cli.store.build\n"
         "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "before = hwm()\n"
         f"{code}\n"
