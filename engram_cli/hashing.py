@@ -287,11 +287,7 @@ class NgramHasher:
         self.spec = spec
         self.projection = projection
         self.compressed_size = projection.compressed_size
-        if spec.pad_id >= projection.vocab_size:
-            raise EngramError(
-                f"spec pad_id {spec.pad_id} is not below the projection's vocab size {projection.vocab_size}"
-            )
-        self.pad = int(projection.lookup[spec.pad_id])
+        self.pad = projection.canonical_pad(spec.pad_id)
         self._layers: dict[int, _Layer] = {}
 
     def multipliers(self, layer_id: int) -> np.ndarray:
@@ -370,7 +366,7 @@ class NgramHasher:
         return cached
 
     def _layer_ids(self, layers: Iterable[int] | None) -> list[int]:
-        chosen = list(self.spec.layer_ids if layers is None else layers)
+        chosen = list(dict.fromkeys(self.spec.layer_ids if layers is None else layers))  # each layer once
         for layer_id in chosen:
             self._layer(layer_id)
         return [int(layer_id) for layer_id in chosen]

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 from tokenizers import Regex, Tokenizer, normalizers
 
-from .errors import EngramError
+from .errors import ChecksumError, EngramError, FormatError, UsageError
 from .helpers import atomic_write, read_file_limited
 from .spec import TableSpec
 from .tokenizer import (
@@ -113,6 +113,43 @@ def key_of(tokenizer: Tokenizer, tid: int) -> str:
     return build_normalizer().normalize_str(text) or text
 
 
+def _integer_lookup(lookup: Any) -> np.ndarray:
+    """A lookup as a 1-D int64 array of non-negative ids (float or negative ids refused)."""
+    array = np.asarray(lookup)
+    if array.ndim != 1 or array.size == 0:
+        raise FormatError("a projection lookup must be a non-empty 1-D array")
+    if array.dtype.kind not in "iu":
+        raise FormatError(f"a projection lookup holds integer ids, not {array.dtype}")
+    if array.dtype.kind == "u" and int(array.max()) > np.iinfo(np.int64).max:
+        raise FormatError(f"a projection lookup holds ids up to {int(array.max()):,}, past int64")
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    if int(array.min()) < 0:
+        raise FormatError(f"a projection lookup holds negative ids ({int(array.min()):,})")
+    return array
+
+
+def checked_lookup(lookup: Any) -> np.ndarray:
+    """A projection lookup as int64, refused unless it maps onto 0..compressed_size-1 exactly.
+
+    What every projection file, store and export holds. Every canonical id must be used and
+    none may be past the vocab: a lookup with gaps or huge ids changes the multiplier bound
+    (ids near 2**62 make every multiplier 1 and the hash order-insensitive).
+    """
+    array = _integer_lookup(lookup)
+    low, high = int(array.min()), int(array.max())
+    if low != 0 or high >= array.size:
+        raise FormatError(
+            f"a projection lookup maps {array.size:,} token ids onto canonical ids 0..n-1 "
+            f"(n <= {array.size:,}); this one holds ids from {low:,} to {high:,}"
+        )
+    used = np.bincount(array, minlength=high + 1)
+    if not used.all():
+        raise FormatError(
+            f"a projection lookup must use every canonical id 0..{high:,}; id {int(np.argmin(used != 0)):,} is unused"
+        )
+    return array
+
+
 @dataclass
 class VocabProjection:
     """A surjective map from tokenizer ids to canonical ids, with what made it."""
@@ -122,10 +159,12 @@ class VocabProjection:
     tokenizer_json: bytes | None = None
 
     def __post_init__(self) -> None:
-        self.lookup = np.ascontiguousarray(self.lookup, dtype=np.int64)
-        if self.lookup.ndim != 1 or self.lookup.size == 0:
-            raise EngramError("a projection lookup must be a non-empty 1-D array")
+        self.lookup = _integer_lookup(self.lookup)
         self._torch_cache: dict[Any, Any] = {}
+
+    def check_onto(self) -> None:
+        """Refuse, before it is written anywhere, a lookup that files may not hold (`checked_lookup`)."""
+        checked_lookup(self.lookup)
 
     @property
     def vocab_size(self) -> int:
@@ -136,6 +175,14 @@ class VocabProjection:
     def compressed_size(self) -> int:
         """Canonical ids: the largest one plus 1."""
         return int(self.lookup.max()) + 1
+
+    def canonical_pad(self, pad_id: int) -> int:
+        """The canonical id of a spec's pad_id, which must be a token id of this vocab."""
+        if not 0 <= pad_id < self.vocab_size:
+            raise UsageError(
+                f"spec pad_id {pad_id} is not a token id of the projection's vocab (0..{self.vocab_size - 1})"
+            )
+        return int(self.lookup[pad_id])
 
     def fingerprint(self) -> str:
         """The sha256 of the lookup's bytes: what stores and exports check a projection by."""
@@ -177,6 +224,7 @@ class VocabProjection:
 
     def save(self, path: str | Path) -> None:
         """Write the projection file atomically (the format in the module docstring)."""
+        self.check_onto()
         tensors = {"lookup": self.lookup}
         if self.tokenizer_json is not None:
             tensors["tokenizer_zip"] = np.frombuffer(zip_bytes(self.tokenizer_json), dtype=np.uint8)
@@ -231,12 +279,24 @@ def load_projection(path: str | Path) -> VocabProjection:
         raise EngramError(
             f"{path} is not a projection file (expected safetensors from `engram compress-vocab`)"
         ) from None
-    if metadata.get("format") != PROJECTION_FORMAT or "lookup" not in tensors:
-        raise EngramError(f"{path} is not a projection file made by `engram compress-vocab`")
+    if not isinstance(metadata, dict) or metadata.get("format") != PROJECTION_FORMAT or "lookup" not in tensors:
+        raise FormatError(f"{path} is not a projection file made by `engram compress-vocab`")
+    lookup = tensors["lookup"]
+    if lookup.dtype != np.int64:
+        raise FormatError(f"{path}: the projection lookup must be int64, not {lookup.dtype}")
     zipped = tensors.get("tokenizer_zip")
+    if zipped is not None and (zipped.dtype != np.uint8 or zipped.ndim != 1):
+        raise FormatError(f"{path}: tokenizer_zip must be a 1-D uint8 array of zip bytes")
+    try:
+        projection = VocabProjection(checked_lookup(lookup), {}, None)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    for key, actual in (("vocab_size", projection.vocab_size), ("compressed_size", projection.compressed_size)):
+        if key in metadata and metadata[key] != str(actual):
+            raise FormatError(f"{path} says {key} {metadata[key]} but its lookup has {actual:,}")
     tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes(), f"{path}: tokenizer_zip")
     own = {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
-    return VocabProjection(tensors["lookup"], own, tokenizer_json)
+    return VocabProjection(projection.lookup, own, tokenizer_json)
 
 
 def restore_projection(
@@ -252,13 +312,20 @@ def restore_projection(
         where: the file, for messages.
     """
     metadata = {k: v for k, v in recorded.items() if k != "fingerprint"}
+    array = np.asarray(lookup)
+    if array.dtype != np.int64 or array.ndim != 1:
+        raise FormatError(f"{where}: the projection lookup must be 1-D int64, not {array.dtype} {list(array.shape)}")
+    array = np.ascontiguousarray(array)
+    if "fingerprint" in recorded and hashlib.sha256(array.tobytes()).hexdigest() != recorded["fingerprint"]:
+        raise ChecksumError(f"{where}: the projection lookup does not match its recorded fingerprint")
+    try:
+        checked = checked_lookup(array)
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
     tokenizer_json = (
         None if tokenizer_zip is None else unzip_bytes(tokenizer_zip, f"{where}: the projection's tokenizer zip")
     )
-    projection = VocabProjection(lookup, metadata, tokenizer_json)
-    if "fingerprint" in recorded and projection.fingerprint() != recorded["fingerprint"]:
-        raise EngramError(f"{where}: the projection lookup does not match its recorded fingerprint")
-    return projection
+    return VocabProjection(checked, metadata, tokenizer_json)
 
 
 def _cache_dir() -> Path:

@@ -267,7 +267,7 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "mine.txt").write_text("keep me")
-    with pytest.raises(EngramError, match="not a checkpoint; refusing"):
+    with pytest.raises(EngramError, match="which no export writes; refusing"):
         export_training(stores["bfloat16"], keep, overwrite=True)
     assert (keep / "mine.txt").read_text() == "keep me"
     with pytest.raises(EngramError, match="not a checkpoint engram can import"):

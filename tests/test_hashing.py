@@ -339,7 +339,7 @@ def test_bad_input_is_refused_with_a_clear_message(small):
         hasher.hash([2**70])
     with pytest.raises(EngramError, match=r"position \[2\]"):
         hasher.hash(np.array([0, 1, 2**64 - 1], dtype=np.uint64))
-    with pytest.raises(EngramError, match="pad_id 2000 is not below"):
+    with pytest.raises(EngramError, match="pad_id 2000 is not a token id"):
         NgramHasher(spec.replace(pad_id=2000), projection)
 
 

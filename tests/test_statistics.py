@@ -375,7 +375,8 @@ SMALL = TableSpec(
 @pytest.fixture(scope="module")
 def projection() -> VocabProjection:
     rng = np.random.default_rng(8)
-    return VocabProjection(rng.integers(0, 400, 500), {"made_by": "test_statistics"})
+    lookup = rng.permutation(np.concatenate([np.arange(400), rng.integers(0, 400, 100)]))  # onto 0..399
+    return VocabProjection(lookup, {"made_by": "test_statistics"})
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ SPEC = load_spec("demo").replace(tokenizer=None, compressed_vocab_size=None)
 @pytest.fixture(scope="module")
 def projection() -> VocabProjection:
     rng = np.random.default_rng(5)
-    return VocabProjection(rng.integers(0, 700, 1000), {"made_by": "test_store"}, b'{"fake": 1}')
+    lookup = rng.permutation(np.concatenate([np.arange(700), rng.integers(0, 700, 300)]))  # onto 0..699
+    return VocabProjection(lookup, {"made_by": "test_store"}, b'{"fake": 1}')
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +294,7 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path, projection, projecti
     proc = run_engram(
         "build-tables", str(demo_spec_file), "--projection", str(projection_file), "-o", str(other), "--overwrite"
     )
-    assert proc.returncode == 1 and "not a table store" in proc.stderr
+    assert proc.returncode == 1 and "not an engram table store" in proc.stderr
     assert (other / "precious.txt").read_text() == "keep me"
     report = build_tables(SPEC, path, projection=projection, resume=True)
     assert report.shards_kept == report.shards_total and report.shards_written == 0

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
+
 _LOSSLESS = {("bfloat16", "float32"), ("float16", "float32")}
 
 
@@ -34,10 +36,23 @@ class Conversion:
         """Whether the conversion can change values (and is reported as lossy)."""
         return not is_lossless(self.source, self.target) and self.target != "float8_e4m3fn"
 
-    def check(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Record the largest change between a block `before` and after conversion (lossy or fp8 sources only)."""
-        if (self.lossy or self.source == "float8_e4m3fn") and before.numel():
-            error = (before.float() - after.float()).abs().max()
+    def check(self, before: torch.Tensor, after: torch.Tensor, where: str = "") -> None:
+        """Track the largest change, and refuse finite values that became inf or nan (past the
+        target's range, as 1e5 in float16): the export would hold other values than the store.
+        Values that were already inf or nan stay what they were and are left out of the error."""
+        if not ((self.lossy or self.source == "float8_e4m3fn") and before.numel()):
+            return
+        finite = torch.isfinite(before)
+        kept = finite & torch.isfinite(after)
+        if not bool(kept.eq(finite).all()):
+            lost = finite & ~kept
+            largest = float(before[lost].float().abs().max())
+            raise UsageError(
+                f"{where + ': ' if where else ''}{int(lost.sum()):,} values (up to {largest:.6g} in magnitude) "
+                f"are outside the range of {self.target}; export as a wider dtype"
+            )
+        if bool(kept.any()):
+            error = (before.float() - after.float()).abs()[kept].max()
             self.max_abs_error = max(self.max_abs_error, float(error))
 
     def to_json(self) -> dict[str, Any]:

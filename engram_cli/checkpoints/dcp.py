@@ -22,24 +22,38 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import string
+import struct
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from ..dtypes import INFERENCE_DTYPES, STORE_DTYPES, from_torch, torch_dtype
-from ..errors import EngramError
-from ..helpers import prefetched, row_blocks
+from ..errors import ChecksumError, EngramError, FormatError, UsageError
+from ..helpers import os_error_behind, prefetched, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from ..spec import TableSpec, spec_from_dict
 from .conversion import Conversion
-from .keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_key_template
-from .metadata import META_KEY, meta_tensors
+from .keys import (
+    DEFAULT_HEAD_TEMPLATE,
+    DEFAULT_KEY_TEMPLATE,
+    LOOKUP_KEY,
+    META_KEY,
+    TOKENIZER_ZIP_KEY,
+    check_distinct_keys,
+    check_key_template,
+    meta_keys,
+    metadata_keys,
+)
+from .metadata import check_given, check_meta_tensors, meta_tensors
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .sources import LayerSource, StoreSource, TableSource, open_source_store
@@ -47,6 +61,12 @@ from .sources import LayerSource, StoreSource, TableSource, open_source_store
 DCP_FORMAT = "engram-dcp"
 DCP_FORMAT_VERSION = "1"
 _CHUNK_BYTES = 32 << 20  # one DCP chunk: what the writer and each loading rank hold at a time
+
+
+_ITEM_OVERHEAD = 4096  # bytes torch.save adds around each chunk (zip headers, pickle, padding)
+
+
+_SMALL_LIMIT = 1 << 30  # elements of a metadata tensor (lookup, tokenizer zip) read whole
 
 
 def even_pieces(rows: int, pieces: int) -> list[tuple[int, int]]:
@@ -80,9 +100,11 @@ def _training_tensors(source: StoreSource, key_template: str, per_head: bool, sh
             order, order_head = divmod(head, spec.n_head_per_ngram)
             key = key_template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
             tensors.append(_Tensor(key, layer_id, offset, offset + size, tuple(even_pieces(size, count))))
-    keys = [t.key for t in tensors]
-    if len(set(keys)) != len(keys):
-        raise EngramError(f"key template {key_template!r} gives two tensors the same key")
+    check_distinct_keys(
+        {f"layer {t.layer_id} rows {t.start}-{t.stop - 1}": t.key for t in tensors},
+        metadata_keys(spec.layer_ids),
+        f"key template {key_template!r}",
+    )
     return tensors
 
 
@@ -124,19 +146,19 @@ def export_training(
 
     output = Path(output)
     if shards is not None and shards < 1:
-        raise EngramError(f"--shards must be a positive integer, got {shards}")
+        raise UsageError(f"--shards must be a positive integer, got {shards}")
     source = open_source_store(store)
     smallest = min(
         min(source.spec.head_sizes(layer)) if per_head else source.spec.rows(layer) for layer in source.layer_ids
     )
     if shards is not None and shards > smallest:
-        raise EngramError(
+        raise UsageError(
             f"--shards {shards} is more than the {smallest:,} rows of the smallest "
             f"{'head table' if per_head else 'layer table'}"
         )
     dtype = dtype or source.dtype
     if dtype not in STORE_DTYPES:
-        raise EngramError(f"unknown dtype {dtype!r} for training; allowed: {', '.join(STORE_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r} for training; allowed: {', '.join(STORE_DTYPES)}")
     key_template = key_template or (DEFAULT_HEAD_TEMPLATE if per_head else DEFAULT_KEY_TEMPLATE)
     check_key_template(key_template, per_head=per_head)
     tensors = _training_tensors(source, key_template, per_head, shards)
@@ -208,7 +230,7 @@ def export_training(
         t, a, b = block
         values = readers[t.layer_id].read(t.start + a, t.start + b)
         converted = values.to(target)
-        conversion.check(values, converted)
+        conversion.check(values, converted, f"layer {t.layer_id} rows {t.start + a:,}-{t.start + b - 1:,}")
         return converted
 
     class StorePlanner(DefaultSavePlanner):
@@ -238,7 +260,10 @@ def export_training(
         def storage_meta(self) -> StorageMeta:
             return StorageMeta(checkpoint_id=str(final), save_id=self.save_id)
 
-    tmp = prepare_output(output, overwrite)
+    pieces = sum(len(md.chunks) for md in state_md.values())
+    needed = sum(t.stop - t.start for t in tensors) * spec.dim * target.itemsize
+    needed += sum(v.numel() * v.element_size() for v in small.values()) + _ITEM_OVERHEAD * pieces
+    tmp = prepare_output(output, overwrite, needed)
     started = time.perf_counter()
     try:
         writer = Writer(tmp, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=False)
@@ -250,9 +275,12 @@ def export_training(
             results.append(writer.write_data(plan, StorePlanner(reads)).value())
         metadata = Metadata(state_dict_metadata=state_md, planner_data={k: (k,) for k in state_md})
         writer.finish(metadata, results)
-        from .output import replace_output
-
-        replace_output(tmp, output)
+        swap_into_place(tmp, output)
+    except Exception as exc:
+        cause = os_error_behind(exc)
+        if cause is None:
+            raise
+        raise write_error(output, cause) from None
     finally:
         remove_tree(tmp)
     seconds = time.perf_counter() - started
@@ -311,16 +339,65 @@ def _writeback_filesystem() -> Any:
 
 def _read_dcp_metadata(path: Path, trust_pickle: bool) -> Any:
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata
 
     if not trust_pickle:
-        raise EngramError(
+        raise UsageError(
             f"{path} is a DCP checkpoint, whose .metadata is a Python pickle that can run "
             "code when read; pass --trust-pickle if you trust where it came from"
         )
     try:
-        return FileSystemReader(path).read_metadata()
+        metadata = FileSystemReader(path).read_metadata()
     except Exception as exc:  # any unpickling failure means this is no DCP metadata we can use
-        raise EngramError(f"{path}/.metadata is not readable DCP metadata ({type(exc).__name__}: {exc})") from None
+        raise FormatError(f"{path}/.metadata is not readable DCP metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise FormatError(f"{path}/.metadata is not DCP checkpoint metadata")
+    return metadata
+
+
+def check_zip_crc(data: bytes, where: str) -> None:
+    """Check every member of a zip archive (what `torch.save` writes, and so every tensor item
+    of a `.distcp` file) against the CRC-32 its central directory records."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError, zlib.error, struct.error) as exc:
+        raise ChecksumError(f"{where} is damaged: {exc}") from None
+    if bad is not None:
+        raise ChecksumError(f"{where} is damaged: {bad} fails its CRC-32 check")
+
+
+def _verified_reader(path: Path) -> Any:
+    """DCP's FileSystemReader, reading each item whole and checking its zip CRC-32s first:
+    torch.load does not, so flipped bytes would otherwise load as wrong values."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class VerifiedReader(FileSystemReader):
+        def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
+            where = f"{path / sinfo.relative_path} (bytes {sinfo.offset:,}..{sinfo.offset + sinfo.length:,})"
+            file.seek(sinfo.offset)
+            data = file.read(sinfo.length)
+            if len(data) != sinfo.length:
+                raise FormatError(f"{where} is truncated: the file ends after {len(data):,} of those bytes")
+            if not sinfo.transform_descriptors and data[:4] == b"PK\x03\x04":
+                check_zip_crc(data, where)
+            return io.BytesIO(data)
+
+    return VerifiedReader(path)
+
+
+def _load_failure(path: Path, exc: BaseException) -> EngramError:
+    """One line for a DCP load that failed: our own errors as they are, the rest named."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    if isinstance(exc, EngramError):
+        return exc
+    if isinstance(exc, OSError):
+        return FormatError(f"cannot read checkpoint {path}: {exc.strerror or exc} ({getattr(exc, 'filename', '')})")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return FormatError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}")
 
 
 def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
@@ -328,7 +405,7 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
@@ -349,9 +426,97 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
         def lookup_tensor(self, index: Any) -> torch.Tensor:
             return windows[index.fqn][1]
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({}, storage_reader=FileSystemReader(path), planner=WindowPlanner())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({}, storage_reader=_verified_reader(path), planner=WindowPlanner())
+    except (Exception, CheckpointException) as exc:
+        raise _load_failure(path, exc) from None
+
+
+def _plain_file(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
+def _check_pieces(path: Path, metadata: Any, keys: Iterable[str]) -> None:
+    """Refuse, before anything is read, a checkpoint whose `.metadata` does not add up: pieces
+    of a tensor that overlap or leave part of it uncovered (the buffer would keep garbage there),
+    a piece with no stored location, a location outside the folder, a missing or short file."""
+    storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+    sizes: dict[str, int] = {}
+    for key in keys:
+        entry = metadata.state_dict_metadata[key]
+        shape = tuple(entry.size)
+        boxes = []
+        for chunk in entry.chunks:
+            offsets, extent = tuple(chunk.offsets), tuple(chunk.sizes)
+            if (
+                len(offsets) != len(shape)
+                or len(extent) != len(shape)
+                or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, extent, shape))
+            ):
+                raise FormatError(f"{path}/.metadata: a piece of {key} at {list(offsets)} lies outside its {shape}")
+            info = storage.get((key, offsets))
+            if info is None:
+                raise FormatError(
+                    f"{path}/.metadata lists a piece of {key} at {list(offsets)} but not where it is stored"
+                )
+            name = info.relative_path
+            if not _plain_file(name):
+                raise FormatError(f"{path}/.metadata puts a piece of {key} in {name!r}, outside the checkpoint folder")
+            if name not in sizes:
+                try:
+                    sizes[name] = (path / name).stat().st_size
+                except FileNotFoundError:
+                    raise FormatError(f"{path / name} is missing (it holds part of {key})") from None
+                except OSError as exc:
+                    raise FormatError(f"cannot read {path / name}: {exc.strerror or exc}") from None
+            if info.offset < 0 or info.length <= 0 or info.offset + info.length > sizes[name]:
+                raise FormatError(
+                    f"{path / name} is truncated: a piece of {key} needs bytes {info.offset:,}.."
+                    f"{info.offset + info.length:,} and the file has {sizes[name]:,}"
+                )
+            boxes.append((offsets, extent))
+        covered = sum(math.prod(extent) for _, extent in boxes)
+        overlap = _first_overlap(boxes)
+        if overlap is not None or covered != math.prod(shape):
+            what = f"overlap at {list(overlap)}" if overlap is not None else "leave part of it uncovered"
+            raise FormatError(f"{path}/.metadata: the pieces of {key} {what}")
+
+
+def _first_overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[int, ...] | None:
+    """The offsets of a box that overlaps an earlier one (a sweep along the first axis)."""
+    active: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for offsets, extent in sorted(b for b in boxes if all(b[1])):
+        active = [a for a in active if a[0][0] + a[1][0] > offsets[0]]
+        for other, size in active:
+            if all(o < p + n and p < o + m for o, m, p, n in zip(offsets, extent, other, size)):
+                return offsets
+        active.append((offsets, extent))
+    return None
+
+
+def _engram_tables(meta: dict[str, Any], spec: TableSpec, where: str) -> dict[int, list[tuple[str, int, int]]]:
+    """The table pieces `engram export` recorded, refused unless each layer's pieces follow
+    each other from row 0 to its last row under distinct names that no metadata tensor has."""
+    try:
+        tables = {
+            int(layer): [(str(e["key"]), int(e["start"]), int(e["stop"])) for e in entries]
+            for layer, entries in meta["tables"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FormatError(f"{where}: the table list in {META_KEY} is damaged") from None
+    names = {f"layer {layer} rows {a}-{b - 1}": key for layer, parts in tables.items() for key, a, b in parts}
+    check_distinct_keys(names, metadata_keys(spec.layer_ids), where)
+    for layer, parts in tables.items():
+        if layer not in spec.layer_ids:
+            raise FormatError(f"{where} records a table for layer {layer}, which its spec does not have")
+        bounds = [0] + [b for _, _, b in parts]
+        if not parts or [a for _, a, _ in parts] != bounds[:-1] or bounds[-1] != spec.rows(layer):
+            raise FormatError(
+                f"{where}: the recorded tensors of layer {layer} do not cover its {spec.rows(layer):,} rows in order"
+            )
+    return tables
 
 
 class DcpSource(TableSource):
@@ -373,17 +538,24 @@ class DcpSource(TableSource):
         metadata = _read_dcp_metadata(path, trust_pickle)
         entries = metadata.state_dict_metadata
         self.entries = entries
+        self._metadata = metadata
         meta = self._load_meta()
         if meta is not None:
-            stored_spec = spec_from_dict(meta["spec"])
-            spec = spec or stored_spec
-            projection = projection or self._stored_projection(entries, meta)
-            tables = {int(k): [(e["key"], e["start"], e["stop"]) for e in v] for k, v in meta["tables"].items()}
+            try:
+                stored_spec = spec_from_dict(meta["spec"])
+                recorded = meta["projection"]
+                fingerprint = recorded.get("fingerprint")
+            except (KeyError, TypeError, AttributeError, EngramError) as exc:
+                raise FormatError(f"{path}: the spec or projection in {META_KEY} is damaged ({exc})") from None
+            check_given(stored_spec, fingerprint, spec, projection, str(path))
+            spec = stored_spec
+            projection = self._stored_projection(entries, recorded)
+            tables = _engram_tables(meta, spec, str(path))
             self.sharding = meta.get("sharding")
             self.store_dtype = meta.get("store_dtype")
         else:
             if spec is None:
-                raise EngramError(
+                raise UsageError(
                     f"{path} carries no engram hashing metadata (not made by `engram export`): "
                     "pass --spec (and --projection, unless the spec's tokenizer is the model's)"
                 )
@@ -404,9 +576,14 @@ class DcpSource(TableSource):
                     order, order_head = divmod(head, spec.n_head_per_ngram)
                     key = template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
                     tables[layer_id].append((key, offset, offset + size))
+            check_distinct_keys(
+                {f"layer {layer} rows {a}-{b - 1}": key for layer, parts in tables.items() for key, a, b in parts},
+                (),
+                f"key template {template!r}",
+            )
             tables = {k: v for k, v in tables.items() if any(key in entries for key, _, _ in v)}
             if not tables:
-                raise EngramError(
+                raise UsageError(
                     f"{path} has no tensor named like {template!r} (keys: "
                     f"{', '.join(sorted(entries)[:4])}, ...); pass --key-template"
                 )
@@ -414,30 +591,34 @@ class DcpSource(TableSource):
         chosen = tuple(sorted(tables)) if layers is None else tuple(int(x) for x in layers)
         for layer_id in chosen:
             if layer_id not in tables:
-                raise EngramError(f"{path} holds no table for layer {layer_id} (layers: {sorted(tables)})")
+                raise UsageError(f"{path} holds no table for layer {layer_id} (layers: {sorted(tables)})")
             if layer_id not in spec.layer_ids:
-                raise EngramError(
+                raise UsageError(
                     f"layer {layer_id} of {path} is not in spec {spec.name} (layer_ids = {list(spec.layer_ids)})"
                 )
             for key, start, stop in tables[layer_id]:
                 entry = entries.get(key)
                 if not isinstance(entry, TensorStorageMetadata):
-                    raise EngramError(f"{path} lacks tensor {key!r} of layer {layer_id}")
+                    raise FormatError(f"{path} lacks tensor {key!r} of layer {layer_id}")
                 if tuple(entry.size) != (stop - start, spec.dim):
-                    raise EngramError(
+                    raise FormatError(
                         f"{key} in {path} is {tuple(entry.size)} but spec {spec.name} needs {(stop - start, spec.dim)}"
                     )
             if tables[layer_id][-1][2] != spec.rows(layer_id) or tables[layer_id][0][1] != 0:
-                raise EngramError(
+                raise FormatError(
                     f"the tensors of layer {layer_id} in {path} do not cover its {spec.rows(layer_id):,} rows"
                 )
+        _check_pieces(path, metadata, [key for layer in chosen for key, _, _ in tables[layer]])
         super().__init__(spec, projection, chosen)
         self.tables = tables
         dtypes = {entries[key].properties.dtype for layer in chosen for key, _, _ in tables[layer]}
         names = [from_torch(d).name for d in dtypes if str(d).removeprefix("torch.") in INFERENCE_DTYPES]
         if len(dtypes) != 1 or not names:
-            raise EngramError(f"{path}: tables of dtype {', '.join(map(str, dtypes))} cannot go into a store")
+            raise FormatError(f"{path}: tables of dtype {', '.join(map(str, dtypes))} cannot go into a store")
         self.dtype = names[0]
+        if meta is not None:
+            present = [name for layer in chosen for name in meta_keys(layer).values() if name in entries]
+            check_meta_tensors(self._load_small(present), spec, projection.compressed_size, str(path))
 
     def _load_meta(self) -> dict[str, Any] | None:
         if META_KEY not in self.entries:
@@ -448,24 +629,35 @@ class DcpSource(TableSource):
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != DCP_FORMAT:
-            raise EngramError(f"{self.path}: {META_KEY} is not the metadata `engram export` writes")
+            raise FormatError(f"{self.path}: {META_KEY} is not the metadata `engram export` writes")
         return meta
 
     def _load_small(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        for key in keys:
+            entry = self.entries[key]
+            if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 1 or entry.size[0] > _SMALL_LIMIT:
+                raise FormatError(f"{self.path}: {key} is not the small 1-D tensor engram writes there")
+        _check_pieces(self.path, self._metadata, keys)
         buffers = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype) for k in keys}
         _dcp_load(self.path, {k: (0, v) for k, v in buffers.items()})
         return buffers
 
-    def _stored_projection(self, entries: dict[str, Any], meta: dict[str, Any]) -> Any:
+    def _stored_projection(self, entries: dict[str, Any], recorded: dict[str, Any]) -> Any:
         from ..vocab import restore_projection
 
+        if LOOKUP_KEY not in entries:
+            raise FormatError(f"{self.path} records engram metadata but lacks {LOOKUP_KEY}")
         keys: list[str] = [k for k in (LOOKUP_KEY, TOKENIZER_ZIP_KEY) if k in entries]
         loaded = self._load_small(keys)
         zipped = loaded.get(TOKENIZER_ZIP_KEY)
+        if zipped is not None and zipped.dtype != torch.uint8:
+            raise FormatError(f"{self.path}: {TOKENIZER_ZIP_KEY} must hold uint8 zip bytes")
         return restore_projection(
             loaded[LOOKUP_KEY].numpy(),
             None if zipped is None else zipped.numpy().tobytes(),
-            meta["projection"],
+            recorded,
             str(self.path),
         )
 

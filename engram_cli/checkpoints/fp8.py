@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .fp8_format import BLOCK, check_blockable
 
 
@@ -67,6 +68,19 @@ def _float_bits(values: torch.Tensor) -> np.ndarray:
     if values.dtype == torch.bfloat16:
         return values.contiguous().view(torch.int16).numpy().view(np.uint16)
     return values.to(torch.float32).contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+def check_quantizable(values: torch.Tensor, where: str, first_row: int = 0) -> None:
+    """Refuse rows holding inf or nan for an fp8 export: E4M3 has no inf, and a block's scale
+    comes from its largest magnitude, so one such value would wreck its whole block. The error
+    names `where` and the first row, counted from `first_row`."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        row = first_row + int((~finite).any(dim=1).nonzero()[0, 0])
+        raise UsageError(
+            f"{where}: {int((~finite).sum()):,} values are inf or nan (the first in row {row:,}); "
+            "fp8 E4M3 with block scales cannot hold them"
+        )
 
 
 def quantize(

@@ -8,13 +8,15 @@ checkpoint, keeps the source's sharding unless told otherwise, and is marked com
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..dtypes import STORE_DTYPES, to_numpy, torch_dtype
-from ..errors import EngramError
+from ..errors import EngramError, FormatError, OutputExistsError, UsageError
+from ..helpers import check_free_space, remove_stale_temporaries, swap_into_place, temporary_name
 from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
@@ -32,8 +34,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
         return "safetensors"
     if not path.exists():
-        raise EngramError(f"no such checkpoint: {path}")
-    raise EngramError(
+        raise UsageError(f"no such checkpoint: {path}")
+    raise FormatError(
         f"{path} is not a checkpoint engram can import (expected a DCP folder with "
         ".metadata, or safetensors from `engram export`)"
     )
@@ -78,12 +80,25 @@ def import_checkpoint(
         overwrite: replace an existing store.
         progress: receives a task advancing by rows imported.
     """
-    from ..store.create import create_store
+    from ..store.create import check_outside_stores, check_replaceable, create_store, store_exists
+    from ..store.files import BuildLock
+    from ..store.layout import plan_layout
+    from ..store.shard_format import shard_file_size
 
     checkpoint, output = Path(checkpoint), Path(output)
     kind = detect_format(checkpoint)
     if dtype is not None and dtype not in STORE_DTYPES:
-        raise EngramError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
+        raise UsageError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
+    exists = store_exists(str(output))
+    if exists and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    if exists:
+        check_replaceable(str(output))
+    else:
+        check_outside_stores(output)
+    parent = output.absolute().parent
+    if not parent.is_dir():
+        raise EngramError(f"output folder {parent} does not exist")
     layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
     source: Any
     if kind == "dcp":
@@ -103,37 +118,58 @@ def import_checkpoint(
         layout = source.tables.layout
     store_dtype = dtype or source.store_dtype or (source.dtype if source.dtype in STORE_DTYPES else source.spec.dtype)
     sharding = source.sharding or {}
+    if not (
+        isinstance(sharding, dict)
+        and isinstance(sharding.get("ranks", 1), int)
+        and sharding.get("shard_by", "rows") in ("rows", "heads")
+    ):
+        raise FormatError(f"{checkpoint}: the sharding it records ({sharding!r}) is damaged")
     ranks = shards or sharding.get("ranks") or 1
     by = shard_by or sharding.get("shard_by") or "rows"
     init = {"algorithm": "imported", "source": str(checkpoint.absolute()), "format": kind, "layout": layout}
     started = time.perf_counter()
     partial = set(source.layer_ids) != set(source.spec.layer_ids)
-    store = create_store(
-        output,
-        source.spec,
-        source.projection,
-        shards=ranks,
-        shard_by=by,
-        dtype=store_dtype,
-        overwrite=overwrite,
-        init=init,
-        layers=list(source.layer_ids) if partial else None,
-    )
-    conversion = Conversion(source.dtype, store_dtype)
-    target = torch_dtype(store_dtype)
-    written = 0
-    task = progress.task("import", source.total_rows)
-    for layer_id in source.layer_ids:
-        reader = source.layer(layer_id)
-        ranges = store.shard_ranges(layer_id)
-        windows = read_windows(ranges, source.boundaries(layer_id)) if kind == "dcp" else ranges
-        for begin, end in windows:
-            values = reader.read(begin, end)
-            converted = values.to(target)
-            conversion.check(values, converted)
-            written += store.write_rows(layer_id, begin, to_numpy(converted))
-            task.advance(end - begin)
-    store.mark_complete()
+    planned = plan_layout(source.spec.replace(dtype=store_dtype), ranks, by)
+    needed = sum(shard_file_size(planned[layer], i) for layer in source.layer_ids for i in range(planned[layer].shards))
+    remove_stale_temporaries(parent)
+    check_free_space(parent, needed)
+    tmp = temporary_name(parent / output.name)
+    lock = BuildLock(str(output))
+    try:
+        if exists and lock.held_elsewhere_possible():
+            lock.acquire()  # no build may be writing the store this import replaces
+        store = create_store(
+            tmp,
+            source.spec,
+            source.projection,
+            shards=ranks,
+            shard_by=by,
+            dtype=store_dtype,
+            init=init,
+            layers=list(source.layer_ids) if partial else None,
+        )
+        conversion = Conversion(source.dtype, store_dtype)
+        target = torch_dtype(store_dtype)
+        written = 0
+        task = progress.task("import", source.total_rows)
+        for layer_id in source.layer_ids:
+            reader = source.layer(layer_id)
+            ranges = store.shard_ranges(layer_id)
+            windows = read_windows(ranges, source.boundaries(layer_id)) if kind == "dcp" else ranges
+            for begin, end in windows:
+                values = reader.read(begin, end)
+                converted = values.to(target)
+                conversion.check(values, converted, f"layer {layer_id} rows {begin:,}-{end - 1:,}")
+                written += store.write_rows(layer_id, begin, to_numpy(converted))
+                task.advance(end - begin)
+        store.mark_complete()
+        if exists:
+            check_replaceable(str(output))  # still a store of ours, now that it is about to go
+        swap_into_place(tmp, output)
+    finally:
+        lock.release()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     complete = True
     notes = []
     if partial:

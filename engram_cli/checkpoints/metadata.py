@@ -18,11 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import FormatError, UsageError
+from ..spec import TableSpec
 from ..tokenizer import zip_bytes
-from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, meta_keys
+from ..vocab import VocabProjection
+from .keys import LOOKUP_KEY, META_KEY, TOKENIZER_ZIP_KEY, meta_keys
 from .sources import TableSource
 
-META_KEY = "engram.meta"
+__all__ = ["META_KEY", "check_given", "check_meta_tensors", "hashing_arrays", "meta_tensors"]
 
 
 def hashing_arrays(source: TableSource) -> dict[str, np.ndarray]:
@@ -46,3 +49,50 @@ def meta_tensors(source: TableSource, meta: dict[str, Any]) -> dict[str, torch.T
     small = {META_KEY: torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)}
     small.update({key: torch.from_numpy(value.copy()) for key, value in hashing_arrays(source).items()})
     return small
+
+
+def check_given(
+    recorded_spec: TableSpec,
+    recorded_fingerprint: str | None,
+    spec: TableSpec | None,
+    projection: VocabProjection | None,
+    where: str,
+) -> None:
+    """Refuse a spec or projection given for a checkpoint that records its own and differs
+    from it: the tables were hashed with the recorded ones (a different seed, say, gives other
+    multipliers). Only the hashing part of a spec ([engram]) must agree."""
+    from ..store.attributes import spec_difference
+
+    if spec is not None:
+        diff = spec_difference(
+            recorded_spec.to_dict()["engram"],
+            spec.to_dict()["engram"],
+            "engram.",
+            ("in the spec the checkpoint records", "in --spec"),
+        )
+        if diff:
+            raise UsageError(
+                f"{where} records its own spec and --spec differs: {diff}; drop --spec "
+                "(it is for checkpoints that carry none)"
+            )
+    if projection is not None and recorded_fingerprint is not None and projection.fingerprint() != recorded_fingerprint:
+        raise UsageError(
+            f"{where} records its own projection (lookup sha256 {recorded_fingerprint[:12]}...) and "
+            f"--projection is another one ({projection.fingerprint()[:12]}...); drop --projection "
+            "(it is for checkpoints that carry none)"
+        )
+
+
+def check_meta_tensors(values: dict[str, Any], spec: TableSpec, compressed_size: int, where: str) -> None:
+    """Refuse hashing metadata tensors (head sizes, offsets, multipliers per layer) that
+    disagree with the spec the same file records."""
+    for name, value in values.items():
+        layer_id, part = name.split(".")[2], name.split(".")[3]
+        expected = {
+            "head_sizes": spec.head_sizes(int(layer_id)),
+            "offsets": spec.offsets(int(layer_id)),
+            "multipliers": [int(m) for m in spec.multipliers(int(layer_id), compressed_size)],
+        }[part]
+        found = [int(v) for v in np.asarray(value).reshape(-1)]
+        if found != expected:
+            raise FormatError(f"{where}: {name} holds {found[:4]}... but the spec it records gives {expected[:4]}...")

@@ -22,16 +22,24 @@ import torch
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torch_dtype
 from ..errors import EngramError
-from ..helpers import cpu_count, in_parallel, row_blocks
+from ..helpers import cpu_count, in_parallel, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .conversion import Conversion
-from .fp8 import QuantError, quantize
+from .fp8 import QuantError, check_quantizable, quantize
 from .fp8_format import BLOCK, check_blockable
-from .keys import DEEPSEEK_SCALE, DEEPSEEK_WEIGHT, DEFAULT_KEY_TEMPLATE, check_key_template, scale_key
+from .keys import (
+    DEEPSEEK_SCALE,
+    DEEPSEEK_WEIGHT,
+    DEFAULT_KEY_TEMPLATE,
+    check_distinct_keys,
+    check_key_template,
+    metadata_keys,
+    scale_key,
+)
 from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table
 from .metadata import hashing_arrays
 from .model_config import ENGRAM_CONFIG, config_keys
-from .output import prepare_output, remove_tree, replace_output
+from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
 from .sources import LayerSource, TableSource, open_source_store
@@ -81,6 +89,9 @@ def _plan(
         "tables": json.dumps({str(t.layer_id): {"weight": t.weight, "scale": t.scale} for t in tables}),
         "sharding": json.dumps(source.sharding),
     }
+    names = {f"layer {t.layer_id} table": t.weight for t in tables}
+    names.update({f"layer {t.layer_id} scales": t.scale for t in tables if t.scale is not None})
+    check_distinct_keys(names, metadata_keys(spec.layer_ids), f"key template {key_template!r}")
     return tables, plans, metadata, small
 
 
@@ -150,7 +161,7 @@ def export_inference(
         single_file=single_name,
         index_metadata={"format": SAFETENSORS_FORMAT, "layout": layout} if layout == "engram" else None,
     )
-    tmp = prepare_output(output, overwrite)
+    tmp = prepare_output(output, overwrite, sum(f.size for f in layout_plan.files))
     start = time.perf_counter()
     quant = QuantError() if dtype == "float8_e4m3fn" else None
     conversion = Conversion(source.spec.dtype, dtype)
@@ -195,7 +206,9 @@ def export_inference(
         if layout == "deepseek-v41":  # the engram_* keys a model's config.json needs beside these tensors
             keys = config_keys(source.spec, source.projection.compressed_size)
             (tmp / ENGRAM_CONFIG).write_text(json.dumps(keys, indent=2) + "\n")
-        replace_output(tmp / output.name if single else tmp, output)
+        swap_into_place(tmp / output.name if single else tmp, output)
+    except OSError as exc:
+        raise write_error(output, exc) from None
     finally:
         remove_tree(tmp)
     seconds = time.perf_counter() - start
@@ -228,11 +241,13 @@ def _write_block(
     threads: int = 1,
 ) -> None:
     """Convert (or quantize, on `threads` threads) one row block of a table and write it at its place."""
+    where = f"layer {table.layer_id} rows {begin:,}-{begin + len(values) - 1:,}"
     if quant is None:
         converted = values.to(torch_dtype(dtype))
-        conversion.check(values, converted)
+        conversion.check(values, converted, where)
         writer.write_rows(table.weight, begin, converted)
     else:
+        check_quantizable(values, f"layer {table.layer_id}", first_row=begin)
         codes, scales = quantize(values, quant, threads=threads)
         writer.write_rows(table.weight, begin, codes)
         assert table.scale is not None  # fp8 tables carry their scales

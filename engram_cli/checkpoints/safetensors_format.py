@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..dtypes import SAFETENSORS
-from ..errors import EngramError
+from ..errors import EngramError, FormatError
 
 INDEX_NAME = "model.safetensors.index.json"
 _HEADER_ALIGN = 8
@@ -298,11 +298,19 @@ class SafetensorsSet:
     metadata: dict[str, str]
 
 
-def read_header(path: Path, select: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], int]:
-    """A file's parsed header and where its data section starts; EngramError if malformed.
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    With `select`, only the tensors it accepts are checked (and kept): the rest of a model's
-    file may hold dtypes engram does not know.
+
+def read_header(path: Path, select: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], int]:
+    """A file's parsed header and where its data section starts; FormatError for any header
+    the official safetensors library would refuse: not a JSON object, `__metadata__` that is
+    not strings, a shape that is not non-negative integers, a byte range of another size than
+    dtype and shape give, ranges that overlap or leave gaps, or ranges that do not end exactly
+    at the end of the file.
+
+    With `select`, only the tensors it accepts are kept, and only they need a dtype engram knows:
+    the rest of a model's file may hold others (their byte ranges are still checked).
     """
     try:
         with open(path, "rb") as handle:
@@ -310,32 +318,61 @@ def read_header(path: Path, select: Callable[[str], bool] | None = None) -> tupl
             prefix = handle.read(8)
             length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
             if not 0 < length <= min(_MAX_HEADER, size - 8):
-                raise EngramError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(handle.read(length))
+                raise FormatError(f"{path} is not a safetensors file (bad header length)")
+            raw = handle.read(length)
     except OSError as exc:
-        raise EngramError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw) if raw.startswith(b"{") else None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise EngramError(f"{path} is not a safetensors file (header is not JSON)") from None
+        raise FormatError(f"{path} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
-        raise EngramError(f"{path} is not a safetensors file (header is not a JSON object)")
+        raise FormatError(f"{path} is not a safetensors file (header is not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map names to strings")
     data_start = 8 + length
-    if select is not None:
-        header = {k: v for k, v in header.items() if k == "__metadata__" or select(k)}
+    ranges = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = entry["data_offsets"]
-            ok = (
-                entry["dtype"] in SAFETENSORS
-                and 0 <= begin <= end <= size - data_start
-                and end - begin == prod(entry["shape"]) * SAFETENSORS[entry["dtype"]].itemsize
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise EngramError(f"{path}: tensor {name!r} has a malformed or truncated entry")
+        problem = _entry_problem(entry, known=select is None or select(name))
+        if problem:
+            raise FormatError(f"{path}: tensor {name!r} {problem}")
+        ranges.append((entry["data_offsets"][0], entry["data_offsets"][1], name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise FormatError(f"{path}: tensor {name!r} {what} (data_offsets start at {begin}, not {position})")
+        position = end
+    if position != size - data_start:
+        raise FormatError(
+            f"{path}: the tensors cover {position:,} bytes of data but the file holds {size - data_start:,} "
+            "(truncated or padded)"
+        )
+    if select is not None:
+        header = {k: v for k, v in header.items() if k == "__metadata__" or select(k)}
     return header, data_start
+
+
+def _entry_problem(entry: Any, known: bool = True) -> str | None:
+    """Why a header entry is malformed, or None. `known`: its dtype must be one engram reads
+    (otherwise only a dtype name, and no size check, is required)."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        return "needs exactly dtype, shape and data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or (known and dtype not in SAFETENSORS):
+        return f"has dtype {dtype!r}, which engram does not read"
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        return f"has shape {shape!r}; a shape is a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        return f"has data_offsets {offsets!r}; they are two byte positions"
+    if offsets[1] < offsets[0]:
+        return f"has data_offsets {offsets}, which end before they start"
+    if dtype in SAFETENSORS and offsets[1] - offsets[0] != prod(shape) * SAFETENSORS[dtype].itemsize:
+        return f"has data_offsets {offsets} for {prod(shape) * SAFETENSORS[dtype].itemsize:,} bytes of {dtype} {shape}"
+    return None
 
 
 def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> SafetensorsSet:
@@ -343,6 +380,7 @@ def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> S
 
     `select` picks tensors by name (a model's Engram tables among all its weights): an index
     then opens only the files that hold a selected tensor, and the other files may be absent.
+    An index may only name files of its own folder.
     """
     path = Path(path)
     if path.is_dir():
@@ -360,14 +398,27 @@ def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> S
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
             chosen = {name: file for name, file in weight_map.items() if select is None or select(name)}
-            files = sorted({path.parent / name for name in chosen.values()})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise EngramError(f"{path} is not a safetensors index (no weight_map)") from None
+            raise FormatError(f"{path} is not a safetensors index (no weight_map)") from None
+        outside = sorted(repr(n) for n in set(weight_map.values()) if not _plain_name(n))
+        if outside:
+            raise FormatError(f"{path} lists {outside[0]}, which is not a file name in its folder")
+        files = sorted({path.parent / name for name in chosen.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise EngramError(f"{path} lists {missing[0]}, which does not exist")
-        return _collect(files, select)
+            raise FormatError(f"{path} lists {missing[0]}, which does not exist")
+        found = _collect(files, select)
+        for tensor, name in chosen.items():
+            entry = found.tensors.get(tensor)
+            if entry is None or entry.path.name != name:
+                raise FormatError(f"{path} says {tensor!r} is in {name}, but it is not there")
+        return found
     return _collect([path], select)
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name of the index's own folder: no folder part, no `..`, not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _collect(files: list[Path], select: Callable[[str], bool] | None = None) -> SafetensorsSet:
@@ -379,6 +430,8 @@ def _collect(files: list[Path], select: Callable[[str], bool] | None = None) -> 
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            if name in tensors:
+                raise FormatError(f"tensor {name!r} is in both {tensors[name].path} and {file}")
             begin, end = entry["data_offsets"]
             tensors[name] = TensorEntry(
                 name, entry["dtype"], tuple(entry["shape"]), file, data_start + begin, data_start + end

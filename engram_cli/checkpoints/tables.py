@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import EngramError
+from ..errors import EngramError, FormatError
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
-from .keys import LOOKUP_KEY
+from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, meta_keys, metadata_keys
 from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection, tensor_filter
+from .metadata import check_given, check_meta_tensors
 from .model_config import model_hashing
 from .safetensors_format import MappedTensors, open_set
 
@@ -86,26 +87,40 @@ class EngramTables:
         if metadata.get("format") == SAFETENSORS_FORMAT:
             try:
                 tables = {
-                    int(k): Table(int(k), v["weight"], v["scale"]) for k, v in json.loads(metadata["tables"]).items()
+                    int(k): Table(int(k), str(v["weight"]), None if v["scale"] is None else str(v["scale"]))
+                    for k, v in json.loads(metadata["tables"]).items()
                 }
                 stored_spec = spec_from_dict(json.loads(metadata["spec"]))
                 projection_meta = json.loads(metadata.get("projection", "{}"))
-            except (KeyError, ValueError, TypeError, AttributeError):
-                raise EngramError(f"{path}: the engram metadata in its header is damaged") from None
+                fingerprint = projection_meta.get("fingerprint")
+            except (KeyError, ValueError, TypeError, AttributeError, EngramError):
+                raise FormatError(f"{path}: the engram metadata in its header is damaged") from None
+            check_given(stored_spec, fingerprint, spec, projection, str(path))
             layout = metadata.get("layout", "engram")
-            spec = spec or stored_spec
+            spec = stored_spec
+            names = {f"layer {t.layer_id} table": t.weight for t in tables.values()}
+            names.update({f"layer {t.layer_id} scales": t.scale for t in tables.values() if t.scale})
+            check_distinct_keys(names, metadata_keys(spec.layer_ids), str(path))
             needed = [t.weight for t in tables.values()] + [t.scale for t in tables.values() if t.scale]
-            if projection is None:
-                needed.append(LOOKUP_KEY)
+            needed.append(LOOKUP_KEY)
         else:
             tables = deepseek_tables(found.tensors, path)
             layout = "deepseek-v41"
             needed = [name for t in tables.values() for name in (t.weight, t.scale) if name is not None]
         missing = [name for name in needed if name not in found.tensors]
         if missing:
-            raise EngramError(f"{path} lacks tensor {missing[0]!r} (an incomplete shard set?)")
-        if layout != "deepseek-v41" and projection is None:
+            raise FormatError(f"{path} lacks tensor {missing[0]!r} (an incomplete shard set?)")
+        _check_table_tensors(found, tables, path)
+        if layout != "deepseek-v41":
+            _check_metadata_tensors(found, path)
             projection = stored_projection(found.tensors, mapped, projection_meta, str(path))
+            present = {
+                name: mapped.tensor(name).numpy()
+                for layer in tables
+                for name in meta_keys(layer).values()
+                if name in found.tensors
+            }
+            check_meta_tensors(present, stored_spec, projection.compressed_size, str(path))
         opened = cls(path, mapped, tables, layout, spec, projection)
         if spec is not None:
             opened._check_spec(spec)
@@ -203,3 +218,39 @@ class EngramTables:
                     f"layer {layer_id} of {self.path} is {rows:,} x {dim} but spec {spec.name} "
                     f"says {spec.rows(layer_id):,} x {spec.dim}"
                 )
+
+
+_TABLE_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
+
+
+def _check_table_tensors(found: Any, tables: dict[int, Table], path: Path) -> None:
+    """Refuse tables the header points at tensors that cannot be tables: not 2-D, not a float
+    table dtype, fp8 without E8M0 scales (or scales on a non-fp8 table)."""
+    for layer, table in tables.items():
+        weight = found.tensors[table.weight]
+        if len(weight.shape) != 2 or weight.dtype not in _TABLE_DTYPES:
+            raise FormatError(
+                f"{path}: the table of layer {layer} is {table.weight!r}, a {weight.dtype} tensor of shape "
+                f"{list(weight.shape)}; a table is 2-D of {', '.join(sorted(_TABLE_DTYPES))}"
+            )
+        fp8 = weight.dtype == "F8_E4M3"
+        if fp8 != (table.scale is not None):
+            raise FormatError(f"{path}: layer {layer} has {'no ' if fp8 else ''}scales for a {weight.dtype} table")
+        if table.scale is not None:
+            scale = found.tensors[table.scale]
+            if len(scale.shape) != 2 or scale.dtype != "F8_E8M0":
+                raise FormatError(
+                    f"{path}: the scales of layer {layer} are {table.scale!r}, a {scale.dtype} tensor of shape "
+                    f"{list(scale.shape)}; scales are 2-D F8_E8M0"
+                )
+
+
+def _check_metadata_tensors(found: Any, path: Path) -> None:
+    """Refuse hashing metadata tensors of the wrong type or rank."""
+    for name, dtype in ((LOOKUP_KEY, "I64"), (TOKENIZER_ZIP_KEY, "U8")):
+        entry = found.tensors.get(name)
+        if entry is not None and (entry.dtype != dtype or len(entry.shape) != 1):
+            raise FormatError(f"{path}: {name} is {entry.dtype} {list(entry.shape)}, not a 1-D {dtype} tensor")
+    for name, entry in found.tensors.items():
+        if name.startswith("engram.layers.") and (entry.dtype != "I64" or len(entry.shape) != 1):
+            raise FormatError(f"{path}: {name} is {entry.dtype} {list(entry.shape)}, not a 1-D I64 tensor")

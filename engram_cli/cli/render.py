@@ -9,6 +9,7 @@ columns instead (`print_table`).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,15 +59,31 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float written as the string "inf", "-inf" or "nan":
+    JSON has no such numbers, and a bare NaN would make the whole output unparsable."""
+    if isinstance(value, float | np.floating):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+        return "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def emit(report: Report, as_json: bool) -> None:
-    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout.
+    """Show a command's result: rich on stderr, and with `--json` the JSON on stdout (strict
+    JSON: non-finite numbers as strings, see `finite_json`).
 
     The cyclic collector is paused meanwhile: a large report (`hash` of a long text) is hundreds
     of thousands of containers, which every collection would traverse again."""
     with paused_gc():
         render(report, stderr_console())
         if as_json:
-            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+            sys.stdout.write(json.dumps(finite_json(report.to_json()), indent=2, allow_nan=False) + "\n")
             sys.stdout.flush()
 
 

@@ -97,7 +97,9 @@ def default_init(spec: TableSpec) -> dict[str, Any]:
     return {"algorithm": INIT_ALGORITHM, **spec.init.to_dict()}
 
 
-def spec_difference(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str | None:
+def spec_difference(
+    stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "", labels: tuple[str, str] = ("in the store", "now")
+) -> str | None:
     """The first difference between two spec dicts, as "key is X in the store but Y now", or None.
 
     The spec's name is ignored: renaming a spec file does not change the tables it describes.
@@ -106,15 +108,16 @@ def spec_difference(stored: dict[str, Any], wanted: dict[str, Any], prefix: str 
         stored: the spec dict a store recorded.
         wanted: the spec dict of this run.
         prefix: the dotted path of these dicts inside the spec (for nested sections).
+        labels: where each side comes from, for the wording ("in the store", "now").
     """
     for key in sorted(set(stored) | set(wanted)):
         if key == "name" and not prefix:
             continue
         a, b = stored.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found = spec_difference(a, b, f"{prefix}{key}.")
+            found = spec_difference(a, b, f"{prefix}{key}.", labels)
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key} is {a!r} in the store but {b!r} now"
+            return f"{prefix}{key} is {a!r} {labels[0]} but {b!r} {labels[1]}"
     return None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import resource
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -39,12 +38,19 @@ import numpy as np
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
-from ..helpers import cpu_count, human_bytes, in_parallel
+from ..helpers import check_free_space, cpu_count, in_parallel, remove_stale_temporaries
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
 from ..vocab import VocabProjection, spec_projection
 from .attributes import default_init, spec_difference
-from .create import create_layer_array, create_store, store_exists, write_projection_arrays
+from .create import (
+    check_outside_stores,
+    check_replaceable,
+    create_layer_array,
+    create_store,
+    store_exists,
+    write_projection_arrays,
+)
 from .files import BuildLock, is_url, store_path
 from .layout import ShardBy, plan_layout
 from .shard_format import layer_file_bytes, shard_file_size
@@ -223,23 +229,6 @@ def _tree_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _check_free_space(path: str, needed: int, reclaimed: int = 0) -> None:
-    """Refuse up front a build the disk cannot hold (`reclaimed`: what --overwrite deletes)."""
-    if is_url(path):
-        return
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free + reclaimed
-    except OSError:
-        return
-    if needed > free:
-        raise EngramError(
-            f"not enough disk space for {path}: needs {human_bytes(needed)}, {human_bytes(free)} free on {probe}"
-        )
-
-
 def build_tables(
     spec: TableSpec,
     output: str | Path | None,
@@ -292,6 +281,10 @@ def build_tables(
                 f"{output} already exists; pass --resume to finish an interrupted build or --overwrite to replace it"
             )
         action = "resume" if exists and resume else ("overwrite" if exists else "create")
+        if action == "overwrite":
+            check_replaceable(output)
+        else:
+            check_outside_stores(output)
         if action == "resume":
             existing = _open_for_resume(output, spec, projection, shards, shard_by)
             shards, shard_by = existing.ranks, existing.shard_by  # type: ignore[assignment]  # a checked store
@@ -331,11 +324,13 @@ def build_tables(
         else:
             needed = total_bytes
         reclaimed = _tree_bytes(output) if action == "overwrite" and not is_url(output) else 0
-        _check_free_space(output, needed, reclaimed)
+        check_free_space(output, needed, reclaimed)
     if dry_run or output is None:
         return report
 
     started = time.perf_counter()
+    if not is_url(output):
+        remove_stale_temporaries(Path(output).absolute().parent)
     lock = BuildLock(output)
     try:
         if action == "resume" or lock.held_elsewhere_possible():

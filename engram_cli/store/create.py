@@ -7,6 +7,9 @@ but never a file, a non-empty folder or a zarr group that is not a table store.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from ..errors import EngramError, OutputExistsError
+from ..errors import EngramError, OutputExistsError, UsageError
+from ..helpers import temporary_name
 from ..spec import TableSpec
 from ..vocab import VocabProjection
-from .attributes import ATTRS_KEY, PROJECTION_ARRAY, TOKENIZER_ARRAY, default_init, store_attrs
-from .files import is_url, store_path
+from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, TOKENIZER_ARRAY, default_init, store_attrs
+from .files import LOCK_NAME, is_url, store_path
 from .layout import LayerLayout, plan_layout
 from .tables import TableStore
 from .zarr_bfloat16 import BFloat16
@@ -78,28 +82,100 @@ def write_projection_arrays(group: zarr.Group, projection: VocabProjection) -> N
         tok[:] = raw
 
 
-def _remove_existing(path: str) -> None:
-    """Delete what --overwrite replaces, but never a folder that is not a table store."""
+_STORE_ENTRY = re.compile(
+    r"^(zarr\.json|layer_[0-9]+|" + PROJECTION_ARRAY + "|" + TOKENIZER_ARRAY + "|" + re.escape(LOCK_NAME) + ")$"
+)
+
+
+def _engram_attrs(zarr_json: Path) -> dict[str, Any] | None:
+    """The engram attributes of a local zarr v3 group file, or None for anything else."""
+    try:
+        meta = json.loads(zarr_json.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return None
+    attrs = meta.get("attributes")
+    engram = attrs.get(ATTRS_KEY) if isinstance(attrs, dict) else None
+    return engram if isinstance(engram, dict) and engram.get("format") == STORE_FORMAT else None
+
+
+def is_engram_store(path: str | Path) -> bool:
+    """Whether `path` is a table store (complete or not), recognized by its own group attributes."""
+    path = store_path(path)
     if is_url(path):
         try:
             group = zarr.open_group(path, mode="r", zarr_format=3)
-        except Exception:  # nothing there, or not zarr: the create below decides
-            return
-        if ATTRS_KEY not in dict(group.attrs):
-            raise EngramError(f"{path} holds a zarr group that is not an engram table store; refusing to overwrite it")
+        except Exception:  # nothing there, or not zarr: not a store
+            return False
+        attrs = dict(group.attrs).get(ATTRS_KEY)
+        return isinstance(attrs, dict) and attrs.get("format") == STORE_FORMAT
+    folder = Path(path)
+    return folder.is_dir() and not folder.is_symlink() and _engram_attrs(folder / "zarr.json") is not None
+
+
+def enclosing_store(path: str | Path) -> Path | None:
+    """The table store that `path` lies inside (itself excluded), if any."""
+    if is_url(store_path(path)):
+        return None
+    for parent in Path(path).resolve().parents:
+        if _engram_attrs(parent / "zarr.json") is not None:
+            return parent
+    return None
+
+
+def check_outside_stores(path: str | Path) -> None:
+    """Refuse an output inside a table store: it would become part of that store, or replace
+    part of it."""
+    inside = enclosing_store(path)
+    if inside is not None:
+        raise UsageError(f"{path} lies inside the table store {inside}; write it somewhere outside that store")
+
+
+def check_replaceable(path: str) -> None:
+    """Refuse, before anything is written, to --overwrite what is not a table store of ours:
+    a file, a link, a foreign folder or zarr dataset, a path inside another store, or a store
+    folder that also holds files of its own (they would be deleted with it)."""
+    check_outside_stores(path)
+    if is_url(path):
+        if not is_engram_store(path):
+            raise UsageError(f"{path} is not an engram table store; refusing to overwrite it")
+        return
+    target = Path(path)
+    if target.is_symlink():
+        raise UsageError(f"{path} is a symbolic link, not a table store; refusing to overwrite it")
+    if target.is_file():
+        raise UsageError(f"{path} is a file, not a table store; refusing to overwrite it")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not is_engram_store(target):
+        what = "a zarr dataset" if (target / "zarr.json").is_file() else "a folder"
+        raise UsageError(f"{path} is {what} that is not an engram table store; refusing to overwrite it")
+    foreign = sorted(entry.name for entry in target.iterdir() if not _STORE_ENTRY.match(entry.name))
+    if foreign:
+        raise UsageError(
+            f"{path} is a table store but also holds {foreign[0]!r}, which is not part of it; "
+            "move that out before overwriting the store"
+        )
+
+
+def remove_existing(path: str) -> None:
+    """Delete the store that --overwrite replaces, after `check_replaceable`: a local store is
+    first renamed aside, so a failure never leaves half of it."""
+    check_replaceable(path)
+    if is_url(path):
+        group = zarr.open_group(path, mode="r+", zarr_format=3)
         sync(group.store.delete_dir(""))
         return
     target = Path(path)
-    if target.is_file() or target.is_symlink():
-        raise EngramError(f"{path} is a file, not a table store; refusing to overwrite it")
-    if not target.is_dir() or not any(target.iterdir()):
+    if not target.is_dir():
         return
-    if not (target / "zarr.json").is_file():
-        raise EngramError(f"{path} is a non-empty folder that is not a table store; refusing to overwrite it")
+    aside = temporary_name(target)
     try:
-        shutil.rmtree(target)
+        os.replace(target, aside)
     except OSError as exc:
         raise EngramError(f"cannot remove {path}: {exc.strerror or exc}") from None
+    shutil.rmtree(aside, ignore_errors=True)  # what stays is a stale temporary, removed by a later run
 
 
 def store_exists(path: str) -> bool:
@@ -111,7 +187,7 @@ def store_exists(path: str) -> bool:
         except Exception:  # any failure to open means there is no group to protect
             return False
     target = Path(path)
-    return target.is_file() or (target.is_dir() and any(target.iterdir()))
+    return target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))
 
 
 def create_store(
@@ -151,10 +227,13 @@ def create_store(
         for layer in layers:
             spec.head_sizes(layer)  # an EngramError naming the spec's layers if it has no such layer
         layouts = {layer: layouts[layer] for layer in spec.layer_ids if layer in set(layers)}
+    check_outside_stores(path)
+    projection.check_onto()
+    projection.canonical_pad(spec.pad_id)
     if store_exists(path):
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
-        _remove_existing(path)
+        remove_existing(path)
     attrs = store_attrs(spec, projection, layouts, shards, shard_by, init or default_init(spec))
     if layers is not None:
         attrs["stored_layers"] = list(layouts)

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from ..dtypes import DTYPE_BYTES, numpy_dtype
+from ..dtypes import numpy_dtype
 from ..errors import ChecksumError, EngramError, FormatError, IncompleteStoreError, UsageError
 from ..helpers import cpu_count
 from ..init import INIT_ALGORITHM, fill_rows
-from ..spec import TableSpec, spec_from_dict
-from ..vocab import VocabProjection
-from .attributes import ATTRS_KEY, STORE_FORMAT, STORE_FORMAT_VERSION
+from ..spec import TableSpec
+from ..vocab import VocabProjection, checked_lookup
+from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, STORE_FORMAT_VERSION, TOKENIZER_ARRAY
+from .consistency import check_array, check_vector, checked_attrs, parse_node
 from .files import Files, is_url, store_path
 from .layout import PIECE_BYTES, LayerLayout
 from .shard_format import (
@@ -86,25 +87,39 @@ class TableStore:
                 f"this engram reads version {STORE_FORMAT_VERSION}"
             )
         self._attrs = attrs
-        try:
-            self.spec: TableSpec = spec_from_dict(attrs["spec"], name=attrs["spec"].get("name", "custom"))
-            self.dtype: str = attrs["dtype"]
-            self.layouts: dict[int, LayerLayout] = {}
-            for layer in attrs.get("stored_layers", self.spec.layer_ids):
-                info = attrs["layers"][str(layer)]
-                self.layouts[layer] = LayerLayout(
-                    layer,
-                    info["rows"],
-                    info["dim"],
-                    info["chunk_rows"],
-                    info["shard_rows"],
-                    tuple(tuple(p) for p in info["partition"]),
-                    DTYPE_BYTES[self.dtype],
-                )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FormatError(f"{path}: the store's attributes are damaged ({exc!r})") from None
+        self.spec: TableSpec
+        self.layouts: dict[int, LayerLayout]
+        self.spec, self.layouts = checked_attrs(attrs, path)
+        self.dtype: str = attrs["dtype"]
+        self._check_arrays()
         self._tables: dict[int, Any] = {}
         self._verified_present = False
+
+    def _check_arrays(self) -> None:
+        """Each array's zarr.json against the attributes (see `consistency`). An array a killed
+        build never created may be absent from an incomplete store; `--resume` creates it."""
+        info = self._attrs["projection"]
+        names: list[tuple[str, LayerLayout | None]] = [(layout.array, layout) for layout in self.layouts.values()]
+        names.append((PROJECTION_ARRAY, None))
+        if info.get("tokenizer_array"):
+            names.append((TOKENIZER_ARRAY, None))
+        for name, layout in names:
+            where = f"{self.path}/{name}/zarr.json"
+            try:
+                raw = self._files.get(f"{name}/zarr.json")
+            except OSError as exc:
+                raise FormatError(f"cannot read {where}: {exc.strerror or exc}") from None
+            if raw is None:
+                if self.is_complete:
+                    raise FormatError(f"{where} is missing; the store is damaged")
+                continue
+            node = parse_node(raw, where)
+            if layout is not None:
+                check_array(node, layout, self.dtype, where)
+            elif name == PROJECTION_ARRAY:
+                check_vector(node, info["vocab_size"], "int64", where)
+            else:
+                check_vector(node, None, "uint8", where)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -132,6 +147,12 @@ class TableStore:
     def init(self) -> dict[str, Any]:
         """Where the values come from: the generator's algorithm and distribution, or an import's record."""
         return dict(self._attrs["init"])
+
+    @property
+    def is_generated(self) -> bool:
+        """Whether the values come from engram's generator (so `build-tables --resume` can
+        write what is missing), not from an imported checkpoint."""
+        return self._attrs.get("init", {}).get("algorithm") == INIT_ALGORITHM
 
     @property
     def is_complete(self) -> bool:
@@ -201,12 +222,20 @@ class TableStore:
             raise FormatError(
                 f"{self.path}: cannot read the projection arrays ({exc}); rebuild the store with --overwrite"
             ) from None
-        projection = VocabProjection(lookup, dict(info.get("metadata", {})), tokenizer)
+        try:
+            projection = VocabProjection(checked_lookup(lookup), dict(info.get("metadata", {})), tokenizer)
+        except (FormatError, TypeError, ValueError) as exc:
+            raise FormatError(f"{self.path}: the projection array is damaged ({exc})") from None
         if projection.fingerprint() != info["fingerprint"]:
             raise ChecksumError(
                 f"{self.path}: the projection array does not match its recorded fingerprint; the store is damaged"
             )
         self.spec.check_compressed_size(projection.compressed_size, f"the projection of store {self.path}", FormatError)
+        if projection.compressed_size != info["compressed_size"]:
+            raise FormatError(
+                f"{self.path}: the projection maps onto {projection.compressed_size:,} canonical ids but the "
+                f"attributes say {info['compressed_size']:,}; the store is damaged"
+            )
         return projection
 
     def hasher(self) -> NgramHasher:
@@ -250,14 +279,19 @@ class TableStore:
                 if missing
                 else "every shard is written but it was never marked complete"
             )
+            if self.is_generated:
+                raise IncompleteStoreError(
+                    f"table store {self.path} is incomplete (its build was interrupted): "
+                    f"{what}; finish it with `engram build-tables ... -o {self.path} --resume`"
+                )
             raise IncompleteStoreError(
-                f"table store {self.path} is incomplete (its build was interrupted): "
-                f"{what}; finish it with `engram build-tables ... -o {self.path} --resume`"
+                f"table store {self.path} is incomplete (its import was interrupted): {what}; "
+                f"import it again with `engram import ... -o {self.path} --overwrite`"
             )
         if missing:
+            again = "rebuild it with --resume" if self.is_generated else "import it again with --overwrite"
             raise IncompleteStoreError(
-                f"table store {self.path} is damaged: {self._describe(missing)} "
-                "missing or truncated; rebuild it with --resume"
+                f"table store {self.path} is damaged: {self._describe(missing)} missing or truncated; {again}"
             )
         self._verified_present = True
 
@@ -568,7 +602,9 @@ def _open_group(path: str, mode: str) -> zarr.Group:
         return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]  # 'r' or 'r+'
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         raise EngramError(f"no table store at {path}") from None
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: an fsspec backend not installed
+    except ValueError as exc:  # zarr.json that is not JSON, or not zarr v3 metadata
+        raise FormatError(f"cannot open table store {path}: its zarr.json is damaged ({exc})") from None
+    except (OSError, ImportError) as exc:  # ImportError: an fsspec backend not installed
         raise EngramError(f"cannot open table store {path}: {exc}") from None
 
 
