@@ -105,7 +105,7 @@ def test_a_store_whose_projection_is_not_its_specs_size_is_refused(tmp_path, pro
     doc["attributes"]["engram"]["spec"]["engram"]["compressed_vocab_size"] = 6
     meta.write_text(json.dumps(doc))
     with pytest.raises(
-        EngramError, match=r"projection of store .* has 5 canonical ids, but spec custom says compressed_vocab_size = 6"
+        EngramError, match=r"projection .*has 5 canonical ids, but spec custom says compressed_vocab_size = 6"
     ):
         open_tables(tmp_path / "t.zarr").projection  # noqa: B018
 
