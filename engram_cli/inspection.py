@@ -95,9 +95,12 @@ def inspect(
         corpus: files, folders or URLs to count n-grams in; `options` says how to read them.
         sweep: also every head size scaled by each factor; top: list the K most crowded buckets.
         verify: with a store, read every shard and check every checksum.
-        memory_budget: bytes of n-gram counts kept in memory before spilling to `spill_dir`.
+        memory_budget: bytes of memory for n-gram counts, bucket counters and collision candidates;
+            the rest spills to a folder in `spill_dir`, removed at the end (default: a quarter of
+            the memory available; below the smallest that works, an error before any work).
         client: a Dask client: the corpus is then counted as map/reduce tasks, to the same numbers.
-        progress: receives one task per pass (table health, corpus bytes, statistics).
+        progress: receives one task per pass (table health; reading and counting the corpus, merge
+            rounds, key ranges merged, bucket loads and collisions of every order).
         part_ids: ids per corpus part on a cluster (default: sized to the corpus).
         barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
     """
@@ -134,14 +137,6 @@ def inspect(
     if corpus:
         started = time.perf_counter()
         reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
-        steps = len(spec.layer_ids) * len(spec.orders) * (1 + sum(f != 1 for f in sweep or []))
-        reading = progress.task("reading corpus (bytes)", max(1, reader.total_bytes))
-        counting = progress.task("collision statistics", steps)
-
-        def step() -> None:
-            reading.update(reader.total_bytes)
-            counting.advance()
-
         layers, points, spilled = collision_statistics(
             spec,
             projection,
@@ -150,11 +145,10 @@ def inspect(
             top=top,
             memory_budget=memory_budget,
             spill_dir=spill_dir,
-            on_batch=lambda _batch: reading.update(reader.bytes_done),
-            on_statistic=step,
             client=client,
             part_ids=part_ids,
             barrier_ids=barrier_ids,
+            progress=progress,
         )
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started

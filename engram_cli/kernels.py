@@ -37,3 +37,17 @@ def bucket(mix, fmix, size, inverse):
     r += size & (r >> 63)
     r -= size & ~((r - size) >> 63)
     return r
+
+
+@numba.njit(nogil=True, cache=True)
+def buckets(mix, size, out):
+    """`bucket` of every mix into `out`: a loop the compiler vectorizes (the size test is hoisted).
+
+    Args:
+        mix: int64 mixes.
+        size: the head size.
+        out: int64 buckets, filled.
+    """
+    inverse = 1.0 / size
+    for i in range(mix.size):
+        out[i] = bucket(mix[i], np.float64(mix[i]), size, inverse)

@@ -10,16 +10,15 @@ import stat
 import subprocess
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, localcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 from engram_cli.cli.commands import parse_factors
-from engram_cli.collisions.keys import WindowKeys, map_part, merge_partition
-from engram_cli.collisions.spill import KeyCountStore, count_corpus
-from engram_cli.collisions.statistics import collision_statistics, expected_rate
+from engram_cli.collisions.keys import WindowKeys
+from engram_cli.collisions.spill import WHOLE, KeyCountStore, SpillFolder, merge_pieces
+from engram_cli.collisions.statistics import collision_statistics, expected_rate, minimum_memory_budget, worker_pool
 from engram_cli.corpus.base import CorpusOptions, DocBatch
 from engram_cli.errors import EngramError
 from engram_cli.hashing import NgramHasher
@@ -149,25 +148,27 @@ def problems(draw):
         pad_id=draw(st.integers(0, vocab - 1)),
         seed=draw(st.integers(0, 1000)),
     )
-    docs = draw(st.lists(st.lists(st.integers(0, vocab - 1), max_size=30), min_size=1, max_size=8))
+    docs = draw(st.lists(st.lists(st.integers(0, vocab - 1), max_size=60), min_size=1, max_size=8))
     total = sum(len(d) for d in docs)
     cuts = draw(st.lists(st.integers(0, max(0, total)), max_size=4))
-    budget = draw(st.sampled_from([1, 1 << 30]))
-    return lookup, spec, docs, cuts, budget
+    smallest = draw(st.booleans())  # the smallest budget that works, or plenty
+    fan_in = draw(st.integers(2, 4))
+    return lookup, spec, docs, cuts, smallest, fan_in
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_every_statistic_matches_brute_force(problem):
-    lookup, spec, docs, cuts, budget = problem
+    lookup, spec, docs, cuts, smallest, fan_in = problem
     projection = VocabProjection(lookup)
     batches = as_batches(docs, cuts, spec.max_ngram_size - 1)
     if not any(len(d) for d in docs):
         with pytest.raises(EngramError, match="no tokens"):
             collision_statistics(spec, projection, batches)
         return
-    layers, sweep, spilled = collision_statistics(spec, projection, batches, memory_budget=budget)
-    assert sweep is None and (spilled > 0) == (budget == 1)
+    budget = minimum_memory_budget(spec) if smallest else 1 << 30
+    layers, sweep, spilled = collision_statistics(spec, projection, batches, memory_budget=budget, fan_in=fan_in)
+    assert sweep is None and (spilled > 0) == smallest  # the smallest budget leaves no room for counts
     check_against(layers, brute_force(docs, spec, lookup))
 
 
@@ -219,9 +220,9 @@ def test_multi_word_keys_and_mix_collisions():
     expected = brute_force(docs, spec, lookup)
     assert all(m == 1 for m in draw_multipliers(0, 1, 1 << 61, 4))
     assert expected[1][2]["mix_colliding"] > 0 and expected[1][4]["mix_colliding"] > 0
-    for budget in (1 << 30, 1):
+    for budget in (1 << 30, minimum_memory_budget(spec)):
         layers, _, _ = collision_statistics(
-            spec, VocabProjection(lookup), as_batches(docs, [7, 50], 3), memory_budget=budget
+            spec, VocabProjection(lookup), as_batches(docs, [7, 50], 3), memory_budget=budget, fan_in=2
         )
         check_against(layers, expected)
 
@@ -285,8 +286,20 @@ def test_sweep_and_top_buckets():
                 assert shown == sorted(members.values(), reverse=True)[:8]
 
 
-def test_partitions_map_and_merge_to_the_same_counts():
-    """`map_part` per corpus part and `merge_partition` per partition: the distributable pieces."""
+def count_runs(batches, window, budget, folder, pool):
+    """Key counts of some batches as sorted runs (what one corpus part, or a cluster map task, yields)."""
+    store = KeyCountStore(window, budget, folder, pool)
+    for batch in batches:
+        store.add(batch)
+    store.finish()
+    if store.in_memory:
+        store.spill_in_memory()
+    return store.runs
+
+
+def test_runs_of_corpus_parts_merge_by_key_range_to_the_same_counts(tmp_path):
+    """Sorted runs of separate corpus parts, merged one key range at a time (the pieces a cluster's
+    reduce tasks merge): every distinct n-gram once, with its exact count, ranges in key order."""
     rng = np.random.default_rng(4)
     lookup = np.arange(1000)
     spec = TableSpec(
@@ -294,14 +307,27 @@ def test_partitions_map_and_merge_to_the_same_counts():
     )
     docs = [rng.integers(0, 30, n).tolist() for n in rng.integers(1, 300, 40)]
     window = WindowKeys.of(spec, VocabProjection(lookup))
-    parts = [map_part(b, window, bits=3) for b in as_batches(docs, [500, 2000, 3500], 2)]
-    for n in spec.orders:
-        merged = [merge_partition([p[n][i] for p in parts]) for i in range(8)]
-        expected = brute_force(docs, spec, lookup)[1][n]["counts"]
-        assert sum(m.rows for m in merged) == len(expected)
-        assert sum(int(m.counts.sum()) for m in merged) == sum(expected.values())
-        top_bits = [set((m.keys[:, 0] >> np.uint64(61)).tolist()) for m in merged]
-        assert all(bits <= {i} for i, bits in enumerate(top_bits))
+    batches = as_batches(docs, [500, 2000, 3500], 2)
+    expected = brute_force(docs, spec, lookup)[1]
+    with SpillFolder(tmp_path) as folder, worker_pool(2) as pool:
+        parts = [count_runs(batches[i : i + 2], window, 2000, folder, pool) for i in range(0, len(batches), 2)]
+        for n in spec.orders:
+            runs = [run for part in parts for run in part[n]]
+            assert len(runs) > 4  # several runs per part (a small budget) and several parts
+            edges = [0, 1 << 61, 3 << 62, 1 << 64]
+            pieces = []
+            for low, high in zip(edges[:-1], edges[1:]):
+                for piece in merge_pieces(runs, 50, pool, 3, (low, high)):
+                    assert np.all((piece.keys[:, 0] >= low) & (piece.keys[:, 0] < high))
+                    pieces.append(piece)
+            keys = np.concatenate([p.keys for p in pieces])
+            counts = np.concatenate([p.counts for p in pieces])
+            assert np.all(np.diff(keys[:, 0].astype(np.float64)) >= 0) and len(pieces) > 10
+            assert len(counts) == expected[n]["distinct"] and sorted(counts.tolist()) == sorted(
+                expected[n]["counts"].values()
+            )
+            whole = list(merge_pieces(runs, 1 << 20, pool, 3, WHOLE))
+            assert len(whole) == 1 and np.array_equal(whole[0].keys, keys)
 
 
 def test_spilled_counts_equal_in_memory_counts(tmp_path):
@@ -318,7 +344,7 @@ def test_spilled_counts_equal_in_memory_counts(tmp_path):
     docs = [rng.integers(0, 5000, n).tolist() for n in rng.integers(1, 400, 60)]
     batches = as_batches(docs, list(range(0, 20000, 997)), 3)
     results = []
-    for budget in (1 << 30, 4096):
+    for budget in (1 << 30, minimum_memory_budget(spec)):
         layers, _, spilled = collision_statistics(
             spec, VocabProjection(lookup), batches, memory_budget=budget, spill_dir=tmp_path
         )
@@ -337,13 +363,91 @@ def test_key_count_store_holds_exact_counts_under_any_budget(tmp_path):
     docs = [rng.integers(0, 100, 200).tolist() for _ in range(30)]
     window = WindowKeys.of(spec, VocabProjection(lookup))
     expected = brute_force(docs, spec, lookup)[1][2]["counts"]
-    for budget in (1, 3000, 1 << 30):
-        with ThreadPoolExecutor(2) as pool, KeyCountStore(window, budget, tmp_path, partition_bits=2) as store:
-            count_corpus(as_batches(docs, list(range(0, 6000, 450)), 1), window, store, pool)
-            assert store.distinct[2] == len(expected) and store.occurrences[2] == 6000
-            parts = list(store.parts(2))
-            assert len(parts) == (1 if budget == 1 << 30 else 4)
-            assert sorted(int(c) for p in parts for c in p.counts) == sorted(expected.values())
+    for budget in (160, 3000, 1 << 30):
+        with SpillFolder(tmp_path) as folder, worker_pool(2) as pool:
+            store = KeyCountStore(window, budget, folder, pool)
+            assert store.capacity == max(1, budget // 16)
+            for batch in as_batches(docs, list(range(0, 6000, 450)), 1):
+                store.add(batch)
+            store.finish()
+            runs = [store.in_memory[2]] if store.in_memory else store.runs[2]
+            assert len(runs) == (1 if budget == 1 << 30 else -(-6000 // store.capacity))
+            merged = list(merge_pieces(runs, 1000, pool, 3))
+            assert sum(p.rows for p in merged) == len(expected)
+            assert sum(int(p.counts.sum()) for p in merged) == 6000
+            assert sorted(int(c) for p in merged for c in p.counts) == sorted(expected.values())
+
+
+class Recorded:
+    """A Progress that keeps what a job reported: (description, total, units done, notes)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict] = []
+
+    def task(self, description, total=None):
+        record = {"description": description, "total": total, "done": 0, "notes": []}
+        self.tasks.append(record)
+        recorded = self
+
+        class Task:
+            def advance(self, amount=1, *, note=None):
+                record["done"] += amount
+                if note:
+                    record["notes"].append(note)
+
+            def update(self, completed, *, note=None):
+                record["done"] = completed
+                if note:
+                    record["notes"].append(note)
+
+        assert recorded is self
+        return Task()
+
+    def named(self, text: str) -> list[dict]:
+        return [t for t in self.tasks if text in t["description"]]
+
+
+def test_many_partitions_and_several_merge_rounds_match_brute_force(tmp_path):
+    """The smallest budget that works spills a run every few hundred windows; a fan-in of 3 then
+    takes several merge rounds, and the merge streams through many key ranges, with sweep sizes
+    and a small-lcm spec whose residues are counted apart: every number is the brute force's."""
+    rng = np.random.default_rng(12)
+    lookup = rng.integers(0, 700, 900)
+    spec = TableSpec(
+        layer_ids=(3, 8),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(11, 13),
+        n_embed_per_ngram=2,
+        pad_id=5,
+        seed=2,
+    )
+    docs = [rng.integers(0, 900, n).tolist() for n in rng.integers(1, 400, 60)]
+    budget = minimum_memory_budget(spec, [1, 30])
+    progress = Recorded()
+    layers, sweep, spilled = collision_statistics(
+        spec,
+        VocabProjection(lookup),
+        as_batches(docs, list(range(0, 12000, 1500)), 2),
+        factors=[1, 30],
+        memory_budget=budget,
+        spill_dir=tmp_path,
+        fan_in=3,
+        progress=progress,
+    )
+    tokens = sum(len(d) for d in docs)
+    runs = -(-tokens // KeyCountStore.capacity_for(WindowKeys.of(spec, VocabProjection(lookup)), budget))
+    assert spilled > 0 and runs > 27  # more than fan_in ** 3: three merge rounds
+    for n in spec.orders:
+        (rounds,) = progress.named(f"order {n}: merge rounds")
+        assert rounds["total"] == rounds["done"] >= 3 and len(rounds["notes"]) == rounds["done"]
+        (merging,) = progress.named(f"order {n}: merging")
+        assert merging["total"] == merging["done"] > 50  # many key ranges
+    expected = brute_force(docs, spec, lookup)
+    check_against(layers, expected)
+    check_against(sweep[1].layers, brute_force(docs, spec.scaled(30), lookup))
+    assert any(s.mix_colliding < s.all_heads_colliding for o in layers.values() for s in o.values())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_expected_rate_and_factors():

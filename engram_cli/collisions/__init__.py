@@ -1,10 +1,10 @@
 """Exact hash-collision statistics of a spec on a corpus.
 
-`keys` packs n-gram windows into stored keys and counts them; `spill` keeps the counts within a
-memory budget, spilling partitions to disk; `statistics` turns distinct n-grams into per-head
-collision figures and size sweeps; `cluster` runs the counting as Dask map/reduce tasks. The
-algorithm is stated where each step lives: window keys and merging in `keys`, partitions and
-spilling in `spill`, the two passes and the all-heads count in `statistics`.
+`keys` packs n-gram windows into stored keys and sorts them into runs of distinct keys and
+counts; `spill` keeps the counts within a memory budget (runs on disk, merged one key range at a
+time); `statistics` turns distinct n-grams into per-head collision figures and size sweeps, its
+bucket counters in the same budget; `cluster` runs the counting and merging as Dask map/reduce
+tasks. The algorithm is stated where each step lives.
 """
 
 import importlib

@@ -1,29 +1,46 @@
-"""Collision counting as Dask map/reduce: the key counts move between workers only through a folder.
+"""Counting on a Dask cluster: map tasks count corpus parts into sorted runs, reduce tasks
+merge every order's runs by key range.
 
-Map: each task reads one corpus part (`corpus.parts`) and saves its key counts one file per
-(order, partition) under the shared spill folder (a retried task starts its folder afresh).
-Reduce: each task merges a group of partitions of one order over every map output into
-`merged/`, holding only those partitions in memory. The partition count (at most 2**8) is chosen
-so that every worker has partitions to merge and one partition fits a worker's share of the
-memory budget. Only corpus summaries and counts pass through the client, and the merged folder
-reads like a local run's spilled counts, so the statistics that follow are the same numbers.
+A map task counts one part of the corpus as a local run does (its own memory budget, its
+buffers sorted into runs) and leaves every run in the shared spill folder. A reduce task merges,
+for one order and one range of word 0 of the keys, the pieces of every map's runs that fall in
+the range (in merge rounds of at most `fan_in` runs when there are more), and writes the merged
+distinct keys of the range as one run. The ranges cut the key space evenly, so the reduce tasks
+hold about equal shares, and the runs they write, in range order, are the order's distinct keys
+in key order: the statistics then stream through them as through a local run's. Keys move
+between workers through the spill folder (which every worker must see), never through the client.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..corpus.base import CorpusOptions, CorpusPart, CorpusSummary
 from ..corpus.reader import Corpus
 from ..helpers import cpu_count
+from ..progress import Progress
 from ..vocab import VocabProjection
-from .keys import PARTITION_BITS, WindowKeys, merge_partition
-from .spill import KeyCountStore, append_file, as_rows, count_corpus, partition_file, read_counts, spill_folder
+from .keys import WindowKeys
+from .spill import (
+    WHOLE,
+    KeyCountStore,
+    KeyRange,
+    Run,
+    RunWriter,
+    SpillFolder,
+    merge_pieces,
+    merge_rounds,
+)
+
+if TYPE_CHECKING:
+    from ..corpus.base import DocBatch
+    from .statistics import OrderKeys
+
+# Reduce tasks per order and worker thread: a few, so the last tasks do not leave workers idle.
+REDUCE_TASKS_PER_THREAD = 2
 
 
 def count_part_task(
@@ -32,63 +49,71 @@ def count_part_task(
     projection: VocabProjection,
     options: CorpusOptions,
     budget: int,
-    root: str,
-    name: str,
-    bits: int,
-) -> CorpusSummary:
-    """Map: one corpus part to its key counts, saved one file per (order, partition) under
-    `root/name`; what was read comes back. A retried task starts its folder afresh.
+    folder: str,
+) -> tuple[CorpusSummary, dict[int, list[Run]], int]:
+    """Map: one corpus part to sorted runs of key counts per order, in `folder`.
 
     Args:
-        part: the files, or the id range of one file, to read.
-        window: the window keys (projection, pad, orders, barriers) of the hasher counted.
-        projection: the projection the corpus is tokenized and read with.
+        part: the files, or the span of one file, to read.
+        window: the spec's `WindowKeys` (projection, pad, orders, barriers).
+        projection: the projection whose tokenizer reads text.
         options: how to read the corpus.
-        budget: bytes of counts this task holds in memory before spilling.
-        root: the folder every worker sees.
-        name: this map output's folder under `root`.
-        bits: partitions are the top `bits` bits of the stored keys.
+        budget: bytes of memory this task counts in.
+        folder: this task's folder inside the run's spill folder (a retried task starts it afresh).
+
+    Returns what was read, the runs of every order, and the bytes written.
     """
+    from .statistics import worker_pool
+
     corpus = Corpus([part.sources[0].display], projection, options, context=window.max_order - 1, part=part)
-    final, scratch = Path(root) / name, Path(root) / f"{name}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    with (
-        ThreadPoolExecutor(max_workers=cpu_count()) as pool,
-        KeyCountStore(window, budget, root, partition_bits=bits) as store,
-    ):
-        count_corpus(corpus.batches(), window, store, pool)
-        store.save_partitions(scratch)
-    shutil.rmtree(final, ignore_errors=True)
-    scratch.rename(final)
-    return corpus.summary
+    spill = SpillFolder.task(Path(folder))
+    with worker_pool(cpu_count()) as pool:
+        store = KeyCountStore(window, budget, spill, pool)
+        for batch in corpus.batches():
+            store.add(batch)
+        store.finish()
+        store.spill_in_memory()
+    for runs in store.runs.values():
+        for run in runs:
+            run.keep = True
+    return corpus.summary, store.runs, spill.written
 
 
-def merge_partition_task(root: str, maps: list[str], order: int, indices: list[int], words: int) -> tuple[int, int]:
-    """Reduce: merge partitions `indices` of one order over every map output into
-    `root/merged`; returns (distinct keys, occurrences). Only these partitions are in memory.
+def merge_range_task(runs: list[Run], key_range: KeyRange, budget: int, folder: str, fan_in: int) -> tuple[Run, int]:
+    """Reduce: the keys of `runs` in `key_range` merged into one run in `folder`, smaller ranges
+    one after the other within `budget` bytes (in rounds of at most `fan_in` runs first when there
+    are more). Returns the merged run and the bytes written.
 
     Args:
-        root: the folder every worker sees.
-        maps: the map outputs' folder names under `root`.
-        order: the n-gram order.
-        indices: the partitions this task merges.
-        words: uint64 words of one stored key of that order.
+        runs: every map task's runs of one order.
+        key_range: the range of word 0 of the keys this task merges.
+        budget: bytes of memory this task merges in.
+        folder: this task's folder inside the run's spill folder.
+        fan_in: the most runs merged at once.
     """
-    distinct = occurrences = 0
-    target = Path(root) / "merged"
-    for index in indices:
-        name = partition_file(order, index)
-        chunks = [read_counts(Path(root) / m / name, words) for m in maps if (Path(root) / m / name).exists()]
-        if not chunks:
-            continue
-        merged = merge_partition(chunks)
-        tmp = target / f"{name}.partial"
-        tmp.unlink(missing_ok=True)
-        append_file(tmp, as_rows(merged))
-        tmp.replace(target / name)
-        distinct += merged.rows
-        occurrences += int(merged.counts.sum())
-    return distinct, occurrences
+    from .statistics import worker_pool
+
+    spill = SpillFolder.task(Path(folder))
+    threads = cpu_count()
+    words = runs[0].words
+    piece_rows = max(1, budget // ((threads + 2) * 2 * 8 * (words + 1)))
+    with worker_pool(threads) as pool:
+        merged = merge_rounds(runs, spill, piece_rows, pool, threads + 1, fan_in, key_range=key_range)
+        writer = RunWriter(spill, words, "merged")
+        for part in merge_pieces(merged, piece_rows, pool, threads + 1, key_range):
+            writer.add(part)
+        for run in merged:
+            run.remove()
+    run = writer.close()
+    run.keep = True
+    return run, spill.written
+
+
+def key_ranges(tasks: int) -> list[KeyRange]:
+    """`tasks` equal ranges of word 0 of the stored keys, in order."""
+    low, high = WHOLE
+    edges = [low + (i * (high - low)) // tasks for i in range(tasks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def count_on_cluster(
@@ -97,72 +122,86 @@ def count_on_cluster(
     projection: VocabProjection,
     window: WindowKeys,
     budget: int,
-    spill_dir: str | Path | None,
-    on_part: Callable[[], None] | None = None,
-    part_ids: int | None = None,
-) -> KeyCountStore:
-    """Map the corpus parts and merge the partitions as Dask tasks; the key counts move only
-    between workers through `spill_dir` (a folder every worker sees), never through the client.
+    folder: SpillFolder,
+    progress: Progress,
+    on_batch: Callable[[DocBatch | None], None] | None,
+    part_ids: int | None,
+    fan_in: int,
+) -> dict[int, OrderKeys]:
+    """Map the corpus parts and merge every order by key range as Dask tasks.
 
     Args:
         client: the Dask client.
         corpus: the inputs, split into parts here.
-        projection: the projection the corpus is read with.
-        window: the `WindowKeys` of the hasher whose windows are counted (barriers included).
-        budget: bytes of counts for all workers together (each gets its share).
-        spill_dir: the shared folder.
-        on_part: called after each map task, for progress.
-        part_ids: the smallest id range of a pre-tokenized file one task reads.
+        projection: the spec's projection.
+        window: the spec's `WindowKeys`.
+        budget: bytes of memory for each worker (a worker running several tasks at once gives
+            each its share).
+        folder: the run's spill folder, which every worker must see; the merged runs stay there.
+        progress: gets a task for the map tasks and one for the reduce tasks.
+        on_batch: called after each map task (with None), for progress.
+        part_ids: the smallest span of a pre-tokenized file one task reads.
+        fan_in: the most runs one reduce task merges at once.
+
+    Returns the merged runs of every order, by key range in key order.
     """
     from ..cluster import run_tasks
     from ..corpus.base import ID_BATCH_TOKENS
     from ..corpus.parts import split_corpus
+    from .statistics import OrderKeys
 
-    workers = max(1, sum(client.nthreads().values()))
+    threads = client.nthreads()
+    workers = max(1, sum(threads.values()))
+    per_task = max(1, budget // max(1, max(threads.values(), default=1)))
     parts = split_corpus(corpus, parts=4 * workers, min_ids=part_ids or ID_BATCH_TOKENS)
-    root = spill_folder("engram-cluster-counts-", spill_dir)
-    (root / "merged").mkdir()
-    names = [f"map-{i:05d}" for i in range(len(parts))]
-    per_worker = max(64 << 20, budget // workers)
-    # Enough partitions to keep every worker busy merging, and for one to fit a worker's budget
-    # (keys take about 8 bytes per token and order; tokens are about a quarter of the input bytes).
-    key_bytes = 2 * corpus.total_bytes * len(window.orders)
-    bits = min(PARTITION_BITS, max(1, math.ceil(math.log2(max(4 * workers, key_bytes / per_worker)))))
-    group = max(1, (1 << bits) // workers)
     [window_f, projection_f] = client.scatter([window, projection], broadcast=True)
+    mapping = progress.task("counting n-grams (corpus parts)", len(parts))
 
-    def mapped(_: str, summary: CorpusSummary) -> None:
-        corpus.add_summary(summary)
+    def mapped(_: str, result: tuple[CorpusSummary, dict[int, list[Run]], int]) -> None:
+        """Fold in what a map task read and wrote, and report it."""
+        corpus.add_summary(result[0])
+        folder.written += result[2]
         corpus.bytes_done = min(corpus.total_bytes, corpus.bytes_done + corpus.total_bytes // len(parts))
-        if on_part:
-            on_part()
+        mapping.advance()
+        if on_batch:
+            on_batch(None)
 
-    run_tasks(
+    maps = run_tasks(
         client,
         count_part_task,
         [
-            (f"count-{p.name}", (p, window_f, projection_f, corpus.options, per_worker, str(root), n, bits))
-            for p, n in zip(parts, names)
+            (
+                f"count-{p.name}",
+                (p, window_f, projection_f, corpus.options, per_task, str(folder.path / f"map-{i:05d}")),
+            )
+            for i, p in enumerate(parts)
         ],
         on_done=mapped,
     )
-    groups = [list(range(a, min(a + group, 1 << bits))) for a in range(0, 1 << bits, group)]
-    jobs = [(order, g) for order in window.orders for g in groups]
-    results = run_tasks(
+    runs = {n: [run for _, by_order, _ in maps for run in by_order[n] if run.rows] for n in window.orders}
+    ranges = key_ranges(max(1, math.ceil(REDUCE_TASKS_PER_THREAD * workers)))
+    jobs = [(n, i, r) for n in window.orders for i, r in enumerate(ranges) if runs[n]]
+    merging = progress.task("merging n-gram counts (key ranges)", len(jobs))
+    merged = run_tasks(
         client,
-        merge_partition_task,
+        merge_range_task,
         [
-            (f"merge-order{order}-parts{g[0]}-{g[-1]}", (str(root), names, order, g, window.layout(order).words))
-            for order, g in jobs
+            (
+                f"merge-order{n}-range{i}",
+                (runs[n], r, per_task, str(folder.path / f"merged-order{n}-{i:04d}"), fan_in),
+            )
+            for n, i, r in jobs
         ],
+        on_done=lambda *_: merging.advance(),
     )
-    distinct = {n: 0 for n in window.orders}
-    occurrences = {n: 0 for n in window.orders}
-    for (order, _), (rows, total) in zip(jobs, results):
-        distinct[order] += rows
-        occurrences[order] += total
-    for name in names:
-        shutil.rmtree(root / name, ignore_errors=True)
-    store = KeyCountStore.merged_in(window, budget, root / "merged", bits, distinct, occurrences)
-    store.cleanup = root
-    return store
+    for n in window.orders:
+        for run in runs[n]:
+            run.keep = False
+            run.remove()
+    found: dict[int, list[Run]] = {n: [] for n in window.orders}
+    for (n, _, _), (run, written) in zip(jobs, merged):
+        folder.written += written
+        run.keep = False
+        if run.rows:
+            found[n].append(run)
+    return {n: OrderKeys(window.layout(n), found[n], True) for n in window.orders}

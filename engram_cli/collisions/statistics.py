@@ -2,14 +2,22 @@
 
 Everything is counted exactly on the distinct n-grams that `keys` and `spill` produce, with the
 hasher's own mix computed back from each stored key and reduced by the same modulo (`kernels`).
-Per layer, order and head size, two passes over the distinct n-grams follow: the first counts
-distinct n-grams per bucket, the second flags those in a bucket with others (unweighted, and
-weighted by occurrences). An n-gram that shares its bucket in every head with one same other
-n-gram is one whose mix agrees with it modulo the lcm of the head sizes (Chinese remainder
-theorem); only n-grams crowded in every head can be one, so grouping those candidates by that
-residue, and by the mix itself, gives `all_heads_colliding` and `mix_colliding` exactly. The
-candidates spill to disk by residue as the counts do, so equal residues meet in one partition;
-when the lcm is at least 2**63 it exceeds every mix and the two counts are the same.
+Per order, every layer at every head size (the spec's and the sweep's) takes two passes over the
+distinct n-grams, which stream by a key range at a time: the first counts distinct n-grams per
+bucket (it merges the spilled runs and writes the merged distinct n-grams for the later passes);
+the second flags those in a bucket with others (unweighted, and weighted by occurrences) against
+one bit per bucket. The bucket counters are sized by the table, not the corpus (4 bytes a row of
+every head counted at once), and are counted in the memory budget: layers and sizes whose
+counters do not fit together take a first pass each, and a budget below the counters of one
+layer at one size is refused with the smallest that works (`minimum_memory_budget`).
+
+An n-gram that shares its bucket in every head with one same other n-gram is one whose mix
+agrees with it modulo the lcm of the head sizes (Chinese remainder theorem); only n-grams crowded
+in every head can be one, so grouping those candidates by that residue, and by the mix itself,
+gives `all_heads_colliding` and `mix_colliding` exactly. The mix is the same at every size, so
+`mix_colliding` is counted once per layer (its candidates crowded at every size); when the lcm is
+at least 2**63 it exceeds every mix and the two counts are the same. Candidates are held in the
+budget, else spilled into files by a hash of the residue, so equal residues meet in one file.
 
 The ideal rate is what uniform hashing would give: 1 - (1 - 1/size)**(distinct - 1). A size sweep
 scales every head size; a scaled spec keeps seed, layers and vocab, hence the multipliers, so
@@ -19,9 +27,10 @@ only the passes are redone.
 from __future__ import annotations
 
 import math
-import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,47 +43,174 @@ from ..corpus.reader import Corpus
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError, ResourceError, UsageError
 from ..helpers import available_memory, cpu_count, gibibytes, plural
-from ..kernels import bucket
+from ..kernels import buckets
+from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
-from .cluster import count_on_cluster
-from .keys import KEY_MUL_U64, PARTITION_BITS, KeyCounts, KeyLayout, WindowKeys, mix_keys, unpack_windows
-from .spill import KeyCountStore, append_file, count_corpus, default_memory_budget, spill_folder
+from .keys import KEY_MUL_U64, KeyCounts, KeyLayout, WindowKeys, mix_keys, unpack_windows
+from .spill import (
+    FAN_IN,
+    KeyCountStore,
+    Run,
+    RunWriter,
+    SpillFolder,
+    default_memory_budget,
+    merge_pieces,
+    merge_rounds,
+    ordered,
+    rounds_needed,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 # At most this many n-grams of a crowded bucket are listed by --top (in JSON; fewer on screen).
 TOP_NGRAMS = 8
+
+
 TOP_SHOWN = 4
+
+
 MAX_MIX = 1 << 63
+
+
+# Memory left to stream keys and to hold collision candidates beyond the bucket counters: the
+# least that still makes progress (one key range of a few rows at a time).
+MIN_WORKING_BYTES = 4096
+
+
+# Keys in memory at once while streaming (more only means bigger reads, not faster passes).
+STREAMING_BYTES = 256 << 20
+
+
+# Candidate mixes spill into this many files by a hash of their residue.
+CANDIDATE_PART_BITS = 8
+
+
+# Keys whose buckets are computed at once (vectorized) before their counters are touched.
+BLOCK = 512
 
 
 @numba.njit(nogil=True, cache=True)
 def _add_loads(mix, size, loads):
-    inverse = 1.0 / size
-    for i in range(mix.size):
-        loads[bucket(mix[i], np.float64(mix[i]), size, inverse)] += 1
+    block = np.empty(BLOCK, np.int64)
+    for lo in range(0, mix.size, BLOCK):
+        n = min(BLOCK, mix.size - lo)
+        buckets(mix[lo : lo + n], size, block[:n])
+        for j in range(n):
+            loads[block[j]] += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _flag_collisions(mix, counts, sizes, crowded, byte_offsets, flags, colliding, weighted):
-    """Per head, distinct n-grams in a crowded bucket and their occurrences; flags: crowded in all.
+def _flag_collisions(mix, counts, sizes, crowded, byte_offsets, flags, first, colliding, weighted):
+    """Per head, distinct n-grams in a crowded bucket and their occurrences; flags: crowded in
+    every head (set when `first`, else and-ed in, so several head sizes narrow one set of flags).
 
     `crowded` holds one bit per bucket (load > 1), so every head's buckets stay in cache.
     """
-    inverses = 1.0 / sizes.astype(np.float64)
-    for i in range(mix.size):
-        every = True
-        fmix = np.float64(mix[i])
+    block = np.empty(BLOCK, np.int64)
+    every = np.empty(BLOCK, np.uint8)
+    for lo in range(0, mix.size, BLOCK):
+        n = min(BLOCK, mix.size - lo)
+        every[:n] = 1
         for h in range(sizes.size):
-            b = bucket(mix[i], fmix, sizes[h], inverses[h])
-            if (crowded[byte_offsets[h] + (b >> 3)] >> (b & 7)) & 1:
-                colliding[h] += 1
-                weighted[h] += counts[i]
-            else:
-                every = False
-        flags[i] = every
+            buckets(mix[lo : lo + n], sizes[h], block[:n])
+            offset = byte_offsets[h]
+            hits = 0
+            weight = 0
+            for j in range(n):
+                b = block[j]
+                hit = (crowded[offset + (b >> 3)] >> (b & 7)) & 1
+                hits += hit
+                weight += counts[lo + j] * hit
+                every[j] &= hit
+            colliding[h] += hits
+            weighted[h] += weight
+        for j in range(n):
+            flags[lo + j] = every[j] == 1 if first else flags[lo + j] and every[j] == 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _compress_into(values, flags, out, at):
+    """values[flags] copied into out from index `at`; returns the index after the last."""
+    for i in range(values.size):
+        if flags[i]:
+            out[at] = values[i]
+            at += 1
+    return at
+
+
+@numba.njit(nogil=True, cache=True)
+def _crowded_bits(loads, out):
+    """One bit per bucket, set where the load is above 1 (little-endian bit order)."""
+    out[:] = 0
+    for b in range(loads.size):
+        if loads[b] > 1:
+            out[b >> 3] |= np.uint8(1) << np.uint8(b & 7)
+
+
+@numba.njit(nogil=True, cache=True)
+def _fullest(loads, k):
+    """The k fullest buckets holding more than one n-gram, by load then bucket index: all those
+    above the k-th largest load, then the first of those at it. Returns (buckets, loads)."""
+    hist = np.bincount(loads)
+    above = 0  # buckets with a load above v
+    v = hist.size - 1
+    while v >= 2 and above + hist[v] < k:
+        above += hist[v]
+        v -= 1
+    edge = max(v, 2)  # the load at which only the first buckets are taken
+    at_edge = k - above if v >= 2 else hist[2] if hist.size > 2 else 0
+    out = np.empty(above + at_edge, np.int64)
+    n = 0
+    for b in range(loads.size):
+        load = loads[b]
+        if load > edge or (load == edge and at_edge > 0):
+            if load == edge:
+                at_edge -= 1
+            out[n] = b
+            n += 1
+    out = out[:n]
+    return out, loads[out].astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_shared_sorted(values):
+    """How many of the sorted `values` equal a neighbour."""
+    shared = 0
+    i = 0
+    n = values.size
+    while i < n:
+        j = i + 1
+        while j < n and values[j] == values[i]:
+            j += 1
+        if j - i > 1:
+            shared += j - i
+        i = j
+    return shared
+
+
+@numba.njit(nogil=True, cache=True)
+def _group_by_hash(values, residues, shift, bits, out, edges):
+    """values into out grouped by bits of a hash of their residue (a counting sort)."""
+    groups = 1 << bits
+    mask = np.uint64(groups - 1)
+    edges[:] = 0
+    for i in range(values.size):
+        group = np.int64(((np.uint64(residues[i]) * KEY_MUL_U64) >> np.uint64(shift)) & mask)
+        edges[group + 1] += 1
+    for g in range(groups):
+        edges[g + 1] += edges[g]
+    fill = edges[:groups].copy()
+    for i in range(values.size):
+        group = np.int64(((np.uint64(residues[i]) * KEY_MUL_U64) >> np.uint64(shift)) & mask)
+        out[fill[group]] = values[i]
+        fill[group] += 1
+
+
+def _slices(n: int, pieces: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, max(1, pieces) + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 @dataclass
@@ -148,266 +284,681 @@ def expected_rate(size: int, distinct: int) -> float:
     return float(-math.expm1((distinct - 1) * math.log1p(-1.0 / size))) if size > 1 else 1.0
 
 
-def _slices(n: int, pieces: int) -> list[tuple[int, int]]:
-    edges = np.linspace(0, n, max(1, pieces) + 1).astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+@dataclass
+class SizeItem:
+    """One layer at one set of head sizes (the spec's or a sweep point's) of one order: its
+    bucket counters while counted, then its figures."""
+
+    layer: int
+    factor: float
+    sizes: list[int]
+    multipliers: np.ndarray
+    loads: np.ndarray | None = None
+    heads: list[dict[str, Any]] = field(default_factory=list)
+    bitmap: np.ndarray | None = None
+    byte_offsets: np.ndarray | None = None
+    colliding: np.ndarray | None = None
+    weighted: np.ndarray | None = None
+    residues: CandidateSet | None = None
+    all_heads: int = 0
+    top: TopMembers | None = None
+
+    @property
+    def rows(self) -> int:
+        """Buckets of all heads of the item."""
+        return int(sum(self.sizes))
+
+    @property
+    def modulus(self) -> int:
+        """The lcm of the head sizes: n-grams in one bucket in every head share their mix modulo it."""
+        return math.lcm(*self.sizes)
+
+    def counter_bytes(self, itemsize: int) -> int:
+        """Bytes of the item's bucket counters of `itemsize` bytes each."""
+        return self.rows * itemsize
+
+    @property
+    def bitmap_bytes(self) -> int:
+        """Bytes of one bit per bucket (which buckets are crowded)."""
+        return sum(-(-s // 8) for s in self.sizes)
 
 
-class _CandidateGroups:
-    """N-grams crowded in every head, grouped by their mix modulo the lcm of the head sizes.
-
-    Kept in memory while they fit the budget, then spilled by that residue, so that equal
-    residues (and equal mixes) always meet in one partition.
-    """
-
-    def __init__(self, modulus: int, budget: int, spill_root: str | Path | None, bits: int) -> None:
-        self.modulus = modulus
-        self.budget = budget
-        self.bits = bits
-        self._root = spill_root
-        self._dir: Path | None = None
-        self._held: list[np.ndarray] = []
-        self._bytes = 0
-
-    def residue(self, mix: np.ndarray) -> np.ndarray:
-        return mix if self.modulus >= MAX_MIX else mix % np.int64(self.modulus)
-
-    def add(self, mix: np.ndarray) -> None:
-        if not mix.size:
-            return
-        self._held.append(mix)
-        self._bytes += mix.nbytes
-        if self._bytes > self.budget:
-            self._spill()
-
-    def _spill(self) -> None:
-        if self._dir is None:
-            self._dir = spill_folder("engram-candidates-", self._root)
-        mix = np.concatenate(self._held)
-        pid = ((self.residue(mix).view(np.uint64) * KEY_MUL_U64) >> np.uint64(64 - self.bits)).astype(np.uint16)
-        order = np.argsort(pid, kind="stable")
-        edges = np.concatenate([[0], np.cumsum(np.bincount(pid, minlength=1 << self.bits))])
-        for index in np.flatnonzero(np.diff(edges)):
-            append_file(self._dir / f"{int(index):04d}.i64", mix[order[edges[index] : edges[index + 1]]])
-        self._held, self._bytes = [], 0
-
-    def _groups(self) -> Iterator[np.ndarray]:
-        if self._dir is None:
-            if self._held:
-                yield np.concatenate(self._held)
-            return
-        if self._held:
-            self._spill()
-        for path in sorted(self._dir.iterdir()):
-            yield np.fromfile(path, dtype=np.int64)
-
-    def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> _CandidateGroups:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def counts(self) -> tuple[int, int]:
-        """(mix_colliding, all_heads_colliding): the same when the lcm exceeds every mix."""
-        mix_colliding = all_heads = 0
-        for mix in self._groups():
-            by_mix = _shared(mix)
-            mix_colliding += by_mix
-            all_heads += _shared(self.residue(mix)) if self.modulus < MAX_MIX else by_mix
-        return mix_colliding, all_heads
-
-
-def _shared(values: np.ndarray) -> int:
-    """How many of `values` equal another one."""
-    if values.size < 2:
-        return 0
-    ordered = np.sort(values)
-    same = ordered[1:] == ordered[:-1]
-    shared = np.zeros(values.size, np.bool_)
-    shared[1:] |= same
-    shared[:-1] |= same
-    return int(np.count_nonzero(shared))
+def counter_itemsize(distinct_bound: int) -> int:
+    """Bytes of a bucket counter: int32 unless a bucket could hold 2**31 n-grams."""
+    return 4 if distinct_bound < 2**31 else 8
 
 
 @dataclass
-class OrderInput:
-    """The distinct n-grams of one order, with their mix for one layer, pass after pass."""
+class MemoryPlan:
+    """How one order's statistics share the memory budget: bucket counters of a group of layers
+    and sizes at a time, key ranges streamed, collision candidates held."""
 
-    store: KeyCountStore
-    layout: KeyLayout
-    multipliers: np.ndarray
-    pool: ThreadPoolExecutor
-    _cached: tuple[KeyCounts, np.ndarray] | None = field(default=None, init=False, repr=False)
+    groups: list[list[SizeItem]]
+    counters: int  # bytes of the largest group's counters
+    streaming: int  # bytes of key ranges in memory while counting loads
+    candidates: int  # bytes of candidates held before spilling
 
-    def mixes(self, part: KeyCounts) -> np.ndarray:
-        """The hasher's mix of every key of a part, computed on all cores."""
-        out = np.empty(part.rows, np.int64)
-        keys = part.keys
+    @staticmethod
+    def of(items: list[SizeItem], available: int, itemsize: int) -> MemoryPlan | None:
+        """Groups of items whose counters fit, or None when one item's counters alone leave less
+        than MIN_WORKING_BYTES of `available`.
+
+        Args:
+            items: every layer and size of one order.
+            available: bytes of the budget not held by counts still in memory.
+            itemsize: bytes of one bucket counter.
+        """
+        bitmaps = sum(item.bitmap_bytes for item in items)
+        room = available - bitmaps
+        largest = max(item.counter_bytes(itemsize) for item in items)
+        if largest + MIN_WORKING_BYTES > room:
+            return None
+        cap = max(largest, room // 2)
+        groups: list[list[SizeItem]] = [[]]
+        used = 0
+        for item in items:
+            size = item.counter_bytes(itemsize)
+            if groups[-1] and used + size > cap:
+                groups.append([])
+                used = 0
+            groups[-1].append(item)
+            used += size
+        counters = max(sum(i.counter_bytes(itemsize) for i in g) for g in groups)
+        rest = room - counters
+        streaming = min(rest // 2, STREAMING_BYTES)
+        return MemoryPlan(groups, counters, streaming, rest - streaming)
+
+
+def order_items(spec: TableSpec, projection: VocabProjection, order: int, factors: list[float]) -> list[SizeItem]:
+    """The items of one order: every layer at the spec's sizes, then at every other sweep size.
+
+    Args:
+        spec: the tables.
+        projection: the spec's projection (its compressed size draws the multipliers).
+        order: the n-gram order.
+        factors: the sweep factors.
+    """
+    span = slice((order - 2) * spec.n_head_per_ngram, (order - 1) * spec.n_head_per_ngram)
+    items = []
+    for factor in [1.0, *[f for f in factors if f != 1]]:
+        scaled = spec if factor == 1 else spec.scaled(factor)
+        for layer in spec.layer_ids:
+            items.append(
+                SizeItem(
+                    layer,
+                    factor,
+                    scaled.head_sizes(layer)[span],
+                    spec.multipliers(layer, projection.compressed_size),
+                )
+            )
+    return items
+
+
+def _order_needs(spec: TableSpec, factors: list[float]) -> list[tuple[int, SizeItem, int]]:
+    """Per order: the item with the most bucket counters and the bytes of every item's bitmaps."""
+    needs = []
+    for order in spec.orders:
+        items = order_items(spec, _NO_PROJECTION, order, factors)
+        largest = max(items, key=lambda item: item.rows)
+        needs.append((order, largest, sum(item.bitmap_bytes for item in items)))
+    return needs
+
+
+def minimum_memory_budget(spec: TableSpec, factors: list[float] | None = None) -> int:
+    """The smallest memory budget `collision_statistics` works in: the bucket counters of the
+    largest layer and head sizes of an order (4 bytes a row), one bit per row of every head of
+    that order, and MIN_WORKING_BYTES to stream keys through (any less and no key range fits)."""
+    return max(
+        largest.counter_bytes(4) + bitmaps + MIN_WORKING_BYTES
+        for _, largest, bitmaps in _order_needs(spec, factors or [])
+    )
+
+
+class _NoProjection:
+    """Sizes only: `order_items` without multipliers (for budget planning before a projection)."""
+
+    compressed_size = 2
+
+
+_NO_PROJECTION: Any = _NoProjection()
+
+
+def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_budget: int | None = None) -> int:
+    """The memory budget statistics of `spec` (and the sweep) run in, checked before any work.
+
+    A budget given is refused below `minimum_memory_budget` (with the smallest that works); the
+    default, a quarter of the memory available, is raised to that minimum, refused only when the
+    minimum exceeds what the machine has available.
+
+    Args:
+        spec: the tables whose head sizes are measured.
+        factors: the sweep factors.
+        memory_budget: bytes, or None for the default.
+    """
+    smallest = minimum_memory_budget(spec, factors)
+    if memory_budget is not None:
+        if memory_budget < smallest:
+            raise too_small(memory_budget, spec, factors)
+        return memory_budget
+    if smallest > available_memory():
+        raise ResourceError(
+            f"collision statistics of {spec.name} need at least {gibibytes(smallest)} of memory (the bucket "
+            f"counters of one layer and order, and one bit per bucket of the order), and "
+            f"{gibibytes(available_memory())} is available: use smaller head sizes or sweep factors"
+        )
+    return max(default_memory_budget(), smallest)
+
+
+def too_small(budget: int, spec: TableSpec, factors: list[float] | None) -> ResourceError:
+    """The one-line error of a budget below `minimum_memory_budget`, naming what takes it.
+
+    Args:
+        budget: the bytes given.
+        spec: the tables.
+        factors: the sweep factors.
+    """
+    order, largest, bitmaps = max(
+        _order_needs(spec, factors or []), key=lambda need: need[1].counter_bytes(4) + need[2]
+    )
+    smallest = minimum_memory_budget(spec, factors)
+    return ResourceError(
+        f"a memory budget of {budget / 2**20:.1f} MiB is too small for {spec.name}: the {order}-grams of one layer are "
+        f"counted per bucket of {len(largest.sizes)} heads of {min(largest.sizes):,} to {max(largest.sizes):,} rows "
+        f"(4 bytes a row: {largest.counter_bytes(4) / 2**20:.1f} MiB), and one bit a row of every head of the order "
+        f"takes {bitmaps / 2**20:.1f} MiB; the smallest budget that works is {-(-smallest // 2**20)} MiB"
+    )
+
+
+class CandidateSet:
+    """Mixes of n-grams crowded in every head, counted for equal values (and equal residues
+    modulo `modulus`). Held in one buffer of `limit` bytes, sorted in place at the end; past
+    it, spilled into files by a hash of the residue, so equal residues (and equal mixes) always
+    meet in one file, and each file is counted alone (split again if it outgrows the limit)."""
+
+    def __init__(self, name: str, modulus: int | None, limit: int, folder: SpillFolder) -> None:
+        self.name = name
+        self.modulus = modulus if modulus is not None and modulus < MAX_MIX else None
+        # a residue copy is sorted beside the values when there is a modulus
+        self.capacity = max(1, limit // (8 if self.modulus is None else 16))
+        self.folder = folder
+        self._buffer: np.ndarray | None = None
+        self._fill = 0
+        self._files: list[Path] = []
+
+    def residue(self, mix: np.ndarray) -> np.ndarray:
+        """What equal candidates share: the mix modulo the lcm (or the mix itself)."""
+        return mix if self.modulus is None else mix % np.int64(self.modulus)
+
+    def add(self, mix: np.ndarray, flags: np.ndarray) -> None:
+        """Add the mixes whose flag is set."""
+        n = int(np.count_nonzero(flags))
+        if not n:
+            return
+        if self._fill + n > self.capacity:
+            self._spill_buffer()
+        if n > self.capacity:
+            self._spill(mix[flags], 0, self._files_at(0, ""))
+            return
+        if self._buffer is None:
+            self._buffer = np.empty(self.capacity, np.int64)
+        self._fill = int(_compress_into(mix, flags, self._buffer, self._fill))
+
+    def _spill_buffer(self) -> None:
+        if self._buffer is not None and self._fill:
+            step = 1 << 20
+            files = self._files_at(0, "")
+            for lo in range(0, self._fill, step):
+                self._spill(self._buffer[lo : min(lo + step, self._fill)], 0, files)
+        self._fill = 0
+
+    def _files_at(self, level: int, prefix: str) -> list[Path]:
+        if level == 0:
+            if not self._files:
+                self._files = [self.folder.path / f"{self.name}-{g:04d}" for g in range(1 << CANDIDATE_PART_BITS)]
+            return self._files
+        return [Path(f"{prefix}.{g:04d}") for g in range(1 << CANDIDATE_PART_BITS)]
+
+    def _spill(self, values: np.ndarray, level: int, files: list[Path]) -> None:
+        shift = 64 - CANDIDATE_PART_BITS * (level + 1)
+        out = np.empty_like(values)
+        edges = np.zeros((1 << CANDIDATE_PART_BITS) + 1, np.int64)
+        _group_by_hash(values, self.residue(values), shift, CANDIDATE_PART_BITS, out, edges)
+        bounds = edges.tolist()
+        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a:
+                self.folder.append(files[g], out[a:b])
+
+    def counts(self) -> tuple[int, int]:
+        """(n-grams sharing their mix, n-grams sharing their residue) among the candidates."""
+        if not self._files:
+            values = np.zeros(0, np.int64) if self._buffer is None else self._buffer[: self._fill]
+            result = self._shared(values)
+        else:
+            self._spill_buffer()
+            self._buffer = None
+            result = self._count_files(self._files, 0)
+        self._buffer, self._fill = None, 0
+        return result
+
+    def _count_files(self, files: list[Path], level: int) -> tuple[int, int]:
+        by_mix = by_residue = 0
+        for path in files:
+            if not path.exists():
+                continue
+            if path.stat().st_size // 8 > self.capacity and CANDIDATE_PART_BITS * (level + 2) <= 64:
+                sub = self._files_at(level + 1, str(path))
+                with open(path, "rb") as handle:
+                    while True:
+                        values = np.fromfile(handle, dtype=np.int64, count=min(self.capacity, 1 << 20))
+                        if not values.size:
+                            break
+                        self._spill(values, level + 1, sub)
+                path.unlink()
+                m, r = self._count_files(sub, level + 1)
+            else:
+                m, r = self._shared(np.fromfile(path, dtype=np.int64))
+                path.unlink()
+            by_mix += m
+            by_residue += r
+        return by_mix, by_residue
+
+    def _shared(self, values: np.ndarray) -> tuple[int, int]:
+        """Sorts `values` in place."""
+        by_residue = 0
+        if self.modulus is not None:
+            residues = values % np.int64(self.modulus)
+            residues.sort()
+            by_residue = int(_count_shared_sorted(residues))
+            del residues
+        values.sort()
+        by_mix = int(_count_shared_sorted(values))
+        return by_mix, by_mix if self.modulus is None else by_residue
+
+
+class TopMembers:
+    """The most frequent n-grams of the fullest buckets of one layer's heads, kept as the
+    distinct n-grams stream past in key order: at most TOP_NGRAMS per bucket, by count then key."""
+
+    def __init__(self, chosen: list[tuple[int, int, int]], sizes: list[int], words: int) -> None:
+        self.chosen = chosen  # (load, head, bucket)
+        self.sizes = sizes
+        self.members: dict[tuple[int, int], KeyCounts] = {(h, b): KeyCounts.empty(words) for _, h, b in chosen}
+        self._wanted = {
+            h: np.array(sorted(b for _, hh, b in chosen if hh == h), np.int64) for h in {h for _, h, _ in chosen}
+        }
+
+    def add(self, part: KeyCounts, mix: np.ndarray) -> None:
+        """Keep the n-grams of `part` (with their mixes) that fall in a chosen bucket."""
+        for h, wanted in self._wanted.items():
+            buckets = mix % np.int64(self.sizes[h])
+            hit = np.flatnonzero(np.isin(buckets, wanted))
+            if not hit.size:
+                continue
+            for b in np.unique(buckets[hit]).tolist():
+                rows = hit[buckets[hit] == b]
+                old = self.members[(h, b)]
+                keys = np.concatenate([old.keys, part.keys[rows]])
+                counts = np.concatenate([old.counts, part.counts[rows]])
+                keep = np.argsort(-counts, kind="stable")[:TOP_NGRAMS]
+                self.members[(h, b)] = KeyCounts(keys[keep], counts[keep])
+
+    def buckets(self, layout: KeyLayout, decoder: NgramDecoder) -> list[dict[str, Any]]:
+        """The chosen buckets as `top_buckets` lists them, n-grams decoded."""
+        result = []
+        for load, h, b in self.chosen:
+            found = self.members[(h, b)]
+            windows = np.empty((found.rows, layout.order), np.int64)
+            unpack_windows(
+                np.ascontiguousarray(found.keys), layout.order, layout.bits, layout.per_word, layout.mask, windows
+            )
+            result.append(
+                {
+                    "head": h,
+                    "size": self.sizes[h],
+                    "bucket": b,
+                    "load": load,
+                    "ngrams": [decoder.ngram(w[::-1], int(c)) for w, c in zip(windows, found.counts)],
+                }
+            )
+        return result
+
+
+def choose_top(loads: np.ndarray, sizes: list[int], offsets: list[int], top: int) -> list[tuple[int, int, int]]:
+    """The `top` fullest buckets over all heads of an item: (load, head, bucket), by load, head, bucket.
+
+    Args:
+        loads: the item's bucket counters, head after head.
+        sizes: the head sizes.
+        offsets: where each head starts in `loads`.
+        top: how many buckets.
+    """
+    chosen: list[tuple[int, int, int]] = []
+    for h, (size, off) in enumerate(zip(sizes, offsets)):
+        buckets, head_loads = _fullest(loads[off : off + size], top)
+        chosen += [(int(load), h, int(b)) for b, load in zip(buckets.tolist(), head_loads.tolist())]
+    return sorted(chosen, key=lambda t: (-t[0], t[1], t[2]))[:top]
+
+
+class OrderKeys:
+    """The distinct n-grams of one order, pass after pass: one sorted run in memory, or runs in
+    the spill folder that the first pass merges (writing the merged run the later passes read),
+    or runs already merged by key range (a cluster's reduce tasks)."""
+
+    def __init__(self, layout: KeyLayout, runs: list[Run], merged: bool) -> None:
+        self.layout = layout
+        self.runs = runs
+        self.merged = merged
+        self.distinct = sum(r.rows for r in runs) if merged else None
+        self.occurrences = sum(r.occurrences for r in runs)
+
+    @property
+    def rows_bound(self) -> int:
+        """At least the distinct n-grams: the rows of all runs."""
+        return sum(r.rows for r in self.runs)
+
+    def first_pass(
+        self, folder: SpillFolder, rows: int, pool: ThreadPoolExecutor, ahead: int, fan_in: int, progress: Progress
+    ) -> Iterator[KeyCounts]:
+        """Merge the runs (in rounds first when there are more than `fan_in`), a key range at a
+        time, writing the merged run the later passes read.
+
+        Args:
+            folder: the spill folder.
+            rows: rows of all runs together in one key range.
+            pool: the worker threads.
+            ahead: key ranges merged ahead of the one handed out.
+            fan_in: the most runs merged at once.
+            progress: gets the merge rounds and the key ranges merged.
+        """
+        order = self.layout.order
+        rounds = rounds_needed(len(self.runs), fan_in)
+        if rounds:
+            task = progress.task(f"order {order}: merge rounds", rounds)
+            notes = lambda before, after: task.advance(note=f"{before:,} runs -> {after:,}")
+            runs = merge_rounds(self.runs, folder, rows, pool, ahead, fan_in, notes)
+        else:
+            runs = self.runs
+        merging: list[Any] = []
+        plan = lambda ranges: merging.append(
+            progress.task(f"order {order}: merging {len(runs):,} runs, bucket loads (key ranges)", ranges)
+        )
+        writer = RunWriter(folder, self.layout.words, f"order{order}-distinct")
+        for part in merge_pieces(runs, rows, pool, ahead, on_plan=plan):
+            writer.add(part)
+            yield part
+            merging[0].advance()
+        for run in runs:
+            run.remove()
+        self.runs, self.merged = [writer.close()], True
+        self.distinct = self.runs[0].rows
+
+    def chunks(self, rows: int, pool: ThreadPoolExecutor, ahead: int) -> Iterator[KeyCounts]:
+        """Every distinct n-gram once, in key order.
+
+        Args:
+            rows: rows handed out at a time.
+            pool: the worker threads that read ahead.
+            ahead: chunks read ahead.
+        """
+        jobs = (
+            (lambda run=run, lo=lo: run.read(lo, min(lo + rows, run.rows)))
+            for run in self.runs
+            for lo in range(0, run.rows, max(1, rows))
+        )
+        if all(not run.on_disk for run in self.runs):
+            yield from (job() for job in jobs)
+            return
+        yield from ordered(pool, jobs, ahead)
+
+    def remove(self) -> None:
+        """Delete the order's runs from the spill folder."""
+        for run in self.runs:
+            run.remove()
+
+
+@contextmanager
+def worker_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool that, on the way out (an error or Ctrl-C too), drops what has not started
+    and waits for what runs, so nothing writes to the spill folder once it is removed."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="engram-count")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Statistics:
+    """One order's passes over its distinct n-grams, for every layer and head size."""
+
+    def __init__(
+        self,
+        keys: OrderKeys,
+        items: list[SizeItem],
+        plan: MemoryPlan,
+        folder: SpillFolder,
+        pool: ThreadPoolExecutor,
+        fan_in: int,
+        top: int,
+        progress: Progress,
+    ) -> None:
+        self.keys = keys
+        self.items = items
+        self.plan = plan
+        self.folder = folder
+        self.pool = pool
+        self.fan_in = fan_in
+        self.top = top
+        self.progress = progress
+        self.threads = cpu_count()
+        self.ahead = self.threads + 1
+        self.itemsize = counter_itemsize(keys.rows_bound)
+        self.layers = sorted({item.layer for item in items})
+        self.multipliers = {item.layer: item.multipliers for item in items}
+        self.mix_colliding: dict[int, int] = {}
+        self._buffers: dict[Any, np.ndarray] = {}
+
+    def _row_bytes(self, merging: bool) -> int:
+        words = self.keys.layout.words
+        key_bytes = 8 * words + 8
+        return (2 * key_bytes if merging else key_bytes) + 8 * len(self.layers) + len(self.items) + len(self.layers)
+
+    def _rows(self, share: int, merging: bool) -> int:
+        return max(1, share // ((self.ahead + 1) * self._row_bytes(merging)))
+
+    def _buffer(self, name: Any, rows: int, dtype: Any) -> np.ndarray:
+        """A scratch array of `rows` (mixes, flags), reused chunk after chunk."""
+        held = self._buffers.get(name)
+        if held is None or held.size < rows:
+            held = self._buffers[name] = np.empty(max(rows, 1), dtype)
+        return held[:rows]
+
+    def _mixes(self, part: KeyCounts, layers: Iterable[int]) -> dict[int, np.ndarray]:
+        layout = self.keys.layout
+        out = {layer: self._buffer(("mix", layer), part.rows, np.int64) for layer in layers}
         jobs = [
             self.pool.submit(
                 mix_keys,
-                keys[a:b],
-                self.layout.order,
-                self.layout.bits,
-                self.layout.per_word,
-                self.layout.mask,
-                self.multipliers,
-                out[a:b],
+                part.keys[a:b],
+                layout.order,
+                layout.bits,
+                layout.per_word,
+                layout.mask,
+                self.multipliers[layer],
+                out[layer][a:b],
             )
-            for a, b in _slices(part.rows, cpu_count())
+            for layer in out
+            for a, b in _slices(part.rows, self.threads)
         ]
         for job in jobs:
             job.result()
         return out
 
-    def parts(self) -> Iterator[tuple[KeyCounts, np.ndarray]]:
-        """Every part of the order's counts with its mixes (computed once when the counts are in memory)."""
-        single = self.store.single(self.layout.order)
-        if single is not None:
-            if self._cached is None:
-                self._cached = (single, self.mixes(single))
-            yield self._cached
-            return
-        for part in self.store.parts(self.layout.order):
-            yield part, self.mixes(part)
-
-
-def order_statistics(
-    data: OrderInput,
-    sizes: list[int],
-    budget: int,
-    spill_dir: str | Path | None,
-    top: int = 0,
-    decoder: NgramDecoder | None = None,
-) -> OrderStats:
-    """Every statistic of one order of one layer at the given head sizes.
-
-    Args:
-        data: the order's distinct n-grams and their mixes for this layer.
-        sizes: the head sizes of this order.
-        budget: bytes of all-heads candidates held in memory before spilling.
-        spill_dir: where candidates spill (the system's temporary folder when None).
-        top: how many of the most crowded buckets to list, with their n-grams.
-        decoder: turns the listed n-grams back into text (needed with `top`).
-    """
-    order = data.layout.order
-    distinct, occurrences = data.store.distinct[order], data.store.occurrences[order]
-    pool = data.pool
-    sizes_arr = np.array(sizes, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes_arr)[:-1]]).astype(np.int64)
-    loads = np.zeros(int(sizes_arr.sum()), np.int32 if distinct < 2**31 else np.int64)
-    for _, mix in data.parts():
-        jobs = [
-            pool.submit(_add_loads, mix, int(size), loads[off : off + size])
-            for size, off in zip(sizes, offsets.tolist())
-        ]
-        for job in jobs:
-            job.result()
-
-    crowded = [
-        np.packbits(np.greater(loads[off : off + size], 1), bitorder="little")
-        for size, off in zip(sizes, offsets.tolist())
-    ]
-    byte_offsets = np.concatenate([[0], np.cumsum([c.size for c in crowded])[:-1]]).astype(np.int64)
-    bitmap = np.concatenate(crowded)
-    colliding = np.zeros(len(sizes), np.int64)
-    weighted = np.zeros(len(sizes), np.int64)
-    with _CandidateGroups(math.lcm(*sizes), budget, spill_dir, PARTITION_BITS) as groups:
-        for part, mix in data.parts():
-            flags = np.empty(mix.size, np.bool_)
-            results = []
-            for a, b in _slices(mix.size, cpu_count()):
-                c, w = np.zeros(len(sizes), np.int64), np.zeros(len(sizes), np.int64)
-                results.append(
-                    (
-                        pool.submit(
-                            _flag_collisions,
-                            mix[a:b],
-                            part.counts[a:b],
-                            sizes_arr,
-                            bitmap,
-                            byte_offsets,
-                            flags[a:b],
-                            c,
-                            w,
-                        ),
-                        c,
-                        w,
-                    )
-                )
-            for job, c, w in results:
-                job.result()
-                colliding += c
-                weighted += w
-            groups.add(mix[flags])
-        mix_colliding, all_heads = groups.counts()
-
-    heads = []
-    for h, (size, off) in enumerate(zip(sizes, offsets.tolist())):
-        histogram = np.bincount(loads[off : off + size])
-        heads.append(
-            HeadStats(
-                size=size,
-                buckets_used=int(size - histogram[0]),
-                colliding=int(colliding[h]),
-                collision_rate=float(colliding[h] / distinct) if distinct else 0.0,
-                expected_rate=expected_rate(size, distinct),
-                weighted_rate=float(weighted[h] / occurrences) if occurrences else 0.0,
-                max_load=int(histogram.size - 1),
-                load_histogram={int(k): int(v) for k, v in enumerate(histogram) if v},
+    def run(self, decoder: NgramDecoder | None) -> None:
+        """Every pass: bucket loads per group, then collisions (and the top buckets' n-grams)."""
+        order = self.keys.layout.order
+        for g, group in enumerate(self.plan.groups):
+            label = f"order {order}: bucket loads" + (
+                f" ({g + 1}/{len(self.plan.groups)})" if len(self.plan.groups) > 1 else ""
             )
-        )
-    stats = OrderStats(order, occurrences, distinct, mix_colliding, all_heads, heads)
-    if top and decoder is not None:
-        stats.top_buckets = _top_buckets(data, sizes, offsets, loads, top, decoder)
-    return stats
+            self._loads(group, label)
+        self._collisions(decoder)
 
+    def _loads(self, group: list[SizeItem], label: str) -> None:
+        for item in group:
+            item.loads = np.zeros(item.rows, np.int32 if self.itemsize == 4 else np.int64)
+        layers = sorted({item.layer for item in group})
+        rows = self._rows(self.plan.streaming, merging=not self.keys.merged)
+        task = None
+        if self.keys.merged:
+            task = self.progress.task(label, self.keys.distinct)
+            parts = self.keys.chunks(rows, self.pool, self.ahead)
+        else:
+            parts = self.keys.first_pass(self.folder, rows, self.pool, self.ahead, self.fan_in, self.progress)
+        for part in parts:
+            mixes = self._mixes(part, layers)
+            jobs = []
+            for item in group:
+                assert item.loads is not None
+                off = 0
+                for size in item.sizes:
+                    jobs.append(self.pool.submit(_add_loads, mixes[item.layer], size, item.loads[off : off + size]))
+                    off += size
+            for job in jobs:
+                job.result()
+            if task is not None:
+                task.advance(part.rows)
+        for item in group:
+            self._finish_loads(item)
 
-def _top_buckets(
-    data: OrderInput, sizes: list[int], offsets: np.ndarray, loads: np.ndarray, top: int, decoder: NgramDecoder
-) -> list[dict[str, Any]]:
-    """The `top` most crowded buckets over all heads of an order, with their n-grams decoded."""
-    chosen: list[tuple[int, int, int]] = []  # (load, head, bucket)
-    for h, (size, off) in enumerate(zip(sizes, offsets.tolist())):
-        head_loads = loads[off : off + size]
-        k = min(top, size)
-        idx = np.argpartition(head_loads, size - k)[size - k :]
-        chosen += [(int(head_loads[b]), h, int(b)) for b in idx if head_loads[b] > 1]
-    chosen = sorted(chosen, key=lambda t: (-t[0], t[1], t[2]))[:top]
-    members: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {(h, b): [] for _, h, b in chosen}
-    heads = sorted({h for _, h, _ in chosen})
-    for part, mix in data.parts():
-        for h in heads:
-            wanted = np.array([b for _, hh, b in chosen if hh == h], np.int64)
-            buckets = mix % np.int64(sizes[h])
-            hit = np.flatnonzero(np.isin(buckets, wanted))
-            for i in hit:
-                members[(h, int(buckets[i]))].append((part.keys[i : i + 1], part.counts[i : i + 1]))
-    result = []
-    layout = data.layout
-    for load, h, b in chosen:
-        found = members[(h, b)]
-        keys = np.concatenate([k for k, _ in found])
-        counts = np.concatenate([c for _, c in found])
-        order = np.argsort(-counts, kind="stable")[:TOP_NGRAMS]
-        windows = np.empty((order.size, layout.order), np.int64)
-        unpack_windows(
-            np.ascontiguousarray(keys[order]), layout.order, layout.bits, layout.per_word, layout.mask, windows
+    def _finish_loads(self, item: SizeItem) -> None:
+        assert item.loads is not None
+        offsets = np.concatenate([[0], np.cumsum(item.sizes)[:-1]]).astype(np.int64)
+        bitmaps = []
+        for size, off in zip(item.sizes, offsets.tolist()):
+            loads = item.loads[off : off + size]
+            histogram = np.bincount(loads)
+            item.heads.append(
+                {
+                    "size": size,
+                    "buckets_used": int(size - histogram[0]),
+                    "max_load": int(histogram.size - 1),
+                    "load_histogram": {int(k): int(v) for k, v in enumerate(histogram) if v},
+                }
+            )
+            bits = np.empty(-(-size // 8), np.uint8)
+            _crowded_bits(loads, bits)
+            bitmaps.append(bits)
+        item.bitmap = np.concatenate(bitmaps)
+        item.byte_offsets = np.concatenate([[0], np.cumsum([b.size for b in bitmaps])[:-1]]).astype(np.int64)
+        if self.top and item.factor == 1:
+            chosen = choose_top(item.loads, item.sizes, offsets.tolist(), self.top)
+            item.top = TopMembers(chosen, item.sizes, self.keys.layout.words)
+        item.loads = None
+
+    def _collisions(self, decoder: NgramDecoder | None) -> None:
+        order = self.keys.layout.order
+        available = self.plan.streaming + self.plan.candidates + self.plan.counters
+        sets = len(self.layers) + sum(item.modulus < MAX_MIX for item in self.items)
+        limit = max(1, (available - self.plan.streaming) // sets)
+        mix_sets = {
+            layer: CandidateSet(f"order{order}-layer{layer}-mix", None, limit, self.folder) for layer in self.layers
+        }
+        for item in self.items:
+            item.colliding = np.zeros(len(item.sizes), np.int64)
+            item.weighted = np.zeros(len(item.sizes), np.int64)
+            if item.modulus < MAX_MIX:
+                item.residues = CandidateSet(
+                    f"order{order}-layer{item.layer}-x{item.factor:g}", item.modulus, limit, self.folder
+                )
+        task = self.progress.task(f"order {order}: collisions", self.keys.distinct)
+        rows = self._rows(self.plan.streaming, merging=False)
+        for part in self.keys.chunks(rows, self.pool, self.ahead):
+            mixes = self._mixes(part, self.layers)
+            every = {layer: self._buffer(("every", layer), part.rows, np.bool_) for layer in self.layers}
+            started: set[int] = set()
+            for item in self.items:
+                mix = mixes[item.layer]
+                if item.residues is not None:
+                    flags = self._buffer("flags", part.rows, np.bool_)
+                    self._flag(item, part, mix, flags, True)
+                    item.residues.add(mix, flags)
+                    if item.layer in started:
+                        np.logical_and(every[item.layer], flags, out=every[item.layer])
+                    else:
+                        np.copyto(every[item.layer], flags)
+                else:
+                    self._flag(item, part, mix, every[item.layer], item.layer not in started)
+                started.add(item.layer)
+                if item.top is not None:
+                    item.top.add(part, mix)
+            for layer in self.layers:
+                mix_sets[layer].add(mixes[layer], every[layer])
+            task.advance(part.rows)
+        self._buffers.clear()
+        counting = self.progress.task(f"order {order}: shared mixes", sets)
+        # the sets count side by side: each within its own share of the budget
+        by_layer = {layer: self.pool.submit(candidates.counts) for layer, candidates in mix_sets.items()}
+        by_item = [(item, self.pool.submit(item.residues.counts)) for item in self.items if item.residues is not None]
+        for layer, job in by_layer.items():
+            self.mix_colliding[layer] = job.result()[0]
+            counting.advance()
+        for item, job in by_item:
+            item.all_heads = job.result()[1]
+            counting.advance()
+        for item in self.items:
+            if item.residues is None:
+                item.all_heads = self.mix_colliding[item.layer]
+
+    def _flag(self, item: SizeItem, part: KeyCounts, mix: np.ndarray, flags: np.ndarray, first: bool) -> None:
+        """Count the item's colliding n-grams of `part`; set (`first`) or narrow `flags` to
+        those crowded in every head."""
+        assert item.bitmap is not None and item.byte_offsets is not None
+        assert item.colliding is not None and item.weighted is not None
+        sizes = np.array(item.sizes, np.int64)
+        results = []
+        for a, b in _slices(part.rows, self.threads):
+            c, w = np.zeros(len(item.sizes), np.int64), np.zeros(len(item.sizes), np.int64)
+            job = self.pool.submit(
+                _flag_collisions,
+                mix[a:b],
+                part.counts[a:b],
+                sizes,
+                item.bitmap,
+                item.byte_offsets,
+                flags[a:b],
+                first,
+                c,
+                w,
+            )
+            results.append((job, c, w))
+        for job, c, w in results:
+            job.result()
+            item.colliding += c
+            item.weighted += w
+
+    def stats(self, item: SizeItem, decoder: NgramDecoder | None) -> OrderStats:
+        """The figures of one item once every pass is done."""
+        distinct, occurrences = self.keys.distinct or 0, self.keys.occurrences
+        assert item.colliding is not None and item.weighted is not None
+        heads = [
+            HeadStats(
+                size=head["size"],
+                buckets_used=head["buckets_used"],
+                colliding=int(item.colliding[h]),
+                collision_rate=float(item.colliding[h] / distinct) if distinct else 0.0,
+                expected_rate=expected_rate(head["size"], distinct),
+                weighted_rate=float(item.weighted[h] / occurrences) if occurrences else 0.0,
+                max_load=head["max_load"],
+                load_histogram=head["load_histogram"],
+            )
+            for h, head in enumerate(item.heads)
+        ]
+        stats = OrderStats(
+            self.keys.layout.order, occurrences, distinct, self.mix_colliding[item.layer], item.all_heads, heads
         )
-        result.append(
-            {
-                "head": h,
-                "size": sizes[h],
-                "bucket": b,
-                "load": load,
-                "ngrams": [decoder.ngram(w[::-1], int(c)) for w, c in zip(windows, counts[order])],
-            }
-        )
-    return result
+        if item.top is not None and decoder is not None:
+            stats.top_buckets = item.top.buckets(self.keys.layout, decoder)
+        return stats
 
 
 class NgramDecoder:
@@ -466,47 +1017,41 @@ def layers_json(layers: LayerStats) -> dict[str, Any]:
     }
 
 
-def counter_bytes(sizes: list[int]) -> int:
-    """Memory of one order's statistic at these head sizes: a load counter per bucket (int32,
-    int64 past 2**31 distinct n-grams), the crowded-bucket bitmap twice, one head's comparison."""
-    return 4 * sum(sizes) + sum(sizes) // 4 + max(sizes)
-
-
-def counter_limit(memory_budget: int | None = None) -> int:
-    """Bytes the bucket counters of one order may take: the memory available now less the
-    n-gram counts' budget (held at the same time), and never less than a quarter of it."""
-    available = available_memory()
-    budget = memory_budget or default_memory_budget()
-    return max(available - budget, available // 4)
-
-
-def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_budget: int | None = None) -> None:
-    """Refuse, before reading any corpus, statistics whose bucket counters cannot fit in memory.
-
-    The counters are not spilled (every head's loads are needed at once for the second pass),
-    so a spec or sweep factor whose heads hold more buckets than memory does is an error.
+def count_batches(
+    batches: Iterable[DocBatch],
+    store: KeyCountStore,
+    task: Any,
+    total_bytes: Callable[[], int] | None,
+    on_batch: Callable[[DocBatch | None], None] | None,
+) -> None:
+    """Count every batch into `store`, reporting bytes (or tokens) read and the token rate.
 
     Args:
-        spec: the spec at its own sizes.
-        factors: the sweep factors, if any.
-        memory_budget: bytes of n-gram counts held beside the counters (default: as counting uses).
+        batches: the corpus's batches.
+        store: where they are counted.
+        task: the progress task.
+        total_bytes: the bytes read so far (None when the size is not known: tokens then).
+        on_batch: called after each batch.
     """
-    limit = counter_limit(memory_budget)
-    for factor in [1.0, *(f for f in factors or [] if f != 1)]:
-        scaled = spec if factor == 1 else spec.scaled(factor)
-        for layer in scaled.layer_ids:
-            sizes = scaled.head_sizes(layer)
-            for n in scaled.orders:
-                heads = sizes[(n - 2) * scaled.n_head_per_ngram : (n - 1) * scaled.n_head_per_ngram]
-                need = counter_bytes(heads)
-                if need > limit:
-                    at = "the spec's head sizes" if factor == 1 else f"sweep factor {factor:g}"
-                    raise ResourceError(
-                        f"collision statistics at {at} need {gibibytes(need)} of bucket counters for layer "
-                        f"{layer}, order {n} ({plural(len(heads), 'head')} of up to {max(heads):,} rows); "
-                        f"at most {gibibytes(limit)} may go to them (the memory available less the n-gram "
-                        "budget): use smaller head sizes or sweep factors"
-                    )
+    started = time.perf_counter()
+    tokens = 0
+
+    def done(batch: DocBatch) -> None:
+        """Progress of one batch counted."""
+        nonlocal tokens
+        tokens += batch.tokens
+        rate = tokens / max(1e-9, time.perf_counter() - started)
+        note = f"{tokens / 1e6:,.1f} M tokens, {rate / 1e6:.1f} M tokens/s"
+        if total_bytes is not None:
+            task.update(total_bytes(), note=note)
+        else:
+            task.advance(batch.tokens, note=note)
+        if on_batch:
+            on_batch(batch)
+
+    for batch in batches:
+        store.add(batch, done)
+    store.finish(done)
 
 
 def collision_statistics(
@@ -523,6 +1068,8 @@ def collision_statistics(
     client: Any = None,
     part_ids: int | None = None,
     barrier_ids: Iterable[int] | None = None,
+    progress: Progress = SILENT,
+    fan_in: int = FAN_IN,
 ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
     """Statistics at the spec's sizes and at every sweep factor, and the bytes spilled to disk.
 
@@ -532,39 +1079,51 @@ def collision_statistics(
         corpus: a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
         factors: the sweep: also every head size scaled by each factor.
         top: list the `top` most crowded buckets per order, with their n-grams.
-        memory_budget: bytes of counts held in memory (default: a quarter of what is available).
-        spill_dir: where counts spill beyond the budget; on a cluster, a folder every worker sees.
+        memory_budget: bytes of memory for n-gram counts, bucket counters and collision
+            candidates; the rest goes to a folder in `spill_dir`, removed at the end (default: a
+            quarter of what is available, at least `minimum_memory_budget`; less is refused).
+        spill_dir: where that folder goes; on a cluster, a folder every worker sees.
         on_batch: called after each batch (or cluster map task, with None), for progress.
         on_statistic: called after each (layer, order, size) is done.
         client: a Dask client (with a `Corpus`): counting is then mapped over corpus parts and
-            merged by partition on the cluster, to the same numbers.
+            merged by key range on the cluster, each task within `memory_budget`, to the same numbers.
         part_ids: on a cluster, the smallest range of a pre-tokenized file one task reads.
         barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
+        progress: gets a task per pass (counting, merge rounds, ranges merged, loads, collisions).
+        fan_in: the most runs merged at once (more take merge rounds first).
     """
-    budget = memory_budget or default_memory_budget()
-    check_counter_memory(spec, factors, budget)
+    from .cluster import count_on_cluster
+
+    sweep_factors = list(factors or [])
+    budget = check_counter_memory(spec, sweep_factors, memory_budget)
+    if client is not None and not isinstance(corpus, Corpus):
+        raise UsageError("a cluster counts a Corpus of files, not an iterable of batches")
     window = WindowKeys.of(spec, projection, barrier_ids)
     decoder = NgramDecoder(projection) if top else None
-    scaled = [(f, spec if f == 1 else spec.scaled(f)) for f in (factors or [])]
-    if client is not None:
-        if not isinstance(corpus, Corpus):
-            raise UsageError("a cluster counts a Corpus of files, not an iterable of batches")
-        counts = count_on_cluster(
-            client,
-            corpus,
-            projection,
-            window,
-            budget,
-            spill_dir,
-            (lambda: on_batch(None)) if on_batch else None,
-            part_ids,
-        )
-    else:
-        counts = KeyCountStore(window, budget, spill_dir)
-    with ThreadPoolExecutor(max_workers=cpu_count()) as pool, counts as store:
-        if client is None:
-            count_corpus(corpus.batches() if isinstance(corpus, Corpus) else corpus, window, store, pool, on_batch)
-        if not store.occurrences[2]:
+    layers: LayerStats = {layer: {} for layer in spec.layer_ids}
+    points: dict[float, LayerStats] = {f: {layer: {} for layer in spec.layer_ids} for f in sweep_factors}
+    with SpillFolder(spill_dir) as folder, worker_pool(cpu_count()) as pool:
+        store: KeyCountStore | None = None
+        if client is not None:
+            assert isinstance(corpus, Corpus)
+            orders = count_on_cluster(
+                client, corpus, projection, window, budget, folder, progress, on_batch, part_ids, fan_in
+            )
+        else:
+            store = KeyCountStore(window, budget, folder, pool)
+            reading = progress.task(
+                "counting n-grams", max(1, corpus.total_bytes) if isinstance(corpus, Corpus) else None
+            )
+            batches = corpus.batches() if isinstance(corpus, Corpus) else corpus
+            size = (lambda: corpus.bytes_done) if isinstance(corpus, Corpus) else None
+            count_batches(batches, store, reading, size, on_batch)
+            orders = {
+                n: OrderKeys(window.layout(n), [store.in_memory[n]], True)
+                if n in store.in_memory
+                else OrderKeys(window.layout(n), store.runs[n], False)
+                for n in window.orders
+            }
+        if not orders[2].occurrences:
             detail = ""
             if isinstance(corpus, Corpus):
                 read = corpus.summary
@@ -574,34 +1133,41 @@ def collision_statistics(
                     + ")"
                 )
             raise EngramError(f"the corpus holds no tokens{detail}")
-        layers: LayerStats = {}
-        sweep_layers: list[LayerStats] = [{} for _ in scaled]
-        for layer in spec.layer_ids:
-            layers[layer] = {}
-            for point in sweep_layers:
-                point[layer] = {}
-            for n in spec.orders:
-                data = OrderInput(store, window.layout(n), spec.multipliers(layer, projection.compressed_size), pool)
-                span = slice((n - 2) * spec.n_head_per_ngram, (n - 1) * spec.n_head_per_ngram)
-                base = order_statistics(data, spec.head_sizes(layer)[span], budget, spill_dir, top, decoder)
-                layers[layer][n] = base
+        for n in spec.orders:
+            items = order_items(spec, projection, n, sweep_factors)
+            itemsize = counter_itemsize(orders[n].rows_bound)
+            resident = store.resident_bytes if store is not None else 0
+            plan = MemoryPlan.of(items, budget - resident, itemsize)
+            if plan is None and resident:
+                assert store is not None
+                store.spill_in_memory()
+                orders = {m: OrderKeys(window.layout(m), store.runs[m], False) for m in orders if m >= n}
+                plan = MemoryPlan.of(items, budget, itemsize)
+            if plan is None:
+                raise too_small(budget, spec, sweep_factors)
+            stats = _Statistics(orders[n], items, plan, folder, pool, fan_in, top, progress)
+            stats.run(decoder)
+            for item in items:
+                result = stats.stats(item, decoder)
+                if item.factor == 1:
+                    layers[item.layer][n] = result
+                    if 1.0 in points:
+                        points[1.0][item.layer][n] = OrderStats(
+                            result.order,
+                            result.occurrences,
+                            result.distinct,
+                            result.mix_colliding,
+                            result.all_heads_colliding,
+                            result.heads,
+                        )
+                else:
+                    points[item.factor][item.layer][n] = result
                 if on_statistic:
                     on_statistic()
-                # A scaled spec keeps seed, layers and vocab, hence the multipliers: only sizes change.
-                for (_, other), point in zip(scaled, sweep_layers):
-                    if other is spec:
-                        point[layer][n] = OrderStats(
-                            base.order,
-                            base.occurrences,
-                            base.distinct,
-                            base.mix_colliding,
-                            base.all_heads_colliding,
-                            base.heads,
-                        )
-                        continue
-                    point[layer][n] = order_statistics(data, other.head_sizes(layer)[span], budget, spill_dir)
-                    if on_statistic:
-                        on_statistic()
-        spilled = store.spilled_bytes
-    sweep = [SweepPoint(f, other, point) for (f, other), point in zip(scaled, sweep_layers)] if factors else None
+            orders[n].remove()
+            if store is not None:
+                store.release(n)
+            del orders[n], stats
+        spilled = folder.written
+    sweep = [SweepPoint(f, spec if f == 1 else spec.scaled(f), points[f]) for f in sweep_factors] if factors else None
     return layers, sweep, spilled

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
 from .files import Source
-from .ids import IdFile, id_spans, stream_batches
+from .ids import IdFile, id_spans, stream_batches, with_progress
 from .readers import IdReader, IdReading, Span, Tally
 
 
@@ -31,8 +31,8 @@ class BinReader(IdReader):
         return id_spans(self.array, self.source.size, target_bytes, min_ids)
 
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
-        yield from stream_batches(self.array, reading, self.options.doc_sep, span)
-        tally.advance(self.source.size)
+        batches = stream_batches(self.array, reading, self.options.doc_sep, span)
+        yield from with_progress(batches, tally, self.source.size, self.array.dtype.itemsize)
 
 
 def make_reader(source: Source, options: CorpusOptions) -> BinReader:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import EngramError, FormatError
 from .base import DocBatch
 from .files import Source
-from .readers import IdReading, Span
+from .readers import IdReading, Span, Tally
 
 EMPTY = np.zeros(0, np.int64)
 
@@ -170,3 +170,22 @@ def stream_batches(array: IdFile, reading: IdReading, sep: int | None, span: Spa
         at_start = bool(sep is not None and raw.size and raw[-1] == sep) or (at_start and ids.size == 0)
         if ids.size:
             yield DocBatch(ids, starts, carried)
+
+
+def with_progress(batches: Iterator[DocBatch], tally: Tally, size: int, itemsize: int) -> Iterator[DocBatch]:
+    """`batches` of a file of `size` bytes, advancing the tally by the bytes of each batch's ids
+    as it goes (a large file shows progress before its end), then by what is left.
+
+    Args:
+        batches: the file's batches.
+        tally: where progress is reported.
+        size: the file's bytes.
+        itemsize: bytes of one id in the file.
+    """
+    done = 0
+    for batch in batches:
+        step = min(batch.tokens * itemsize, size - done)
+        tally.advance(step)
+        done += step
+        yield batch
+    tally.advance(size - done)

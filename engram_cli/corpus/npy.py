@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
 from .files import Source
-from .ids import IdFile, id_spans, row_batches, stream_batches
+from .ids import IdFile, id_spans, row_batches, stream_batches, with_progress
 from .readers import IdReader, IdReading, Span, Tally
 
 
@@ -47,10 +47,10 @@ class NpyReader(IdReader):
 
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
         if self.array.ndim == 2:
-            yield from row_batches(self.array, reading, span)
+            batches = row_batches(self.array, reading, span)
         else:
-            yield from stream_batches(self.array, reading, self.options.doc_sep, span)
-        tally.advance(self.source.size)
+            batches = stream_batches(self.array, reading, self.options.doc_sep, span)
+        yield from with_progress(batches, tally, self.source.size, self.array.dtype.itemsize)
 
 
 def make_reader(source: Source, options: CorpusOptions) -> NpyReader:
