@@ -7,6 +7,7 @@ A command's docstring is its `--help` text up to the form feed (click and typer 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -457,16 +458,24 @@ def inspect_command(
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: temporary files and spill folders are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the CLI with every user mistake, usage errors included, as one line on stderr.
 
     `engram` alone shows the help (exit 0). An OSError naming a file (a folder we may not
     search, a read-only file system) is the environment's, not a bug: one line too.
     """
+    signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     args = sys.argv[1:] or ["--help"]
     try:
         code = command.main(args=args, prog_name="engram", standalone_mode=False)
+        if code == 130:  # how typer returns from Ctrl-C (and SIGTERM, below)
+            sys.stderr.write("engram: interrupted\n")
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
