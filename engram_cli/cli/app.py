@@ -405,10 +405,14 @@ def inspect_command(
         None,
         "--max-memory",
         min=16,
-        help="MiB of n-gram counts kept in memory before spilling to disk (default: a quarter of the free memory).",
+        help="MiB of memory for n-gram counts, bucket counters and collision candidates; the rest spills to disk "
+        "(default: a quarter of the free memory; per worker on a cluster).",
     ),
     spill_dir: Path | None = typer.Option(
-        None, "--spill-dir", parser=path_value, help="Where to spill (default: the temp dir)."
+        None,
+        "--spill-dir",
+        parser=path_value,
+        help="Where the spill folder goes (default: the temp dir); removed at the end.",
     ),
     barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
     scheduler: str | None = SCHEDULER_OPTION,
