@@ -12,8 +12,6 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..checkpoints.dcp import export_training
-from ..checkpoints.importing import import_checkpoint
 from ..checkpoints.reports import ExportReport, ImportReport
 from ..corpus.base import CorpusOptions
 from ..errors import UsageError
@@ -172,6 +170,8 @@ def run_export(
                 "--scheduler and --dask-workers apply to --for inference; "
                 "a training export is written by DCP's own writer"
             )
+        from ..checkpoints.dcp import export_training  # torch: loaded for this command only
+
         with progress_bars() as bars:
             return export_training(
                 store,
@@ -222,6 +222,8 @@ def run_import(
         spec, projection, key_template: --spec (a file or preset name), --projection and --key-template.
         layers, dtype, shards, shard_by, overwrite: --layer, --dtype, --shards, --shard-by, --overwrite.
     """
+    from ..checkpoints.importing import import_checkpoint  # torch: for this command only
+
     with progress_bars() as bars:
         return import_checkpoint(
             checkpoint,
