@@ -313,6 +313,20 @@ def pack_windows(batch: PackedBatch, window: WindowKeys, order: int, out: np.nda
 SORT_GROUP_ROWS = 1 << 14
 
 
+def map_order(batch: DocBatch, window: WindowKeys, order: int) -> KeyCounts:
+    """Distinct windows of one order in a batch of documents, with their counts (a sorted run).
+
+    Args:
+        batch: documents of raw token ids (and the left context of one continued from before).
+        window: the spec's `WindowKeys`.
+        order: the n-gram order.
+    """
+    packed = PackedBatch.of(batch, window)
+    keys = np.empty((packed.tokens, window.layout(order).words), np.uint64)
+    pack_windows(packed, window, order, keys)
+    return sort_and_count(keys, packed.tokens)
+
+
 @numba.njit(nogil=True, cache=True)
 def _compare(a, i, b, j):
     """-1, 0 or 1 as row a[i] is below, equal to or above row b[j] (lexicographic)."""
