@@ -118,7 +118,9 @@ def available_memory() -> int:
 
 
 def gibibytes(n: int) -> str:
-    """A memory size in GiB, or TiB past 1024 GiB."""
+    """A memory size in binary units, as budgets are given: MiB below 1 GiB, TiB past 1024 GiB."""
+    if n < 1 << 30:
+        return f"{n / (1 << 20):,.1f} MiB"
     return f"{n / (1 << 40):,.1f} TiB" if n >= 1 << 40 else f"{n / (1 << 30):,.1f} GiB"
 
 

@@ -404,14 +404,17 @@ def _order_needs(spec: TableSpec, factors: list[float]) -> list[tuple[int, SizeI
     return needs
 
 
+def _largest_need(spec: TableSpec, factors: list[float] | None) -> tuple[int, SizeItem, int]:
+    """The order whose counters and bitmaps take the most: what sets the smallest budget."""
+    return max(_order_needs(spec, factors or []), key=lambda need: need[1].counter_bytes(4) + need[2])
+
+
 def minimum_memory_budget(spec: TableSpec, factors: list[float] | None = None) -> int:
     """The smallest memory budget `collision_statistics` works in: the bucket counters of the
     largest layer and head sizes of an order (4 bytes a row), one bit per row of every head of
     that order, and MIN_WORKING_BYTES to stream keys through (any less and no key range fits)."""
-    return max(
-        largest.counter_bytes(4) + bitmaps + MIN_WORKING_BYTES
-        for _, largest, bitmaps in _order_needs(spec, factors or [])
-    )
+    _, largest, bitmaps = _largest_need(spec, factors)
+    return largest.counter_bytes(4) + bitmaps + MIN_WORKING_BYTES
 
 
 class _NoProjection:
@@ -440,13 +443,25 @@ def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_bu
         if memory_budget < smallest:
             raise too_small(memory_budget, spec, factors)
         return memory_budget
-    if smallest > available_memory():
+    available = available_memory()
+    if smallest > available:
         raise ResourceError(
-            f"collision statistics of {spec.name} need at least {gibibytes(smallest)} of memory (the bucket "
-            f"counters of one layer and order, and one bit per bucket of the order), and "
-            f"{gibibytes(available_memory())} is available: use smaller head sizes or sweep factors"
+            f"collision statistics of {spec.name} need {_what_takes_it(spec, factors)}: at least "
+            f"{gibibytes(smallest)}, with {gibibytes(available)} of memory available: use smaller head sizes "
+            "or sweep factors"
         )
     return max(default_memory_budget(), smallest)
+
+
+def _what_takes_it(spec: TableSpec, factors: list[float] | None) -> str:
+    """The counters and bitmaps that set the smallest budget, in words (sizes rounded up to MiB)."""
+    order, largest, bitmaps = _largest_need(spec, factors)
+    at = "the spec's head sizes" if largest.factor == 1 else f"sweep factor {largest.factor:g}"
+    return (
+        f"{gibibytes(largest.counter_bytes(4))} of bucket counters at {at} for the {order}-grams of layer "
+        f"{largest.layer} ({plural(len(largest.sizes), 'head')} of {min(largest.sizes):,} to {max(largest.sizes):,} "
+        f"rows, 4 bytes a row) and {gibibytes(bitmaps)} for one bit a row of every head of the order"
+    )
 
 
 def too_small(budget: int, spec: TableSpec, factors: list[float] | None) -> ResourceError:
@@ -457,15 +472,10 @@ def too_small(budget: int, spec: TableSpec, factors: list[float] | None) -> Reso
         spec: the tables.
         factors: the sweep factors.
     """
-    order, largest, bitmaps = max(
-        _order_needs(spec, factors or []), key=lambda need: need[1].counter_bytes(4) + need[2]
-    )
     smallest = minimum_memory_budget(spec, factors)
     return ResourceError(
-        f"a memory budget of {budget / 2**20:.1f} MiB is too small for {spec.name}: the {order}-grams of one layer are "
-        f"counted per bucket of {len(largest.sizes)} heads of {min(largest.sizes):,} to {max(largest.sizes):,} rows "
-        f"(4 bytes a row: {largest.counter_bytes(4) / 2**20:.1f} MiB), and one bit a row of every head of the order "
-        f"takes {bitmaps / 2**20:.1f} MiB; the smallest budget that works is {-(-smallest // 2**20)} MiB"
+        f"a memory budget of {budget / 2**20:.1f} MiB is too small for {spec.name}: it needs "
+        f"{_what_takes_it(spec, factors)}; the smallest budget that works is {-(-smallest // 2**20)} MiB"
     )
 
 
