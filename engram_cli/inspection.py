@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.statistics import LayerStats, SweepPoint, check_counter_memory, collision_statistics, layers_json
+from .collisions.budget import check_counter_memory
+from .collisions.reports import LayerStats, SweepPoint, layers_json
+from .collisions.statistics import collision_statistics
 from .corpus.base import CorpusOptions, CorpusSummary
 from .corpus.reader import Corpus
 from .errors import UsageError

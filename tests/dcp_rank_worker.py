@@ -54,6 +54,7 @@ def main(rank: int, world: int, init: str, jobs_json: str, out: str) -> None:
             }
     with open(out, "w") as handle:
         json.dump(result, handle)
+    dist.barrier()  # no rank tears gloo down while a peer is still in a collective (an abort at exit)
     dist.destroy_process_group()
 
 

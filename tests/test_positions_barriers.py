@@ -12,7 +12,8 @@ import pytest
 import torch
 from engram_cli import EngramError, NgramHasher
 from engram_cli.collisions import collision_statistics
-from engram_cli.collisions.keys import WindowKeys, map_order, mix_keys
+from engram_cli.collisions.counting import map_order
+from engram_cli.collisions.keys import WindowKeys, mix_keys
 from engram_cli.corpus.base import DocBatch
 from engram_cli.hash_jobs import hash_ids_file
 from engram_cli.hashing import _as_tensor

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from engram_cli.collisions.budget import minimum_memory_budget
 from engram_cli.collisions.spill import MARKER, SPILL_PREFIX, SpillFolder, remove_stale_spill_folders
-from engram_cli.collisions.statistics import minimum_memory_budget
 from engram_cli.spec import load_spec
 
 from conftest import run_engram

@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from engram_cli.cli.commands import parse_factors
+from engram_cli.collisions.budget import minimum_memory_budget
+from engram_cli.collisions.counting import KeyCountStore
 from engram_cli.collisions.keys import WindowKeys
-from engram_cli.collisions.spill import WHOLE, KeyCountStore, SpillFolder, merge_pieces
-from engram_cli.collisions.statistics import collision_statistics, expected_rate, minimum_memory_budget, worker_pool
+from engram_cli.collisions.reports import expected_rate
+from engram_cli.collisions.runs import WHOLE, merge_pieces
+from engram_cli.collisions.spill import SpillFolder, worker_pool
+from engram_cli.collisions.statistics import collision_statistics
 from engram_cli.corpus.base import CorpusOptions, DocBatch
 from engram_cli.errors import EngramError
 from engram_cli.hashing import NgramHasher
@@ -705,7 +709,7 @@ def test_human_report_renders(store_path, projection_file, ids_file):
 
 def test_decoder_names_each_canonical_id_by_its_first_raw_id():
     """np.unique's first index, not a repeated fancy-index assignment whose winner NumPy leaves open."""
-    from engram_cli.collisions.statistics import NgramDecoder
+    from engram_cli.collisions.decoder import NgramDecoder
 
     rng = np.random.default_rng(3)
     lookup = rng.integers(0, 40, 5000)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..collisions.statistics import LayerStats
+from ..collisions.reports import LayerStats
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
 from ..helpers import atomic_file, human_bytes

@@ -36,7 +36,7 @@ from ..helpers import human_bytes, paused_gc, pct, plural
 
 if TYPE_CHECKING:
     from ..checkpoints.reports import ExportReport, ImportReport
-    from ..collisions.statistics import LayerStats, SweepPoint
+    from ..collisions.reports import LayerStats, SweepPoint
     from ..compress import CompressReport
     from ..hash_jobs import HashFileReport, HashTextReport
     from ..inspection import InspectReport
@@ -456,9 +456,11 @@ def render_layers(spec: TableSpec, layers: LayerStats, console: Console) -> None
     )
 
 
-def render_top(layers: LayerStats, console: Console) -> None:
-    from ..collisions.statistics import TOP_SHOWN
+# N-grams shown per crowded bucket on screen (`--json` lists up to candidates.TOP_NGRAMS).
+TOP_SHOWN = 4
 
+
+def render_top(layers: LayerStats, console: Console) -> None:
     """The most crowded buckets and their n-grams (`--top`)."""
     rows = [(layer, n, b) for layer, orders in layers.items() for n, s in orders.items() for b in (s.top_buckets or [])]
     if not rows:

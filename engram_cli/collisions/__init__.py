@@ -1,20 +1,22 @@
 """Exact hash-collision statistics of a spec on a corpus.
 
-`keys` packs n-gram windows into stored keys and sorts them into runs of distinct keys and
-counts; `spill` keeps the counts within a memory budget (runs on disk, merged one key range at a
-time); `statistics` turns distinct n-grams into per-head collision figures and size sweeps, its
-bucket counters in the same budget; `cluster` runs the counting and merging as Dask map/reduce
-tasks. The algorithm is stated where each step lives.
+`keys` packs n-gram windows into stored keys; `sorting` sorts them into runs of distinct keys
+and counts; `counting` counts a corpus into such runs within the memory budget, spilling them to
+the folder `spill` owns; `runs` reads runs back and merges them one key range at a time;
+`statistics` runs the per-head passes over the distinct n-grams, planned by `budget`, with the
+n-grams crowded in every head counted by `candidates`, and returns the figures of `reports`
+(`decoder` gives the text of listed n-grams); `cluster` runs the counting and merging as Dask
+map/reduce tasks. The algorithm is stated where each step lives.
 """
 
 import importlib
 
 _LAZY = {
-    "HeadStats": "statistics",
-    "KeyCountStore": "spill",
+    "HeadStats": "reports",
+    "KeyCountStore": "counting",
     "KeyCounts": "keys",
-    "OrderStats": "statistics",
-    "SweepPoint": "statistics",
+    "OrderStats": "reports",
+    "SweepPoint": "reports",
     "WindowKeys": "keys",
     "collision_statistics": "statistics",
 }

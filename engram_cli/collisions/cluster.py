@@ -23,21 +23,13 @@ from ..corpus.reader import Corpus
 from ..helpers import cpu_count
 from ..progress import Progress
 from ..vocab import VocabProjection
+from .counting import KeyCountStore
 from .keys import WindowKeys
-from .spill import (
-    WHOLE,
-    KeyCountStore,
-    KeyRange,
-    Run,
-    RunWriter,
-    SpillFolder,
-    merge_pieces,
-    merge_rounds,
-)
+from .runs import WHOLE, KeyRange, OrderKeys, Run, RunWriter, merge_pieces, merge_rounds
+from .spill import SpillFolder, worker_pool
 
 if TYPE_CHECKING:
     from ..corpus.base import DocBatch
-    from .statistics import OrderKeys
 
 # Reduce tasks per order and worker thread: a few, so the last tasks do not leave workers idle.
 REDUCE_TASKS_PER_THREAD = 2
@@ -63,7 +55,6 @@ def count_part_task(
 
     Returns what was read, the runs of every order, and the bytes written.
     """
-    from .statistics import worker_pool
 
     corpus = Corpus([part.sources[0].display], projection, options, context=window.max_order - 1, part=part)
     spill = SpillFolder.task(Path(folder))
@@ -91,7 +82,6 @@ def merge_range_task(runs: list[Run], key_range: KeyRange, budget: int, folder: 
         folder: this task's folder inside the run's spill folder.
         fan_in: the most runs merged at once.
     """
-    from .statistics import worker_pool
 
     spill = SpillFolder.task(Path(folder))
     threads = cpu_count()
@@ -148,7 +138,6 @@ def count_on_cluster(
     from ..cluster import run_tasks
     from ..corpus.base import ID_BATCH_TOKENS
     from ..corpus.parts import split_corpus
-    from .statistics import OrderKeys
 
     threads = client.nthreads()
     workers = max(1, sum(threads.values()))
