@@ -34,6 +34,13 @@ def _compare(a, i, b, j):
     return 0
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _copy_row(src, i, dst, n):
+    """dst[n] = src[i], word by word (no temporary slice)."""
+    for w in range(src.shape[1]):
+        dst[n, w] = src[i, w]
+
+
 @numba.njit(nogil=True, cache=True)
 def _count_sorted_1(keys, n, counts):
     """Sorted one-word keys[:n] to their distinct keys (moved to the front) and counts; returns how many."""
@@ -69,12 +76,10 @@ def _group_by_top_bits(keys, n, bits, out, edges):
     for g in range(groups):
         edges[g + 1] += edges[g]
     fill = edges[:groups].copy()
-    words = keys.shape[1]
     for i in range(n):
         group = np.int64(keys[i, 0] >> shift)
         j = fill[group]
-        for w in range(words):
-            out[j, w] = keys[i, w]
+        _copy_row(keys, i, out, j)
         fill[group] = j + 1
 
 
@@ -111,13 +116,11 @@ def _count_sorted_rows(rows, n, keys_out, counts_out):
     returns how many. counts_out may share memory with rows: count d is written after row d is read."""
     d = 0
     i = 0
-    words = rows.shape[1]
     while i < n:
         j = i + 1
         while j < n and _compare(rows, j, rows, i) == 0:
             j += 1
-        for w in range(words):
-            keys_out[d, w] = rows[i, w]
+        _copy_row(rows, i, keys_out, d)
         counts_out[d] = j - i
         d += 1
         i = j
@@ -197,31 +200,26 @@ def _merge_two_rows(k1, c1, a1, b1, k2, c2, a2, b2, ok, oc, n):
     """`_merge_two_1` for multi-word rows."""
     i = a1
     j = a2
-    words = k1.shape[1]
     while i < b1 and j < b2:
         c = _compare(k1, i, k2, j)
         if c <= 0:
-            for w in range(words):
-                ok[n, w] = k1[i, w]
+            _copy_row(k1, i, ok, n)
             oc[n] = c1[i] + (c2[j] if c == 0 else 0)
             i += 1
             if c == 0:
                 j += 1
         else:
-            for w in range(words):
-                ok[n, w] = k2[j, w]
+            _copy_row(k2, j, ok, n)
             oc[n] = c2[j]
             j += 1
         n += 1
     while i < b1:
-        for w in range(words):
-            ok[n, w] = k1[i, w]
+        _copy_row(k1, i, ok, n)
         oc[n] = c1[i]
         i += 1
         n += 1
     while j < b2:
-        for w in range(words):
-            ok[n, w] = k2[j, w]
+        _copy_row(k2, j, ok, n)
         oc[n] = c2[j]
         j += 1
         n += 1
