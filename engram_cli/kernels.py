@@ -5,7 +5,9 @@ reduction avoids 64-bit division. Three roundings of relative error 2**-53 put f
 within 3 * 2**10 / p < 0.375 of mix / p when p >= 2**13, so its truncation q lies in
 floor(mix / p) - 1 .. floor(mix / p) + 2 and `mix - q*p` needs at most two corrections up and one
 down to land in [0, p). Smaller primes (toy specs) take the exact `%`. The hashing kernel writes
-the same steps inline; the statistics call `bucket`.
+the same steps inline, the statistics call `bucket`: calling a shared branch-free `float_bucket`
+from the parallel hashing kernel measured 5-8% slower (256 x 4096 ids into reused buffers,
+alternated 6 times against the inline form, with numba's `inline="always"` too).
 """
 
 from __future__ import annotations
