@@ -126,7 +126,7 @@ def inspect(
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
     if corpus:
-        check_counter_memory(spec, sweep, memory_budget)  # before the table health pass, too
+        check_counter_memory(spec, sweep, memory_budget, local=client is None)  # before the table health pass, too
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,

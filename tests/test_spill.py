@@ -128,6 +128,21 @@ def test_a_budget_too_small_names_the_smallest_that_works(corpus, tmp_path):
     assert spill_folders(tmp_path) == []
 
 
+def test_a_budget_above_the_memory_available_is_one_line_before_any_work(corpus, tmp_path):
+    """More than the machine has would swap or be killed rather than hold: refused, locally before
+    any work, and on a cluster by the worker that would spend it (its host named)."""
+    too_much = str(2 * psutil.virtual_memory().total // 2**20)
+    local = run_engram(*inspect_args(corpus, "--max-memory", too_much, "--spill-dir", str(tmp_path)))
+    one_line_error(local, f"a memory budget of {int(too_much):,} MiB is more than the")
+    assert "of memory available now: give at most" in local.stderr and spill_folders(tmp_path) == []
+    small = tmp_path / "small.bin"
+    np.fromfile(corpus, np.uint32, count=10_000).tofile(small)
+    args = inspect_args(small, "--max-memory", too_much, "--spill-dir", str(tmp_path), "--dask-workers", "1")
+    cluster = run_engram(*args)
+    one_line_error(cluster, f"available on worker host {socket.gethostname()} now")
+    assert spill_folders(tmp_path) == []
+
+
 def wait_for_spill(root: Path, proc: subprocess.Popen, timeout: float = 300) -> Path:
     """The spill folder of a running command once it holds spilled runs."""
     deadline = time.monotonic() + timeout

@@ -43,9 +43,14 @@ def dask_client(
         return
     if workers is None or workers < 1:
         raise UsageError(f"--dask-workers must be at least 1, got {workers}")
+    # a failed task is reported in one line by engram; the workers' own error logs would repeat it as a traceback
     with (
         LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -176,22 +176,28 @@ class _NoProjection:
 _NO_PROJECTION: Any = _NoProjection()
 
 
-def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_budget: int | None = None) -> int:
+def check_counter_memory(
+    spec: TableSpec, factors: list[float] | None, memory_budget: int | None = None, *, local: bool = True
+) -> int:
     """The memory budget statistics of `spec` (and the sweep) run in, checked before any work.
 
-    A budget given is refused below `minimum_memory_budget` (with the smallest that works); the
-    default, a quarter of the memory available, is raised to that minimum, refused only when the
-    minimum exceeds what the machine has available.
+    A budget given is refused below `minimum_memory_budget` (with the smallest that works) and,
+    for a run on this machine, above the memory available now (it would swap or be killed, not
+    hold); the default, a quarter of the memory available, is raised to that minimum, refused
+    only when the minimum exceeds what the machine has available.
 
     Args:
         spec: the tables whose head sizes are measured.
         factors: the sweep factors.
         memory_budget: bytes, or None for the default.
+        local: whether the budget is spent here (False on a cluster: it is each worker's).
     """
     smallest = minimum_memory_budget(spec, factors)
     if memory_budget is not None:
         if memory_budget < smallest:
             raise too_small(memory_budget, spec, factors)
+        if local:
+            check_available(memory_budget, "")
         return memory_budget
     available = available_memory()
     if smallest > available:
@@ -201,6 +207,17 @@ def check_counter_memory(spec: TableSpec, factors: list[float] | None, memory_bu
             "or sweep factors"
         )
     return max(default_memory_budget(), smallest)
+
+
+def check_available(budget: int, where: str) -> None:
+    """Refuse a budget above the memory available now on this machine (`where` names it in the
+    message): it would swap or be killed rather than hold."""
+    available = available_memory()
+    if budget > available:
+        raise ResourceError(
+            f"a memory budget of {budget / 2**20:,.0f} MiB is more than the {gibibytes(available)} of memory "
+            f"available{where} now: give at most {available // 2**20:,} MiB, or none for a quarter of it"
+        )
 
 
 def _what_takes_it(spec: TableSpec, factors: list[float] | None) -> str:

@@ -14,6 +14,7 @@ between workers through the spill folder (which every worker must see), never th
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from ..corpus.reader import Corpus
 from ..helpers import cpu_count
 from ..progress import Progress
 from ..vocab import VocabProjection
+from .budget import check_available
 from .counting import KeyCountStore
 from .keys import WindowKeys
 from .runs import WHOLE, KeyRange, OrderKeys, Run, RunWriter, merge_pieces, merge_rounds
@@ -56,6 +58,7 @@ def count_part_task(
     Returns what was read, the runs of every order, and the bytes written.
     """
 
+    check_available(budget, f" on worker host {socket.gethostname()}")
     corpus = Corpus([part.sources[0].display], projection, options, context=window.max_order - 1, part=part)
     spill = SpillFolder.task(Path(folder))
     with worker_pool(cpu_count()) as pool:

@@ -371,7 +371,7 @@ def collision_statistics(
     from .cluster import count_on_cluster
 
     sweep_factors = list(factors or [])
-    budget = check_counter_memory(spec, sweep_factors, memory_budget)
+    budget = check_counter_memory(spec, sweep_factors, memory_budget, local=client is None)
     if client is not None and not isinstance(corpus, Corpus):
         raise UsageError("a cluster counts a Corpus of files, not an iterable of batches")
     window = WindowKeys.of(spec, projection, barrier_ids)
