@@ -37,7 +37,7 @@ from engram_cli.inspection import InspectReport
 from engram_cli.spec import load_spec
 from engram_cli.vocab import default_projection
 
-from bench_inspect import SEP, read_texts, stdlib_files
+from bench_inspect import SEP, first_megabytes, read_texts, stdlib_files
 from common import interleaved, markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -96,13 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec("engram-demo-v1")
     projection = default_projection()
-    files = stdlib_files()
-    subset, size = [], 0
-    for f in files:
-        if size >= args.text_mb * 1e6:
-            break
-        subset.append(f)
-        size += f.stat().st_size
+    subset = first_megabytes(stdlib_files(), args.text_mb)
+    size = sum(f.stat().st_size for f in subset)
     texts = [t for t in read_texts(subset) if t]
 
     with tempfile.TemporaryDirectory() as tmp:

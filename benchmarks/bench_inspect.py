@@ -44,6 +44,17 @@ def stdlib_files() -> list[Path]:
     ]
 
 
+def first_megabytes(files: list[Path], megabytes: float) -> list[Path]:
+    """The leading files that together first reach `megabytes` MB (all of them if they never do)."""
+    subset, size = [], 0
+    for f in files:
+        if size >= megabytes * 1e6:
+            break
+        subset.append(f)
+        size += f.stat().st_size
+    return subset
+
+
 def read_texts(files: list[Path]) -> list[str]:
     return [f.read_bytes().decode("utf-8", errors="replace") for f in files]
 
@@ -160,12 +171,8 @@ def main() -> None:
             )
         )
 
-        subset, size = [], 0
-        for f in files:
-            if size >= args.text_mb * 1e6:
-                break
-            subset.append(f)
-            size += f.stat().st_size
+        subset = first_megabytes(files, args.text_mb)
+        size = sum(f.stat().st_size for f in subset)
         text_tokens = tokenize_alone(tokenizer, subset)
         medians = interleaved(
             {

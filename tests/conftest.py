@@ -45,6 +45,13 @@ def make_byte_level_tokenizer(pieces: list[str | bytes], special: list[str] = ()
     return tok
 
 
+def letters_tokenizer() -> Tokenizer:
+    """Letters, ten capitals that fold onto them, " x" and "X", and two specials: a small real
+    tokenizer whose projection folds case (the store and checkpoint tests build on it)."""
+    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [c.upper() for c in "abcdefghij"] + [" x", "X"]
+    return make_byte_level_tokenizer(pieces, special=["<s>", "<pad>"])
+
+
 @pytest.fixture(scope="session")
 def deepseek_v3_path() -> Path:
     return embedded_tokenizer_path("deepseek-v3")

@@ -41,10 +41,9 @@ def tiny_spec(dtype: str = "bfloat16") -> TableSpec:
 
 @pytest.fixture(scope="module")
 def projection() -> VocabProjection:
-    from conftest import make_byte_level_tokenizer
+    from conftest import letters_tokenizer
 
-    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [c.upper() for c in "abcdefghij"] + [" x", "X"]
-    return compress_vocab(make_byte_level_tokenizer(pieces, special=["<s>", "<pad>"]))
+    return compress_vocab(letters_tokenizer())
 
 
 @pytest.fixture(scope="module")

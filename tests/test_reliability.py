@@ -29,7 +29,7 @@ from engram_cli.store.create import create_store
 from engram_cli.vocab import VocabProjection, compress_vocab
 from safetensors.numpy import save_file
 
-from conftest import make_byte_level_tokenizer, run_engram
+from conftest import letters_tokenizer, run_engram
 
 SPEC = TableSpec(
     layer_ids=(1, 3),
@@ -95,8 +95,7 @@ def _run_limited(args: tuple[str, ...], file_limit: int) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def projection() -> VocabProjection:
-    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [c.upper() for c in "abcdefghij"] + [" x", "X"]
-    return compress_vocab(make_byte_level_tokenizer(pieces, special=["<s>", "<pad>"]))
+    return compress_vocab(letters_tokenizer())
 
 
 @pytest.fixture(scope="module")
