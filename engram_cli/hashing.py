@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -201,7 +201,8 @@ def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
     import numba
 
     kernel = hash_kernel()
-    bad = np.empty(ids.shape[0] * -(-ids.shape[1] // BLOCK_TOKENS), np.int64)
+    blocks_per_row = -(-ids.shape[1] // BLOCK_TOKENS)
+    bad = np.empty(ids.shape[0] * blocks_per_row, np.int64)
     launch = (*args, BLOCK_TOKENS, gates.positions, gates.barrier, gates.barrier_vocab, bad)
     with _KERNEL_LOCK:
         if ids.size >= PARALLEL_MIN_TOKENS:
@@ -215,7 +216,7 @@ def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
                 numba.set_num_threads(threads)
     found = np.flatnonzero(bad >= 0)
     if found.size:  # tasks run in row-major order: the first task with one holds the first index
-        row = int(found[0]) // max(1, bad.size // max(1, ids.shape[0]))
+        row = int(found[0]) // blocks_per_row
         raise_bad_position(gates.positions, row, int(bad[found[0]]), gates.one_dimensional)
 
 
@@ -262,10 +263,10 @@ class _Gates:
     """Positions (B, T) int64, a barrier mask (B, T) and a barrier-id mask over the vocab, each
     empty when not given; what the kernel takes to stop n-grams at sequence starts and barriers."""
 
-    positions: np.ndarray = field(default_factory=lambda: _NO_POSITIONS)
-    barrier: np.ndarray = field(default_factory=lambda: _NO_BARRIER)
-    barrier_vocab: np.ndarray = field(default_factory=lambda: _NO_BARRIER_IDS)
-    one_dimensional: bool = False
+    positions: np.ndarray
+    barrier: np.ndarray
+    barrier_vocab: np.ndarray
+    one_dimensional: bool
 
 
 class NgramHasher:
@@ -278,12 +279,9 @@ class NgramHasher:
     """
 
     def __init__(self, spec: TableSpec, projection: VocabProjection | None = None) -> None:
-        from .vocab import spec_projection
+        from .vocab import projection_for
 
-        if projection is None:
-            projection = spec_projection(spec)
-        else:
-            spec.check_compressed_size(projection.compressed_size, "the projection")
+        projection = projection_for(spec, projection)
         self.spec = spec
         self.projection = projection
         self.compressed_size = projection.compressed_size
@@ -496,10 +494,9 @@ class NgramHasher:
         layer_ids: list[int],
         with_offsets: bool,
         buffers: dict[int, np.ndarray] | None,
-        gates: _Gates | None = None,
+        gates: _Gates,
     ) -> dict[int, np.ndarray]:
         self.projection.check_ids(ids)
-        gates = gates or _Gates()
         batch = np.require(
             ids.reshape(1, -1) if ids.ndim == 1 else ids, dtype=np.int64, requirements=["C", "W"]
         )  # the kernel takes writable arrays; a read-only map is copied

@@ -23,7 +23,7 @@ from .progress import SILENT, Progress
 from .spec import TableSpec
 from .store.health import TableHealth, table_health
 from .store.tables import TableStore
-from .vocab import VocabProjection, spec_projection
+from .vocab import VocabProjection, projection_for
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -115,8 +115,7 @@ def inspect(
                 f"(fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
             )
         projection = store.projection
-    projection = projection or spec_projection(spec)
-    spec.check_compressed_size(projection.compressed_size, "the projection")
+    projection = projection_for(spec, projection)
     if verify and store is None:
         raise UsageError("verify needs a table store, not a spec")
     if store is None and not corpus:

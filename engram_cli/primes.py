@@ -1,4 +1,4 @@
-"""Primality and the reference's walk to the next unused prime.
+"""Primality and the next prime: the steps of the reference's prime walk (`spec` skips taken primes).
 
 `is_prime` is deterministic Miller-Rabin: below each bound in `_BASES` the listed bases
 decide every n exactly (Jaeschke; Zhang and Tang; Sorenson and Webster), and the last set holds
@@ -10,7 +10,6 @@ microseconds per head even at 2**48.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 _SMALL = tuple(p for p in range(2, 256) if all(p % d for d in range(2, math.isqrt(p) + 1)))
 _SMALL_PRODUCT = math.prod(_SMALL)
@@ -51,11 +50,11 @@ def is_prime(n: int) -> bool:
     return True
 
 
-def next_unused_prime(start: int, taken: Iterable[int] | set[int]) -> int:
-    """Smallest prime strictly greater than `start` that is not in `taken`."""
-    if start < 2 and 2 not in taken:
+def next_prime(start: int) -> int:
+    """Smallest prime strictly greater than `start`."""
+    if start < 2:
         return 2
     candidate = max(start + 1, 3) | 1  # past 2 only odd numbers can be prime
-    while not (is_prime(candidate) and candidate not in taken):
+    while not is_prime(candidate):
         candidate += 2
     return candidate

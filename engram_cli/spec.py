@@ -27,7 +27,7 @@ import numpy as np
 from .dtypes import DTYPE_BYTES, numpy_dtype
 from .errors import EngramError, ResourceError, UsageError
 from .helpers import plural
-from .primes import next_unused_prime
+from .primes import next_prime
 
 DISTRIBUTIONS = ("normal", "uniform", "zeros")
 INT64_MAX = np.iinfo(np.int64).max
@@ -210,10 +210,10 @@ def _walk_primes(
     taken: set[int] = set()
     successor: dict[int, int] = {}
 
-    def next_prime(after: int) -> int:
-        if after not in successor:
-            successor[after] = next_unused_prime(after, ())
-        return successor[after]
+    def after(prime: int) -> int:
+        if prime not in successor:
+            successor[prime] = next_prime(prime)
+        return successor[prime]
 
     per_layer = []
     for _layer in layer_ids:
@@ -221,9 +221,9 @@ def _walk_primes(
         for n in range(2, max_ngram_size + 1):
             start = vocab_sizes[n - 2] - 1
             for _head in range(n_head):
-                prime = next_prime(start)
+                prime = after(start)
                 while prime in taken:
-                    prime = next_prime(prime)
+                    prime = after(prime)
                 taken.add(prime)
                 sizes.append(prime)
                 start = prime

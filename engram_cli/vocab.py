@@ -128,6 +128,11 @@ def _integer_lookup(lookup: Any) -> np.ndarray:
     return array
 
 
+def lookup_fingerprint(lookup: np.ndarray) -> str:
+    """The sha256 of an int64 lookup's bytes: a projection's identity."""
+    return hashlib.sha256(np.ascontiguousarray(lookup).tobytes()).hexdigest()
+
+
 def checked_lookup(lookup: Any) -> np.ndarray:
     """A projection lookup as int64, refused unless it maps onto 0..compressed_size-1 exactly.
 
@@ -186,7 +191,7 @@ class VocabProjection:
 
     def fingerprint(self) -> str:
         """The sha256 of the lookup's bytes: what stores and exports check a projection by."""
-        return hashlib.sha256(self.lookup.tobytes()).hexdigest()
+        return lookup_fingerprint(self.lookup)
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the projection was made from; an error when it carries none."""
@@ -288,15 +293,15 @@ def load_projection(path: str | Path) -> VocabProjection:
     if zipped is not None and (zipped.dtype != np.uint8 or zipped.ndim != 1):
         raise FormatError(f"{path}: tokenizer_zip must be a 1-D uint8 array of zip bytes")
     try:
-        projection = VocabProjection(checked_lookup(lookup), {}, None)
+        lookup = checked_lookup(lookup)
     except FormatError as exc:
         raise FormatError(f"{path}: {exc}") from None
-    for key, actual in (("vocab_size", projection.vocab_size), ("compressed_size", projection.compressed_size)):
+    for key, actual in (("vocab_size", lookup.size), ("compressed_size", int(lookup.max()) + 1)):
         if key in metadata and metadata[key] != str(actual):
             raise FormatError(f"{path} says {key} {metadata[key]} but its lookup has {actual:,}")
     tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes(), f"{path}: tokenizer_zip")
     own = {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
-    return VocabProjection(projection.lookup, own, tokenizer_json)
+    return VocabProjection(lookup, own, tokenizer_json)
 
 
 def restore_projection(
@@ -316,7 +321,7 @@ def restore_projection(
     if array.dtype != np.int64 or array.ndim != 1:
         raise FormatError(f"{where}: the projection lookup must be 1-D int64, not {array.dtype} {list(array.shape)}")
     array = np.ascontiguousarray(array)
-    if "fingerprint" in recorded and hashlib.sha256(array.tobytes()).hexdigest() != recorded["fingerprint"]:
+    if "fingerprint" in recorded and lookup_fingerprint(array) != recorded["fingerprint"]:
         raise ChecksumError(f"{where}: the projection lookup does not match its recorded fingerprint")
     try:
         checked = checked_lookup(array)
@@ -371,6 +376,14 @@ def spec_projection(spec: TableSpec) -> VocabProjection:
     spec.check_compressed_size(
         projection.compressed_size, f"the projection of {spec.tokenizer or 'embedded:deepseek-v3'}"
     )
+    return projection
+
+
+def projection_for(spec: TableSpec, projection: VocabProjection | None = None) -> VocabProjection:
+    """The projection given, checked against the spec's `compressed_vocab_size`, or the spec's own."""
+    if projection is None:
+        return spec_projection(spec)
+    spec.check_compressed_size(projection.compressed_size, "the projection")
     return projection
 
 

@@ -41,7 +41,7 @@ from ..errors import EngramError, OutputExistsError, UsageError
 from ..helpers import check_free_space, cpu_count, in_parallel, remove_stale_temporaries
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
-from ..vocab import VocabProjection, spec_projection
+from ..vocab import VocabProjection, projection_for
 from .attributes import default_init, spec_difference
 from .create import (
     check_outside_stores,
@@ -270,8 +270,7 @@ def build_tables(
         if dtype not in STORE_DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
         spec = spec.replace(dtype=dtype)
-    projection = projection or spec_projection(spec)
-    spec.check_compressed_size(projection.compressed_size, "the projection")
+    projection = projection_for(spec, projection)
     output = None if output is None else store_path(output)
     action, existing = "plan", None
     if output is not None:
