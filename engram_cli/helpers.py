@@ -254,6 +254,13 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+def first_line(exc: BaseException, os_words: bool = False) -> str:
+    """The first line of an exception's message, for one-line errors; its type's name when the
+    message is blank. With `os_words`, an OS error's own words where it has them (no errno, no path)."""
+    text = str((getattr(exc, "strerror", None) if os_words else None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def write_error(path: str | Path, exc: OSError) -> EngramError:
     """The one-line error of a failed write: a ResourceError when the disk (or a quota, or a
     file size limit) is full, an EngramError naming the reason otherwise."""

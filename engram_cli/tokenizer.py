@@ -24,7 +24,7 @@ from typing import IO
 from tokenizers import Tokenizer
 
 from .errors import EngramError, FormatError, ResourceError
-from .helpers import human_bytes, mebibytes, read_file_limited, read_limited
+from .helpers import first_line, human_bytes, mebibytes, read_file_limited, read_limited
 
 EMBEDDED_NAME = "deepseek-v3"
 EMBEDDED_PREFIX = "embedded:"
@@ -107,14 +107,9 @@ def read_tokenizer_zip(source: Path | IO[bytes], where: str) -> bytes:
             with archive.open(info) as member:
                 return read_limited(member, MAX_TOKENIZER_BYTES, what)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-        raise FormatError(f"{where} is not a valid zip file: {_first_line(exc)}") from None
+        raise FormatError(f"{where} is not a valid zip file: {first_line(exc)}") from None
     except OSError as exc:
-        raise FormatError(f"cannot read {where}: {exc.strerror or _first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise FormatError(f"cannot read {where}: {first_line(exc, os_words=True)}") from None
 
 
 def _read_path(path: Path) -> bytes:
@@ -161,7 +156,7 @@ def _read_hub(repo_id: str) -> bytes:
         fetched = Path(hf_hub_download(repo_id, "tokenizer.json", etag_timeout=_HUB_TIMEOUT))
     except Exception as exc:  # the hub client raises many kinds of network errors
         raise EngramError(
-            f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {_first_line(exc)}"
+            f"cannot fetch tokenizer.json of Hub repo {repo_id!r} from {constants.ENDPOINT}: {first_line(exc)}"
         ) from None
     return read_file_limited(fetched, MAX_TOKENIZER_BYTES, f"tokenizer.json of Hub repo {repo_id!r}")
 

@@ -85,12 +85,13 @@ class DocBatch:
         return int(self.ids.size)
 
     def per_format(self) -> dict[str, tuple[int, int]]:
-        """(documents, tokens) that start or lie in this batch, per format."""
+        """(documents, tokens) that start or lie in this batch, per format (`starts` is sorted: a run's
+        documents are found by bisection, not by a scan of every start per run)."""
         counts: dict[str, tuple[int, int]] = {}
         begin = 0
         for name, end in self.formats:
             end = min(end, self.tokens)
-            docs = int(np.count_nonzero((self.starts >= begin) & (self.starts < end)))
+            docs = int(np.searchsorted(self.starts, end) - np.searchsorted(self.starts, begin))
             before = counts.get(name, (0, 0))
             counts[name] = (before[0] + docs, before[1] + end - begin)
             begin = end

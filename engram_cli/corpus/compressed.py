@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ..errors import FormatError
+from ..helpers import first_line
 from .files import Source
 
 MAGIC = {
@@ -77,8 +78,7 @@ def decompression_errors(source: Source, compression: str) -> Iterator[None]:
     try:
         yield
     except (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, gzip.BadGzipFile, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{source}: corrupt or truncated {compression} data ({reason})") from None
+        raise FormatError(f"{source}: corrupt or truncated {compression} data ({first_line(exc)})") from None
 
 
 class _ZstdReader(io.RawIOBase):

@@ -18,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import EngramError, FormatError, UsageError
+from ..helpers import first_line
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".xz", ".bz2")
 
@@ -80,7 +81,7 @@ class Source:
                 return open(self.path, "rb")
             return self.fs.open(str(self.path), "rb")
         except (OSError, ValueError) as exc:
-            raise EngramError(f"cannot read {self}: {reason(exc)}") from None
+            raise EngramError(f"cannot read {self}: {first_line(exc, os_words=True)}") from None
 
     def read_array(self, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
         """`count` items of `dtype` at byte `offset` (fewer at the end of the file).
@@ -98,7 +99,7 @@ class Source:
                     return np.fromfile(handle, dtype=dtype, count=count)
                 data = handle.read(count * dtype.itemsize)
         except OSError as exc:
-            raise EngramError(f"cannot read {self}: {reason(exc)}") from None
+            raise EngramError(f"cannot read {self}: {first_line(exc, os_words=True)}") from None
         usable = len(data) - len(data) % dtype.itemsize
         return np.frombuffer(data[:usable], dtype=dtype)
 
@@ -109,12 +110,7 @@ class Source:
                 return Path(self.path).stat().st_size
             return int(self.fs.size(str(self.path)))
         except (OSError, ValueError) as exc:
-            raise EngramError(f"cannot read {self}: {reason(exc)}") from None
-
-
-def reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return text.strip().splitlines()[0]
+            raise EngramError(f"cannot read {self}: {first_line(exc, os_words=True)}") from None
 
 
 def kind_of(name: str, explicit: bool = True) -> str:
@@ -207,7 +203,7 @@ def filesystem(url: str) -> tuple[Any, str]:
         package = (missing or protocol).split(".")[0]
         raise UsageError(f"reading {protocol}:// URLs needs the {package} package: pip install {package}") from None
     except ValueError as exc:
-        raise UsageError(f"cannot open {url}: {reason(exc)}") from None
+        raise UsageError(f"cannot open {url}: {first_line(exc, os_words=True)}") from None
 
 
 def read_json(files: Files, path: PurePath) -> Any:
@@ -215,4 +211,4 @@ def read_json(files: Files, path: PurePath) -> Any:
     try:
         return json.loads(files.read_text(path))
     except (OSError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: not readable JSON ({reason(exc)})") from None
+        raise FormatError(f"{path}: not readable JSON ({first_line(exc, os_words=True)})") from None

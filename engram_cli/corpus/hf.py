@@ -19,8 +19,9 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from ..errors import EngramError, FormatError, UsageError
+from ..helpers import first_line
 from .base import CorpusOptions, DocBatch
-from .files import Files, Source, read_json, reason
+from .files import Files, Source, read_json
 from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
 from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
 from .text import Utf8Lines
@@ -105,8 +106,7 @@ def hub_sources(dataset_id: str, split: str | None, config: str | None) -> list[
     try:
         loaded = datasets.load_dataset(dataset_id, name=config, split=split)
     except Exception as exc:  # datasets raises many kinds for missing, gated or uncached datasets
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = first_line(exc)
         if offline:
             raise EngramError(
                 f"no such corpus file or folder: {dataset_id}, nor a Hub dataset in the local Hugging Face "
@@ -149,7 +149,7 @@ class _ArrowFile:
                 self.schema = stream_reader.schema
                 self._batches = iter(stream_reader)
         except self._errors as exc:
-            raise FormatError(f"{source}: not a readable Arrow file ({reason(exc)})") from None
+            raise FormatError(f"{source}: not a readable Arrow file ({first_line(exc, os_words=True)})") from None
         self.field = require_column(source, self.schema.names, options)
 
     def columns(self, tally: Tally) -> Iterator[tuple[int, Any]]:
@@ -163,26 +163,27 @@ class _ArrowFile:
                 tally.advance(step)
                 done += step
         except self._errors as exc:
-            raise FormatError(f"{self.source}: cannot read record batch at row {row} ({reason(exc)})") from None
+            why = first_line(exc, os_words=True)
+            raise FormatError(f"{self.source}: cannot read record batch at row {row} ({why})") from None
         tally.advance(self.source.size - done)
 
 
-class ArrowTextReader(TextReader):
+class _ArrowReader(Reader):
+    """What the text and id readers of an Arrow file share: the file, opened once."""
+
     def __init__(self, source: Source, options: CorpusOptions) -> None:
         super().__init__(source, options)
         self.arrow = _ArrowFile(source, options)
 
+
+class ArrowTextReader(_ArrowReader, TextReader):
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
         lines = Utf8Lines(tally)
         for _, column in self.arrow.columns(tally):
             yield from arrow_texts(column, self.source, self.arrow.field, lines)
 
 
-class ArrowIdReader(IdReader):
-    def __init__(self, source: Source, options: CorpusOptions) -> None:
-        super().__init__(source, options)
-        self.arrow = _ArrowFile(source, options)
-
+class ArrowIdReader(_ArrowReader, IdReader):
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
         rows = RowBatcher(reading.batch_tokens)
         for first_row, column in self.arrow.columns(tally):

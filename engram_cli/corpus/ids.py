@@ -48,6 +48,15 @@ class IdFile:
         return data.reshape(-1, width) if self.ndim == 2 else data
 
 
+def first_bad_id(ids: np.ndarray, vocab_size: int) -> tuple[int, str] | None:
+    """The flat index of the first id that is negative or not below `vocab_size`, and why (for
+    the message every reader words alike); None when every id is usable."""
+    if not ids.size or (ids.min() >= 0 and ids.max() < vocab_size):
+        return None
+    at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+    return at, "is negative" if ids.flat[at] < 0 else f"is not below the projection's vocab size {vocab_size}"
+
+
 def check_chunk(ids: np.ndarray, source: Source, vocab_size: int, where: Callable[[tuple], list[int]]) -> None:
     """Refuse negative ids and ids past the vocab, naming the file and the position in it.
 
@@ -57,17 +66,33 @@ def check_chunk(ids: np.ndarray, source: Source, vocab_size: int, where: Callabl
         vocab_size: the projection's vocab size.
         where: the position in the file of an index into `ids`.
     """
-    if not ids.size:
+    bad = first_bad_id(ids, vocab_size)
+    if bad is None:
         return
-    low, high = ids.min(), ids.max()
-    if low >= 0 and high < vocab_size:
-        return
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))[0]
-    value = int(ids[tuple(bad)])
-    position = where(tuple(int(i) for i in bad))
+    at, reason = bad
+    index = tuple(int(i) for i in np.unravel_index(at, ids.shape))
+    position = where(index)
     shown = position[0] if len(position) == 1 else position
-    reason = "is negative" if value < 0 else f"is not below the projection's vocab size {vocab_size}"
-    raise EngramError(f"{source}: token id {value} at position {shown} {reason}")
+    raise EngramError(f"{source}: token id {int(ids[index])} at position {shown} {reason}")
+
+
+def left_context(starts: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """The context of a batch: none when it begins with a document, else the carried `tail`."""
+    return EMPTY if (starts.size and starts[0] == 0) else tail
+
+
+def carry_tail(ids: np.ndarray, starts: np.ndarray, before: np.ndarray, context: int) -> np.ndarray:
+    """The last `context` ids of the document a batch ends in, which the next batch carries if it
+    continues that document; `before` is what this batch carried (a batch may lie in one document).
+
+    Args:
+        ids: the batch's ids.
+        starts: where its documents begin.
+        before: the tail the batch itself carried.
+        context: how many ids of left context a batch carries.
+    """
+    current = ids[int(starts[-1]) :] if starts.size else np.concatenate([before, ids])
+    return current[max(0, current.size - context) :].copy()
 
 
 def id_spans(array: IdFile, size: int, target_bytes: int, min_ids: int) -> list[Span]:
@@ -164,9 +189,8 @@ def stream_batches(array: IdFile, reading: IdReading, sep: int | None, span: Spa
         check_chunk(ids, array.source, reading.vocab_size, where)
         ids = ids.astype(np.int64, copy=False)
         starts = np.flatnonzero(flags)
-        carried = EMPTY if (starts.size and starts[0] == 0) else tail
-        current = ids[starts[-1] :] if starts.size else np.concatenate([tail, ids])
-        tail = current[max(0, current.size - context) :].copy()
+        carried = left_context(starts, tail)
+        tail = carry_tail(ids, starts, tail, context)
         at_start = bool(sep is not None and raw.size and raw[-1] == sep) or (at_start and ids.size == 0)
         if ids.size:
             yield DocBatch(ids, starts, carried)

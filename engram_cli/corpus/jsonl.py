@@ -17,12 +17,13 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import FormatError
-from .base import BINARY_SNIFF_BYTES, CorpusOptions, DocBatch
+from .base import CorpusOptions, DocBatch
 from .compressed import open_stream
 from .files import Source
+from .ids import first_bad_id
 from .readers import IdReader, IdReading, Span, Tally, TextReader
 from .records import RowBatcher, chosen_field
-from .text import Utf8Lines, skip_binary
+from .text import decoded_lines, skip_binary, sniff
 
 # Characters of a JSON array decoded at a time.
 ARRAY_CHARS = 1 << 20
@@ -43,9 +44,8 @@ class _JsonRecords:
     def records(self, tally: Tally) -> Iterator[tuple[str, Any]]:
         """(where, record) of every record: `file:line` or `file[element]`, and the parsed JSON."""
         with open_stream(self.source) as (stream, compression):
-            head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]  # type: ignore[attr-defined]
+            head = sniff(stream)
             if skip_binary(self.source, head, tally):
-                tally.advance(self.source.size)
                 return
             first = head.lstrip()[:1]
             if self.source.kind == "json" and first == b"[":
@@ -56,11 +56,7 @@ class _JsonRecords:
             tally.advance(self.source.size)
 
     def _lines(self, stream: IO[bytes], tally: Tally, plain: bool) -> Iterator[tuple[str, Any]]:
-        lines = Utf8Lines(tally)
-        for number, line in enumerate(stream, start=1):
-            if plain:
-                tally.advance(len(line))
-            text = lines.decode(line.rstrip(b"\r\n"))
+        for number, text in enumerate(decoded_lines(stream, tally, plain), start=1):
             if not text.strip():
                 continue
             where = f"{self.source}:{number}"
@@ -167,11 +163,9 @@ class JsonIdReader(IdReader):
             if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
                 raise FormatError(f"{where}: field {records.field!r} is not a list of integer token ids")
             ids = ids.astype(np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= reading.vocab_size):
-                at = int(np.flatnonzero((ids < 0) | (ids >= reading.vocab_size))[0])
-                reason = (
-                    "is negative" if ids[at] < 0 else f"is not below the projection's vocab size {reading.vocab_size}"
-                )
+            bad = first_bad_id(ids, reading.vocab_size)
+            if bad is not None:
+                at, reason = bad
                 raise FormatError(f"{where}: token id {int(ids[at])} at position {at} {reason}")
             yield from rows.add(ids, np.array([ids.size], np.int64))
         yield from rows.finish()

@@ -24,11 +24,24 @@ _WINDOW = 4096  # characters on each side of a target cut handed to the pre-toke
 _MARGIN = 1024  # a boundary this close to a window edge might depend on text outside it
 
 
-def pieces(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+def added_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The added (special) tokens a cut must not fall inside: read once per tokenizer, not per
+    document, as a tokenizer may hold hundreds."""
+    return [t.content for t in tokenizer.get_added_tokens_decoder().values() if len(t.content) > 1]
+
+
+def pieces(
+    tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHARS, added: list[str] | None = None
+) -> Iterator[str]:
     """`text` itself when short; otherwise consecutive pieces of about `piece_chars` characters
-    whose tokenizations, concatenated, are the tokenization of `text`."""
+    whose tokenizations, concatenated, are the tokenization of `text`. `added` is
+    `added_tokens(tokenizer)`, looked up here when not given."""
+    if len(text) <= piece_chars:  # most documents: nothing to cut, nothing to look up
+        yield text
+        return
+    if added is None:
+        added = added_tokens(tokenizer)
     start = 0
-    added = [t.content for t in tokenizer.get_added_tokens_decoder().values() if len(t.content) > 1]
     while len(text) - start > piece_chars:
         cut = _boundary(tokenizer, text, start + piece_chars, added)
         yield text[start:cut]

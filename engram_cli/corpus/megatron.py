@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
 from .files import Source
-from .ids import EMPTY, IdFile, check_chunk, id_spans
+from .ids import EMPTY, IdFile, carry_tail, check_chunk, id_spans, left_context
 from .readers import IdReader, IdReading, Span, Tally
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -207,9 +207,8 @@ class MegatronReader(IdReader):
             check_chunk(raw, self.source, reading.vocab_size, lambda i: [lo + int(i[0])])
             ids = raw.astype(np.int64, copy=False)
             starts = index.starts_in(lo, hi) - lo
-            carried = EMPTY if (starts.size and starts[0] == 0) else tail
-            current = ids[starts[-1] :] if starts.size else np.concatenate([tail, ids])
-            tail = current[max(0, current.size - context) :].copy()
+            carried = left_context(starts, tail)
+            tail = carry_tail(ids, starts, tail, context)
             if ids.size:
                 yield DocBatch(ids, starts, carried)
         tally.advance(self.source.size)

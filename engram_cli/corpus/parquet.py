@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import FormatError
+from ..helpers import first_line
 from .base import CorpusOptions, DocBatch
 from .files import Source
 from .readers import IdReader, IdReading, Reader, Span, Tally, TextReader
@@ -20,11 +21,6 @@ from .text import Utf8Lines
 
 # Bytes of uncompressed text per record batch.
 TEXT_BATCH_BYTES = 16 << 20
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _ParquetFile:
@@ -39,32 +35,29 @@ class _ParquetFile:
         try:
             self.file = pq.ParquetFile(str(source.path) if source.fs is None else source.open())
         except self._errors as exc:
-            raise FormatError(f"{source}: not a readable Parquet file ({_reason(exc)})") from None
+            raise FormatError(f"{source}: not a readable Parquet file ({first_line(exc)})") from None
         self.meta = self.file.metadata
         self.field = require_column(source, self.file.schema_arrow.names, options)
-        self.column = self.file.schema_arrow.names.index(self.field)
         self.groups = self.meta.num_row_groups
 
     def group_rows(self, group: int) -> int:
         return int(self.meta.row_group(group).num_rows)
 
-    def group_bytes(self, group: int, compressed: bool = True) -> int:
-        """Bytes of the chosen column in a row group (leaf columns of a nested one summed)."""
+    def _chunks(self, group: int) -> Iterator[Any]:
+        """The column chunks of the chosen column in a row group: its leaf columns, if nested."""
         row_group = self.meta.row_group(group)
-        total = 0
         for j in range(row_group.num_columns):
             chunk = row_group.column(j)
             if chunk.path_in_schema.split(".")[0] == self.field:
-                total += chunk.total_compressed_size if compressed else chunk.total_uncompressed_size
-        return total
+                yield chunk
+
+    def group_bytes(self, group: int, compressed: bool = True) -> int:
+        """Bytes of the chosen column in a row group."""
+        return sum(c.total_compressed_size if compressed else c.total_uncompressed_size for c in self._chunks(group))
 
     def group_values(self, group: int) -> int:
-        row_group = self.meta.row_group(group)
-        return sum(
-            row_group.column(j).num_values
-            for j in range(row_group.num_columns)
-            if row_group.column(j).path_in_schema.split(".")[0] == self.field
-        )
+        """Values (token ids, for a list column) of the chosen column in a row group."""
+        return sum(c.num_values for c in self._chunks(group))
 
     def spans(self, target_bytes: int) -> list[Span] | None:
         """Consecutive row groups of about `target_bytes` (compressed) each; None for one group."""
@@ -98,11 +91,13 @@ class _ParquetFile:
                     yield row, batch.column(0)
                     row += batch.num_rows
             except self._errors as exc:
-                raise FormatError(f"{self.source}: cannot read row group {group} ({_reason(exc)})") from None
+                raise FormatError(f"{self.source}: cannot read row group {group} ({first_line(exc)})") from None
             tally.advance(self.group_bytes(group))
 
 
-class ParquetTextReader(TextReader):
+class _ParquetReader(Reader):
+    """What the text and id readers of a Parquet file share: the file, split by row groups."""
+
     def __init__(self, source: Source, options: CorpusOptions) -> None:
         super().__init__(source, options)
         self.parquet = _ParquetFile(source, options)
@@ -110,6 +105,8 @@ class ParquetTextReader(TextReader):
     def spans(self, target_bytes: int, min_ids: int) -> list[Span] | None:
         return self.parquet.spans(target_bytes)
 
+
+class ParquetTextReader(_ParquetReader, TextReader):
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
         parquet = self.parquet
         lines = Utf8Lines(tally)
@@ -121,14 +118,7 @@ class ParquetTextReader(TextReader):
             yield from arrow_texts(column, self.source, parquet.field, lines)
 
 
-class ParquetIdReader(IdReader):
-    def __init__(self, source: Source, options: CorpusOptions) -> None:
-        super().__init__(source, options)
-        self.parquet = _ParquetFile(source, options)
-
-    def spans(self, target_bytes: int, min_ids: int) -> list[Span] | None:
-        return self.parquet.spans(target_bytes)
-
+class ParquetIdReader(_ParquetReader, IdReader):
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:
         parquet = self.parquet
         rows = RowBatcher(reading.batch_tokens)

@@ -29,7 +29,7 @@ def split_corpus(corpus: Corpus, parts: int, min_ids: int = ID_BATCH_TOKENS) -> 
             "--max-tokens reads the inputs in order and cannot be split over a cluster; "
             "drop it, or run without --scheduler/--dask-workers"
         )
-    total = sum(s.size for s in sources) or 1
+    total = corpus.total_bytes or 1
     target = max(1, total // max(1, parts))
     pieces: list[CorpusPart] = []
     spanned: list[CorpusPart] = []

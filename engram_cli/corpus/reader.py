@@ -32,7 +32,8 @@ from .base import (
     tagged,
 )
 from .files import Source
-from .long_documents import PIECE_CHARS, pieces
+from .ids import carry_tail
+from .long_documents import PIECE_CHARS, added_tokens, pieces
 from .readers import IdReader, IdReading, Span, TextReader, open_reader, reads_text
 from .sources import find_sources
 
@@ -173,33 +174,26 @@ class Corpus:
         """Documents tokenized `text_batch_chars` at a time; a long document in pieces, so a
         batch may end inside one and the next carry its left context."""
         tokenizer = self.tokenizer()
+        added = added_tokens(tokenizer)
         pending: list[str] = []
         formats: list[str] = []
         continues: list[bool] = []  # the text continues the document before it
         size = 0
         carry = np.zeros(0, np.int64)  # the last ids of the document the previous batch ended in
         for name, text in self._texts(sources, stop):
-            for index, piece in enumerate(pieces(tokenizer, text, self.piece_chars)):
+            for index, piece in enumerate(pieces(tokenizer, text, self.piece_chars, added)):
                 pending.append(piece)
                 formats.append(name)
                 continues.append(index > 0)
                 size += len(piece)
                 if size >= self.text_batch_chars:
                     batch = self._encode(tokenizer, pending, formats, continues, carry)
-                    carry = self._carry(batch, carry)
+                    carry = carry_tail(batch.ids, batch.starts, carry, self.context)
                     yield self._tagged(batch)
                     pending, formats, continues, size = [], [], [], 0
         if pending:
             yield self._tagged(self._encode(tokenizer, pending, formats, continues, carry))
         yield from self._leftover()
-
-    def _carry(self, batch: DocBatch, before: np.ndarray) -> np.ndarray:
-        """The left context a next batch needs if it continues the document this one ends in."""
-        if batch.starts.size:
-            tail = batch.ids[int(batch.starts[-1]) :]
-        else:  # the whole batch continues one document
-            tail = np.concatenate([before, batch.ids])
-        return tail[max(0, tail.size - self.context) :].copy()
 
     def _encode(
         self, tokenizer: Any, texts: list[str], formats: list[str], continues: list[bool], carry: np.ndarray

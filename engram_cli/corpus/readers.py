@@ -18,7 +18,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 from .base import CorpusOptions, DocBatch
 from .files import Source
@@ -47,19 +47,12 @@ class IdReading:
     vocab_size: int
 
 
-class Reader(ABC):
+class Reader:
     """Reads the documents of one source (or of one span of it)."""
-
-    tokenized: ClassVar[bool]
 
     def __init__(self, source: Source, options: CorpusOptions) -> None:
         self.source = source
         self.options = options
-
-    @property
-    def format_name(self) -> str:
-        """The format the summary counts this source's documents under: its kind."""
-        return self.source.kind
 
     def spans(self, target_bytes: int, min_ids: int) -> list[Span] | None:
         """How a cluster may split this source: spans of about `target_bytes` (and at least
@@ -67,20 +60,16 @@ class Reader(ABC):
         return None
 
 
-class TextReader(Reader):
+class TextReader(Reader, ABC):
     """A reader of documents as text, which the corpus tokenizes."""
-
-    tokenized = True
 
     @abstractmethod
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
         """Every non-empty document of the source (or span), in order."""
 
 
-class IdReader(Reader):
+class IdReader(Reader, ABC):
     """A reader of pre-tokenized documents."""
-
-    tokenized = False
 
     @abstractmethod
     def batches(self, tally: Tally, reading: IdReading, span: Span | None = None) -> Iterator[DocBatch]:

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import FormatError
 from .base import CorpusOptions, DocBatch
 from .files import Source
-from .ids import EMPTY
+from .ids import EMPTY, first_bad_id
 from .text import Utf8Lines
 
 
@@ -108,17 +108,14 @@ def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: 
         first_row: the row in the file of the first row.
         vocab_size: every id must be below it.
     """
-    if not ids.size:
+    bad = first_bad_id(ids, vocab_size)
+    if bad is None:
         return
-    if ids.min() >= 0 and ids.max() < vocab_size:
-        return
-    at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+    at, reason = bad
     ends = np.cumsum(lengths)
     row = int(np.searchsorted(ends, at, side="right"))
     index = at - int(ends[row] - lengths[row])
-    value = int(ids[at])
-    reason = "is negative" if value < 0 else f"is not below the projection's vocab size {vocab_size}"
-    raise FormatError(f"{source}: token id {value} at position [{first_row + row}, {index}] {reason}")
+    raise FormatError(f"{source}: token id {int(ids[at])} at position [{first_row + row}, {index}] {reason}")
 
 
 class RowBatcher:

@@ -20,8 +20,10 @@ import re
 from pathlib import Path, PurePath
 
 from ..errors import EngramError, FormatError, UsageError
-from .files import Files, Source, filesystem, kind_of, reason
+from ..helpers import first_line
+from .files import Files, Source, filesystem, kind_of
 from .hf import dataset_folder_sources, hub_sources, is_dataset_folder
+from .megatron import MAGIC as MEGATRON_MAGIC
 
 # A Hub dataset id, `owner/name`, as the Hub allows them.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -50,7 +52,7 @@ def find_sources(
             except EngramError:
                 raise
             except Exception as exc:  # each backend raises its own errors for missing keys, denied access, ...
-                raise EngramError(f"cannot read {text}: {reason(exc)}") from None
+                raise EngramError(f"cannot read {text}: {first_line(exc, os_words=True)}") from None
             continue
         if text.lower().startswith("file://"):
             text = filesystem(text)[1]
@@ -125,7 +127,7 @@ def _walk(files: Files, root: PurePath, glob: str | None, split: str | None) -> 
                 if suffix == ".bin":
                     sources.append(files.source(path, "megatron", True, size + sizes[other]))
                 continue
-            if suffix == ".idx" and files.head(path, 9) == b"MMIDIDX\x00\x00":
+            if suffix == ".idx" and files.head(path, len(MEGATRON_MAGIC)) == MEGATRON_MAGIC:
                 raise FormatError(f"{path}: a Megatron index without its data file {other.name}")
         sources.append(files.source(path, kind_of(path.name, explicit=False), True, size))
     return sources

@@ -8,6 +8,7 @@ read. A compressed file (gzip, zstd, xz, bz2) is read through its decompressor.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import IO
 
 from .base import BINARY_SNIFF_BYTES, CorpusOptions
 from .compressed import open_stream
@@ -45,8 +46,14 @@ class Utf8Lines:
         return text
 
 
+def sniff(stream: IO[bytes]) -> bytes:
+    """The first bytes of a (buffered) stream, left in it to be read."""
+    return stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]  # type: ignore[attr-defined]
+
+
 def skip_binary(source: Source, head: bytes, tally: Tally) -> bool:
-    """Whether a file found in a folder is binary (a NUL byte early on), counted as skipped.
+    """Whether a file found in a folder is binary (a NUL byte early on), counted as skipped and
+    as read (progress covers the whole file).
 
     Args:
         source: the file.
@@ -57,30 +64,40 @@ def skip_binary(source: Source, head: bytes, tally: Tally) -> bool:
         tally.count("files", -1)
         tally.count(f"files:{source.kind}", -1)
         tally.count("skipped_binary")
+        tally.advance(source.size)
         return True
     return False
+
+
+def decoded_lines(stream: IO[bytes], tally: Tally, plain: bool) -> Iterator[str]:
+    """Every line of a stream, decoded, without its line end (empty lines too, so callers can
+    number them); when `plain` (not compressed), progress advances by each line's bytes.
+
+    Args:
+        stream: the file's (decompressed) bytes.
+        tally: counts text bytes, invalid UTF-8 and progress.
+        plain: whether the stream's bytes are the file's own.
+    """
+    lines = Utf8Lines(tally)
+    for line in stream:
+        if plain:
+            tally.advance(len(line))
+        yield lines.decode(line.rstrip(b"\r\n"))
 
 
 class TextFileReader(TextReader):
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
         with open_stream(self.source) as (stream, compression):
-            if skip_binary(self.source, stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES], tally):  # type: ignore[attr-defined]
-                tally.advance(self.source.size)
+            if skip_binary(self.source, sniff(stream), tally):
                 return
-            lines = Utf8Lines(tally)
             if self.options.doc_per == "line":
-                for line in stream:
-                    if compression is None:
-                        tally.advance(len(line))
-                    text = lines.decode(line.rstrip(b"\r\n"))
-                    if text:
-                        yield text
+                yield from (text for text in decoded_lines(stream, tally, compression is None) if text)
                 if compression is not None:
                     tally.advance(self.source.size)
                 return
             data = stream.read()
         tally.advance(self.source.size)
-        yield lines.decode(data)
+        yield Utf8Lines(tally).decode(data)
 
 
 def make_reader(source: Source, options: CorpusOptions) -> TextFileReader:
