@@ -2,8 +2,8 @@
 
 Atomic file writes (a temporary name beside the target, renamed onto it when complete, so
 readers never see half a file), output-file checks before any work, reads bounded by a size
-limit, the usable cpu count and available memory, bounded parallel map and one-ahead prefetch,
-row blocks, and numbers as people read them.
+limit, file names that stay in their folder, the usable cpu count and available memory, bounded
+parallel map and one-ahead prefetch, row blocks, and numbers as people read them.
 """
 
 from __future__ import annotations
@@ -164,6 +164,12 @@ def read_file_limited(path: Path, limit: int, what: str) -> bytes:
                 f"{what} is {human_bytes(info.st_size)}, larger than {mebibytes(limit)}, the most engram reads for it"
             )
         return read_limited(stream, limit, what)
+
+
+def plain_file_name(name: Any) -> bool:
+    """Whether a name a file records for another file (an index's shard, a checkpoint's piece) is
+    a file of the same folder: no folder part, no `..`, not absolute, so reading it stays inside."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def pct(x: float | np.floating[Any]) -> str:

@@ -144,6 +144,15 @@ class TableSpec:
         r = rng.integers(0, bound, size=self.max_ngram_size, dtype=np.int64)
         return r * 2 + 1
 
+    def layer_hashing(self, layer_id: int, compressed_size: int) -> dict[str, list[int]]:
+        """What the hasher needs of one layer (head sizes, offsets, multipliers), as a store's
+        attributes and a checkpoint's metadata tensors record it, so both derive it alike."""
+        return {
+            "head_sizes": self.head_sizes(layer_id),
+            "offsets": self.offsets(layer_id),
+            "multipliers": [int(m) for m in self.multipliers(layer_id, compressed_size)],
+        }
+
     def scaled(self, factor: float) -> TableSpec:
         """The same spec with every order's minimum head size scaled (for size sweeps)."""
         scaled = [v * factor for v in self.engram_vocab_size]

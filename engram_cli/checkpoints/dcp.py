@@ -38,7 +38,7 @@ import torch
 
 from ..dtypes import INFERENCE_DTYPES, STORE_DTYPES, from_torch, torch_dtype
 from ..errors import ChecksumError, EngramError, FormatError, UsageError
-from ..helpers import os_error_behind, prefetched, row_blocks, swap_into_place, write_error
+from ..helpers import os_error_behind, plain_file_name, prefetched, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from ..spec import TableSpec, spec_from_dict
 from .conversion import Conversion
@@ -50,8 +50,10 @@ from .keys import (
     TOKENIZER_ZIP_KEY,
     check_distinct_keys,
     check_key_template,
+    head_key,
     meta_keys,
     metadata_keys,
+    piece_names,
 )
 from .metadata import check_given, check_meta_tensors, meta_tensors
 from .output import prepare_output, remove_tree
@@ -97,11 +99,10 @@ def _training_tensors(source: StoreSource, key_template: str, per_head: bool, sh
             continue
         count = shards or source.store.ranks
         for head, (offset, size) in enumerate(zip(spec.offsets(layer_id), spec.head_sizes(layer_id))):
-            order, order_head = divmod(head, spec.n_head_per_ngram)
-            key = key_template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
+            key = head_key(key_template, layer_id, head, spec.n_head_per_ngram)
             tensors.append(_Tensor(key, layer_id, offset, offset + size, tuple(even_pieces(size, count))))
     check_distinct_keys(
-        {f"layer {t.layer_id} rows {t.start}-{t.stop - 1}": t.key for t in tensors},
+        piece_names((t.layer_id, t.key, t.start, t.stop) for t in tensors),
         metadata_keys(spec.layer_ids),
         f"key template {key_template!r}",
     )
@@ -434,10 +435,6 @@ def _dcp_load(path: Path, windows: dict[str, tuple[int, torch.Tensor]]) -> None:
         raise _load_failure(path, exc) from None
 
 
-def _plain_file(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
-
-
 def _check_pieces(path: Path, metadata: Any, keys: Iterable[str]) -> None:
     """Refuse, before anything is read, a checkpoint whose `.metadata` does not add up: pieces
     of a tensor that overlap or leave part of it uncovered (the buffer would keep garbage there),
@@ -462,7 +459,7 @@ def _check_pieces(path: Path, metadata: Any, keys: Iterable[str]) -> None:
                     f"{path}/.metadata lists a piece of {key} at {list(offsets)} but not where it is stored"
                 )
             name = info.relative_path
-            if not _plain_file(name):
+            if not plain_file_name(name):
                 raise FormatError(f"{path}/.metadata puts a piece of {key} in {name!r}, outside the checkpoint folder")
             if name not in sizes:
                 try:
@@ -506,7 +503,7 @@ def _engram_tables(meta: dict[str, Any], spec: TableSpec, where: str) -> dict[in
         }
     except (KeyError, TypeError, ValueError, AttributeError):
         raise FormatError(f"{where}: the table list in {META_KEY} is damaged") from None
-    names = {f"layer {layer} rows {a}-{b - 1}": key for layer, parts in tables.items() for key, a, b in parts}
+    names = piece_names((layer, key, a, b) for layer, parts in tables.items() for key, a, b in parts)
     check_distinct_keys(names, metadata_keys(spec.layer_ids), where)
     for layer, parts in tables.items():
         if layer not in spec.layer_ids:
@@ -573,11 +570,10 @@ class DcpSource(TableSource):
                     continue
                 tables[layer_id] = []
                 for head, (offset, size) in enumerate(zip(spec.offsets(layer_id), spec.head_sizes(layer_id))):
-                    order, order_head = divmod(head, spec.n_head_per_ngram)
-                    key = template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
+                    key = head_key(template, layer_id, head, spec.n_head_per_ngram)
                     tables[layer_id].append((key, offset, offset + size))
             check_distinct_keys(
-                {f"layer {layer} rows {a}-{b - 1}": key for layer, parts in tables.items() for key, a, b in parts},
+                piece_names((layer, key, a, b) for layer, parts in tables.items() for key, a, b in parts),
                 (),
                 f"key template {template!r}",
             )
@@ -592,10 +588,6 @@ class DcpSource(TableSource):
         for layer_id in chosen:
             if layer_id not in tables:
                 raise UsageError(f"{path} holds no table for layer {layer_id} (layers: {sorted(tables)})")
-            if layer_id not in spec.layer_ids:
-                raise UsageError(
-                    f"layer {layer_id} of {path} is not in spec {spec.name} (layer_ids = {list(spec.layer_ids)})"
-                )
             for key, start, stop in tables[layer_id]:
                 entry = entries.get(key)
                 if not isinstance(entry, TensorStorageMetadata):
@@ -604,10 +596,6 @@ class DcpSource(TableSource):
                     raise FormatError(
                         f"{key} in {path} is {tuple(entry.size)} but spec {spec.name} needs {(stop - start, spec.dim)}"
                     )
-            if tables[layer_id][-1][2] != spec.rows(layer_id) or tables[layer_id][0][1] != 0:
-                raise FormatError(
-                    f"the tensors of layer {layer_id} in {path} do not cover its {spec.rows(layer_id):,} rows"
-                )
         _check_pieces(path, metadata, [key for layer in chosen for key, _, _ in tables[layer]])
         super().__init__(spec, projection, chosen)
         self.tables = tables

@@ -8,7 +8,6 @@ checkpoint, keeps the source's sharding unless told otherwise, and is marked com
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .conversion import Conversion
 from .dcp import DcpSource, read_windows
+from .output import remove_tree
 from .reports import ImportReport
 
 
@@ -83,7 +83,7 @@ def import_checkpoint(
     from ..store.create import check_outside_stores, check_replaceable, create_store, store_exists
     from ..store.files import BuildLock
     from ..store.layout import plan_layout
-    from ..store.shard_format import shard_file_size
+    from ..store.shard_format import layer_file_bytes
 
     checkpoint, output = Path(checkpoint), Path(output)
     kind = detect_format(checkpoint)
@@ -130,7 +130,7 @@ def import_checkpoint(
     started = time.perf_counter()
     partial = set(source.layer_ids) != set(source.spec.layer_ids)
     planned = plan_layout(source.spec.replace(dtype=store_dtype), ranks, by)
-    needed = sum(shard_file_size(planned[layer], i) for layer in source.layer_ids for i in range(planned[layer].shards))
+    needed = sum(layer_file_bytes(planned[layer]) for layer in source.layer_ids)
     remove_stale_temporaries(parent)
     check_free_space(parent, needed)
     tmp = temporary_name(parent / output.name)
@@ -168,8 +168,7 @@ def import_checkpoint(
         swap_into_place(tmp, output)
     finally:
         lock.release()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     complete = True
     notes = []
     if partial:

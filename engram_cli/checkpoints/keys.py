@@ -67,6 +67,19 @@ def check_distinct_keys(keys: dict[str, str], reserved: Iterable[str], where: st
         raise UsageError(f"{where}: {seen[taken[0]]} would be named {taken[0]!r}, the name of engram's own metadata")
 
 
+def head_key(template: str, layer_id: int, head: int, heads_per_order: int) -> str:
+    """The key of one head's tensor under a per-head template: heads count order-major, and
+    `{order}` is the n-gram order (2 for bigrams), `{order_head}` the head within it."""
+    order, order_head = divmod(head, heads_per_order)
+    return template.format(layer_id=layer_id, head=head, order=order + 2, order_head=order_head)
+
+
+def piece_names(pieces: Iterable[tuple[int, str, int, int]]) -> dict[str, str]:
+    """(layer, key, start, stop) of tensors holding rows of a layer as `check_distinct_keys` takes
+    them: `layer L rows A-B` -> key."""
+    return {f"layer {layer} rows {start}-{stop - 1}": key for layer, key, start, stop in pieces}
+
+
 DEEPSEEK_WEIGHT = "layers.{layer_id}.engram.embed.weight"
 DEEPSEEK_SCALE = "layers.{layer_id}.engram.embed.scale"
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import EngramError
 from ..vocab import VocabProjection, restore_projection
-from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY
+from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, metadata_keys
 from .safetensors_format import INDEX_NAME, MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
@@ -50,6 +50,15 @@ class Table:
     layer_id: int
     weight: str
     scale: str | None
+
+
+def check_table_names(tables: Iterable[Table], layer_ids: Iterable[int], where: str) -> None:
+    """Refuse tables and scales of an engram-layout export that would share a name, or take the
+    name of a hashing tensor of `layer_ids` (one would replace the other in the file)."""
+    tables = list(tables)
+    names = {f"layer {t.layer_id} table": t.weight for t in tables}
+    names.update({f"layer {t.layer_id} scales": t.scale for t in tables if t.scale})
+    check_distinct_keys(names, metadata_keys(layer_ids), where)
 
 
 def stored_projection(

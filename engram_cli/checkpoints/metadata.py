@@ -35,9 +35,8 @@ def hashing_arrays(source: TableSource) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for layer_id in source.layer_ids:
         keys = meta_keys(layer_id)
-        arrays[keys["head_sizes"]] = np.array(spec.head_sizes(layer_id), dtype=np.int64)
-        arrays[keys["offsets"]] = np.array(spec.offsets(layer_id), dtype=np.int64)
-        arrays[keys["multipliers"]] = spec.multipliers(layer_id, projection.compressed_size)
+        for part, values in spec.layer_hashing(layer_id, projection.compressed_size).items():
+            arrays[keys[part]] = np.array(values, dtype=np.int64)
     arrays[LOOKUP_KEY] = projection.lookup
     if projection.tokenizer_json is not None:
         arrays[TOKENIZER_ZIP_KEY] = np.frombuffer(zip_bytes(projection.tokenizer_json), np.uint8)
@@ -86,13 +85,12 @@ def check_given(
 def check_meta_tensors(values: dict[str, Any], spec: TableSpec, compressed_size: int, where: str) -> None:
     """Refuse hashing metadata tensors (head sizes, offsets, multipliers per layer) that
     disagree with the spec the same file records."""
+    derived: dict[int, dict[str, list[int]]] = {}
     for name, value in values.items():
-        layer_id, part = name.split(".")[2], name.split(".")[3]
-        expected = {
-            "head_sizes": spec.head_sizes(int(layer_id)),
-            "offsets": spec.offsets(int(layer_id)),
-            "multipliers": [int(m) for m in spec.multipliers(int(layer_id), compressed_size)],
-        }[part]
+        layer_id, part = int(name.split(".")[2]), name.split(".")[3]
+        if layer_id not in derived:
+            derived[layer_id] = spec.layer_hashing(layer_id, compressed_size)
+        expected = derived[layer_id][part]
         found = [int(v) for v in np.asarray(value).reshape(-1)]
         if found != expected:
             raise FormatError(f"{where}: {name} holds {found[:4]}... but the spec it records gives {expected[:4]}...")

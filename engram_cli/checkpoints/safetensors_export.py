@@ -31,12 +31,10 @@ from .keys import (
     DEEPSEEK_SCALE,
     DEEPSEEK_WEIGHT,
     DEFAULT_KEY_TEMPLATE,
-    check_distinct_keys,
     check_key_template,
-    metadata_keys,
     scale_key,
 )
-from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table
+from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table, check_table_names
 from .metadata import hashing_arrays
 from .model_config import ENGRAM_CONFIG, config_keys
 from .output import prepare_output, remove_tree
@@ -89,9 +87,7 @@ def _plan(
         "tables": json.dumps({str(t.layer_id): {"weight": t.weight, "scale": t.scale} for t in tables}),
         "sharding": json.dumps(source.sharding),
     }
-    names = {f"layer {t.layer_id} table": t.weight for t in tables}
-    names.update({f"layer {t.layer_id} scales": t.scale for t in tables if t.scale is not None})
-    check_distinct_keys(names, metadata_keys(spec.layer_ids), f"key template {key_template!r}")
+    check_table_names(tables, spec.layer_ids, f"key template {key_template!r}")
     return tables, plans, metadata, small
 
 

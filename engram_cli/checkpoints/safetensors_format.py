@@ -28,6 +28,7 @@ import torch
 
 from ..dtypes import SAFETENSORS
 from ..errors import EngramError, FormatError
+from ..helpers import plain_file_name
 
 INDEX_NAME = "model.safetensors.index.json"
 _HEADER_ALIGN = 8
@@ -400,7 +401,7 @@ def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> S
             chosen = {name: file for name, file in weight_map.items() if select is None or select(name)}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FormatError(f"{path} is not a safetensors index (no weight_map)") from None
-        outside = sorted(repr(n) for n in set(weight_map.values()) if not _plain_name(n))
+        outside = sorted(repr(n) for n in set(weight_map.values()) if not plain_file_name(n))
         if outside:
             raise FormatError(f"{path} lists {outside[0]}, which is not a file name in its folder")
         files = sorted({path.parent / name for name in chosen.values()})
@@ -414,11 +415,6 @@ def open_set(path: str | Path, select: Callable[[str], bool] | None = None) -> S
                 raise FormatError(f"{path} says {tensor!r} is in {name}, but it is not there")
         return found
     return _collect([path], select)
-
-
-def _plain_name(name: Any) -> bool:
-    """A file name of the index's own folder: no folder part, no `..`, not absolute."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _collect(files: list[Path], select: Callable[[str], bool] | None = None) -> SafetensorsSet:

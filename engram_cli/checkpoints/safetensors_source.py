@@ -20,6 +20,7 @@ from ..errors import EngramError
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import dequantize
+from .metadata import check_given
 from .model_config import model_hashing
 from .sources import LayerSource, TableSource
 from .tables import EngramTables
@@ -77,4 +78,8 @@ def open_safetensors_source(
     if tables.layout == "deepseek-v41":
         spec, projection = model_hashing(path if path.is_dir() else path.parent, spec, projection)
         return SafetensorsSource(tables.with_hashing(spec, projection), layers)
-    return SafetensorsSource(EngramTables.open(path, spec=spec, projection=projection), layers)
+    # an engram export hashes as it records: a given spec or projection need only agree with that
+    assert tables.spec is not None, "an engram export records its spec"
+    fingerprint = json.loads(tables.metadata.get("projection", "{}")).get("fingerprint")
+    check_given(tables.spec, fingerprint, spec, projection, str(path))
+    return SafetensorsSource(tables, layers)

@@ -21,8 +21,8 @@ from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
-from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, meta_keys, metadata_keys
-from .layouts import SAFETENSORS_FORMAT, Table, deepseek_tables, stored_projection, tensor_filter
+from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, meta_keys
+from .layouts import SAFETENSORS_FORMAT, Table, check_table_names, deepseek_tables, stored_projection, tensor_filter
 from .metadata import check_given, check_meta_tensors
 from .model_config import model_hashing
 from .safetensors_format import MappedTensors, open_set
@@ -98,9 +98,7 @@ class EngramTables:
             check_given(stored_spec, fingerprint, spec, projection, str(path))
             layout = metadata.get("layout", "engram")
             spec = stored_spec
-            names = {f"layer {t.layer_id} table": t.weight for t in tables.values()}
-            names.update({f"layer {t.layer_id} scales": t.scale for t in tables.values() if t.scale})
-            check_distinct_keys(names, metadata_keys(spec.layer_ids), str(path))
+            check_table_names(tables.values(), spec.layer_ids, str(path))
             needed = [t.weight for t in tables.values()] + [t.scale for t in tables.values() if t.scale]
             needed.append(LOOKUP_KEY)
         else:

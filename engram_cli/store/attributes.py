@@ -60,12 +60,7 @@ def store_attrs(
     """
     layers = {}
     for layer, layout in layouts.items():
-        layers[str(layer)] = {
-            **layout.to_json(),
-            "head_sizes": spec.head_sizes(layer),
-            "offsets": spec.offsets(layer),
-            "multipliers": [int(m) for m in spec.multipliers(layer, projection.compressed_size)],
-        }
+        layers[str(layer)] = {**layout.to_json(), **spec.layer_hashing(layer, projection.compressed_size)}
     return {
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,

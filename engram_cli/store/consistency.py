@@ -118,9 +118,7 @@ def _checked_layer(
     derived: dict[str, Any] = {
         "rows": rows,
         "dim": spec.dim,
-        "head_sizes": spec.head_sizes(layer),
-        "offsets": spec.offsets(layer),
-        "multipliers": [int(m) for m in spec.multipliers(layer, compressed)],
+        **spec.layer_hashing(layer, compressed),
         "array": layer_array_name(layer),
     }
     for key, value in derived.items():
