@@ -30,13 +30,16 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import EngramError, UsageError
 from .spec import TableSpec
 from .vocab import VocabProjection
+
+if TYPE_CHECKING:
+    from .hash_stream import HashStream
 
 # Tokens of one row that one thread projects and mixes in cache before reducing them.
 BLOCK_TOKENS = 512
@@ -54,13 +57,15 @@ os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 @functools.cache
-def hash_kernel() -> Callable[..., None]:
-    """Compile (or load from numba's on-disk cache) the hashing kernel, once per process.
+def hash_kernel(parallel: bool = True) -> Callable[..., None]:
+    """Compile (or load from numba's on-disk cache) the hashing kernel, once per process and variant.
 
     numba's default OpenMP layer kills a forked child that hashes after its parent
     did (a torch DataLoader does exactly that); the workqueue layer is fork-safe,
     and the lock around each launch makes it thread-safe. An explicit
-    NUMBA_THREADING_LAYER from the user wins.
+    NUMBA_THREADING_LAYER from the user wins. The serial variant (`parallel=False`, the
+    same code looping with `range`) is for small calls: entering a parallel region costs
+    about 0.1 ms even on one thread, far more than hashing one decoded token takes.
     """
     import numba
 
@@ -73,7 +78,10 @@ def hash_kernel() -> Callable[..., None]:
         "int64[::1], int64[:, :, ::1], int64, int64[:, ::1], boolean[:, ::1], boolean[::1], int64[::1])"
     )
 
-    @numba.njit(signature, parallel=True, nogil=True, cache=True)
+    # a different closure value also gives the two variants different keys in numba's cache
+    tasks = numba.prange if parallel else range
+
+    @numba.njit(signature, parallel=parallel, nogil=True, cache=True)
     def hash_layer(
         ids, lookup, pad, mults, primes, inv_primes, offsets, out, block, positions, barrier, barrier_vocab, bad
     ):
@@ -87,7 +95,7 @@ def hash_kernel() -> Callable[..., None]:
         has_barrier = barrier.shape[0] > 0
         has_barrier_ids = barrier_vocab.size > 0
         gated = has_positions or has_barrier or has_barrier_ids
-        for task in numba.prange(n_rows * blocks_per_row):
+        for task in tasks(n_rows * blocks_per_row):
             # Inner loops index views with their own counters only: an index that numba
             # cannot prove non-negative gets a wraparound fix-up that stops vectorization.
             b = task // blocks_per_row
@@ -193,27 +201,20 @@ def hash_kernel() -> Callable[..., None]:
 
 
 def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
-    """Run the kernel; small batches on the calling thread alone. A bad position is refused.
+    """Run the kernel; small batches with its serial variant on the calling thread. A bad position is refused.
 
     Waking the worker threads costs more than a data-loader batch takes to hash, and on
-    a busy machine a sleeping worker can take milliseconds to get a core.
+    a busy machine a sleeping worker can take milliseconds to get a core. The serial variant
+    uses no threading layer, so it needs no lock.
     """
-    import numba
-
-    kernel = hash_kernel()
     blocks_per_row = -(-ids.shape[1] // BLOCK_TOKENS)
     bad = np.empty(ids.shape[0] * blocks_per_row, np.int64)
     launch = (*args, BLOCK_TOKENS, gates.positions, gates.barrier, gates.barrier_vocab, bad)
-    with _KERNEL_LOCK:
-        if ids.size >= PARALLEL_MIN_TOKENS:
-            kernel(ids, *launch)
-        else:
-            threads = numba.get_num_threads()
-            numba.set_num_threads(1)
-            try:
-                kernel(ids, *launch)
-            finally:
-                numba.set_num_threads(threads)
+    if ids.size >= PARALLEL_MIN_TOKENS:
+        with _KERNEL_LOCK:
+            hash_kernel()(ids, *launch)
+    else:
+        hash_kernel(parallel=False)(ids, *launch)
     found = np.flatnonzero(bad >= 0)
     if found.size:  # tasks run in row-major order: the first task with one holds the first index
         row = int(found[0]) // blocks_per_row
@@ -348,6 +349,18 @@ class NgramHasher:
             out: caller-owned output buffers, per layer (as for `hash`).
         """
         return self._run(input_ids, layers, True, out, positions, barrier, barrier_ids)
+
+    def stream(self, batch_size: int, *, barrier_ids: Iterable[int] | None = None) -> HashStream:
+        """A streaming state for serving: `state.rows(ids)` hashes a batch chunk by chunk (one decoded
+        token, or a piece of prefill) with each row's left context, equal to `rows` of the whole sequences.
+
+        Args:
+            batch_size: rows of the batch (serving slots); `state.reset(row)` starts a new sequence in one.
+            barrier_ids: token ids no n-gram may span, for the whole stream (`state.rows` takes a mask too).
+        """
+        from .hash_stream import HashStream
+
+        return HashStream(self, batch_size, barrier_ids)
 
     def _layer(self, layer_id: int) -> _Layer:
         layer_id = int(layer_id)

@@ -1,0 +1,203 @@
+"""Streaming n-gram hashing: rows of a chunk of prefill or of one decoded token, with the context before it.
+
+The rows of token t depend on the token and on the `context = max_ngram_size - 1` tokens before
+it: their projected ids, and whether the n-gram may reach them (the rule of `hashing`: the id at
+t - s is the projected pad when t - s lies before the sequence start or any of the tokens
+t, t - 1, ..., t - s is a barrier). So a stream keeps, per row of the batch, the last `context`
+ids and a `blocked` flag each: the token is a barrier, or it lies before the row's sequence start
+(a reset marks all of them). A call hashes `[carried context | new ids]` with the hasher's own
+kernel, the carried flags given to it as a barrier mask, and keeps the new tokens' rows.
+
+Why that is exact: a sequence start acts as a barrier just before position 0 (for a token at
+position p and shift s, "position - s < 0" and "a barrier among the s tokens back" are both
+"s > p" when the barrier stands at -1), and a carried barrier blocks exactly as it did in the whole
+sequence. A new token reaches at most `context` tokens back, all of them carried columns of its
+own row, so the kernel's padding before its input and whatever a carried column's own n-grams
+read never enter a kept row. The same reasoning lets the whole batch be hashed as one long row
+(the (B, context + t) buffer viewed as (1, B * (context + t))): a decode step is one small
+kernel call per layer, on the calling thread, not B tiny rows.
+
+Buffers for the last chunk length are kept, so decode steps allocate only their results (none
+with `out=`). Tensors on an accelerator take the hasher's torch path: the context stays on the
+device and the step is a few tensor ops, with no copy to the host.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import EngramError, UsageError
+from .hashing import _NO_POSITIONS, NgramHasher, _as_array, _as_tensor, _Gates, _launch
+
+
+class _Scratch:
+    """Kernel input and output for one chunk length: [context | new] ids and flags, per-layer rows."""
+
+    def __init__(self, batch_size: int, width: int) -> None:
+        self.width = width
+        self.ids = np.zeros((batch_size, width), np.int64)
+        self.blocked = np.zeros((batch_size, width), np.bool_)
+        self.out: dict[int, np.ndarray] = {}
+
+
+class HashStream:
+    """Per-row left context of a batch of token streams; `rows` hashes the next chunk of each row.
+
+    Made by `NgramHasher.stream(batch_size)`. Every row starts a new sequence; `reset(row)`
+    starts another one in that row (a new request in a serving slot), `reset()` in all rows.
+    """
+
+    def __init__(self, hasher: NgramHasher, batch_size: int, barrier_ids: Iterable[int] | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.hasher = hasher
+        self.batch_size = int(batch_size)
+        self.context = hasher.spec.max_ngram_size - 1
+        self._barrier_vocab = hasher.barrier_vocab(barrier_ids)
+        # the carried context: raw ids and blocked flags, numpy or tensors on the last call's device
+        self._ids: Any = np.zeros((self.batch_size, self.context), np.int64)
+        self._blocked: Any = np.ones((self.batch_size, self.context), np.bool_)
+        self._scratch = _Scratch(self.batch_size, self.context)
+
+    def reset(self, row: int | None = None) -> None:
+        """Start a new sequence in `row` (in every row when None): no n-gram reaches back past it."""
+        if row is None:
+            self._blocked[:] = True
+            return
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < self.batch_size:
+            raise UsageError(f"row must be an integer in [0, {self.batch_size}), got {row!r}")
+        self._blocked[int(row)] = True
+
+    def rows(
+        self,
+        input_ids: Any,
+        layers: Iterable[int] | None = None,
+        *,
+        barrier: Any = None,
+        out: Mapping[int, Any] | None = None,
+    ) -> dict[int, Any]:
+        """Table rows of the next `t` tokens of every row, as `NgramHasher.rows` gives them for the whole sequence.
+
+        Args:
+            input_ids: (batch_size, t) token ids, numpy or torch, t >= 0.
+            layers: only these layers.
+            barrier: a boolean mask of the ids' shape: tokens no n-gram may span (with the stream's
+                `barrier_ids`, either makes a barrier).
+            out: caller-owned int64 buffers {layer_id: (batch_size, t, heads)}, as for `NgramHasher.rows`.
+        Returns:
+            {layer_id: int64 (batch_size, t, heads)}, numpy in numpy out, torch in torch out.
+        """
+        layer_ids = self.hasher._layer_ids(layers)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(input_ids, torch.Tensor):
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise EngramError(f"token ids must be integers, got dtype {input_ids.dtype}")
+            self._check_shape(tuple(input_ids.shape))
+            if input_ids.device.type != "cpu":
+                return self._rows_torch(input_ids, layer_ids, barrier, out)
+            buffers = self.hasher._buffers(out, layer_ids, tuple(input_ids.shape), input_ids.device)
+            arrays = None if buffers is None else {k: v.numpy() for k, v in buffers.items()}
+            mask = None if barrier is None else _as_array(barrier, "barrier", tuple(input_ids.shape))
+            result = self._rows_numpy(input_ids.detach().numpy(), layer_ids, mask, arrays)
+            return buffers or {k: torch.from_numpy(v) for k, v in result.items()}
+        try:
+            array = np.asarray(input_ids)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise EngramError(f"token ids must be an integer array: {exc}") from None
+        self._check_shape(array.shape)
+        buffers = self.hasher._buffers(out, layer_ids, array.shape, None)
+        mask = None if barrier is None else _as_array(barrier, "barrier", array.shape)
+        return self._rows_numpy(array, layer_ids, mask, buffers)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2 or shape[0] != self.batch_size:
+            raise EngramError(
+                f"a stream of batch_size {self.batch_size} takes ids of shape ({self.batch_size}, t), got {shape}"
+            )
+
+    def _rows_numpy(
+        self,
+        ids: np.ndarray,
+        layer_ids: list[int],
+        barrier: np.ndarray | None,
+        buffers: Mapping[int, np.ndarray] | None,
+    ) -> dict[int, np.ndarray]:
+        hasher, context = self.hasher, self.context
+        hasher.projection.check_ids(ids)
+        if barrier is not None and barrier.dtype != np.bool_:
+            raise UsageError(f"barrier must be a boolean mask, got dtype {barrier.dtype}")
+        if not isinstance(self._ids, np.ndarray):  # the last call was on an accelerator
+            self._ids, self._blocked = self._ids.cpu().numpy(), self._blocked.cpu().numpy()
+        length = ids.shape[1]
+        scratch = self._scratch
+        if scratch.width != context + length:
+            scratch = self._scratch = _Scratch(self.batch_size, context + length)
+        scratch.ids[:, :context] = self._ids
+        scratch.ids[:, context:] = ids
+        scratch.blocked[:, :context] = self._blocked
+        scratch.blocked[:, context:] = False if barrier is None else barrier
+        flat_ids = scratch.ids.reshape(1, -1)  # one long row: see the module docstring
+        gates = _Gates(_NO_POSITIONS, scratch.blocked.reshape(1, -1), self._barrier_vocab, False)
+        result = {}
+        for layer_id in layer_ids:
+            layer = hasher._layer(layer_id)
+            full = scratch.out.get(layer_id)
+            if full is None:
+                full = scratch.out[layer_id] = np.empty((self.batch_size, scratch.width, layer.primes.size), np.int64)
+            if length:
+                _launch(
+                    flat_ids,
+                    hasher.projection.lookup,
+                    hasher.pad,
+                    layer.multipliers,
+                    layer.primes,
+                    layer.inv_primes,
+                    layer.offsets,
+                    full.reshape(1, scratch.width * self.batch_size, -1),
+                    gates=gates,
+                )
+            if buffers is None:
+                result[layer_id] = full[:, context:].copy()
+            else:
+                np.copyto(buffers[layer_id], full[:, context:])
+        tail = scratch.ids[:, length:]
+        self._ids[:] = tail
+        self._blocked[:] = scratch.blocked[:, length:]
+        if self._barrier_vocab.size:
+            self._blocked |= (tail >= 0) & self._barrier_vocab[np.maximum(tail, 0)]
+        return result if buffers is None else dict(buffers)
+
+    def _rows_torch(
+        self, ids: Any, layer_ids: list[int], barrier: Any, out: Mapping[int, Any] | None
+    ) -> dict[int, Any]:
+        """Tensors on an accelerator: the same [context | new] hash through the hasher's torch path."""
+        import torch
+
+        device = ids.device
+        shape = tuple(ids.shape)
+        buffers = self.hasher._buffers(out, layer_ids, shape, device)
+        mask = _as_tensor(barrier, "barrier", shape, device)
+        self.hasher.projection.compress(ids)  # refuses ids past the vocab before the state changes
+        if not isinstance(self._ids, torch.Tensor) or self._ids.device != device:
+            self._ids = torch.as_tensor(self._ids).to(device)
+            self._blocked = torch.as_tensor(self._blocked).to(device)
+        wide = torch.cat([self._ids, ids.long()], dim=1)
+        blocked = torch.cat([self._blocked, torch.zeros_like(ids, dtype=torch.bool) if mask is None else mask], dim=1)
+        if self._barrier_vocab.size:
+            vocab = torch.from_numpy(self._barrier_vocab).to(device)
+            blocked = blocked | ((wide >= 0) & vocab[wide.clamp(min=0)])
+        full = self.hasher.rows(wide, layer_ids, barrier=blocked)
+        result = {}
+        for layer_id in layer_ids:
+            kept = full[layer_id][:, self.context :]
+            if buffers is None:
+                result[layer_id] = kept.contiguous()
+            else:
+                buffers[layer_id].copy_(kept)
+        self._ids = wide[:, shape[1] :].clone()
+        self._blocked = blocked[:, shape[1] :].clone()
+        return result if buffers is None else buffers
