@@ -166,9 +166,7 @@ class HashStream:
                 np.copyto(buffers[layer_id], full[:, context:])
         tail = scratch.ids[:, length:]
         self._ids[:] = tail
-        self._blocked[:] = scratch.blocked[:, length:]
-        if self._barrier_vocab.size:
-            self._blocked |= (tail >= 0) & self._barrier_vocab[np.maximum(tail, 0)]
+        self._blocked[:] = scratch.blocked[:, length:]  # the kernel finds barrier ids among the carried ids again
         return result if buffers is None else dict(buffers)
 
     def _rows_torch(
