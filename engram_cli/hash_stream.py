@@ -31,17 +31,34 @@ from typing import Any
 import numpy as np
 
 from .errors import EngramError, UsageError
-from .hashing import _NO_POSITIONS, NgramHasher, _as_array, _as_tensor, _Gates, _launch
+from .hashing import (
+    _NO_POSITIONS,
+    BLOCK_TOKENS,
+    PARALLEL_MIN_TOKENS,
+    NgramHasher,
+    _as_array,
+    _as_tensor,
+    _Gates,
+    _launch,
+    hash_kernel,
+)
 
 
 class _Scratch:
-    """Kernel input and output for one chunk length: [context | new] ids and flags, per-layer rows."""
+    """Kernel input and output for one chunk length: [context | new] ids and flags, per-layer rows.
+
+    The first `context` columns hold the carried context between calls (numpy streams).
+    """
 
     def __init__(self, batch_size: int, width: int) -> None:
         self.width = width
         self.ids = np.zeros((batch_size, width), np.int64)
         self.blocked = np.zeros((batch_size, width), np.bool_)
+        self.flat_ids = self.ids.reshape(1, -1)  # one long row: see the module docstring
+        self.flat_blocked = self.blocked.reshape(1, -1)
         self.out: dict[int, np.ndarray] = {}
+        self.flat_out: dict[int, np.ndarray] = {}
+        self.bad = np.empty(-(-self.ids.size // BLOCK_TOKENS), np.int64)
 
 
 class HashStream:
@@ -58,10 +75,12 @@ class HashStream:
         self.batch_size = int(batch_size)
         self.context = hasher.spec.max_ngram_size - 1
         self._barrier_vocab = hasher.barrier_vocab(barrier_ids)
-        # the carried context: raw ids and blocked flags, numpy or tensors on the last call's device
-        self._ids: Any = np.zeros((self.batch_size, self.context), np.int64)
-        self._blocked: Any = np.ones((self.batch_size, self.context), np.bool_)
+        self._all_layers = hasher._layer_ids(None)
         self._scratch = _Scratch(self.batch_size, self.context)
+        # the carried context: raw ids and blocked flags, views of the scratch or tensors on the last call's device
+        self._ids: Any = self._scratch.ids
+        self._blocked: Any = self._scratch.blocked
+        self._blocked[:] = True  # every row starts a sequence
 
     def reset(self, row: int | None = None) -> None:
         """Start a new sequence in `row` (in every row when None): no n-gram reaches back past it."""
@@ -91,7 +110,7 @@ class HashStream:
         Returns:
             {layer_id: int64 (batch_size, t, heads)}, numpy in numpy out, torch in torch out.
         """
-        layer_ids = self.hasher._layer_ids(layers)
+        layer_ids = self._all_layers if layers is None else self.hasher._layer_ids(layers)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(input_ids, torch.Tensor):
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -130,43 +149,61 @@ class HashStream:
         hasher.projection.check_ids(ids)
         if barrier is not None and barrier.dtype != np.bool_:
             raise UsageError(f"barrier must be a boolean mask, got dtype {barrier.dtype}")
-        if not isinstance(self._ids, np.ndarray):  # the last call was on an accelerator
-            self._ids, self._blocked = self._ids.cpu().numpy(), self._blocked.cpu().numpy()
         length = ids.shape[1]
         scratch = self._scratch
         if scratch.width != context + length:
-            scratch = self._scratch = _Scratch(self.batch_size, context + length)
-        scratch.ids[:, :context] = self._ids
+            scratch = _Scratch(self.batch_size, context + length)
+        if scratch is not self._scratch or not isinstance(self._ids, np.ndarray):
+            torch = sys.modules.get("torch")
+            carried = self._ids, self._blocked
+            if torch is not None and isinstance(self._ids, torch.Tensor):  # the last call was on an accelerator
+                carried = self._ids.cpu().numpy(), self._blocked.cpu().numpy()
+            scratch.ids[:, :context], scratch.blocked[:, :context] = carried
+            self._scratch, self._ids, self._blocked = scratch, scratch.ids[:, :context], scratch.blocked[:, :context]
         scratch.ids[:, context:] = ids
-        scratch.blocked[:, :context] = self._blocked
         scratch.blocked[:, context:] = False if barrier is None else barrier
-        flat_ids = scratch.ids.reshape(1, -1)  # one long row: see the module docstring
-        gates = _Gates(_NO_POSITIONS, scratch.blocked.reshape(1, -1), self._barrier_vocab, False)
+        small = scratch.ids.size < PARALLEL_MIN_TOKENS
+        kernel = hash_kernel(parallel=False)
         result = {}
         for layer_id in layer_ids:
             layer = hasher._layer(layer_id)
             full = scratch.out.get(layer_id)
             if full is None:
                 full = scratch.out[layer_id] = np.empty((self.batch_size, scratch.width, layer.primes.size), np.int64)
-            if length:
+                scratch.flat_out[layer_id] = full.reshape(1, full.shape[0] * full.shape[1], -1)
+            args = (
+                hasher.projection.lookup,
+                hasher.pad,
+                layer.multipliers,
+                layer.primes,
+                layer.inv_primes,
+                layer.offsets,
+                scratch.flat_out[layer_id],
+            )
+            if small:  # a decode step: the serial kernel straight, no position to check
+                kernel(
+                    scratch.flat_ids,
+                    *args,
+                    BLOCK_TOKENS,
+                    _NO_POSITIONS,
+                    scratch.flat_blocked,
+                    self._barrier_vocab,
+                    scratch.bad,
+                )
+            else:
                 _launch(
-                    flat_ids,
-                    hasher.projection.lookup,
-                    hasher.pad,
-                    layer.multipliers,
-                    layer.primes,
-                    layer.inv_primes,
-                    layer.offsets,
-                    full.reshape(1, scratch.width * self.batch_size, -1),
-                    gates=gates,
+                    scratch.flat_ids,
+                    *args,
+                    gates=_Gates(_NO_POSITIONS, scratch.flat_blocked, self._barrier_vocab, False),
                 )
             if buffers is None:
                 result[layer_id] = full[:, context:].copy()
             else:
                 np.copyto(buffers[layer_id], full[:, context:])
-        tail = scratch.ids[:, length:]
-        self._ids[:] = tail
-        self._blocked[:] = scratch.blocked[:, length:]  # the kernel finds barrier ids among the carried ids again
+        # the last `context` columns become the carried ones (numpy copies overlapping parts safely); the
+        # kernel finds barrier ids among the carried ids again
+        scratch.ids[:, :context] = scratch.ids[:, length:]
+        scratch.blocked[:, :context] = scratch.blocked[:, length:]
         return result if buffers is None else dict(buffers)
 
     def _rows_torch(
