@@ -219,3 +219,22 @@ def test_bad_input_leaves_the_state_unchanged(demo):
         demo.stream(0)
     with pytest.raises(UsageError, match="barrier id"):
         demo.stream(1, barrier_ids=[vocab])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator (run on a GPU machine)")
+def test_accelerator_tensors_stream_on_the_device(demo):
+    """CUDA ids and masks: the context stays on the device, the rows equal the kernel's."""
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, demo.projection.vocab_size, size=(8, 30))
+    mask = rng.random(ids.shape) < 0.1
+    state = demo.stream(8, barrier_ids=[int(ids[0, 3])])
+    chunks = [(0, 11), (11, 12), (12, 13), (13, 30)]
+    parts = [
+        state.rows(torch.from_numpy(ids[:, a:b]).cuda(), barrier=torch.from_numpy(mask[:, a:b]).cuda())
+        for a, b in chunks
+    ]
+    blocked = mask | (ids == ids[0, 3])
+    whole = demo.rows(ids, barrier=blocked)
+    for layer in demo.spec.layer_ids:
+        assert all(p[layer].device.type == "cuda" for p in parts)
+        np.testing.assert_array_equal(torch.cat([p[layer] for p in parts], dim=1).cpu().numpy(), whole[layer])
