@@ -56,8 +56,8 @@ class _Scratch:
         self.blocked = np.zeros((batch_size, width), np.bool_)
         self.flat_ids = self.ids.reshape(1, -1)  # one long row: see the module docstring
         self.flat_blocked = self.blocked.reshape(1, -1)
-        self.out: dict[int, np.ndarray] = {}
-        self.flat_out: dict[int, np.ndarray] = {}
+        self.out: dict[int, np.ndarray] = {}  # per layer, (B, width, heads)
+        self.launch: dict[int, tuple[Any, ...]] = {}  # per layer, the kernel's arguments
         self.bad = np.empty(-(-self.ids.size // BLOCK_TOKENS), np.int64)
 
 
@@ -163,39 +163,16 @@ class HashStream:
         scratch.ids[:, context:] = ids
         scratch.blocked[:, context:] = False if barrier is None else barrier
         small = scratch.ids.size < PARALLEL_MIN_TOKENS
-        kernel = hash_kernel(parallel=False)
         result = {}
         for layer_id in layer_ids:
-            layer = hasher._layer(layer_id)
-            full = scratch.out.get(layer_id)
-            if full is None:
-                full = scratch.out[layer_id] = np.empty((self.batch_size, scratch.width, layer.primes.size), np.int64)
-                scratch.flat_out[layer_id] = full.reshape(1, full.shape[0] * full.shape[1], -1)
-            args = (
-                hasher.projection.lookup,
-                hasher.pad,
-                layer.multipliers,
-                layer.primes,
-                layer.inv_primes,
-                layer.offsets,
-                scratch.flat_out[layer_id],
-            )
+            launch = scratch.launch.get(layer_id)
+            if launch is None:
+                launch = scratch.launch[layer_id] = self._launch_args(scratch, layer_id)
             if small:  # a decode step: the serial kernel straight, no position to check
-                kernel(
-                    scratch.flat_ids,
-                    *args,
-                    BLOCK_TOKENS,
-                    _NO_POSITIONS,
-                    scratch.flat_blocked,
-                    self._barrier_vocab,
-                    scratch.bad,
-                )
+                hash_kernel(parallel=False)(*launch)
             else:
-                _launch(
-                    scratch.flat_ids,
-                    *args,
-                    gates=_Gates(_NO_POSITIONS, scratch.flat_blocked, self._barrier_vocab, False),
-                )
+                _launch(*launch[:8], gates=_Gates(_NO_POSITIONS, scratch.flat_blocked, self._barrier_vocab, False))
+            full = scratch.out[layer_id]
             if buffers is None:
                 result[layer_id] = full[:, context:].copy()
             else:
@@ -205,6 +182,27 @@ class HashStream:
         scratch.ids[:, :context] = scratch.ids[:, length:]
         scratch.blocked[:, :context] = scratch.blocked[:, length:]
         return result if buffers is None else dict(buffers)
+
+    def _launch_args(self, scratch: _Scratch, layer_id: int) -> tuple[Any, ...]:
+        """The kernel's arguments for one layer over the scratch viewed as one row, its output allocated."""
+        hasher = self.hasher
+        layer = hasher._layer(layer_id)
+        full = scratch.out[layer_id] = np.empty(scratch.ids.shape + (layer.primes.size,), np.int64)
+        return (
+            scratch.flat_ids,
+            hasher.projection.lookup,
+            hasher.pad,
+            layer.multipliers,
+            layer.primes,
+            layer.inv_primes,
+            layer.offsets,
+            full.reshape(1, scratch.ids.size, -1),
+            BLOCK_TOKENS,
+            _NO_POSITIONS,
+            scratch.flat_blocked,
+            self._barrier_vocab,
+            scratch.bad,
+        )
 
     def _rows_torch(
         self, ids: Any, layer_ids: list[int], barrier: Any, out: Mapping[int, Any] | None
@@ -216,7 +214,6 @@ class HashStream:
         shape = tuple(ids.shape)
         buffers = self.hasher._buffers(out, layer_ids, shape, device)
         mask = _as_tensor(barrier, "barrier", shape, device)
-        self.hasher.projection.compress(ids)  # refuses ids past the vocab before the state changes
         if not isinstance(self._ids, torch.Tensor) or self._ids.device != device:
             self._ids = torch.as_tensor(self._ids).to(device)
             self._blocked = torch.as_tensor(self._blocked).to(device)
