@@ -18,8 +18,8 @@ read never enter a kept row. The same reasoning lets the whole batch be hashed a
 kernel call per layer, on the calling thread, not B tiny rows.
 
 Buffers for the last chunk length are kept, so decode steps allocate only their results (none
-with `out=`). Tensors on an accelerator take the hasher's torch path: the context stays on the
-device and the step is a few tensor ops, with no copy to the host.
+with `out=`). Tensors on an accelerator take the hasher's torch path with the carried context kept
+on the device (the hasher's id check reads the new ids on the host, as for `NgramHasher.rows`).
 """
 
 from __future__ import annotations
