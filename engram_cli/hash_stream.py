@@ -15,7 +15,9 @@ sequence. A new token reaches at most `context` tokens back, all of them carried
 own row, so the kernel's padding before its input and whatever a carried column's own n-grams
 read never enter a kept row. The same reasoning lets the whole batch be hashed as one long row
 (the (B, context + t) buffer viewed as (1, B * (context + t))): a decode step is one small
-kernel call per layer, on the calling thread, not B tiny rows.
+kernel call per layer, on the calling thread, not B tiny rows. The kernel's `period` (context + t)
+has it read the carried columns without reducing them: at t = 1 the reduction over every head,
+most of the kernel's time, is done for the new tokens only.
 
 Buffers for the last chunk length are kept, so decode steps allocate only their results (none
 with `out=`). Tensors on an accelerator take the hasher's torch path with the carried context kept
@@ -171,7 +173,8 @@ class HashStream:
             if small:  # a decode step: the serial kernel straight, no position to check
                 hash_kernel(parallel=False)(*launch)
             else:
-                _launch(*launch[:8], gates=_Gates(_NO_POSITIONS, scratch.flat_blocked, self._barrier_vocab, False))
+                gates = _Gates(_NO_POSITIONS, scratch.flat_blocked, self._barrier_vocab, False)
+                _launch(*launch[:8], gates=gates, period=scratch.width)
             full = scratch.out[layer_id]
             if buffers is None:
                 result[layer_id] = full[:, context:].copy()
@@ -202,6 +205,7 @@ class HashStream:
             scratch.flat_blocked,
             self._barrier_vocab,
             scratch.bad,
+            scratch.width,  # the carried columns are read, not reduced
         )
 
     def _rows_torch(

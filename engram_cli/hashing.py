@@ -66,6 +66,9 @@ def hash_kernel(parallel: bool = True) -> Callable[..., None]:
     NUMBA_THREADING_LAYER from the user wins. The serial variant (`parallel=False`, the
     same code looping with `range`) is for small calls: entering a parallel region costs
     about 0.1 ms even on one thread, far more than hashing one decoded token takes.
+    `period` > 0 writes only the tokens at index `context` or more within each `period` tokens of
+    a row (the rest are read as left context, their output left as it was): the streaming state
+    (`hash_stream`) hashes its rows as one row of `[carried | new]` pieces. 0 writes every token.
     """
     import numba
 
@@ -75,7 +78,7 @@ def hash_kernel(parallel: bool = True) -> Callable[..., None]:
 
     signature = (
         "void(int64[:, ::1], int64[::1], int64, int64[::1], int64[::1], float64[::1], "
-        "int64[::1], int64[:, :, ::1], int64, int64[:, ::1], boolean[:, ::1], boolean[::1], int64[::1])"
+        "int64[::1], int64[:, :, ::1], int64, int64[:, ::1], boolean[:, ::1], boolean[::1], int64[::1], int64)"
     )
 
     # a different closure value also gives the two variants different keys in numba's cache
@@ -83,7 +86,7 @@ def hash_kernel(parallel: bool = True) -> Callable[..., None]:
 
     @numba.njit(signature, parallel=parallel, nogil=True, cache=True)
     def hash_layer(
-        ids, lookup, pad, mults, primes, inv_primes, offsets, out, block, positions, barrier, barrier_vocab, bad
+        ids, lookup, pad, mults, primes, inv_primes, offsets, out, block, positions, barrier, barrier_vocab, bad, period
     ):
         n_rows, length = ids.shape
         order_max = mults.size
@@ -181,11 +184,15 @@ def hash_kernel(parallel: bool = True) -> Callable[..., None]:
                 order_offsets = offsets[first : first + per_order]
                 if order_primes.min() < min_float_prime:
                     for i in range(width):
+                        if period and (t0 + i) % period < context:
+                            continue
                         row = dest[i, first : first + per_order]
                         for j in range(per_order):
                             row[j] = mix[i] % order_primes[j] + order_offsets[j]
                     continue
                 for i in range(width):
+                    if period and (t0 + i) % period < context:
+                        continue
                     value = mix[i]
                     approx = np.float64(value)
                     row = dest[i, first : first + per_order]
@@ -200,16 +207,16 @@ def hash_kernel(parallel: bool = True) -> Callable[..., None]:
     return hash_layer
 
 
-def _launch(ids: np.ndarray, *args: Any, gates: _Gates) -> None:
+def _launch(ids: np.ndarray, *args: Any, gates: _Gates, period: int = 0) -> None:
     """Run the kernel; small batches with its serial variant on the calling thread. A bad position is refused.
 
     Waking the worker threads costs more than a data-loader batch takes to hash, and on
     a busy machine a sleeping worker can take milliseconds to get a core. The serial variant
-    uses no threading layer, so it needs no lock.
+    uses no threading layer, so it needs no lock. `period`: as `hash_kernel` states (0: every token).
     """
     blocks_per_row = -(-ids.shape[1] // BLOCK_TOKENS)
     bad = np.empty(ids.shape[0] * blocks_per_row, np.int64)
-    launch = (*args, BLOCK_TOKENS, gates.positions, gates.barrier, gates.barrier_vocab, bad)
+    launch = (*args, BLOCK_TOKENS, gates.positions, gates.barrier, gates.barrier_vocab, bad, period)
     if ids.size >= PARALLEL_MIN_TOKENS:
         with _KERNEL_LOCK:
             hash_kernel()(ids, *launch)
