@@ -10,6 +10,13 @@ map/reduce tasks. The algorithm is stated where each step lives.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
+    from .counting import KeyCountStore
+    from .keys import KeyCounts, WindowKeys
+    from .reports import HeadStats, OrderStats, SweepPoint
+    from .statistics import collision_statistics
 
 _LAZY = {
     "HeadStats": "reports",
