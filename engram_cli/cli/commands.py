@@ -14,12 +14,12 @@ from pathlib import Path
 
 from ..checkpoints.reports import ExportReport, ImportReport
 from ..corpus.base import CorpusOptions
-from ..errors import UsageError
+from ..errors import Name, UsageError, choose
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
 from ..spec import TableSpec, load_spec
 from ..store.build import BuildReport, build_tables
-from ..store.layout import ShardBy
+from ..store.layout import SHARD_BY
 from ..store.tables import TableStore, open_tables
 from ..vocab import VocabProjection, load_projection, resolve_projection
 from .cluster import dask_client
@@ -111,7 +111,7 @@ def run_build(
         raise UsageError("missing option -o/--output: the table store to write")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    by: ShardBy | None = _choice(shard_by, "--shard-by", ("rows", "heads"))  # type: ignore[assignment]
+    by = _choice(shard_by, "--shard-by", SHARD_BY)
     table_spec = load_spec(spec)
     vocab = resolve_projection(projection, table_spec)
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
@@ -233,9 +233,9 @@ def run_import(
             projection=None if projection is None else load_projection(projection),
             key_template=key_template,
             layers=layers,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # checked by import_checkpoint
             shards=shards,
-            shard_by=shard_by,
+            shard_by=shard_by,  # type: ignore[arg-type]  # checked by import_checkpoint
             overwrite=overwrite,
             progress=bars,
         )
@@ -333,7 +333,5 @@ def parse_factors(text: str) -> list[float]:
     return factors
 
 
-def _choice(value: str | None, option: str, allowed: tuple[str, ...]) -> str | None:
-    if value is not None and value not in allowed:
-        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
+def _choice(value: str | None, option: str, allowed: tuple[Name, ...]) -> Name | None:
+    return None if value is None else choose(value, allowed, f"{option} must be one of {{allowed}}, got {{value!r}}")
