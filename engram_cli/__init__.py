@@ -10,6 +10,7 @@ from .vocab import VocabProjection, compress_vocab, default_projection, load_pro
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
     from .checkpoints.tables import EngramTables
+    from .collisions.options import CountOptions
     from .collisions.statistics import collision_statistics
     from .corpus.base import CorpusOptions, DocBatch
     from .corpus.reader import Corpus
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type check
 __all__ = [
     "Corpus",
     "CorpusOptions",
+    "CountOptions",
     "DocBatch",
     "EngramError",
     "EngramTables",
@@ -49,6 +51,7 @@ _LAZY = {
     "build_shard": "store",
     "EngramTables": "checkpoints",
     "collision_statistics": "collisions",
+    "CountOptions": "collisions",
     "inspect": "inspection",
     "Corpus": "corpus",
     "CorpusOptions": "corpus",

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..checkpoints.reports import ExportReport, ImportReport
+from ..collisions.options import CountOptions
 from ..corpus.base import CorpusOptions
 from ..errors import Name, UsageError, choose
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
@@ -303,11 +304,13 @@ def run_inspect(
             sweep=parse_factors(sweep) if sweep else None,
             top=top,
             verify=verify,
-            memory_budget=max_memory_mib << 20 if max_memory_mib else None,
-            spill_dir=spill_dir,
-            client=client,
-            progress=bars,
             barrier_ids=barrier_ids or None,
+            counting=CountOptions(
+                memory_budget=max_memory_mib << 20 if max_memory_mib else None,
+                spill_dir=spill_dir,
+                client=client,
+                progress=bars,
+            ),
         )
     report.source = source
     if plot is not None:
