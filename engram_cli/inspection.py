@@ -117,7 +117,8 @@ def inspect(
     if store is not None:
         if projection is not None and projection.fingerprint() != store.projection.fingerprint():
             raise UsageError(
-                f"the projection given does not match the one store {store.path} was built with "
+                f"{projection.origin or 'the projection given'} does not match the one store {store.path} was "
+                f"built with "
                 f"(fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
             )
         projection = store.projection

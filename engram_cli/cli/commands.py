@@ -3,7 +3,8 @@
 Options arrive as the user typed them (preset names, file paths, a scheduler address); here they
 become the typed objects the library takes (`TableSpec`, `VocabProjection`, a Dask client, rich
 progress bars), and combinations that only make sense on the command line are checked with
-messages that name the flags.
+messages that name the flags. What the library checks itself (a projection against its spec,
+the inputs `inspect` needs) is left to it, so each check runs once.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from ..corpus.base import CorpusOptions
 from ..errors import Name, UsageError, choose
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
-from ..spec import TableSpec, load_spec
+from ..spec import load_spec
 from ..store.build import BuildReport, build_tables
 from ..store.layout import SHARD_BY
-from ..store.tables import TableStore, open_tables
-from ..vocab import VocabProjection, load_projection, resolve_projection
+from ..store.tables import open_tables
+from ..vocab import load_projection
 from .cluster import dask_client
 from .render import progress_bars, stderr_console
 
@@ -61,7 +62,7 @@ def run_hash(
     if text is not None and positions is not None:
         raise UsageError("--positions is for --ids; TEXT is one sequence")
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection, table_spec)
+    vocab = None if projection is None else load_projection(projection)  # checked against the spec by the hasher
     chosen = None if not layers else list(layers)
     barrier = None if not barrier_ids else list(barrier_ids)
     if ids is not None:
@@ -114,7 +115,7 @@ def run_build(
         raise UsageError("--resume and --overwrite exclude each other")
     by = _choice(shard_by, "--shard-by", SHARD_BY)
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection, table_spec)
+    vocab = None if projection is None else load_projection(projection)  # checked against the spec by build_tables
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
         try:
             return build_tables(
@@ -272,29 +273,8 @@ def run_inspect(
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
         if plot.is_dir() or not plot.parent.is_dir():
             raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
-    if verify and not Path(source).is_dir():
-        raise UsageError("--verify needs a table store, not a spec")
-    if not corpus and not Path(source).is_dir():
-        raise UsageError(
-            "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
-            "statistics (or pass a table store)"
-        )
-    if (sweep or top or barrier_ids) and not corpus:
-        raise UsageError("--sweep, --plot, --top and --barrier-id describe collisions: give --corpus PATH")
-    target: TableSpec | TableStore
-    vocab: VocabProjection | None = None
-    if Path(source).is_dir():
-        target = open_tables(source, allow_incomplete=True)
-        if projection is not None:
-            vocab = load_projection(projection)
-            if vocab.fingerprint() != target.projection.fingerprint():
-                raise UsageError(
-                    f"projection {projection} does not match the one store {source} was built "
-                    f"with (fingerprints {vocab.fingerprint()[:12]} and {target.projection.fingerprint()[:12]})"
-                )
-    else:
-        target = load_spec(source)
-        vocab = resolve_projection(projection, target)
+    target = open_tables(source, allow_incomplete=True) if Path(source).is_dir() else load_spec(source)
+    vocab = None if projection is None else load_projection(projection)  # checked against the target by inspect
     with dask_client(scheduler, dask_workers) as client, progress_bars(transient=True) as bars:
         report = inspect(
             target,
