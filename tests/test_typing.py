@@ -33,6 +33,7 @@ reveal_type(engram_cli.Corpus)
 reveal_type(engram_cli.store.create_store)
 reveal_type(engram_cli.checkpoints.import_checkpoint)
 reveal_type(engram_cli.collisions.KeyCountStore)
+reveal_type(engram_cli.CountOptions)
 reveal_type(engram_cli.open_tables("demo.zarr"))
 """
 
@@ -48,6 +49,7 @@ EXPECTED = [
     "-> engram_cli.store.tables.TableStore",
     "-> engram_cli.checkpoints.reports.ImportReport",
     "-> engram_cli.collisions.counting.KeyCountStore",
+    "-> engram_cli.collisions.options.CountOptions",
     "engram_cli.store.tables.TableStore",
 ]
 
