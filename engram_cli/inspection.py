@@ -118,11 +118,11 @@ def inspect(
         if projection is not None and projection.fingerprint() != store.projection.fingerprint():
             raise UsageError(
                 f"{projection.origin or 'the projection given'} does not match the one store {store.path} was "
-                f"built with "
-                f"(fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
+                f"built with (fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
             )
-        projection = store.projection
-    projection = projection_for(spec, projection)
+        projection = store.projection  # checked against the spec when the store was opened
+    else:
+        projection = projection_for(spec, projection)
     if verify and store is None:
         raise UsageError("verify needs a table store, not a spec")
     if store is None and not corpus:
