@@ -1,6 +1,7 @@
 """Errors a user can cause. The CLI prints any of them as one line; library callers can tell them apart.
 
-Bugs raise ordinary exceptions so that they still show a traceback.
+Bugs raise ordinary exceptions so that they still show a traceback. `choose` is the one check of
+a name against the choices of a `Literal` type (a dtype, a sharding, a layout).
 """
 
 from typing import TypeVar
