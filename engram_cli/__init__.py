@@ -1,15 +1,28 @@
 """engram: build the memory tables of Engram-style language models."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from .errors import EngramError
 from .hashing import NgramHasher
 from .spec import InitSpec, TableSpec, load_spec
 from .vocab import VocabProjection, compress_vocab, default_projection, load_projection
 
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
+    from .checkpoints.tables import EngramTables
+    from .collisions.options import CountOptions
+    from .collisions.statistics import collision_statistics
+    from .corpus.base import CorpusOptions, DocBatch
+    from .corpus.reader import Corpus
+    from .inspection import inspect
+    from .store.build import build_shard, build_tables
+    from .store.create import create_store
+    from .store.tables import TableStore, open_tables
+
 __all__ = [
     "Corpus",
     "CorpusOptions",
+    "CountOptions",
     "DocBatch",
     "EngramError",
     "EngramTables",
@@ -38,6 +51,7 @@ _LAZY = {
     "build_shard": "store",
     "EngramTables": "checkpoints",
     "collision_statistics": "collisions",
+    "CountOptions": "collisions",
     "inspect": "inspection",
     "Corpus": "corpus",
     "CorpusOptions": "corpus",

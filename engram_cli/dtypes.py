@@ -62,9 +62,9 @@ SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in DTYPES.values()}
 # What a table store holds, and what its values can be exported as.
 StoreDType = Literal["float32", "bfloat16", "float16"]
 InferenceDType = Literal["float32", "bfloat16", "float16", "float8_e4m3fn"]
-STORE_DTYPES: tuple[str, ...] = get_args(StoreDType)
-INFERENCE_DTYPES: tuple[str, ...] = get_args(InferenceDType)
-DTYPE_BYTES = {name: DTYPES[name].itemsize for name in STORE_DTYPES}
+STORE_DTYPES: tuple[StoreDType, ...] = get_args(StoreDType)
+INFERENCE_DTYPES: tuple[InferenceDType, ...] = get_args(InferenceDType)
+DTYPE_BYTES: dict[str, int] = {name: DTYPES[name].itemsize for name in STORE_DTYPES}
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -98,7 +98,7 @@ class HashFileReport:
 def hash_text(
     text: str,
     spec: TableSpec,
-    projection: VocabProjection,
+    projection: VocabProjection | None = None,
     *,
     layers: Iterable[int] | None = None,
     rows: bool = False,
@@ -109,15 +109,16 @@ def hash_text(
 
     Args:
         text: the text to tokenize.
-        spec, projection: the hasher.
+        spec, projection: the hasher (default projection: the spec's own).
         layers: only these layers (default: every layer of the spec).
         rows: layer-table rows (bucket + head offset) instead of head-local buckets.
         special_tokens: let the tokenizer add its BOS and the like.
         barrier_ids: tokens no n-gram spans; a barrier's own n-grams are all pad.
     """
+    hasher = NgramHasher(spec, projection)
+    projection = hasher.projection
     tokenizer = projection.tokenizer()
     ids = np.array(tokenizer.encode(text, add_special_tokens=special_tokens).ids, dtype=np.int64)
-    hasher = NgramHasher(spec, projection)
     layer_ids = hasher._layer_ids(layers)
     barrier = None if barrier_ids is None else sorted(set(barrier_ids))
     values = (hasher.rows if rows else hasher.hash)(ids, layers=layer_ids, barrier_ids=barrier)
@@ -225,7 +226,7 @@ def hash_ids_file(
     ids_path: str | Path,
     output: str | Path,
     spec: TableSpec,
-    projection: VocabProjection,
+    projection: VocabProjection | None = None,
     *,
     layers: Iterable[int] | None = None,
     rows: bool = False,
@@ -243,7 +244,7 @@ def hash_ids_file(
     Args:
         ids_path: the .npy of token ids, (T,) or (B, T).
         output: the .npz to write.
-        spec, projection: the hasher.
+        spec, projection: the hasher (default projection: the spec's own).
         layers: only these layers (default: every layer of the spec).
         rows: layer-table rows (bucket + head offset) instead of head-local buckets.
         overwrite: replace an existing output.
@@ -253,12 +254,12 @@ def hash_ids_file(
         barrier_ids: tokens no n-gram spans; a barrier's own n-grams are all pad.
         progress: receives a task advancing by pieces hashed.
     """
+    hasher = NgramHasher(spec, projection)
     ids_path, output = Path(ids_path), Path(output)
     check_output_file(output, overwrite)
     ids = _load_ids(ids_path)
     check_rank(ids.shape)
-    projection.check_ids(ids)
-    hasher = NgramHasher(spec, projection)
+    hasher.projection.check_ids(ids)
     layer_ids = hasher._layer_ids(layers)
     barrier = None if barrier_ids is None else list(barrier_ids)
     hasher.barrier_vocab(barrier)  # refuse bad ids before anything is written

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collisions.budget import check_counter_memory
+from .collisions.options import CountOptions, count_options
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
 from .corpus.base import CorpusOptions, CorpusSummary
@@ -81,12 +82,13 @@ def inspect(
     sweep: list[float] | None = None,
     top: int = 0,
     verify: bool = False,
+    barrier_ids: list[int] | None = None,
+    counting: CountOptions | None = None,
     memory_budget: int | None = None,
     spill_dir: str | Path | None = None,
     client: Client | None = None,
     progress: Progress = SILENT,
     part_ids: int | None = None,
-    barrier_ids: list[int] | None = None,
 ) -> InspectReport:
     """The whole `engram inspect` job: table health of a store, collision statistics on a corpus.
 
@@ -97,25 +99,30 @@ def inspect(
         corpus: files, folders or URLs to count n-grams in; `options` says how to read them.
         sweep: also every head size scaled by each factor; top: list the K most crowded buckets.
         verify: with a store, read every shard and check every checksum.
-        memory_budget: bytes of memory for n-gram counts, bucket counters and collision candidates;
-            the rest spills to a folder in `spill_dir`, removed at the end (default: a quarter of
-            the memory available; below the smallest that works, an error before any work).
-        client: a Dask client: the corpus is then counted as map/reduce tasks, to the same numbers.
+        barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
+        counting: how the corpus is counted (`CountOptions`), or its fields as the keywords that
+            follow, not both: `memory_budget` bytes for n-gram counts, bucket counters and collision
+            candidates, the rest spilling to a folder in `spill_dir`, removed at the end (default:
+            a quarter of the memory available; below the smallest that works, an error before any
+            work); a Dask `client` counts the corpus as map/reduce tasks, to the same numbers, with
+            `part_ids` ids per corpus part (default: sized to the corpus).
         progress: receives one task per pass (table health; reading and counting the corpus, merge
             rounds, key ranges merged, bucket loads and collisions of every order).
-        part_ids: ids per corpus part on a cluster (default: sized to the corpus).
-        barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
     """
+    counting = count_options(
+        counting, memory_budget=memory_budget, spill_dir=spill_dir, client=client, progress=progress, part_ids=part_ids
+    )
     store = source if isinstance(source, TableStore) else None
     spec = source.spec if isinstance(source, TableStore) else source
     if store is not None:
         if projection is not None and projection.fingerprint() != store.projection.fingerprint():
             raise UsageError(
-                f"the projection given does not match the one store {store.path} was built with "
-                f"(fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
+                f"{projection.origin or 'the projection given'} does not match the one store {store.path} was "
+                f"built with (fingerprints {projection.fingerprint()[:12]} and {store.projection.fingerprint()[:12]})"
             )
-        projection = store.projection
-    projection = projection_for(spec, projection)
+        projection = store.projection  # checked against the spec when the store was opened
+    else:
+        projection = projection_for(spec, projection)
     if verify and store is None:
         raise UsageError("verify needs a table store, not a spec")
     if store is None and not corpus:
@@ -125,7 +132,7 @@ def inspect(
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
     if corpus:
-        check_counter_memory(spec, sweep, memory_budget, local=client is None)  # before the table health pass, too
+        check_counter_memory(spec, sweep, counting.memory_budget, local=counting.client is None)  # before table health
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,
@@ -134,7 +141,7 @@ def inspect(
     )
     if store is not None:
         rows = sum(store.layout(layer).rows for layer in store.layer_ids)
-        report.tables = table_health(store, verify, progress.task("table health", rows).advance)
+        report.tables = table_health(store, verify, counting.progress.task("table health", rows).advance)
     if corpus:
         started = time.perf_counter()
         reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
@@ -144,12 +151,8 @@ def inspect(
             reader,
             factors=sweep,
             top=top,
-            memory_budget=memory_budget,
-            spill_dir=spill_dir,
-            client=client,
-            part_ids=part_ids,
             barrier_ids=barrier_ids,
-            progress=progress,
+            counting=counting,
         )
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started

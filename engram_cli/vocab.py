@@ -162,6 +162,7 @@ class VocabProjection:
     lookup: np.ndarray
     metadata: dict[str, str] = field(default_factory=dict)
     tokenizer_json: bytes | None = None
+    origin: str | None = field(default=None, compare=False)  # "projection FILE", for messages
 
     def __post_init__(self) -> None:
         self.lookup = _integer_lookup(self.lookup)
@@ -301,7 +302,7 @@ def load_projection(path: str | Path) -> VocabProjection:
             raise FormatError(f"{path} says {key} {metadata[key]} but its lookup has {actual:,}")
     tokenizer_json = None if zipped is None else unzip_bytes(zipped.tobytes(), f"{path}: tokenizer_zip")
     own = {k: v for k, v in metadata.items() if k not in _FILE_KEYS}
-    return VocabProjection(lookup, own, tokenizer_json)
+    return VocabProjection(lookup, own, tokenizer_json, origin=f"projection {path}")
 
 
 def restore_projection(
@@ -380,19 +381,12 @@ def spec_projection(spec: TableSpec) -> VocabProjection:
 
 
 def projection_for(spec: TableSpec, projection: VocabProjection | None = None) -> VocabProjection:
-    """The projection given, checked against the spec's `compressed_vocab_size`, or the spec's own."""
+    """The projection given, checked against the spec's `compressed_vocab_size`, or the spec's own.
+
+    The one check of a spec and its projection where they enter the library (`build_tables`,
+    `NgramHasher`, `inspect`); the CLI passes the file it loaded, whose name the message gives.
+    """
     if projection is None:
         return spec_projection(spec)
-    spec.check_compressed_size(projection.compressed_size, "the projection")
-    return projection
-
-
-def resolve_projection(path: str | Path | None, spec: TableSpec | None = None) -> VocabProjection:
-    """A projection file, or without one the spec's own (the default one without a spec);
-    refused if its size differs from the spec's `compressed_vocab_size`."""
-    if path is None:
-        return default_projection() if spec is None else spec_projection(spec)
-    projection = load_projection(path)
-    if spec is not None:
-        spec.check_compressed_size(projection.compressed_size, f"projection {path}")
+    spec.check_compressed_size(projection.compressed_size, projection.origin or "the projection")
     return projection

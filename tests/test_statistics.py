@@ -19,12 +19,13 @@ from engram_cli.cli.commands import parse_factors
 from engram_cli.collisions.budget import minimum_memory_budget
 from engram_cli.collisions.counting import KeyCountStore
 from engram_cli.collisions.keys import WindowKeys
+from engram_cli.collisions.options import CountOptions
 from engram_cli.collisions.reports import expected_rate
 from engram_cli.collisions.runs import WHOLE, merge_pieces
 from engram_cli.collisions.spill import SpillFolder, worker_pool
 from engram_cli.collisions.statistics import collision_statistics
 from engram_cli.corpus.base import CorpusOptions, DocBatch
-from engram_cli.errors import EngramError
+from engram_cli.errors import EngramError, UsageError
 from engram_cli.hashing import NgramHasher
 from engram_cli.inspection import inspect
 from engram_cli.kernels import FLOAT_REDUCTION_MIN_PRIME
@@ -174,6 +175,31 @@ def test_every_statistic_matches_brute_force(problem):
     layers, sweep, spilled = collision_statistics(spec, projection, batches, memory_budget=budget, fan_in=fan_in)
     assert sweep is None and (spilled > 0) == smallest  # the smallest budget leaves no room for counts
     check_against(layers, brute_force(docs, spec, lookup))
+
+
+def test_count_options_count_as_their_keywords_do():
+    """`counting=CountOptions(...)` is the keywords taken whole: the smallest budget spills and
+    still gives the brute force's numbers; giving both ways at once is refused, naming the keywords."""
+    spec = TableSpec(
+        layer_ids=(1, 4),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(17, 23),
+        n_embed_per_ngram=6,
+        pad_id=0,
+        seed=3,
+    )
+    lookup = np.arange(30, dtype=np.int64) % 20
+    rng = np.random.default_rng(5)
+    docs = [[int(v) for v in rng.integers(0, 30, n)] for n in (40, 3, 25)]
+    counting = CountOptions(memory_budget=minimum_memory_budget(spec), fan_in=2)
+    layers, _, spilled = collision_statistics(
+        spec, VocabProjection(lookup), as_batches(docs, [11, 50], 2), counting=counting
+    )
+    assert spilled > 0
+    check_against(layers, brute_force(docs, spec, lookup))
+    with pytest.raises(UsageError, match=r"not both \(memory_budget, fan_in\)"):
+        collision_statistics(spec, VocabProjection(lookup), [], counting=counting, memory_budget=1 << 30, fan_in=3)
 
 
 def test_windows_are_exactly_what_the_hasher_hashes():

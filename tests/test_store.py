@@ -514,3 +514,14 @@ def test_interrupted_build_resumes_to_identical_bytes(tmp_path, projection_file,
     build_tables(load_spec(spec_path), fresh, projection=load_projection(projection_file), shards=16)
     assert tree_bytes(out) == tree_bytes(fresh)
     open_tables(out).verify()
+
+
+def test_an_untyped_caller_naming_no_dtype_or_sharding_gets_one_line():
+    """The signatures take `StoreDType` and `ShardBy`; a caller that passes another string (no type
+    checker, or a value read from a file) gets the one-line UsageError before any work."""
+    spec = load_spec("demo")
+    with pytest.raises(UsageError, match=r"^dtype must be one of float32, bfloat16, float16, got 'fp8'$"):
+        build_tables(spec, None, dry_run=True, dtype="fp8")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"^shard_by must be one of rows, heads, got 'cols'$"):
+        build_tables(spec, None, dry_run=True, shard_by="cols")  # type: ignore[arg-type]
+    assert build_tables(spec, None, dry_run=True, dtype="float16", shard_by="heads").dtype == "float16"

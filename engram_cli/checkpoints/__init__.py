@@ -12,6 +12,13 @@ export and import reports.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
+    from .dcp import export_training
+    from .importing import import_checkpoint
+    from .safetensors_export import export_inference
+    from .tables import EngramTables
 
 _LAZY = {
     "EngramTables": "tables",

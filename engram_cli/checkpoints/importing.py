@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..dtypes import STORE_DTYPES, to_numpy, torch_dtype
+from ..dtypes import STORE_DTYPES, StoreDType, to_numpy, torch_dtype
 from ..errors import EngramError, FormatError, OutputExistsError, UsageError
 from ..helpers import check_free_space, remove_stale_temporaries, swap_into_place, temporary_name
 from ..progress import SILENT, Progress
@@ -23,6 +23,9 @@ from .conversion import Conversion
 from .dcp import DcpSource, read_windows
 from .output import remove_tree
 from .reports import ImportReport
+
+if TYPE_CHECKING:
+    from ..store.layout import ShardBy
 
 
 def detect_format(path: Path) -> str:
@@ -50,9 +53,9 @@ def import_checkpoint(
     projection: VocabProjection | None = None,
     key_template: str | None = None,
     layers: Iterable[int] | None = None,
-    dtype: str | None = None,
+    dtype: StoreDType | None = None,
     shards: int | None = None,
-    shard_by: str | None = None,
+    shard_by: ShardBy | None = None,
     overwrite: bool = False,
     progress: Progress = SILENT,
 ) -> ImportReport:

@@ -35,7 +35,7 @@ from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_
 from .safetensors_format import INDEX_NAME, MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 # The metadata of an engram-layout safetensors export. The same name as the table store's format
 # (store/attributes.py) for files already written; the version is a string because safetensors
 # metadata values are strings.

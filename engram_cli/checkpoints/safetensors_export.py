@@ -21,7 +21,7 @@ import torch
 
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torch_dtype
-from ..errors import EngramError
+from ..errors import EngramError, choose
 from ..helpers import cpu_count, in_parallel, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .conversion import Conversion
@@ -119,8 +119,7 @@ def export_inference(
             folder must be on a filesystem the workers share.
         progress: receives a task advancing by rows exported.
     """
-    if layout not in LAYOUTS:
-        raise EngramError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    layout = choose(layout, LAYOUTS, "unknown layout {value!r}; allowed: {allowed}")
     output = Path(output)
     source = open_source_store(store)
     dtype = dtype or ("float8_e4m3fn" if layout == "deepseek-v41" else source.spec.dtype)  # type: ignore[assignment]

@@ -3,7 +3,8 @@
 Options arrive as the user typed them (preset names, file paths, a scheduler address); here they
 become the typed objects the library takes (`TableSpec`, `VocabProjection`, a Dask client, rich
 progress bars), and combinations that only make sense on the command line are checked with
-messages that name the flags.
+messages that name the flags. What the library checks itself (a projection against its spec,
+the inputs `inspect` needs) is left to it, so each check runs once.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..checkpoints.reports import ExportReport, ImportReport
+from ..collisions.options import CountOptions
 from ..corpus.base import CorpusOptions
-from ..errors import UsageError
+from ..errors import Name, UsageError, choose
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
-from ..spec import TableSpec, load_spec
+from ..spec import load_spec
 from ..store.build import BuildReport, build_tables
-from ..store.layout import ShardBy
-from ..store.tables import TableStore, open_tables
-from ..vocab import VocabProjection, load_projection, resolve_projection
+from ..store.layout import SHARD_BY
+from ..store.tables import open_tables
+from ..vocab import load_projection
 from .cluster import dask_client
 from .render import progress_bars, stderr_console
 
@@ -60,7 +62,7 @@ def run_hash(
     if text is not None and positions is not None:
         raise UsageError("--positions is for --ids; TEXT is one sequence")
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection, table_spec)
+    vocab = None if projection is None else load_projection(projection)  # checked against the spec by the hasher
     chosen = None if not layers else list(layers)
     barrier = None if not barrier_ids else list(barrier_ids)
     if ids is not None:
@@ -111,9 +113,9 @@ def run_build(
         raise UsageError("missing option -o/--output: the table store to write")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    by: ShardBy | None = _choice(shard_by, "--shard-by", ("rows", "heads"))  # type: ignore[assignment]
+    by = _choice(shard_by, "--shard-by", SHARD_BY)
     table_spec = load_spec(spec)
-    vocab = resolve_projection(projection, table_spec)
+    vocab = None if projection is None else load_projection(projection)  # checked against the spec by build_tables
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
         try:
             return build_tables(
@@ -233,9 +235,9 @@ def run_import(
             projection=None if projection is None else load_projection(projection),
             key_template=key_template,
             layers=layers,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type]  # checked by import_checkpoint
             shards=shards,
-            shard_by=shard_by,
+            shard_by=shard_by,  # type: ignore[arg-type]  # checked by import_checkpoint
             overwrite=overwrite,
             progress=bars,
         )
@@ -271,29 +273,8 @@ def run_inspect(
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
         if plot.is_dir() or not plot.parent.is_dir():
             raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
-    if verify and not Path(source).is_dir():
-        raise UsageError("--verify needs a table store, not a spec")
-    if not corpus and not Path(source).is_dir():
-        raise UsageError(
-            "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
-            "statistics (or pass a table store)"
-        )
-    if (sweep or top or barrier_ids) and not corpus:
-        raise UsageError("--sweep, --plot, --top and --barrier-id describe collisions: give --corpus PATH")
-    target: TableSpec | TableStore
-    vocab: VocabProjection | None = None
-    if Path(source).is_dir():
-        target = open_tables(source, allow_incomplete=True)
-        if projection is not None:
-            vocab = load_projection(projection)
-            if vocab.fingerprint() != target.projection.fingerprint():
-                raise UsageError(
-                    f"projection {projection} does not match the one store {source} was built "
-                    f"with (fingerprints {vocab.fingerprint()[:12]} and {target.projection.fingerprint()[:12]})"
-                )
-    else:
-        target = load_spec(source)
-        vocab = resolve_projection(projection, target)
+    target = open_tables(source, allow_incomplete=True) if Path(source).is_dir() else load_spec(source)
+    vocab = None if projection is None else load_projection(projection)  # checked against the target by inspect
     with dask_client(scheduler, dask_workers) as client, progress_bars(transient=True) as bars:
         report = inspect(
             target,
@@ -303,11 +284,13 @@ def run_inspect(
             sweep=parse_factors(sweep) if sweep else None,
             top=top,
             verify=verify,
-            memory_budget=max_memory_mib << 20 if max_memory_mib else None,
-            spill_dir=spill_dir,
-            client=client,
-            progress=bars,
             barrier_ids=barrier_ids or None,
+            counting=CountOptions(
+                memory_budget=max_memory_mib << 20 if max_memory_mib else None,
+                spill_dir=spill_dir,
+                client=client,
+                progress=bars,
+            ),
         )
     report.source = source
     if plot is not None:
@@ -333,7 +316,5 @@ def parse_factors(text: str) -> list[float]:
     return factors
 
 
-def _choice(value: str | None, option: str, allowed: tuple[str, ...]) -> str | None:
-    if value is not None and value not in allowed:
-        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
+def _choice(value: str | None, option: str, allowed: tuple[Name, ...]) -> Name | None:
+    return None if value is None else choose(value, allowed, f"{option} must be one of {{allowed}}, got {{value!r}}")

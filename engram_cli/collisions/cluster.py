@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from ..corpus.base import CorpusOptions, CorpusPart, CorpusSummary
 from ..corpus.reader import Corpus
 from ..helpers import cpu_count
-from ..progress import Progress
 from ..vocab import VocabProjection
 from .budget import check_available
 from .counting import KeyCountStore
 from .keys import WindowKeys
+from .options import CountOptions
 from .runs import WHOLE, KeyRange, OrderKeys, Run, RunWriter, merge_pieces, merge_rounds
 from .spill import SpillFolder, worker_pool
-
-if TYPE_CHECKING:
-    from ..corpus.base import DocBatch
 
 # Reduce tasks per order and worker thread: a few, so the last tasks do not leave workers idle.
 REDUCE_TASKS_PER_THREAD = 2
@@ -110,31 +105,26 @@ def key_ranges(tasks: int) -> list[KeyRange]:
 
 
 def count_on_cluster(
-    client: Any,
     corpus: Corpus,
     projection: VocabProjection,
     window: WindowKeys,
     budget: int,
     folder: SpillFolder,
-    progress: Progress,
-    on_batch: Callable[[DocBatch | None], None] | None,
-    part_ids: int | None,
-    fan_in: int,
+    counting: CountOptions,
 ) -> dict[int, OrderKeys]:
     """Map the corpus parts and merge every order by key range as Dask tasks.
 
     Args:
-        client: the Dask client.
         corpus: the inputs, split into parts here.
         projection: the spec's projection.
         window: the spec's `WindowKeys`.
         budget: bytes of memory for each worker (a worker running several tasks at once gives
             each its share).
         folder: the run's spill folder, which every worker must see; the merged runs stay there.
-        progress: gets a task for the map tasks and one for the reduce tasks.
-        on_batch: called after each map task (with None), for progress.
-        part_ids: the smallest span of a pre-tokenized file one task reads.
-        fan_in: the most runs one reduce task merges at once.
+        counting: its `client` runs the tasks; `progress` gets a task for the map tasks and one for
+            the reduce tasks, `on_batch` is called after each map task (with None); `part_ids` is
+            the smallest span of a pre-tokenized file one task reads, `fan_in` the most runs one
+            reduce task merges at once.
 
     Returns the merged runs of every order, by key range in key order.
     """
@@ -142,6 +132,14 @@ def count_on_cluster(
     from ..corpus.base import ID_BATCH_TOKENS
     from ..corpus.parts import split_corpus
 
+    client, progress, on_batch, part_ids, fan_in = (
+        counting.client,
+        counting.progress,
+        counting.on_batch,
+        counting.part_ids,
+        counting.fan_in,
+    )
+    assert client is not None
     threads = client.nthreads()
     workers = max(1, sum(threads.values()))
     per_task = max(1, budget // max(1, max(threads.values(), default=1)))

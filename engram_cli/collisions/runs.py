@@ -25,15 +25,12 @@ import numpy as np
 from ..errors import EngramError
 from ..progress import Progress
 from .keys import KeyCounts, KeyLayout
+from .options import FAN_IN
 from .sorting import merge_runs
 from .spill import SpillFolder
 
 # Rows between two samples of word 0 of a run on disk (one read of this many rows locates a key).
 SAMPLE_ROWS = 4096
-
-
-# Runs merged at once; more are first merged in groups of this many (merge rounds).
-FAN_IN = 64
 
 
 def _read_into(path: Path, offset: int, out: np.ndarray) -> None:

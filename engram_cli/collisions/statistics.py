@@ -35,8 +35,9 @@ from .candidates import MAX_MIX, CandidateSet, TopMembers, choose_top
 from .counting import KeyCountStore, count_batches
 from .decoder import NgramDecoder
 from .keys import KeyCounts, WindowKeys, mix_keys
+from .options import FAN_IN, CountOptions, count_options
 from .reports import HeadStats, LayerStats, OrderStats, SweepPoint, expected_rate
-from .runs import FAN_IN, OrderKeys
+from .runs import OrderKeys
 from .spill import SpillFolder, worker_pool
 
 # Keys whose buckets are computed at once (vectorized) before their counters are touched.
@@ -337,13 +338,14 @@ def collision_statistics(
     *,
     factors: list[float] | None = None,
     top: int = 0,
+    barrier_ids: Iterable[int] | None = None,
+    counting: CountOptions | None = None,
     memory_budget: int | None = None,
     spill_dir: str | Path | None = None,
     on_batch: Callable[[DocBatch | None], None] | None = None,
     on_statistic: Callable[[], None] | None = None,
     client: Any = None,
     part_ids: int | None = None,
-    barrier_ids: Iterable[int] | None = None,
     progress: Progress = SILENT,
     fan_in: int = FAN_IN,
 ) -> tuple[LayerStats, list[SweepPoint] | None, int]:
@@ -355,36 +357,37 @@ def collision_statistics(
         corpus: a `Corpus` or any iterable of `DocBatch` (documents of raw token ids).
         factors: the sweep: also every head size scaled by each factor.
         top: list the `top` most crowded buckets per order, with their n-grams.
-        memory_budget: bytes of memory for n-gram counts, bucket counters and collision
-            candidates; the rest goes to a folder in `spill_dir`, removed at the end (default: a
-            quarter of what is available, at least `minimum_memory_budget`; less is refused).
-        spill_dir: where that folder goes; on a cluster, a folder every worker sees.
-        on_batch: called after each batch (or cluster map task, with None), for progress.
-        on_statistic: called after each (layer, order, size) is done.
-        client: a Dask client (with a `Corpus`): counting is then mapped over corpus parts and
-            merged by key range on the cluster, each task within `memory_budget`, to the same numbers.
-        part_ids: on a cluster, the smallest range of a pre-tokenized file one task reads.
         barrier_ids: tokens no n-gram spans, counted as the hasher hashes them (see `NgramHasher`).
-        progress: gets a task per pass (counting, merge rounds, ranges merged, loads, collisions).
-        fan_in: the most runs merged at once (more take merge rounds first).
+        counting: how the corpus is counted (memory budget, spill folder, cluster, progress; see
+            `CountOptions`); or give its fields as the keywords that follow, not both.
     """
+    counting = count_options(
+        counting,
+        memory_budget=memory_budget,
+        spill_dir=spill_dir,
+        on_batch=on_batch,
+        on_statistic=on_statistic,
+        client=client,
+        part_ids=part_ids,
+        progress=progress,
+        fan_in=fan_in,
+    )
     from .cluster import count_on_cluster
 
     sweep_factors = list(factors or [])
-    budget = check_counter_memory(spec, sweep_factors, memory_budget, local=client is None)
+    client, progress, fan_in = counting.client, counting.progress, counting.fan_in
+    budget = check_counter_memory(spec, sweep_factors, counting.memory_budget, local=client is None)
     if client is not None and not isinstance(corpus, Corpus):
         raise UsageError("a cluster counts a Corpus of files, not an iterable of batches")
     window = WindowKeys.of(spec, projection, barrier_ids)
     decoder = NgramDecoder(projection) if top else None
     layers: LayerStats = {layer: {} for layer in spec.layer_ids}
     points: dict[float, LayerStats] = {f: {layer: {} for layer in spec.layer_ids} for f in sweep_factors}
-    with SpillFolder(spill_dir) as folder, worker_pool(cpu_count()) as pool:
+    with SpillFolder(counting.spill_dir) as folder, worker_pool(cpu_count()) as pool:
         store: KeyCountStore | None = None
         if client is not None:
             assert isinstance(corpus, Corpus)
-            orders = count_on_cluster(
-                client, corpus, projection, window, budget, folder, progress, on_batch, part_ids, fan_in
-            )
+            orders = count_on_cluster(corpus, projection, window, budget, folder, counting)
         else:
             store = KeyCountStore(window, budget, folder, pool)
             reading = progress.task(
@@ -392,7 +395,7 @@ def collision_statistics(
             )
             batches = corpus.batches() if isinstance(corpus, Corpus) else corpus
             size = (lambda: corpus.bytes_done) if isinstance(corpus, Corpus) else None
-            count_batches(batches, store, reading, size, on_batch)
+            count_batches(batches, store, reading, size, counting.on_batch)
             orders = {
                 n: OrderKeys(window.layout(n), [store.in_memory[n]], True)
                 if n in store.in_memory
@@ -438,8 +441,8 @@ def collision_statistics(
                         )
                 else:
                     points[item.factor][item.layer][n] = result
-                if on_statistic:
-                    on_statistic()
+                if counting.on_statistic:
+                    counting.on_statistic()
             orders[n].remove()
             if store is not None:
                 store.release(n)

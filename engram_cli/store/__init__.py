@@ -10,6 +10,13 @@ zarr data type of bfloat16 tables.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
+    from .build import BuildReport, build_shard, build_tables
+    from .create import create_store
+    from .layout import LayerLayout, plan_layout
+    from .tables import TableStore, open_tables
 
 _LAZY = {
     "BuildReport": "build",

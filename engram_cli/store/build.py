@@ -37,7 +37,7 @@ import numpy as np
 
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
-from ..errors import EngramError, OutputExistsError, UsageError
+from ..errors import EngramError, OutputExistsError, UsageError, choose
 from ..helpers import check_free_space, cpu_count, in_parallel, remove_stale_temporaries
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
@@ -77,7 +77,7 @@ def build_shard(path: str, layer_id: int, index: int) -> int:
 
 
 def _check_resumable(
-    store: TableStore, spec: TableSpec, projection: VocabProjection, shards: int, shard_by: str
+    store: TableStore, spec: TableSpec, projection: VocabProjection, shards: int, shard_by: ShardBy
 ) -> None:
     where = store.path
     # The tokenizer a spec names counts through the projection's fingerprint below, not by its name.
@@ -111,7 +111,7 @@ def _check_resumable(
 
 
 def _open_for_resume(
-    path: str, spec: TableSpec, projection: VocabProjection, shards: int | None, shard_by: str | None
+    path: str, spec: TableSpec, projection: VocabProjection, shards: int | None, shard_by: ShardBy | None
 ) -> TableStore:
     """The existing store, once it is shown to be the same build (nothing is written)."""
     store = open_tables(path, allow_incomplete=True)
@@ -267,9 +267,7 @@ def build_tables(
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be a positive integer, got {workers}")
     if dtype is not None:
-        if dtype not in STORE_DTYPES:
-            raise UsageError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
-        spec = spec.replace(dtype=dtype)
+        spec = spec.replace(dtype=choose(dtype, STORE_DTYPES, "dtype must be one of {allowed}, got {value!r}"))
     projection = projection_for(spec, projection)
     output = None if output is None else store_path(output)
     action, existing = "plan", None
@@ -286,7 +284,7 @@ def build_tables(
             check_outside_stores(output)
         if action == "resume":
             existing = _open_for_resume(output, spec, projection, shards, shard_by)
-            shards, shard_by = existing.ranks, existing.shard_by  # type: ignore[assignment]  # a checked store
+            shards, shard_by = existing.ranks, existing.shard_by
     shards, shard_by = shards or 1, shard_by or "rows"
     layouts = plan_layout(spec, shards, shard_by)
     shard_count = sum(lay.shards for lay in layouts.values())

@@ -19,13 +19,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from ..dtypes import StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
 from ..helpers import temporary_name
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, TOKENIZER_ARRAY, default_init, store_attrs
 from .files import LOCK_NAME, is_url, store_path
-from .layout import LayerLayout, plan_layout
+from .layout import LayerLayout, ShardBy, plan_layout
 from .tables import TableStore
 from .zarr_bfloat16 import BFloat16
 
@@ -196,8 +197,8 @@ def create_store(
     projection: VocabProjection,
     *,
     shards: int = 1,
-    shard_by: str = "rows",
-    dtype: str | None = None,
+    shard_by: ShardBy = "rows",
+    dtype: StoreDType | None = None,
     overwrite: bool = False,
     init: dict[str, Any] | None = None,
     layers: list[int] | None = None,

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from ..dtypes import DTYPE_BYTES
-from ..errors import EngramError, UsageError
+from ..errors import EngramError, UsageError, choose
 from ..helpers import human_bytes
 from ..spec import TableSpec
 
 ShardBy = Literal["rows", "heads"]
-SHARD_BY: tuple[str, ...] = get_args(ShardBy)
+SHARD_BY: tuple[ShardBy, ...] = get_args(ShardBy)
 CHUNK_BYTES = 1 << 20  # inner chunk: one random row read costs at most this much I/O
 SHARD_BYTES = 128 << 20  # shard file: the unit of writing, resuming and per-rank ownership
 MIN_CHUNK_BYTES = 16 << 10  # below this a head-aligned layout is refused as useless
@@ -100,7 +100,7 @@ class LayerLayout:
         }
 
 
-def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict[int, LayerLayout]:
+def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: ShardBy = "rows") -> dict[int, LayerLayout]:
     """Chunk rows, shard rows and the rank partition of every layer.
 
     `rows`: contiguous ranges, equal for every rank but the last (which may be short by a few
@@ -114,8 +114,7 @@ def plan_layout(spec: TableSpec, ranks: int = 1, shard_by: str = "rows") -> dict
     """
     if not isinstance(ranks, int) or ranks < 1:
         raise UsageError(f"the rank count must be a positive integer, got {ranks!r}")
-    if shard_by not in SHARD_BY:
-        raise UsageError(f"shard_by must be one of {', '.join(SHARD_BY)}, got {shard_by!r}")
+    shard_by = choose(shard_by, SHARD_BY, "shard_by must be one of {allowed}, got {value!r}")
     row_bytes = spec.dim * DTYPE_BYTES[spec.dtype]
     layouts = {}
     for layer in spec.layer_ids:

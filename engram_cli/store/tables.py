@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -32,7 +32,7 @@ from ..vocab import VocabProjection, checked_lookup
 from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, STORE_FORMAT_VERSION, TOKENIZER_ARRAY
 from .consistency import check_array, check_vector, checked_attrs, parse_node
 from .files import Files, is_url, store_path
-from .layout import PIECE_BYTES, LayerLayout
+from .layout import PIECE_BYTES, LayerLayout, ShardBy
 from .shard_format import (
     chunk_is_intact,
     chunk_size,
@@ -139,9 +139,9 @@ class TableStore:
         return int(self._attrs["sharding"]["ranks"])
 
     @property
-    def shard_by(self) -> str:
-        """How ranks split the layers: "rows" or "heads"."""
-        return str(self._attrs["sharding"]["shard_by"])
+    def shard_by(self) -> ShardBy:
+        """How ranks split the layers: "rows" or "heads" (`consistency` checked it on open)."""
+        return cast(ShardBy, self._attrs["sharding"]["shard_by"])
 
     @property
     def init(self) -> dict[str, Any]:
