@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..checkpoints.model_config import is_model_config
 from ..checkpoints.reports import ExportReport, ImportReport
 from ..corpus.base import CorpusOptions
 from ..errors import UsageError
@@ -260,7 +261,7 @@ def run_inspect(
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
     Args:
-        source: SOURCE, a store folder or a spec file or preset name.
+        source: SOURCE, a store folder, or a spec: a file, a preset name or a model's config.
         projection, corpus, options: --projection, --corpus and the corpus reading options.
         sweep, plot, top, verify: --sweep (as typed, "1,2,5"), --plot, --top and --verify.
         max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
@@ -271,9 +272,10 @@ def run_inspect(
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
         if plot.is_dir() or not plot.parent.is_dir():
             raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
-    if verify and not Path(source).is_dir():
+    is_store = Path(source).is_dir() and not is_model_config(source)  # a model folder is a spec
+    if verify and not is_store:
         raise UsageError("--verify needs a table store, not a spec")
-    if not corpus and not Path(source).is_dir():
+    if not corpus and not is_store:
         raise UsageError(
             "nothing to inspect: a spec has no tables, so give --corpus PATH for collision "
             "statistics (or pass a table store)"
@@ -282,7 +284,7 @@ def run_inspect(
         raise UsageError("--sweep, --plot, --top and --barrier-id describe collisions: give --corpus PATH")
     target: TableSpec | TableStore
     vocab: VocabProjection | None = None
-    if Path(source).is_dir():
+    if is_store:
         target = open_tables(source, allow_incomplete=True)
         if projection is not None:
             vocab = load_projection(projection)
