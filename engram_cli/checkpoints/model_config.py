@@ -301,9 +301,9 @@ def model_hashing(
     wanted = described.compressed_vocab_size if described is not None else spec.compressed_vocab_size
     if wanted is not None and projection.compressed_size != wanted:
         where = f"{config} has engram_compressed_vocab_size" if described is not None else f"spec {spec.name} has"
-        hint = f"{folder} has no {TOKENIZER}: give" if tokenizer is None else "give"
+        hint = f"{folder} has no {TOKENIZER}: give the projection of its" if tokenizer is None else "give that of the model's"
         raise UsageError(
             f"{which} has {projection.compressed_size:,} canonical ids, but {where} {wanted:,}; "
-            f"{hint} the projection of the model's tokenizer with --projection"
+            f"{hint} tokenizer with --projection"
         )
     return spec, projection
