@@ -83,9 +83,8 @@ def stored_projection(
     )
 
 
-_DEEPSEEK_TENSOR = re.compile(
-    "^(" + "|".join(re.escape(prefix) for prefix in DEEPSEEK_PREFIXES) + r")layers\.(\d+)\.engram\.embed\.(weight|scale)$"
-)
+_PREFIX = "|".join(re.escape(prefix) for prefix in DEEPSEEK_PREFIXES)
+_DEEPSEEK_TENSOR = re.compile(rf"^({_PREFIX})layers\.(\d+)\.engram\.embed\.(weight|scale)$")
 
 
 def is_deepseek_tensor(name: str) -> bool:

@@ -107,9 +107,7 @@ def engram_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
     pads = [(key, found.pop(key)) for key in PAD_KEYS if key in found]
     if len(pads) == 2 and pads[0][1] != pads[1][1]:
         (name, value), (alias, other) = pads
-        raise FormatError(
-            f"{path} has {name} = {_show(value)} but {alias} = {_show(other)}: two pad ids for one model"
-        )
+        raise FormatError(f"{path} has {name} = {_show(value)} but {alias} = {_show(other)}: two pad ids for one model")
     if pads:
         found[PAD_KEYS[0]] = pads[0][1]
     return found
@@ -171,9 +169,7 @@ def spec_from_config(path: Path, tokenizer: str | None = None) -> TableSpec:
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         also = f" (or {PAD_KEYS[1]})" if missing[0] == PAD_KEYS[0] else ""
-        raise FormatError(
-            f"{path} has no {missing[0]}{also} (the Engram config needs {', '.join(REQUIRED_KEYS)})"
-        )
+        raise FormatError(f"{path} has no {missing[0]}{also} (the Engram config needs {', '.join(REQUIRED_KEYS)})")
     order_count = data["engram_max_ngram_size"] - 1 if isinstance(data["engram_max_ngram_size"], int) else 0
     sizes = data["engram_vocab_size"]
     sizes = [sizes] * max(order_count, 1) if isinstance(sizes, int) else sizes
@@ -236,7 +232,8 @@ def check_spec_agrees(given: TableSpec, described: TableSpec, path: Path) -> Non
     if given.compressed_vocab_size not in (None, described.compressed_vocab_size):
         raise UsageError(
             f"spec {given.name} has compressed_vocab_size = {given.compressed_vocab_size:,}, but {path} has "
-            f"engram_compressed_vocab_size = {described.compressed_vocab_size:,}; drop --spec (the folder describes its own)"
+            f"engram_compressed_vocab_size = {described.compressed_vocab_size:,}; "
+            "drop --spec (the folder describes its own)"
         )
 
 
@@ -301,9 +298,8 @@ def model_hashing(
     wanted = described.compressed_vocab_size if described is not None else spec.compressed_vocab_size
     if wanted is not None and projection.compressed_size != wanted:
         where = f"{config} has engram_compressed_vocab_size" if described is not None else f"spec {spec.name} has"
-        hint = f"{folder} has no {TOKENIZER}: give the projection of its" if tokenizer is None else "give that of the model's"
-        raise UsageError(
-            f"{which} has {projection.compressed_size:,} canonical ids, but {where} {wanted:,}; "
-            f"{hint} tokenizer with --projection"
-        )
+        fix = "give the projection of the model's tokenizer with --projection"
+        if tokenizer is None:
+            fix = f"{folder} has no {TOKENIZER}: give the projection of its tokenizer with --projection"
+        raise UsageError(f"{which} has {projection.compressed_size:,} canonical ids, but {where} {wanted:,}; {fix}")
     return spec, projection
