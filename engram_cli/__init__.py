@@ -41,6 +41,7 @@ __all__ = [
     "load_projection",
     "load_spec",
     "open_tables",
+    "spec_from_model_config",
 ]
 
 _LAZY = {
@@ -50,6 +51,7 @@ _LAZY = {
     "create_store": "store",
     "build_shard": "store",
     "EngramTables": "checkpoints",
+    "spec_from_model_config": "checkpoints",
     "collision_statistics": "collisions",
     "CountOptions": "collisions",
     "inspect": "inspection",

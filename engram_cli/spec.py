@@ -382,8 +382,14 @@ def preset_names() -> list[str]:
 
 
 def load_spec(path_or_preset: str | Path) -> TableSpec:
-    """Read a spec from a TOML file, or from a preset name in `tables/` (`engram-27b`)."""
+    """Read a spec from a TOML file, a preset name in `tables/` (`engram-27b`), or a model's
+    config: a folder with a config.json (or engram_config.json) holding `engram_*` keys, or such a
+    .json file (`checkpoints.model_config.spec_from_model_config`)."""
     path = Path(path_or_preset)
+    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+        from .checkpoints.model_config import spec_from_model_config
+
+        return spec_from_model_config(path)
     if not path.exists():
         if path.suffix != ".toml" and str(path_or_preset) in preset_names():
             preset = _presets() / f"{path_or_preset}.toml"
@@ -391,8 +397,6 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
         raise EngramError(
             f"no spec file or preset named {str(path_or_preset)!r} (presets: {', '.join(preset_names())})"
         )
-    if path.is_dir():
-        raise EngramError(f"{path} is a directory, not a TOML spec")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:

@@ -100,3 +100,17 @@ def run_engram(
 
 def engram_json(*args: str, cwd: Path | None = None) -> dict:
     return json.loads(run_engram(*args, "--json", check=True, cwd=cwd).stdout)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The package built as a wheel, as `pip install .` builds it (test_packaging, test_install)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (path,) = out.glob("engram_cli-*.whl")
+    return path

@@ -188,8 +188,13 @@ def test_engram_tables_lookup_matches_the_store(stores, tmp_path, layout, dtype,
     export_inference(stores["bfloat16"], out, layout=layout, dtype=dtype)
     store = open_tables(stores["bfloat16"])
     if layout == "deepseek-v41":
-        # the spec comes from the engram_config.json beside the shards; the projection of the
-        # store's toy tokenizer is not the default one, and the folder holds no tokenizer.json
+        # the spec comes from the engram_config.json beside the shards, the projection from the
+        # tokenizer.json the export writes beside them; without that file (an older export) the
+        # default projection is not the store's toy tokenizer's
+        alone = EngramTables.open(out)
+        alone.lookup(np.zeros((1, 3), dtype=np.int64))
+        assert alone.projection.fingerprint() == store.projection.fingerprint()
+        (out / "tokenizer.json").unlink()
         with pytest.raises(EngramError, match="has no tokenizer.json: give the projection of its tokenizer"):
             EngramTables.open(out).lookup(np.zeros((1, 3), dtype=np.int64))
         described = EngramTables.open(out, projection=store.projection)
@@ -253,6 +258,7 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
 def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection):
     out = tmp_path / "ds"
     export_inference(stores["bfloat16"], out, layout="deepseek-v41")
+    (out / "tokenizer.json").unlink()  # an export of an older engram: no tokenizer beside the shards
     with pytest.raises(EngramError, match="has no tokenizer.json: give the projection"):
         import_checkpoint(out, tmp_path / "a")
     wrong = tiny_spec().replace(engram_vocab_size=(300, 420))

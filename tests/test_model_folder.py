@@ -236,7 +236,7 @@ def test_v41_preset_config_keys_and_rows():
     keys = config_keys(load_spec("deepseek-v4.1-flash"), 99092)
     assert keys == {
         "engram_layer_ids": [1, 14],
-        "engram_vocab_size": [16_000_000] * 3,
+        "engram_vocab_size": 16_000_000,  # an int, as in the released config
         "engram_max_ngram_size": 4,
         "engram_n_heads": 8,
         "engram_head_dim": 256,

@@ -6,7 +6,8 @@ hashing metadata tensors; `dcp` is the training checkpoint (its format, the expo
 `layouts` states the two inference layouts, which `safetensors_export` writes; `safetensors_format`
 is the file format itself; `fp8_format` the DeepSeek-V4.1 block quantization, `fp8` and
 `fp8_kernels` its quantize and dequantize; `tables` the memory-mapped `EngramTables` read path;
-`safetensors_source` reads an export back; `importing` turns any source into a store;
+`safetensors_source` reads an export back (`model_config` maps a model folder's `engram_*` config
+keys to a spec and back); `importing` turns any source into a store;
 `conversion` measures dtype changes; `output` puts finished outputs in place; `reports` holds the
 export and import reports.
 """
@@ -25,9 +26,10 @@ _LAZY = {
     "export_inference": "safetensors_export",
     "export_training": "dcp",
     "import_checkpoint": "importing",
+    "spec_from_model_config": "model_config",
 }
 
-__all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint"]
+__all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint", "spec_from_model_config"]
 
 
 def __getattr__(name: str) -> object:

@@ -3,7 +3,8 @@
 The engram training template names one tensor per layer (default
 `model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight`), or with `--per-head` one
 per head (`{head}`, or `{order}` and `{order_head}`; default `...embeddings.{head}.weight`);
-DeepSeek-V4.1-Flash's names are fixed (`layers.{L}.engram.embed.weight` and `.scale`); the E8M0
+DeepSeek-V4.1-Flash's names are fixed (`layers.{L}.engram.embed.weight` and `.scale`, which a
+model saved by transformers prefixes with `model.` or `model.language_model.`); the E8M0
 scales of an fp8 weight sit beside it (`...weight` -> `...scale`); the hashing metadata of a layer
 lives under `engram.layers.{L}.head_sizes`, `.offsets` and `.multipliers`.
 """
@@ -82,6 +83,10 @@ def piece_names(pieces: Iterable[tuple[int, str, int, int]]) -> dict[str, str]:
 
 DEEPSEEK_WEIGHT = "layers.{layer_id}.engram.embed.weight"
 DEEPSEEK_SCALE = "layers.{layer_id}.engram.embed.scale"
+# Where a model folder's writer puts those names: the released checkpoint has none of these
+# prefixes; transformers' save_pretrained writes `model.` for a text model and `model.language_model.`
+# for a composite (vision-language) one, whose older layout was `language_model.model.`.
+DEEPSEEK_PREFIXES = ("", "model.", "model.language_model.", "language_model.model.")
 
 
 def scale_key(weight_key: str) -> str:

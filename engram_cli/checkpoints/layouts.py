@@ -10,10 +10,12 @@
   `model.safetensors` (or the file named) when it fits the shard size, else shards and an index.
 * `deepseek-v41`: exactly DeepSeek-V4.1-Flash's tensors, which vLLM and SGLang load:
   `layers.{L}.engram.embed.weight` F8_E4M3 (rows, dim) and `layers.{L}.engram.embed.scale`
-  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json`; no hashing tensors
+  F8_E8M0 (rows, dim / 32), in shards with a `model.safetensors.index.json` (read back also
+  under the `model.` and `model.language_model.` prefixes of a model saved by transformers,
+  `keys.DEEPSEEK_PREFIXES`); no hashing tensors
   (the header says only format "pt"). `engram export` writes `engram_config.json` beside the
-  index (the `engram_*` keys of a model's config.json, see `model_config`), from which, with a
-  tokenizer.json, reading one back finds its spec and projection; a model's own folder of this
+  index (the `engram_*` keys of a model's config.json, see `model_config`) and the projection's
+  tokenizer.json, from which reading one back finds its spec and projection; a model's own folder of this
   layout also holds every other weight, and only the files with Engram tensors are opened.
 
 Both keep the row = offset(head) + bucket order of the store, so a row index from the hasher
@@ -29,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..errors import EngramError
+from ..errors import EngramError, FormatError
 from ..vocab import VocabProjection, restore_projection
-from .keys import DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, metadata_keys
+from .keys import DEEPSEEK_PREFIXES, DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, metadata_keys
 from .safetensors_format import INDEX_NAME, MappedTensors
 
 Layout = Literal["engram", "deepseek-v41"]
@@ -81,11 +83,13 @@ def stored_projection(
     )
 
 
-_DEEPSEEK_TENSOR = re.compile(r"^layers\.(\d+)\.engram\.embed\.(weight|scale)$")
+_PREFIX = "|".join(re.escape(prefix) for prefix in DEEPSEEK_PREFIXES)
+_DEEPSEEK_TENSOR = re.compile(rf"^({_PREFIX})layers\.(\d+)\.engram\.embed\.(weight|scale)$")
 
 
 def is_deepseek_tensor(name: str) -> bool:
-    """An Engram table or its scales under DeepSeek-V4.1's names (a model holds many other weights)."""
+    """An Engram table or its scales under DeepSeek-V4.1's names, with any prefix a model's writer
+    adds (a model holds many other weights)."""
     return _DEEPSEEK_TENSOR.match(name) is not None
 
 
@@ -103,13 +107,20 @@ def tensor_filter(path: Path) -> Callable[[str], bool] | None:
 
 
 def deepseek_tables(tensors: dict[str, Any], path: Path) -> dict[int, Table]:
-    """The layers of a deepseek-v41 export, found by their tensor names; an error when there are none."""
-    tables = {}
-    for name in tensors:
+    """The layers of a deepseek-v41 set, found by their tensor names under any of the prefixes
+    (`keys.DEEPSEEK_PREFIXES`); the scales sit under the weight's own prefix. An error when there
+    are none, or when one layer has two candidate tables (under two prefixes)."""
+    tables: dict[int, Table] = {}
+    for name in sorted(tensors):
         match = _DEEPSEEK_TENSOR.match(name)
-        if match and match.group(2) == "weight":
-            layer_id = int(match.group(1))
-            tables[layer_id] = Table(layer_id, name, DEEPSEEK_SCALE.format(layer_id=layer_id))
+        if match is None or match.group(3) != "weight":
+            continue
+        layer_id = int(match.group(2))
+        if layer_id in tables:
+            raise FormatError(
+                f"{path} has two tables for Engram layer {layer_id}: {tables[layer_id].weight!r} and {name!r}"
+            )
+        tables[layer_id] = Table(layer_id, name, match.group(1) + DEEPSEEK_SCALE.format(layer_id=layer_id))
     if not tables:
         raise EngramError(
             f"{path} holds no Engram tables (neither an engram export nor "

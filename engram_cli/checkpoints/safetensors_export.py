@@ -6,7 +6,9 @@ quantized (`fp8`) and written by position: locally on up to 8 threads, each bloc
 write on one thread (all of it outside the GIL), or on a Dask cluster as one task per block of
 about 32 MiB, every task writing into the same files. The output is written in a temporary folder
 and renamed into place when complete (`output`). A deepseek-v41 export also gets
-`engram_config.json` beside its index: the `engram_*` keys of a model's config.json (`model_config`).
+`engram_config.json` beside its index, the `engram_*` keys of a model's config.json
+(`model_config`), and the projection's `tokenizer.json`: what reading it back needs, so that
+`engram import` of the folder takes nothing else.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .keys import (
 )
 from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table, check_table_names
 from .metadata import hashing_arrays
-from .model_config import ENGRAM_CONFIG, config_keys
+from .model_config import ENGRAM_CONFIG, TOKENIZER, config_keys
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
@@ -198,9 +200,11 @@ def export_inference(
         finally:
             writer.close(sync=True)
         writer.write_index()
-        if layout == "deepseek-v41":  # the engram_* keys a model's config.json needs beside these tensors
+        if layout == "deepseek-v41":  # what reading the tensors back needs: the config keys and the tokenizer
             keys = config_keys(source.spec, source.projection.compressed_size)
             (tmp / ENGRAM_CONFIG).write_text(json.dumps(keys, indent=2) + "\n")
+            if source.projection.tokenizer_json is not None:
+                (tmp / TOKENIZER).write_bytes(source.projection.tokenizer_json)
         swap_into_place(tmp / output.name if single else tmp, output)
     except OSError as exc:
         raise write_error(output, exc) from None

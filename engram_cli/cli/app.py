@@ -26,7 +26,10 @@ app = typer.Typer(
 )
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
-SPEC_HELP = "A TOML table spec, or a preset name from tables/ (demo, engram-27b, ...)."
+SPEC_HELP = (
+    "A TOML table spec, a preset name from tables/ (demo, engram-27b, ...), or a model folder "
+    "(or its config.json) whose engram_* keys describe the tables."
+)
 SCHEDULER_OPTION = typer.Option(
     None, "--scheduler", help="Run on an existing Dask cluster: its scheduler address, tcp://HOST:PORT."
 )
@@ -357,8 +360,8 @@ def inspect_command(
     source: str = typer.Argument(
         ...,
         parser=path_text,
-        help="A table store folder (from `engram build-tables`), or a TOML spec or preset name "
-        "(demo, engram-27b, ...).",
+        help="A table store folder (from `engram build-tables`), or a TOML spec, a preset name "
+        "(demo, engram-27b, ...) or a model folder (or its config.json).",
     ),
     projection: Path | None = typer.Option(
         None,

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..checkpoints.model_config import is_model_config
 from ..checkpoints.reports import ExportReport, ImportReport
 from ..collisions.options import CountOptions
 from ..corpus.base import CorpusOptions
@@ -262,7 +263,7 @@ def run_inspect(
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
     Args:
-        source: SOURCE, a store folder or a spec file or preset name.
+        source: SOURCE, a store folder, or a spec: a file, a preset name or a model's config.
         projection, corpus, options: --projection, --corpus and the corpus reading options.
         sweep, plot, top, verify: --sweep (as typed, "1,2,5"), --plot, --top and --verify.
         max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
@@ -273,7 +274,8 @@ def run_inspect(
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
         if plot.is_dir() or not plot.parent.is_dir():
             raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
-    target = open_tables(source, allow_incomplete=True) if Path(source).is_dir() else load_spec(source)
+    is_store = Path(source).is_dir() and not is_model_config(source)  # a model folder is a spec
+    target = open_tables(source, allow_incomplete=True) if is_store else load_spec(source)
     vocab = None if projection is None else load_projection(projection)  # checked against the target by inspect
     with dask_client(scheduler, dask_workers) as client, progress_bars(transient=True) as bars:
         report = inspect(
