@@ -5,7 +5,12 @@ import importlib
 from .errors import EngramError
 from .hashing import NgramHasher
 from .spec import InitSpec, TableSpec, load_spec
+from .store.zarr_registration import register_when_zarr_loads
 from .vocab import VocabProjection, compress_vocab, default_projection, load_projection
+
+# A bf16 store needs zarr's "bfloat16" data type, in engram's reads and in a user's own
+# `zarr.open_array`: registered when zarr loads, without importing zarr here.
+register_when_zarr_loads()
 
 __all__ = [
     "Corpus",
