@@ -12,8 +12,10 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..checkpoints.reports import ExportReport, ImportReport
+from ..checkpoints.keys import Layout
+from ..checkpoints.reports import ExportReport, ExportTarget, ImportReport
 from ..corpus.base import CorpusOptions
+from ..dtypes import InferenceDType, StoreDType
 from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
@@ -90,9 +92,9 @@ def run_build(
     *,
     projection: Path | None,
     shards: int | None,
-    shard_by: str | None,
+    shard_by: ShardBy | None,
     workers: int | None,
-    dtype: str | None,
+    dtype: StoreDType | None,
     resume: bool,
     overwrite: bool,
     dry_run: bool,
@@ -107,11 +109,8 @@ def run_build(
         resume, overwrite, dry_run: --resume, --overwrite and --dry-run.
         scheduler, dask_workers: where the shards are built (`cluster.dask_client`).
     """
-    if output is None and not dry_run:
-        raise UsageError("missing option -o/--output: the table store to write")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    by: ShardBy | None = _choice(shard_by, "--shard-by", ("rows", "heads"))  # type: ignore[assignment]
     table_spec = load_spec(spec)
     vocab = resolve_projection(projection, table_spec)
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
@@ -121,7 +120,7 @@ def run_build(
                 output,
                 projection=vocab,
                 shards=shards,
-                shard_by=by,
+                shard_by=shard_by,
                 workers=workers,
                 dtype=dtype,  # type: ignore[arg-type]  # checked by build_tables
                 resume=resume,
@@ -141,12 +140,12 @@ def run_export(
     store: str,
     output: Path,
     *,
-    target: str,
+    target: ExportTarget,
     shards: int | None = None,
     key_template: str | None = None,
     per_head: bool = False,
-    dtype: str | None = None,
-    layout: str | None = None,
+    dtype: InferenceDType | None = None,
+    layout: Layout | None = None,
     max_shard_size: str | None = None,
     overwrite: bool = False,
     scheduler: str | None = None,
@@ -161,7 +160,6 @@ def run_export(
         overwrite: --overwrite.
         scheduler, dask_workers: where an inference export runs (`cluster.dask_client`).
     """
-    _choice(target, "--for", ("training", "inference"))
     if target == "training":
         if layout is not None or max_shard_size is not None:
             raise UsageError("--layout and --max-shard-size apply to --for inference")
@@ -210,9 +208,9 @@ def run_import(
     projection: Path | None,
     key_template: str | None,
     layers: list[int] | None,
-    dtype: str | None,
+    dtype: StoreDType | None,
     shards: int | None,
-    shard_by: str | None,
+    shard_by: ShardBy | None,
     overwrite: bool,
 ) -> ImportReport:
     """`engram import`: --spec and --projection by name, progress bars.
@@ -331,9 +329,3 @@ def parse_factors(text: str) -> list[float]:
         if value not in factors:
             factors.append(value)
     return factors
-
-
-def _choice(value: str | None, option: str, allowed: tuple[str, ...]) -> str | None:
-    if value is not None and value not in allowed:
-        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
