@@ -12,7 +12,6 @@ from typing import get_args
 
 import pytest
 import typer
-from conftest import run_engram
 from engram_cli.checkpoints.keys import Layout
 from engram_cli.checkpoints.reports import ExportTarget
 from engram_cli.cli.app import app
@@ -20,6 +19,8 @@ from engram_cli.corpus.base import BinDType, DocPer
 from engram_cli.dtypes import InferenceDType, StoreDType
 from engram_cli.store.layout import ShardBy
 from typer.testing import CliRunner
+
+from conftest import run_engram
 
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 

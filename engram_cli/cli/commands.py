@@ -122,7 +122,7 @@ def run_build(
                 shards=shards,
                 shard_by=shard_by,
                 workers=workers,
-                dtype=dtype,  # type: ignore[arg-type]  # checked by build_tables
+                dtype=dtype,
                 resume=resume,
                 overwrite=overwrite,
                 dry_run=dry_run,
@@ -189,8 +189,8 @@ def run_export(
         return export_inference(
             store,
             output,
-            dtype=dtype,  # type: ignore[arg-type]  # checked by export_inference
-            layout=layout or "engram",  # type: ignore[arg-type]
+            dtype=dtype,
+            layout=layout or "engram",
             max_shard_size=max_shard_size or "5GB",
             key_template=key_template,
             overwrite=overwrite,
