@@ -102,5 +102,5 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("engram: error: "), (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+        assert "Traceback" not in proc.stderr and "Value error" not in proc.stderr
     assert not list(tmp_path.iterdir()), "a usage error wrote something"

@@ -536,7 +536,8 @@ def main() -> None:
         sys.exit(130)
     except typer.TyperException as exc:  # click's usage errors, as typer vendors them
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        _fail(message, getattr(exc, "exit_code", 2))
+        # typer validates values with pydantic, whose messages start "Value error, ": not the user's
+        _fail(message.replace(": Value error, ", ": "), getattr(exc, "exit_code", 2))
     except EngramError as exc:
         _fail(str(exc), 1)
     except OSError as exc:
