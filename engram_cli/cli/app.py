@@ -73,7 +73,7 @@ def engram_group(
         False, "--version", callback=_print_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    """Build, convert and inspect the memory tables of Engram-style language models."""
+    """The group's own options (`--version`); its help text is the Typer app's."""
 
 
 class MissingOption(typer.BadParameter):
