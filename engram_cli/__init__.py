@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from .errors import EngramError
 from .hashing import NgramHasher
 from .spec import InitSpec, TableSpec, load_spec
+from .store.zarr_registration import register_when_zarr_loads
 from .vocab import VocabProjection, compress_vocab, default_projection, load_projection
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type checkers and IDEs
@@ -18,6 +19,10 @@ if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type check
     from .store.build import build_shard, build_tables
     from .store.create import create_store
     from .store.tables import TableStore, open_tables
+
+# A bf16 store needs zarr's "bfloat16" data type, in engram's reads and in a user's own
+# `zarr.open_array`: registered when zarr loads, without importing zarr here.
+register_when_zarr_loads()
 
 __all__ = [
     "Corpus",

@@ -2,7 +2,13 @@
 
 The library never draws anything: a job takes a `Progress` and starts one task per pass (rows
 written, bytes read, partitions merged, ...). The CLI passes one that draws rich bars on stderr;
-library callers pass their own or leave the silent default.
+library callers pass their own or leave the silent default. A pass ends with its task at its
+total (`update(total)`), also when it stopped early (`--max-tokens`), so no bar stays short of
+100 % while the next pass runs.
+
+A pass that counts bytes starts its task with `byte_task`: a `Progress` that can show units (the
+CLI's: `4.1 MB`) has a method `byte_task(description, total)` of its own; any other gets a plain
+`task`, so a `Progress` written before byte tasks existed still works.
 """
 
 from __future__ import annotations
@@ -44,3 +50,9 @@ class Silent:
 
 
 SILENT = Silent()
+
+
+def byte_task(progress: Progress, description: str, total: float | None = None) -> ProgressTask:
+    """Start a task whose units are bytes: `progress.byte_task` where it has one, else `task`."""
+    start = getattr(progress, "byte_task", None)
+    return start(description, total) if start is not None else progress.task(description, total)

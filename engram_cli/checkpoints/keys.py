@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable
+from typing import Literal
 
 from ..errors import UsageError
+
+# The two inference layouts (`layouts` states them); here, with the key names, so that the CLI
+# can offer them as choices without loading torch.
+Layout = Literal["engram", "deepseek-v41"]
 
 DEFAULT_KEY_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight"
 DEFAULT_HEAD_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embeddings.{head}.weight"

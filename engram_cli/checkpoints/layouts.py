@@ -29,14 +29,21 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from ..errors import EngramError, FormatError
 from ..vocab import VocabProjection, restore_projection
-from .keys import DEEPSEEK_PREFIXES, DEEPSEEK_SCALE, LOOKUP_KEY, TOKENIZER_ZIP_KEY, check_distinct_keys, metadata_keys
+from .keys import (
+    DEEPSEEK_PREFIXES,
+    DEEPSEEK_SCALE,
+    LOOKUP_KEY,
+    TOKENIZER_ZIP_KEY,
+    Layout,
+    check_distinct_keys,
+    metadata_keys,
+)
 from .safetensors_format import INDEX_NAME, MappedTensors
 
-Layout = Literal["engram", "deepseek-v41"]
 LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 # The metadata of an engram-layout safetensors export. The same name as the table store's format
 # (store/attributes.py) for files already written; the version is a string because safetensors

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+ExportTarget = Literal["training", "inference"]  # DCP for training, safetensors for inference
 
 
 @dataclass
 class ExportReport:
     """What `engram export` wrote, how fast, and what the dtype change cost."""
 
-    target: str
+    target: ExportTarget
     layout: str
     output: str
     store: str

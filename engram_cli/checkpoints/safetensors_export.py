@@ -27,7 +27,7 @@ from ..errors import EngramError, choose
 from ..helpers import cpu_count, in_parallel, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .conversion import Conversion
-from .fp8 import QuantError, check_quantizable, quantize
+from .fp8 import QuantError, check_quantizable, quantize, warm_quantize
 from .fp8_format import BLOCK, check_blockable
 from .keys import (
     DEEPSEEK_SCALE,
@@ -159,6 +159,8 @@ def export_inference(
         index_metadata={"format": SAFETENSORS_FORMAT, "layout": layout} if layout == "engram" else None,
     )
     tmp = prepare_output(output, overwrite, sum(f.size for f in layout_plan.files))
+    if dtype == "float8_e4m3fn" and client is None:  # on a cluster, each worker compiles its own
+        warm_quantize(torch_dtype(source.dtype))
     start = time.perf_counter()
     quant = QuantError() if dtype == "float8_e4m3fn" else None
     conversion = Conversion(source.spec.dtype, dtype)

@@ -19,7 +19,7 @@ from ..dtypes import STORE_DTYPES, from_torch
 from ..errors import EngramError
 from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
-from .fp8 import dequantize
+from .fp8 import dequantize, warm_dequantize
 from .metadata import check_given
 from .model_config import model_hashing
 from .sources import LayerSource, TableSource
@@ -41,6 +41,8 @@ class SafetensorsSource(TableSource):
         self.store_dtype = spec_from_dict(json.loads(stored["spec"])).dtype if "spec" in stored else None
         self.sharding = json.loads(stored.get("sharding", "null"))
         self.dtype = "float8_e4m3fn" if tables.quantized else _name_of(tables.weight(chosen[0]).dtype)
+        if tables.quantized:
+            warm_dequantize()  # compiled before the import's clock starts
 
     def layer(self, layer_id: int) -> LayerSource:
         """The reader of one layer's table (fp8 blocks dequantized to float32)."""

@@ -1,7 +1,10 @@
 """The `engram` command: each command parses options, calls one library function, renders it.
 
 A command's docstring is its `--help` text up to the form feed (click and typer stop there); the
-`Args:` after it only map the function's parameters to the options they are.
+`Args:` after it only map the function's parameters to the options they are. An option with a
+closed set of values is typed with the library's Literal for it (`StoreDType`, `ShardBy`,
+`Layout`, ...): typer lists those choices in `--help` and refuses any other value as a usage
+error (exit 2), so the CLI and the library cannot drift apart. `help.py` holds how help is written.
 """
 
 from __future__ import annotations
@@ -9,15 +12,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 
+from ..checkpoints.keys import Layout
+from ..checkpoints.reports import ExportTarget
+from ..corpus.base import BinDType, DocPer
+from ..dtypes import InferenceDType, StoreDType
 from ..errors import EngramError
+from ..store.layout import ShardBy
+from .help import EngramCommand, EngramGroup
 from .render import emit
 
 app = typer.Typer(
+    cls=EngramGroup,
     name="engram",
     help="Build, convert and inspect the memory tables of Engram-style language models.",
     no_args_is_help=True,
@@ -45,6 +56,37 @@ BARRIER_HELP = "A token id no n-gram may span (an image placeholder, say); its o
 NAME_MAX = 255  # bytes in one file name on every common local file system
 
 
+def package_version() -> str:
+    """The installed distribution's version (run from a source tree without one: "unknown")."""
+    try:
+        return version("engram-cli")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"engram {package_version()}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def engram_group(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """The group's own options (`--version`); its help text is the Typer app's."""
+
+
+class MissingOption(typer.BadParameter):
+    """An option required only without another one (typer marks only always-required options):
+    a usage error like typer's own, exit 2."""
+
+    def format_message(self) -> str:
+        return f"Missing option {self.param_hint}: {self.message}"
+
+
 def path_text(text: str) -> str:
     """A path, preset or URL as typed, refused when no file system could hold it: empty (which
     pathlib reads as the current folder) or with a name longer than NAME_MAX bytes."""
@@ -64,7 +106,7 @@ def path_value(text: str) -> Path:
     return Path(path_text(text))
 
 
-@app.command("compress-vocab")
+@app.command(cls=EngramCommand, name="compress-vocab")
 def compress_vocab_command(
     tokenizer: str | None = typer.Argument(
         None,
@@ -90,7 +132,7 @@ def compress_vocab_command(
     emit(write_projection(tokenizer, output, overwrite=overwrite, top=top), as_json)
 
 
-@app.command("plan")
+@app.command(cls=EngramCommand, name="plan")
 def plan_command(
     spec: str = typer.Argument(..., parser=path_text, help=SPEC_HELP),
     as_json: bool = JSON_OPTION,
@@ -102,7 +144,7 @@ def plan_command(
     emit(PlanReport(load_spec(spec)), as_json)
 
 
-@app.command("hash")
+@app.command(cls=EngramCommand, name="hash")
 def hash_command(
     text: str | None = typer.Argument(None, help="Text to tokenize with the projection's tokenizer."),
     spec: str = typer.Option("demo", "--spec", parser=path_text, help=SPEC_HELP),
@@ -164,17 +206,21 @@ def hash_command(
     )
 
 
-@app.command("build-tables")
+@app.command(cls=EngramCommand, name="build-tables")
 def build_tables_command(
     spec: str = typer.Argument(..., parser=path_text, help=SPEC_HELP),
     output: str | None = typer.Option(
-        None, "-o", "--output", parser=path_text, help="The table store to write: a folder (or an fsspec URL)."
+        None,
+        "-o",
+        "--output",
+        parser=path_text,
+        help="The table store to write: a folder (or an fsspec URL); required unless --dry-run.",
     ),
     projection: Path | None = typer.Option(None, "--projection", parser=path_value, help=PROJECTION_HELP),
     shards: int | None = typer.Option(
         None, "--shards", min=1, help="Ranks to partition every layer for (default 1; on --resume: the store's)."
     ),
-    shard_by: str | None = typer.Option(
+    shard_by: ShardBy | None = typer.Option(
         None, "--shard-by", help="rows: near-equal contiguous row ranges (default); heads: whole heads per rank."
     ),
     workers: int | None = typer.Option(
@@ -183,9 +229,7 @@ def build_tables_command(
         min=1,
         help="Threads generating values (default: all cores); shard buffers in flight stay under 1 GiB.",
     ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, float16 or bfloat16 (default: the spec's table.dtype)."
-    ),
+    dtype: StoreDType | None = typer.Option(None, "--dtype", help="The table dtype (default: the spec's table.dtype)."),
     resume: bool = typer.Option(
         False, "--resume", help="Finish an interrupted build: check what is there, write what is missing."
     ),
@@ -203,6 +247,8 @@ def build_tables_command(
             --dtype, --resume, --overwrite, --dry-run, --scheduler, --dask-workers and --json, each
             described by its `help=`.
     """
+    if output is None and not dry_run:
+        raise MissingOption("the table store to write (only --dry-run goes without)", param_hint="'-o' / '--output'")
     from .commands import run_build
 
     emit(
@@ -224,10 +270,10 @@ def build_tables_command(
     )
 
 
-@app.command("export")
+@app.command(cls=EngramCommand, name="export")
 def export_command(
     store: str = typer.Argument(..., parser=path_text, help="The table store to export (from `engram build-tables`)."),
-    target: str = typer.Option(
+    target: ExportTarget = typer.Option(
         ..., "--for", help="training: a torch.distributed.checkpoint folder; inference: safetensors."
     ),
     output: Path = typer.Option(
@@ -242,10 +288,10 @@ def export_command(
     per_head: bool = typer.Option(
         False, "--per-head", help="training: one row-sharded tensor per (order, head) prime table."
     ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bfloat16, float16, or (inference) float8_e4m3fn; default: the store's."
+    dtype: InferenceDType | None = typer.Option(
+        None, "--dtype", help="The exported dtype; float8_e4m3fn for inference only (default: the store's)."
     ),
-    layout: str | None = typer.Option(
+    layout: Layout | None = typer.Option(
         None, "--layout", help="inference: engram (default, self-describing) or deepseek-v41 (fp8, vLLM/SGLang)."
     ),
     max_shard_size: str | None = typer.Option(
@@ -285,7 +331,7 @@ def export_command(
     )
 
 
-@app.command("import")
+@app.command(cls=EngramCommand, name="import")
 def import_command(
     checkpoint: Path = typer.Argument(
         ...,
@@ -317,13 +363,15 @@ def import_command(
     layers: list[int] | None = typer.Option(
         None, "--layers", help="Only this layer (repeatable; default: every layer in the checkpoint)."
     ),
-    dtype: str | None = typer.Option(
+    dtype: StoreDType | None = typer.Option(
         None, "--dtype", help="Store dtype (default: the exported store's, else the checkpoint's)."
     ),
     shards: int | None = typer.Option(
         None, "--shards", min=1, help="Ranks of the new store's partition (default: the exported store's)."
     ),
-    shard_by: str | None = typer.Option(None, "--shard-by", help="rows or heads (default: the exported store's)."),
+    shard_by: ShardBy | None = typer.Option(
+        None, "--shard-by", help="The new store's partition (default: the exported store's)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -355,7 +403,7 @@ def import_command(
     )
 
 
-@app.command("inspect")
+@app.command(cls=EngramCommand, name="inspect")
 def inspect_command(
     source: str = typer.Argument(
         ...,
@@ -376,7 +424,7 @@ def inspect_command(
         help="Files or folders (recursive) of text, .jsonl/.json (.gz/.zst/.xz/.bz2 too), .parquet, .npy, .bin, "
         "Megatron PREFIX.bin+.idx, datasets save_to_disk folders, Hub dataset ids, or fsspec URLs; repeatable.",
     ),
-    doc_per: str = typer.Option("file", "--doc-per", help="Text files: one document per file or per line."),
+    doc_per: DocPer = typer.Option("file", "--doc-per", help="Text files: one document per file or per line."),
     text_field: str = typer.Option(
         "text", "--text-field", help="JSON, Parquet, Hugging Face datasets: the field holding the text."
     ),
@@ -392,7 +440,7 @@ def inspect_command(
     config: str | None = typer.Option(
         None, "--config", help="Hub datasets: the configuration (subset) name, where a dataset has several."
     ),
-    bin_dtype: str = typer.Option("uint16", "--bin-dtype", help=".bin: uint16 or uint32 token ids."),
+    bin_dtype: BinDType = typer.Option("uint16", "--bin-dtype", help=".bin: the dtype of the token ids."),
     doc_sep: int | None = typer.Option(
         None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."
     ),
@@ -491,7 +539,8 @@ def main() -> None:
         sys.exit(130)
     except typer.TyperException as exc:  # click's usage errors, as typer vendors them
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        _fail(message, getattr(exc, "exit_code", 2))
+        # typer validates values with pydantic, whose messages start "Value error, ": not the user's
+        _fail(message.replace(": Value error, ", ": "), getattr(exc, "exit_code", 2))
     except EngramError as exc:
         _fail(str(exc), 1)
     except OSError as exc:

@@ -13,16 +13,18 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..checkpoints.keys import Layout
 from ..checkpoints.model_config import is_model_config
-from ..checkpoints.reports import ExportReport, ImportReport
+from ..checkpoints.reports import ExportReport, ExportTarget, ImportReport
 from ..collisions.options import CountOptions
 from ..corpus.base import CorpusOptions
-from ..errors import Name, UsageError, choose
+from ..dtypes import InferenceDType, StoreDType
+from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
 from ..spec import load_spec
 from ..store.build import BuildReport, build_tables
-from ..store.layout import SHARD_BY
+from ..store.layout import ShardBy
 from ..store.tables import open_tables
 from ..vocab import load_projection
 from .cluster import dask_client
@@ -93,9 +95,9 @@ def run_build(
     *,
     projection: Path | None,
     shards: int | None,
-    shard_by: str | None,
+    shard_by: ShardBy | None,
     workers: int | None,
-    dtype: str | None,
+    dtype: StoreDType | None,
     resume: bool,
     overwrite: bool,
     dry_run: bool,
@@ -110,11 +112,8 @@ def run_build(
         resume, overwrite, dry_run: --resume, --overwrite and --dry-run.
         scheduler, dask_workers: where the shards are built (`cluster.dask_client`).
     """
-    if output is None and not dry_run:
-        raise UsageError("missing option -o/--output: the table store to write")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    by = _choice(shard_by, "--shard-by", SHARD_BY)
     table_spec = load_spec(spec)
     vocab = None if projection is None else load_projection(projection)  # checked against the spec by build_tables
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:
@@ -124,9 +123,9 @@ def run_build(
                 output,
                 projection=vocab,
                 shards=shards,
-                shard_by=by,
+                shard_by=shard_by,
                 workers=workers,
-                dtype=dtype,  # type: ignore[arg-type]  # checked by build_tables
+                dtype=dtype,
                 resume=resume,
                 overwrite=overwrite,
                 dry_run=dry_run,
@@ -144,12 +143,12 @@ def run_export(
     store: str,
     output: Path,
     *,
-    target: str,
+    target: ExportTarget,
     shards: int | None = None,
     key_template: str | None = None,
     per_head: bool = False,
-    dtype: str | None = None,
-    layout: str | None = None,
+    dtype: InferenceDType | None = None,
+    layout: Layout | None = None,
     max_shard_size: str | None = None,
     overwrite: bool = False,
     scheduler: str | None = None,
@@ -164,7 +163,6 @@ def run_export(
         overwrite: --overwrite.
         scheduler, dask_workers: where an inference export runs (`cluster.dask_client`).
     """
-    _choice(target, "--for", ("training", "inference"))
     if target == "training":
         if layout is not None or max_shard_size is not None:
             raise UsageError("--layout and --max-shard-size apply to --for inference")
@@ -194,8 +192,8 @@ def run_export(
         return export_inference(
             store,
             output,
-            dtype=dtype,  # type: ignore[arg-type]  # checked by export_inference
-            layout=layout or "engram",  # type: ignore[arg-type]
+            dtype=dtype,
+            layout=layout or "engram",
             max_shard_size=max_shard_size or "5GB",
             key_template=key_template,
             overwrite=overwrite,
@@ -213,9 +211,9 @@ def run_import(
     projection: Path | None,
     key_template: str | None,
     layers: list[int] | None,
-    dtype: str | None,
+    dtype: StoreDType | None,
     shards: int | None,
-    shard_by: str | None,
+    shard_by: ShardBy | None,
     overwrite: bool,
 ) -> ImportReport:
     """`engram import`: --spec and --projection by name, progress bars.
@@ -236,9 +234,9 @@ def run_import(
             projection=None if projection is None else load_projection(projection),
             key_template=key_template,
             layers=layers,
-            dtype=dtype,  # type: ignore[arg-type]  # checked by import_checkpoint
+            dtype=dtype,
             shards=shards,
-            shard_by=shard_by,  # type: ignore[arg-type]  # checked by import_checkpoint
+            shard_by=shard_by,
             overwrite=overwrite,
             progress=bars,
         )
@@ -316,7 +314,3 @@ def parse_factors(text: str) -> list[float]:
         if value not in factors:
             factors.append(value)
     return factors
-
-
-def _choice(value: str | None, option: str, allowed: tuple[Name, ...]) -> Name | None:
-    return None if value is None else choose(value, allowed, f"{option} must be one of {{allowed}}, got {{value!r}}")

@@ -21,14 +21,16 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Column, Table
+from rich.text import Text
 
 from ..dtypes import DTYPE_BYTES
 from ..hash_jobs import values_key
@@ -111,8 +113,23 @@ class RichProgress:
         self.bar = bar
 
     def task(self, description: str, total: float | None = None) -> _RichTask:
-        """Add a bar for one pass of the job."""
-        return _RichTask(self.bar, self.bar.add_task(description, total=total, note=""))
+        """Add a bar for one pass of the job, counting units: `1,024/4,096`."""
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, note="", bytes=False))
+
+    def byte_task(self, description: str, total: float | None = None) -> _RichTask:
+        """Add a bar for a pass that counts bytes, shown in decimal units: `1.2 MB/4.1 MB`."""
+        return _RichTask(self.bar, self.bar.add_task(description, total=total, note="", bytes=True))
+
+
+class _CountColumn(ProgressColumn):
+    """Done out of total: bytes in human units for a byte task, a plain count for any other."""
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("bytes"):
+            total = "?" if task.total is None else f"{int(task.total):,}"
+            return Text(f"{int(task.completed):,}/{total}", style="progress.download")
+        total = "?" if task.total is None else human_bytes(task.total)
+        return Text(f"{human_bytes(task.completed)}/{total}", style="progress.download")
 
 
 @contextmanager
@@ -122,7 +139,7 @@ def progress_bars(*, show: bool = True, transient: bool = False) -> Iterator[Ric
     bar = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        _CountColumn(),
         TextColumn("{task.fields[note]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),

@@ -27,7 +27,7 @@ from ..corpus.reader import Corpus
 from ..errors import EngramError, UsageError
 from ..helpers import cpu_count, plural
 from ..kernels import buckets
-from ..progress import SILENT, Progress
+from ..progress import SILENT, Progress, byte_task
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .budget import MemoryPlan, SizeItem, check_counter_memory, counter_itemsize, order_items, too_small
@@ -390,12 +390,12 @@ def collision_statistics(
             orders = count_on_cluster(corpus, projection, window, budget, folder, counting)
         else:
             store = KeyCountStore(window, budget, folder, pool)
-            reading = progress.task(
-                "counting n-grams", max(1, corpus.total_bytes) if isinstance(corpus, Corpus) else None
-            )
-            batches = corpus.batches() if isinstance(corpus, Corpus) else corpus
-            size = (lambda: corpus.bytes_done) if isinstance(corpus, Corpus) else None
-            count_batches(batches, store, reading, size, counting.on_batch)
+            if isinstance(corpus, Corpus):
+                reading = byte_task(progress, "counting n-grams", max(1, corpus.total_bytes))
+                count_batches(corpus.batches(), store, reading, lambda: corpus.bytes_done, counting.on_batch)
+                reading.update(max(1, corpus.total_bytes))  # the pass is over (--max-tokens may stop it early)
+            else:
+                count_batches(corpus, store, progress.task("counting n-grams"), None, counting.on_batch)
             orders = {
                 n: OrderKeys(window.layout(n), [store.in_memory[n]], True)
                 if n in store.in_memory

@@ -11,12 +11,24 @@ corpus for Dask; `base` holds the shared types (`CorpusOptions`, `DocBatch`, `Co
 `CorpusPart`).
 """
 
-from .base import CorpusOptions, CorpusPart, CorpusSummary, DocBatch
-from .files import Source
-from .parts import split_corpus
-from .reader import Corpus
-from .readers import IdReader, IdReading, Reader, Tally, TextReader, open_reader
-from .sources import find_sources
+import importlib
+
+_LAZY = {
+    "Corpus": "reader",
+    "CorpusOptions": "base",
+    "CorpusPart": "base",
+    "CorpusSummary": "base",
+    "DocBatch": "base",
+    "IdReader": "readers",
+    "IdReading": "readers",
+    "Reader": "readers",
+    "Source": "files",
+    "Tally": "readers",
+    "TextReader": "readers",
+    "find_sources": "sources",
+    "open_reader": "readers",
+    "split_corpus": "parts",
+}
 
 __all__ = [
     "Corpus",
@@ -34,3 +46,11 @@ __all__ = [
     "open_reader",
     "split_corpus",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Load a submodule on first use of one of its names, so that the CLI can read the option
+    choices in `base` without loading every reader."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

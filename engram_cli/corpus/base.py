@@ -9,17 +9,19 @@ count documents and tokens per format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from ..errors import EngramError
 from .files import Source
 
-DOC_PER = ("file", "line")
+DocPer = Literal["file", "line"]  # a text file is one document, or each line is one
+DOC_PER: tuple[str, ...] = get_args(DocPer)
 
 
-BIN_DTYPES = ("uint16", "uint32")
+BinDType = Literal["uint16", "uint32"]  # the token ids of a raw .bin file
+BIN_DTYPES: tuple[str, ...] = get_args(BinDType)
 
 
 # Characters of text handed to one encode_batch call: enough for every core, small enough to overlap.
@@ -38,10 +40,10 @@ BINARY_SNIFF_BYTES = 8192
 class CorpusOptions:
     """How to read the inputs; the defaults read plain UTF-8 text, one document per file."""
 
-    doc_per: str = "file"
+    doc_per: DocPer = "file"
     text_field: str = "text"
     ids_field: str | None = None
-    bin_dtype: str = "uint16"
+    bin_dtype: BinDType = "uint16"
     doc_sep: int | None = None
     glob: str | None = None
     max_tokens: int | None = None

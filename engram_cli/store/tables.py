@@ -29,6 +29,7 @@ from ..helpers import cpu_count
 from ..init import INIT_ALGORITHM, fill_rows
 from ..spec import TableSpec
 from ..vocab import VocabProjection, checked_lookup
+from . import zarr_bfloat16  # noqa: F401  # registers "bfloat16": opening a bf16 store needs it
 from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, STORE_FORMAT_VERSION, TOKENIZER_ARRAY
 from .consistency import check_array, check_vector, checked_attrs, parse_node
 from .files import Files, is_url, store_path
