@@ -154,7 +154,7 @@ def gguf_hashing(header: Header, given: TableSpec | None = None) -> tuple[TableS
             spec = spec_from_dict(spec_json, Path(header.path).stem)
         except (EngramError, TypeError, KeyError) as exc:
             raise FormatError(f"{where}: {SPEC_KEY} is not a spec: {exc}") from None
-        spec, what, store_dtype = spec.replace(compressed_vocab_size=projection.compressed_size), SPEC_KEY, spec.dtype
+        spec, what, store_dtype = spec, SPEC_KEY, spec.dtype
     else:
         spec, what = _derived_spec(header, values, projection), "the spec its sizes describe"
     if not 0 <= spec.pad_id < projection.vocab_size or int(projection.lookup[spec.pad_id]) != pad:

@@ -106,7 +106,7 @@ def _bf16_bits(bits: np.uint32) -> np.uint16:  # pragma: no cover - compiled
     return np.uint16((np.uint64(bits) + 0x7FFF + ((bits >> 16) & 1)) >> 16)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     rows, n = x.shape
     nb = n // QK
@@ -136,7 +136,7 @@ def _quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
                 out[r, o + 2 + j] = np.uint8(np.int32(q) & 0xFF)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     rows, n = x.shape
     nb = n // QK
@@ -144,9 +144,9 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
         cell = np.empty(1, dtype=np.float32)
         cell_bits = cell.view(np.uint32)
         for b in range(nb):
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(QK):
+            vmax = x[r, b * QK]  # the first of the largest magnitudes, as argmax picks it
+            amax = abs(vmax)
+            for j in range(1, QK):
                 v = x[r, b * QK + j]
                 if abs(v) > amax:
                     amax = abs(v)
@@ -166,7 +166,7 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
                 out[r, o + 2 + j] = np.uint8(lo | (hi << 4))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _to_half(x: np.ndarray, out: np.ndarray, brain: bool) -> None:  # pragma: no cover - compiled
     rows, n = x.shape
     for r in numba.prange(rows):
@@ -200,7 +200,7 @@ def _half_at(row: np.ndarray, o: int, half: np.ndarray) -> np.float32:  # pragma
     return half[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _dequantize(kind: int, src: np.ndarray, out: np.ndarray, half: np.ndarray) -> None:  # pragma: no cover
     rows, n = out.shape
     for r in numba.prange(rows):

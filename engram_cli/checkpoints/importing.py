@@ -26,9 +26,13 @@ from .reports import ImportReport
 
 
 def detect_format(path: Path) -> str:
-    """ "dcp" or "safetensors"; a one-line error for anything else."""
+    """ "dcp", "safetensors" or "gguf"; a one-line error for anything else."""
+    from .gguf_source import is_gguf
+
     if path.is_dir() and (path / ".metadata").is_file():
         return "dcp"
+    if path.is_file() and is_gguf(path):
+        return "gguf"
     if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
         return "safetensors"
     if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
@@ -37,7 +41,7 @@ def detect_format(path: Path) -> str:
         raise UsageError(f"no such checkpoint: {path}")
     raise FormatError(
         f"{path} is not a checkpoint engram can import (expected a DCP folder with "
-        ".metadata, or safetensors from `engram export`)"
+        ".metadata, safetensors from `engram export`, or a GGUF)"
     )
 
 
@@ -111,6 +115,11 @@ def import_checkpoint(
             layers=layers,
         )
         layout = "dcp"
+    elif kind == "gguf":
+        from .gguf_source import GgufSource
+
+        source = GgufSource(checkpoint, spec, projection, layers)
+        layout = "gguf"
     else:
         from .safetensors_source import open_safetensors_source
 

@@ -243,7 +243,15 @@ def export_command(
         None, "--dtype", help="float32, bfloat16, float16, or (inference) float8_e4m3fn; default: the store's."
     ),
     layout: str | None = typer.Option(
-        None, "--layout", help="inference: engram (default, self-describing) or deepseek-v41 (fp8, vLLM/SGLang)."
+        None,
+        "--layout",
+        help="inference: engram (default, self-describing), deepseek-v41 (fp8, vLLM/SGLang) or gguf (llama.cpp).",
+    ),
+    quant: str | None = typer.Option(
+        None, "--quant", help="gguf: the tables' type, q8_0 (default), q4_0, bf16, f16 or f32."
+    ),
+    into: Path | None = typer.Option(
+        None, "--into", parser=path_value, help="gguf: a model GGUF to copy with its Engram keys and tables replaced."
     ),
     max_shard_size: str | None = typer.Option(
         None, "--max-shard-size", help="inference: largest safetensors file of a shard set (default 5GB)."
@@ -256,10 +264,10 @@ def export_command(
     """Export a store as a DCP training checkpoint or as safetensors for inference engines.\f
 
     Args:
-        store, target, output, shards, key_template, per_head, dtype, layout, max_shard_size, overwrite,
-            scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template, --per-head,
-            --dtype, --layout, --max-shard-size, --overwrite, --scheduler, --dask-workers and --json,
-            each described by its `help=`.
+        store, target, output, shards, key_template, per_head, dtype, layout, quant, into, max_shard_size,
+            overwrite, scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template,
+            --per-head, --dtype, --layout, --quant, --into, --max-shard-size, --overwrite, --scheduler,
+            --dask-workers and --json, each described by its `help=`.
     """
     from .commands import run_export
 
@@ -274,6 +282,8 @@ def export_command(
             dtype=dtype,
             layout=layout,
             max_shard_size=max_shard_size,
+            quant=quant,
+            into=into,
             overwrite=overwrite,
             scheduler=scheduler,
             dask_workers=dask_workers,
@@ -287,8 +297,9 @@ def import_command(
     checkpoint: Path = typer.Argument(
         ...,
         parser=path_value,
-        help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, or a "
-        "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards).",
+        help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, a "
+        "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards), "
+        "or a GGUF (a whole file or the first of a split set).",
     ),
     output: Path = typer.Option(..., "-o", "--output", parser=path_value, help="The table store to write."),
     trust_pickle: bool = typer.Option(
