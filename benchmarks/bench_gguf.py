@@ -1,14 +1,16 @@
 """GGUF export and import against baselines measured in the same run, with peak memory.
 
-The store is the demo spec with its head sizes scaled by `--scale` (float32 tables). Export
+The store is the demo spec with 64 values per head row and its head sizes scaled by `--scale`
+(float32 tables, 205 MB at 1). Export
 (`engram export --layout gguf --quant q8_0`, streamed) runs against the `gguf` package's own way
 (the whole table read, `gguf.quants.quantize`, `GGUFWriter` writing the file) and against a plain
 sequential write of as many bytes (8 MiB writes, fsync); import (`engram import` of that GGUF into
-a store) against a plain sequential read of the file. Candidates are interleaved, medians of
+a store) and reading its tables alone (`GgufSource`, dequantized to float32) against a plain
+sequential read of the file (from the page cache, as it was just written). Candidates are interleaved, medians of
 `--repeats`. Peak RSS (VmHWM of a fresh process) of the export and the import shows that memory
 does not grow with the tables (rows are streamed).
 
-    .venv/bin/python benchmarks/bench_gguf.py [--scale 4] [--repeats 3] [--workdir DIR]
+    .venv/bin/python benchmarks/bench_gguf.py [--scale 1] [--repeats 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import gguf
 import numpy as np
 from engram_cli.checkpoints.gguf_export import export_gguf
 from engram_cli.checkpoints.gguf_format import tensor_name
+from engram_cli.checkpoints.gguf_source import GgufSource
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.spec import load_spec
 from engram_cli.store.build import build_tables
@@ -38,6 +41,7 @@ from common import interleaved, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 _CHUNK = 8 << 20
+_ROWS = 1 << 15  # rows per read, as an import's store shard
 
 
 def cpu_model() -> str:
@@ -56,8 +60,11 @@ def package_export(store: Path, out: Path) -> None:
     writer = gguf.GGUFWriter(out, "deepseek41")
     for layer in tables.layer_ids:
         values = np.asarray(tables.read_rows(layer, 0, tables.spec.rows(layer)), dtype=np.float32)
-        writer.add_tensor(tensor_name(layer), gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
-                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(
+            tensor_name(layer),
+            gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+            raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -98,13 +105,13 @@ def peak_rss(code: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=4.0)
+    parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-gguf-", dir=args.workdir))
     try:
-        spec = load_spec("demo").scaled(args.scale).replace(dtype="float32")
+        spec = load_spec("demo").scaled(args.scale).replace(dtype="float32", n_embed_per_ngram=256)  # 64 per head
         store = root / "store.zarr"
         build_tables(spec, store)
         table_bytes = spec.parameters * 4
@@ -131,26 +138,51 @@ def main() -> None:
             },
             args.repeats,
         )
+
+        def read_tables() -> None:
+            source = GgufSource(tables, None, None, None)
+            for layer in source.layer_ids:
+                reader = source.layer(layer)
+                for begin in range(0, reader.rows, _ROWS):
+                    reader.read(begin, min(begin + _ROWS, reader.rows))
+
         imports = interleaved(
-            {"plain sequential read of the GGUF (baseline)": lambda: plain_read(tables), "engram import": imported},
+            {
+                "plain sequential read of the GGUF (baseline)": lambda: plain_read(tables),
+                "GGUF tables read and dequantized (GgufSource)": read_tables,
+                "engram import (read, dequantize, write the float32 store)": imported,
+            },
             args.repeats,
         )
-        print(f"{cpu_model()}, {os.cpu_count()} logical CPUs; tables {table_bytes / 1e6:.0f} MB float32, "
-              f"GGUF {size / 1e6:.0f} MB (Q8_0)\n")
+        print(
+            f"{cpu_model()}, {os.cpu_count()} logical CPUs; tables {table_bytes / 1e6:.0f} MB float32, "
+            f"GGUF {size / 1e6:.0f} MB (Q8_0)\n"
+        )
         ours_s = exports["engram export --layout gguf --quant q8_0"]
         rows = [[name, f"{s:.3f}", f"{size / 1e6 / s:.0f}", f"{s / ours_s:.2f}x"] for name, s in exports.items()]
         print(markdown_table(["export", "median s", "output MB/s", "time vs engram"], rows))
         print()
-        ours_i = imports["engram import"]
+        ours_i = imports["engram import (read, dequantize, write the float32 store)"]
         rows = [[name, f"{s:.3f}", f"{size / 1e6 / s:.0f}", f"{s / ours_i:.2f}x"] for name, s in imports.items()]
         print(markdown_table(["import", "median s", "GGUF MB/s", "time vs engram"], rows))
         rss_rows = []
         for name, code in [
-            ("export q8_0", f"engram_cli.checkpoints.gguf_export.export_gguf({str(store)!r}, {str(root / 'rss.gguf')!r})"),
+            (
+                "export q8_0",
+                f"engram_cli.checkpoints.gguf_export.export_gguf({str(store)!r}, {str(root / 'rss.gguf')!r})",
+            ),
             ("import", f"engram_cli.checkpoints.importing.import_checkpoint({str(tables)!r}, {str(root / 'rss')!r})"),
         ]:
             before, after = peak_rss(code)
-            rss_rows.append([name, f"{table_bytes / 1e6:.0f}", f"{before / 1e6:.0f}", f"{after / 1e6:.0f}", f"{(after - before) / 1e6:.0f}"])
+            rss_rows.append(
+                [
+                    name,
+                    f"{table_bytes / 1e6:.0f}",
+                    f"{before / 1e6:.0f}",
+                    f"{after / 1e6:.0f}",
+                    f"{(after - before) / 1e6:.0f}",
+                ]
+            )
         print()
         print(markdown_table(["peak RSS", "tables MB (f32)", "after imports MB", "peak MB", "added MB"], rss_rows))
     finally:

@@ -126,7 +126,9 @@ def test_dequantize_equals_the_gguf_package(seed, rows, per_row):
     values = rng.standard_normal((rows, 32 * per_row)).astype(np.float32)
     for qtype, stored in ((T.F32, values), (T.F16, values.astype(np.float16))):
         raw = stored.view(np.uint8)
-        assert dequantize_rows(raw, qtype, values.shape[1]).tobytes() == f32(gguf.quants.dequantize(raw, qtype)).tobytes()
+        assert (
+            dequantize_rows(raw, qtype, values.shape[1]).tobytes() == f32(gguf.quants.dequantize(raw, qtype)).tobytes()
+        )
     raw = gguf.quants.quantize(values, T.BF16)
     assert dequantize_rows(raw, T.BF16, values.shape[1]).tobytes() == gguf.quants.dequantize(raw, T.BF16).tobytes()
 
@@ -224,7 +226,11 @@ def write_model(
             writer.add_tensor(f"blk.{layer}.attn_norm.weight", rng.standard_normal(32).astype(np.float32))
         writer.add_tensor(tensor_name(layer), data, raw_dtype=qtype)
     if extra:
-        writer.add_tensor("output.weight", gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32), T.Q8_0), raw_dtype=T.Q8_0)
+        writer.add_tensor(
+            "output.weight",
+            gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32), T.Q8_0),
+            raw_dtype=T.Q8_0,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -241,7 +247,11 @@ def test_a_model_gguf_with_every_quant_type(tmp_path, projection):
             rows = spec.rows(layer)
             if qtype in (T.F32, T.F16, T.BF16):
                 values = rng.standard_normal((rows, spec.dim)).astype(np.float32)
-                data = gguf.quants.quantize(values, qtype) if qtype == T.BF16 else values.astype(gguf.quants.quantize(values, qtype).dtype)
+                data = (
+                    gguf.quants.quantize(values, qtype)
+                    if qtype == T.BF16
+                    else values.astype(gguf.quants.quantize(values, qtype).dtype)
+                )
             else:
                 data = valid_blocks(rng, qtype, rows * spec.dim // gguf.GGML_QUANT_SIZES[qtype][0]).reshape(rows, -1)
             tables[layer] = (data, qtype)

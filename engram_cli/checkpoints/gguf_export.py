@@ -38,7 +38,11 @@ from .sources import StoreSource, open_source_store
 
 _BLOCK_BYTES = 8 << 20  # float32 values quantized and written at a time
 _COPY_BYTES = 16 << 20
-_AS_IS = {"float32": GGMLQuantizationType.F32, "bfloat16": GGMLQuantizationType.BF16, "float16": GGMLQuantizationType.F16}
+_AS_IS = {
+    "float32": GGMLQuantizationType.F32,
+    "bfloat16": GGMLQuantizationType.BF16,
+    "float16": GGMLQuantizationType.F16,
+}
 _ARCH_KEY = "general.architecture"
 
 
@@ -74,7 +78,9 @@ def export_gguf(
             f"{quant} packs {GGML_QUANT_SIZES[qtype][0]}-value blocks, but a table row has {spec.dim} values; "
             "use bf16, f16 or f32"
         )
-    tables = [(tensor_name(layer), (spec.dim, spec.rows(layer)), qtype) for layer in spec.layer_ids]
+    tables: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [
+        (tensor_name(layer), (spec.dim, spec.rows(layer)), qtype) for layer in spec.layer_ids
+    ]
     model = None if into is None else _model(Path(into), spec.layer_ids)
     keys, tensors, copied, alignment = _plan(source, tables, model)
     header, offsets, size = layout_file(keys, tensors, alignment)
@@ -121,7 +127,9 @@ def _model(path: Path, layer_ids: tuple[int, ...]) -> Header:
         raise UsageError(f"no such GGUF: {path}")
     model = read_set(path)
     if len(model.files) > 1:
-        raise UsageError(f"{path} is the first of a split set; --into takes one whole GGUF (merge it with llama-gguf-split)")
+        raise UsageError(
+            f"{path} is the first of a split set; --into takes one whole GGUF (merge it with llama-gguf-split)"
+        )
     theirs = sorted(int(n.split(".")[1]) for n in model.tensors if _is_engram_tensor(n))
     if (theirs or has_engram_keys(model)) and theirs != sorted(layer_ids):
         raise UsageError(f"{path} has Engram tables for layers {theirs}, but the store has layers {list(layer_ids)}")
@@ -195,4 +203,3 @@ def _write_table(
     for (begin, end), data in prefetched(list(row_blocks(reader.rows, block)), encode):
         out.write(memoryview(data).cast("B"))
         advance(end - begin)
-

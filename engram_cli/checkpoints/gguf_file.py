@@ -229,9 +229,9 @@ def _check_extents(path: Path, tensors: list[TensorInfo], size: int) -> None:
         end = tensor.offset + tensor.nbytes
         if following is not None and end > following.offset:
             raise FormatError(
-                f"{path}: tensor {tensor.name} ({_shape(tensor.shape)} of {tensor.qtype.name}, {tensor.nbytes:,} bytes) "
-                f"runs into tensor {following.name} at offset {following.offset:,}: its size disagrees with "
-                "its shape and type"
+                f"{path}: tensor {tensor.name} ({_shape(tensor.shape)} of {tensor.qtype.name}, "
+                f"{tensor.nbytes:,} bytes) runs into tensor {following.name} at offset {following.offset:,}: "
+                "its size disagrees with its shape and type"
             )
         if end > size:
             raise FormatError(

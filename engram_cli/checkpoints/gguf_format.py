@@ -183,7 +183,8 @@ def _derived_spec(header: Header, values: dict[str, Any], projection: VocabProje
     if layers.size == 0 or heads < 1 or orders < 1 or primes.size != layers.size * orders * heads:
         raise FormatError(
             f"{header.path}: {PRIMES} has {primes.size:,} entries, but {LAYER_IDS} ({layers.size}), "
-            f"{MAX_NGRAM} ({values[MAX_NGRAM]}) and {HEAD_COUNT} ({heads}) make {layers.size * max(orders, 0) * heads:,}"
+            f"{MAX_NGRAM} ({values[MAX_NGRAM]}) and {HEAD_COUNT} ({heads}) make "
+            f"{layers.size * max(orders, 0) * heads:,}"
         )
     pad_ids = np.flatnonzero(projection.lookup == values[PAD_ID])
     try:
@@ -213,7 +214,11 @@ def check_hashing(spec: TableSpec, compressed: int, values: dict[str, Any], wher
         if found != expected:
             raise FormatError(f"{where}: {key} is {found}, but the spec has {expected}")
     heads = spec.heads_per_layer
-    for key, part, width in ((PRIMES, "head_sizes", heads), (OFFSETS, "offsets", heads), (MULTIPLIERS, "multipliers", spec.max_ngram_size)):
+    for key, part, width in (
+        (PRIMES, "head_sizes", heads),
+        (OFFSETS, "offsets", heads),
+        (MULTIPLIERS, "multipliers", spec.max_ngram_size),
+    ):
         found = values[key]
         if found.size != len(spec.layer_ids) * width:
             raise FormatError(
@@ -222,9 +227,14 @@ def check_hashing(spec: TableSpec, compressed: int, values: dict[str, Any], wher
             )
         for index, layer in enumerate(spec.layer_ids):
             derived = spec.layer_hashing(layer, compressed)[part]
-            for position, (have, want) in enumerate(zip(found[index * width : (index + 1) * width].tolist(), derived, strict=True)):
+            for position, (have, want) in enumerate(
+                zip(found[index * width : (index + 1) * width].tolist(), derived, strict=True)
+            ):
                 if have != want:
-                    raise FormatError(f"{where}: {key} of layer {layer} [{_place(key, position, spec)}] is {have:,}, but {_why(key)} gives {want:,}")
+                    raise FormatError(
+                        f"{where}: {key} of layer {layer} [{_place(key, position, spec)}] is {have:,}, "
+                        f"but {_why(key)} gives {want:,}"
+                    )
 
 
 def _place(key: str, position: int, spec: TableSpec) -> str:

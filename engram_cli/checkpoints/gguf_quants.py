@@ -20,8 +20,6 @@ Every kernel is one pass over its blocks, in parallel over rows; the numpy versi
 
 from __future__ import annotations
 
-from typing import Any
-
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -94,7 +92,7 @@ def _half_bits(bits: np.uint32) -> np.uint16:  # pragma: no cover - compiled
     if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
         h += 1
     if h >= 0x7C00:
-        h = 0x7C00
+        h = np.uint32(0x7C00)
     return np.uint16(sign | h)
 
 
@@ -159,10 +157,8 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
             out[r, o] = np.uint8(h & 0xFF)
             out[r, o + 1] = np.uint8(h >> 8)
             for j in range(QK // 2):
-                lo = np.int32(np.trunc(x[r, b * QK + j] * inv + np.float32(8.5)))
-                hi = np.int32(np.trunc(x[r, b * QK + j + QK // 2] * inv + np.float32(8.5)))
-                lo = min(15, max(0, lo))
-                hi = min(15, max(0, hi))
+                lo = min(15, max(0, int(np.trunc(x[r, b * QK + j] * inv + np.float32(8.5)))))
+                hi = min(15, max(0, int(np.trunc(x[r, b * QK + j + QK // 2] * inv + np.float32(8.5)))))
                 out[r, o + 2 + j] = np.uint8(lo | (hi << 4))
 
 
@@ -296,4 +292,3 @@ def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, values: int) 
     out = np.empty((src.shape[0], values), dtype=np.float32)
     _dequantize(int(qtype), src, out, _HALF)
     return out
-

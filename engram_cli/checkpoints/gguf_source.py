@@ -47,7 +47,9 @@ def is_gguf(path: Path) -> bool:
 class GgufSource(TableSource):
     """The Engram tables of a GGUF file or split set."""
 
-    def __init__(self, path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None) -> None:
+    def __init__(
+        self, path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None
+    ) -> None:
         header = read_set(path)
         own_spec, own_projection, self.store_dtype = gguf_hashing(header, spec)
         if projection is not None:
@@ -78,8 +80,7 @@ class GgufSource(TableSource):
             )
         if tensor.qtype not in READ_TYPES:
             raise FormatError(
-                f"{path}: tensor {name} is {tensor.qtype.name}; engram reads "
-                f"{', '.join(t.name for t in READ_TYPES)}"
+                f"{path}: tensor {name} is {tensor.qtype.name}; engram reads {', '.join(t.name for t in READ_TYPES)}"
             )
         return tensor
 

@@ -192,7 +192,9 @@ def run_export(
         if dtype is not None or max_shard_size is not None or key_template is not None:
             raise UsageError("--dtype, --max-shard-size and --key-template do not apply to --layout gguf (see --quant)")
         if scheduler or dask_workers:
-            raise UsageError("--scheduler and --dask-workers do not apply to --layout gguf (one file, written in order)")
+            raise UsageError(
+                "--scheduler and --dask-workers do not apply to --layout gguf (one file, written in order)"
+            )
         from ..checkpoints.gguf_export import export_gguf
 
         with progress_bars() as bars:
