@@ -364,3 +364,29 @@ def test_one_line_errors(tmp_path, projection, stores):
     write_model(tmp_path / "primes.gguf", spec, projection, tables, extra=False, primes=primes)
     message = one_line_error(tmp_path / "primes.gguf", tmp_path)
     assert "primes of layer 3 [order 2 head 1]" in message and f"gives {primes[5] - 2:,}" in message
+
+
+def test_cli_export_and_import(stores, tmp_path):
+    from engram_cli.cli.commands import run_export
+
+    from conftest import engram_json
+
+    out = tmp_path / "t.gguf"
+    report = engram_json(
+        "export", str(stores["bfloat16"]), "--for", "inference", "--layout", "gguf", "--quant", "bf16", "-o", str(out)
+    )
+    assert report["layout"] == "gguf" and report["dtype"] == "bf16" and report["files"] == ["t.gguf"]
+    back = engram_json("import", str(out), "-o", str(tmp_path / "back"))
+    assert back["format"] == "gguf" and back["dtype"] == "bfloat16" and back["conversion"]["lossy"] is False
+    assert table(tmp_path / "back", 1).tobytes() == table(stores["bfloat16"], 1).tobytes()
+    for options, message in [
+        ({"layout": "gguf", "dtype": "float32"}, "see --quant"),
+        ({"layout": "gguf", "quant": "q5_0"}, "unknown --quant"),
+        ({"quant": "q8_0"}, "apply to --layout gguf"),
+    ]:
+        with pytest.raises(EngramError, match=message):
+            run_export(str(stores["bfloat16"]), tmp_path / "x.gguf", target="inference", **options)
+    with pytest.raises(EngramError, match="already exists; pass --overwrite"):
+        export_gguf(stores["bfloat16"], out)
+    with pytest.raises(EngramError, match="one .gguf file"):
+        export_gguf(stores["bfloat16"], tmp_path / "x.safetensors")

@@ -8,19 +8,21 @@ is the file format itself; `fp8_format` the DeepSeek-V4.1 block quantization, `f
 `fp8_kernels` its quantize and dequantize; `tables` the memory-mapped `EngramTables` read path;
 `safetensors_source` reads an export back; `importing` turns any source into a store;
 `conversion` measures dtype changes; `output` puts finished outputs in place; `reports` holds the
-export and import reports.
+export and import reports. GGUF (llama.cpp): `gguf_file` the container, `gguf_format` the Engram
+keys, `gguf_quants` ggml's types, `gguf_export` the writer, `gguf_source` the reader.
 """
 
 import importlib
 
 _LAZY = {
     "EngramTables": "tables",
+    "export_gguf": "gguf_export",
     "export_inference": "safetensors_export",
     "export_training": "dcp",
     "import_checkpoint": "importing",
 }
 
-__all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint"]
+__all__ = ["EngramTables", "export_gguf", "export_inference", "export_training", "import_checkpoint"]
 
 
 def __getattr__(name: str) -> object:

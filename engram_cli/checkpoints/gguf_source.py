@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ..dtypes import numpy_dtype, to_torch
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .gguf_file import TensorInfo, read_set
@@ -58,11 +58,10 @@ class GgufSource(TableSource):
         self.tables: dict[int, TensorInfo] = {}
         for layer_id in chosen:
             if layer_id not in own_spec.layer_ids:
-                raise FormatError(f"{path} has no Engram layer {layer_id} (it has {list(own_spec.layer_ids)})")
+                raise UsageError(f"{path} has no Engram layer {layer_id} (it has {list(own_spec.layer_ids)})")
             self.tables[layer_id] = self._table(header.tensors, path, own_spec, layer_id)
         super().__init__(own_spec, own_projection, chosen)
         types = {t.qtype for t in self.tables.values()}
-        self.qtypes = sorted(t.name for t in types)
         plain = {_PLAIN.get(t, "float32") for t in types}
         self.dtype = plain.pop() if len(plain) == 1 else "float32"
 
