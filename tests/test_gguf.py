@@ -152,6 +152,7 @@ def test_store_to_gguf_to_store(stores, tmp_path, projection, store_dtype, quant
     primes = [p for layer in spec.layer_ids for p in spec.head_sizes(layer)]
     assert fields[PREFIX + "primes"].contents() == primes
     tensors = {t.name: t for t in reader.tensors}
+    largest = 0.0
     back = tmp_path / "back"
     imported = import_checkpoint(out, back, dtype="float32" if quant in ("q8_0", "q4_0") else None)
     assert imported.format == "gguf" and imported.complete
@@ -168,6 +169,9 @@ def test_store_to_gguf_to_store(stores, tmp_path, projection, store_dtype, quant
         else:
             reference = gguf.quants.dequantize(gguf.quants.quantize(f32(original), T[quant.upper()]), T[quant.upper()])
             assert values.tobytes() == f32(reference).tobytes()
+            largest = max(largest, float(np.abs(reference - original).max()))
+    assert report.conversion["lossy"] == (quant in ("q8_0", "q4_0"))
+    assert report.conversion["max_abs_error"] == largest
 
 
 def write_model(
@@ -369,7 +373,7 @@ def test_one_line_errors(tmp_path, projection, stores):
 def test_cli_export_and_import(stores, tmp_path):
     from engram_cli.cli.commands import run_export
 
-    from conftest import engram_json
+    from conftest import engram_json, run_engram
 
     out = tmp_path / "t.gguf"
     report = engram_json(
@@ -379,6 +383,11 @@ def test_cli_export_and_import(stores, tmp_path):
     back = engram_json("import", str(out), "-o", str(tmp_path / "back"))
     assert back["format"] == "gguf" and back["dtype"] == "bfloat16" and back["conversion"]["lossy"] is False
     assert table(tmp_path / "back", 1).tobytes() == table(stores["bfloat16"], 1).tobytes()
+    shown = run_engram(
+        "export", str(stores["float32"]), "--for", "inference", "--layout", "gguf", "-o", str(tmp_path / "q.gguf")
+    )
+    assert shown.returncode == 0 and "GGUF for llama.cpp" in shown.stderr
+    assert "lossy conversion float32 -> q8_0" in shown.stderr
     for options, message in [
         ({"layout": "gguf", "dtype": "float32"}, "see --quant"),
         ({"layout": "gguf", "quant": "q5_0"}, "unknown --quant"),

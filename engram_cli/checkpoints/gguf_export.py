@@ -4,7 +4,8 @@ The header (keys and tensor infos, `gguf_file.layout_file`) is laid out first: e
 follows from its shape and type, so each tensor's offset is known before a byte of data is. Then
 each table is read from the store a block of rows at a time, quantized (`gguf_quants`, the next
 block read and quantized in a background thread while this one is written) and appended, so
-memory holds two blocks whatever the table size. Tables whose store dtype is the file's type
+memory holds two blocks whatever the table size; each quantized block is dequantized again to
+report the largest change made to a value, as every lossy export does. Tables whose store dtype is the file's type
 (float32 to F32, bfloat16 to BF16, float16 to F16) are copied as they are.
 
 Without `--into` the file holds the Engram keys (`gguf_format`) under `general.architecture`
@@ -31,7 +32,7 @@ from ..helpers import prefetched, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .gguf_file import Header, encode_key, layout_file, read_set
 from .gguf_format import ARCH, engram_keys, has_engram_keys, is_engram_key, tensor_name
-from .gguf_quants import WRITE_TYPES, fits_blocks, quantize_rows
+from .gguf_quants import WRITE_TYPES, dequantize_rows, fits_blocks, quantize_rows
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .sources import StoreSource, open_source_store
@@ -73,6 +74,11 @@ def export_gguf(
     qtype = WRITE_TYPES[quant]
     source = open_source_store(store)
     spec = source.spec
+    if set(source.layer_ids) != set(spec.layer_ids):
+        raise UsageError(
+            f"{store} holds only layers {list(source.layer_ids)} of the spec's {list(spec.layer_ids)}; "
+            "a GGUF holds every layer its keys describe"
+        )
     if not fits_blocks(qtype, spec.dim):
         raise UsageError(
             f"{quant} packs {GGML_QUANT_SIZES[qtype][0]}-value blocks, but a table row has {spec.dim} values; "
@@ -87,6 +93,7 @@ def export_gguf(
     tmp = prepare_output(output, overwrite, size)
     started = time.perf_counter()
     task = progress.task("export", source.total_rows)
+    largest = 0.0
     try:
         with (tmp / output.name).open("wb") as out:
             out.write(header)
@@ -96,7 +103,7 @@ def export_gguf(
                     _copy(copied[name], out)
                 else:
                     layer_id = int(name.split(".")[1])
-                    _write_table(source, layer_id, qtype, out, task.advance)
+                    largest = max(largest, _write_table(source, layer_id, qtype, out, task.advance))
             out.flush()
             os.fsync(out.fileno())
         swap_into_place(tmp / output.name, output)
@@ -116,7 +123,12 @@ def export_gguf(
         layers={layer: {"key": tensor_name(layer), "rows": spec.rows(layer)} for layer in spec.layer_ids},
         bytes=size,
         seconds=time.perf_counter() - started,
-        conversion={"from": spec.dtype, "to": quant, "lossy": _AS_IS.get(spec.dtype) != qtype and quant != "f32"},
+        conversion={
+            "from": spec.dtype,
+            "to": quant,
+            "lossy": _AS_IS.get(spec.dtype) != qtype and quant != "f32",
+            "max_abs_error": largest,
+        },
         config=None if into is None else str(into),
     )
 
@@ -188,18 +200,27 @@ def _copy(where: tuple[Path, int, int], out: BinaryIO) -> None:
 
 def _write_table(
     source: StoreSource, layer_id: int, qtype: GGMLQuantizationType, out: BinaryIO, advance: Callable[[int], None]
-) -> None:
-    """One table, block by block: read and quantized in the background while the last is written."""
+) -> float:
+    """One table, block by block: read and quantized in the background while the last is written;
+    returns the largest change quantizing made to a finite value."""
     reader = source.layer(layer_id)
     as_is = _AS_IS.get(source.dtype) == qtype
     block = reader.preferred_block(max(1, _BLOCK_BYTES // (4 * reader.dim)))
 
-    def encode(rows: tuple[int, int]) -> np.ndarray:
+    def encode(rows: tuple[int, int]) -> tuple[np.ndarray, float]:
         values = to_numpy(reader.read(*rows))
         if as_is:
-            return np.ascontiguousarray(values).view(np.uint8)
-        return quantize_rows(values.astype(np.float32, copy=False), qtype)
+            return np.ascontiguousarray(values).view(np.uint8), 0.0
+        values = values.astype(np.float32, copy=False)
+        data = quantize_rows(values, qtype)
+        with np.errstate(invalid="ignore"):
+            change = np.abs(dequantize_rows(data, qtype, reader.dim) - values)
+        finite = change[np.isfinite(values)]
+        return data, float(finite.max()) if finite.size else 0.0
 
-    for (begin, end), data in prefetched(list(row_blocks(reader.rows, block)), encode):
+    largest = 0.0
+    for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode):
         out.write(memoryview(data).cast("B"))
+        largest = max(largest, change)
         advance(end - begin)
+    return largest
