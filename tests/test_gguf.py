@@ -12,7 +12,7 @@ import pytest
 from engram_cli.checkpoints.gguf_export import export_gguf
 from engram_cli.checkpoints.gguf_file import read_header
 from engram_cli.checkpoints.gguf_format import PREFIX, gguf_hashing, tensor_name
-from engram_cli.checkpoints.gguf_quants import dequantize_rows, quantize_rows
+from engram_cli.checkpoints.gguf_quants import dequantize_rows, largest_change, quantize_rows
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.errors import EngramError
 from engram_cli.spec import TableSpec
@@ -131,6 +131,16 @@ def test_dequantize_equals_the_gguf_package(seed, rows, per_row):
         )
     raw = gguf.quants.quantize(values, T.BF16)
     assert dequantize_rows(raw, T.BF16, values.shape[1]).tobytes() == gguf.quants.dequantize(raw, T.BF16).tobytes()
+
+
+def test_largest_change_and_what_q8_0_cannot_hold():
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    data = quantize_rows(x, T.Q8_0)
+    back = gguf.quants.dequantize(data, T.Q8_0).reshape(x.shape)
+    assert largest_change(x, data, T.Q8_0) == float(np.abs(back - x).max())
+    for bad in (np.inf, np.nan, 1e38):  # a block with inf or nan is all nan; 1e38 / 127 overflows float16
+        x[2, 5] = bad
+        assert largest_change(x, quantize_rows(x, T.Q8_0), T.Q8_0) == np.inf
 
 
 # --- round trips ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..helpers import prefetched, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .gguf_file import Header, encode_key, layout_file, read_set
 from .gguf_format import ARCH, engram_keys, has_engram_keys, is_engram_key, tensor_name
-from .gguf_quants import WRITE_TYPES, dequantize_rows, fits_blocks, quantize_rows
+from .gguf_quants import WRITE_TYPES, fits_blocks, largest_change, quantize_rows
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .sources import StoreSource, open_source_store
@@ -213,10 +213,13 @@ def _write_table(
             return np.ascontiguousarray(values).view(np.uint8), 0.0
         values = values.astype(np.float32, copy=False)
         data = quantize_rows(values, qtype)
-        with np.errstate(invalid="ignore"):
-            change = np.abs(dequantize_rows(data, qtype, reader.dim) - values)
-        finite = change[np.isfinite(values)]
-        return data, float(finite.max()) if finite.size else 0.0
+        change = largest_change(values, data, qtype)
+        if change == np.inf:
+            raise UsageError(
+                f"layer {layer_id} rows {rows[0]:,}-{rows[1] - 1:,}: {qtype.name} cannot hold these values (inf or "
+                "nan, or a block scale past float16's range); export as f32, f16 or bf16"
+            )
+        return data, change
 
     largest = 0.0
     for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode):

@@ -292,3 +292,26 @@ def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, values: int) 
     out = np.empty((src.shape[0], values), dtype=np.float32)
     _dequantize(int(qtype), src, out, _HALF)
     return out
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def _largest_difference(x: np.ndarray, y: np.ndarray) -> float:  # pragma: no cover - compiled
+    rows, n = x.shape
+    best = np.zeros(rows, dtype=np.float32)
+    for r in numba.prange(rows):
+        m = np.float32(0.0)
+        for j in range(n):
+            d = abs(y[r, j] - x[r, j])
+            if not np.isfinite(d):
+                m = np.float32(np.inf)
+            elif d > m:
+                m = d
+        best[r] = m
+    return float(best.max()) if rows else 0.0
+
+
+def largest_change(values: np.ndarray, data: np.ndarray, qtype: GGMLQuantizationType) -> float:
+    """The largest change that storing float32 `values` as `data` (`qtype` rows) made to a value;
+    inf when a value is or became inf or nan (a block with one is all nan, or its scale overflowed)."""
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    return _largest_difference(x, dequantize_rows(data, qtype, x.shape[1]))
