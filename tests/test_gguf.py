@@ -12,7 +12,7 @@ import pytest
 from engram_cli.checkpoints.gguf_export import export_gguf
 from engram_cli.checkpoints.gguf_file import read_header
 from engram_cli.checkpoints.gguf_format import PREFIX, gguf_hashing, tensor_name
-from engram_cli.checkpoints.gguf_quants import dequantize_rows, largest_change, quantize_rows
+from engram_cli.checkpoints.gguf_quants import dequantize_rows, largest_change, quantize_measured, quantize_rows
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.errors import EngramError
 from engram_cli.spec import TableSpec
@@ -138,9 +138,13 @@ def test_largest_change_and_what_q8_0_cannot_hold():
     data = quantize_rows(x, T.Q8_0)
     back = gguf.quants.dequantize(data, T.Q8_0).reshape(x.shape)
     assert largest_change(x, data, T.Q8_0) == float(np.abs(back - x).max())
+    for qtype in (T.Q8_0, T.Q4_0, T.F16, T.BF16):
+        measured = quantize_measured(x, qtype)
+        assert measured[1] == largest_change(x, measured[0], qtype), qtype.name
     for bad in (np.inf, np.nan, 1e38):  # a block with inf or nan is all nan; 1e38 / 127 overflows float16
         x[2, 5] = bad
         assert largest_change(x, quantize_rows(x, T.Q8_0), T.Q8_0) == np.inf
+        assert quantize_measured(x, T.Q8_0)[1] == quantize_measured(x, T.Q4_0)[1] == np.inf
 
 
 # --- round trips ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..helpers import prefetched, row_blocks, swap_into_place, write_error
 from ..progress import SILENT, Progress
 from .gguf_file import Header, encode_key, layout_file, read_set
 from .gguf_format import ARCH, engram_keys, has_engram_keys, is_engram_key, tensor_name
-from .gguf_quants import WRITE_TYPES, fits_blocks, largest_change, quantize_rows
+from .gguf_quants import WRITE_TYPES, fits_blocks, quantize_measured
 from .output import prepare_output, remove_tree
 from .reports import ExportReport
 from .sources import StoreSource, open_source_store
@@ -212,8 +212,7 @@ def _write_table(
         if as_is:
             return np.ascontiguousarray(values).view(np.uint8), 0.0
         values = values.astype(np.float32, copy=False)
-        data = quantize_rows(values, qtype)
-        change = largest_change(values, data, qtype)
+        data, change = quantize_measured(values, qtype)
         if change == np.inf:
             raise UsageError(
                 f"layer {layer_id} rows {rows[0]:,}-{rows[1] - 1:,}: {qtype.name} cannot hold these values (inf or "

@@ -104,13 +104,22 @@ def _bf16_bits(bits: np.uint32) -> np.uint16:  # pragma: no cover - compiled
     return np.uint16((np.uint64(bits) + 0x7FFF + ((bits >> 16) & 1)) >> 16)
 
 
+@numba.njit(cache=True, inline="always")
+def _worse(worst: np.float32, stored: np.float32, value: np.float32) -> np.float32:  # pragma: no cover
+    """The larger of `worst` and the change storing `value` as `stored` made; branch-free, and a
+    nan or inf change makes it nan (`change > worst` is false for nan, so nan stays)."""
+    change = abs(stored - value)
+    return change if change > worst else worst + change * np.float32(0)
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
-def _quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+def _quantize_q8_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
     rows, n = x.shape
     nb = n // QK
     for r in numba.prange(rows):
         cell = np.empty(1, dtype=np.float32)
         cell_bits = cell.view(np.uint32)
+        worst = np.float32(0.0)
         for b in range(nb):
             amax = np.float32(0.0)
             for j in range(QK):
@@ -121,6 +130,7 @@ def _quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
             inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
             cell[0] = d
             h = _half_bits(cell_bits[0])
+            dh = half[h]
             o = b * 34
             out[r, o] = np.uint8(h & 0xFF)
             out[r, o + 1] = np.uint8(h >> 8)
@@ -132,15 +142,18 @@ def _quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
                 if v < 0:
                     q = -q
                 out[r, o + 2 + j] = np.uint8(np.int32(q) & 0xFF)
+                worst = _worse(worst, np.float32(np.int8(np.int32(q) & 0xFF)) * dh, x[r, b * QK + j])
+        err[r] = worst
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+def _quantize_q4_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
     rows, n = x.shape
     nb = n // QK
     for r in numba.prange(rows):
         cell = np.empty(1, dtype=np.float32)
         cell_bits = cell.view(np.uint32)
+        worst = np.float32(0.0)
         for b in range(nb):
             vmax = x[r, b * QK]  # the first of the largest magnitudes, as argmax picks it
             amax = abs(vmax)
@@ -153,6 +166,7 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
             inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
             cell[0] = d
             h = _half_bits(cell_bits[0])
+            dh = half[h]
             o = b * 18
             out[r, o] = np.uint8(h & 0xFF)
             out[r, o + 1] = np.uint8(h >> 8)
@@ -160,6 +174,9 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover 
                 lo = min(15, max(0, int(np.trunc(x[r, b * QK + j] * inv + np.float32(8.5)))))
                 hi = min(15, max(0, int(np.trunc(x[r, b * QK + j + QK // 2] * inv + np.float32(8.5)))))
                 out[r, o + 2 + j] = np.uint8(lo | (hi << 4))
+                worst = _worse(worst, dh * np.float32(lo - 8), x[r, b * QK + j])
+                worst = _worse(worst, dh * np.float32(hi - 8), x[r, b * QK + j + QK // 2])
+        err[r] = worst
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -173,22 +190,31 @@ def _to_half(x: np.ndarray, out: np.ndarray, brain: bool) -> None:  # pragma: no
 
 def quantize_rows(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Rows of float32 values as the bytes of `qtype` rows, (rows, row_bytes) uint8."""
+    return quantize_measured(values, qtype)[0]
+
+
+def quantize_measured(values: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, float]:
+    """`quantize_rows`, and the largest change it made to a value (inf when a value is or became
+    inf or nan: a Q8_0/Q4_0 block with one is all nan, as is one whose scale overflows float16);
+    for Q8_0 and Q4_0 measured in the same pass."""
     x = np.ascontiguousarray(values, dtype=np.float32)
     rows, n = x.shape
     if qtype == GGMLQuantizationType.F32:
-        return x.view(np.uint8)
+        return x.view(np.uint8), 0.0
     if qtype in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
         half = np.empty((rows, n), dtype=np.uint16)
         _to_half(x, half, qtype == GGMLQuantizationType.BF16)
-        return half.view(np.uint8)
+        return half.view(np.uint8), largest_change(x, half.view(np.uint8), qtype)
     out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
+    err = np.zeros(rows, dtype=np.float32)
     if qtype == GGMLQuantizationType.Q8_0:
-        _quantize_q8_0(x, out)
+        _quantize_q8_0(x, out, _HALF, err)
     elif qtype == GGMLQuantizationType.Q4_0:
-        _quantize_q4_0(x, out)
+        _quantize_q4_0(x, out, _HALF, err)
     else:
         raise ValueError(f"engram does not write {qtype.name}")
-    return out
+    worst = float(err.max()) if rows else 0.0
+    return out, worst if np.isfinite(worst) else float("inf")
 
 
 @numba.njit(cache=True, inline="always")
