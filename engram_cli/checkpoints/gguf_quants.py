@@ -15,7 +15,9 @@ Dequantizing follows ggml's `dequantize_row_*` for F32, F16, BF16, Q8_0, Q4_0 an
 (256 values per super-block) Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, with the same float32 products in the
 same order, so the values equal the `gguf` package's `quants.dequantize` (the tests' reference).
 Every kernel is one pass over its blocks, in parallel over rows; the numpy versions in the
-`gguf` package make a temporary per step and are many times slower.
+`gguf` package make a temporary per step and are many times slower. The Q8_0 and Q4_0 kernels
+also measure, in the same pass, the largest change they made to a value (what an export reports),
+inf when a value is or became inf or nan.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`engram import`: a DCP checkpoint or an inference export (either layout) back into a table store.
+"""`engram import`: a DCP checkpoint, an inference export (either layout) or a GGUF back into a table store.
 
 The source (a `TableSource`) is read a window of whole store shards at a time (for DCP, windows
 aligned to the saved pieces so each is loaded about once, `dcp.read_windows`), converted to the
@@ -71,8 +71,9 @@ def import_checkpoint(
     projection defaults to that of the spec's tokenizer, and every table's shape is checked.
 
     Args:
-        checkpoint: a DCP folder, a .safetensors file, an index json, a folder of safetensors, or a
-            DeepSeek-V4.1 model folder.
+        checkpoint: a DCP folder, a .safetensors file, an index json, a folder of safetensors, a
+            DeepSeek-V4.1 model folder, or a GGUF (whole, or the first file of a split set; its
+            spec and projection from its `deepseek41.engram.*` keys, see `gguf_source`).
         output: the store to write.
         trust_pickle: allow reading DCP's `.metadata`, a pickle that can run code.
         spec, projection: what the tables are; default: the checkpoint's own metadata (or config
