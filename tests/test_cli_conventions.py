@@ -12,7 +12,7 @@ from typing import get_args
 
 import pytest
 import typer
-from engram_cli.checkpoints.keys import Layout
+from engram_cli.checkpoints.keys import ExportLayout, GgufQuant
 from engram_cli.checkpoints.reports import ExportTarget
 from engram_cli.cli.app import app
 from engram_cli.corpus.base import BinDType, DocPer
@@ -27,7 +27,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-def
 # Every choice option and the Literal its values come from.
 CHOICES = {
     "build-tables": {"--dtype": StoreDType, "--shard-by": ShardBy},
-    "export": {"--for": ExportTarget, "--dtype": InferenceDType, "--layout": Layout},
+    "export": {"--for": ExportTarget, "--dtype": InferenceDType, "--layout": ExportLayout, "--quant": GgufQuant},
     "import": {"--dtype": StoreDType, "--shard-by": ShardBy},
     "inspect": {"--doc-per": DocPer, "--bin-dtype": BinDType},
 }

@@ -9,7 +9,8 @@ is the file format itself; `fp8_format` the DeepSeek-V4.1 block quantization, `f
 `safetensors_source` reads an export back (`model_config` maps a model folder's `engram_*` config
 keys to a spec and back); `importing` turns any source into a store;
 `conversion` measures dtype changes; `output` puts finished outputs in place; `reports` holds the
-export and import reports.
+export and import reports. GGUF (llama.cpp): `gguf_file` the container, `gguf_format` the Engram
+keys, `gguf_quants` ggml's types, `gguf_export` the writer, `gguf_source` the reader.
 """
 
 import importlib
@@ -23,13 +24,21 @@ if TYPE_CHECKING:  # what `__getattr__` loads on first use, named for type check
 
 _LAZY = {
     "EngramTables": "tables",
+    "export_gguf": "gguf_export",
     "export_inference": "safetensors_export",
     "export_training": "dcp",
     "import_checkpoint": "importing",
     "spec_from_model_config": "model_config",
 }
 
-__all__ = ["EngramTables", "export_inference", "export_training", "import_checkpoint", "spec_from_model_config"]
+__all__ = [
+    "EngramTables",
+    "export_gguf",
+    "export_inference",
+    "export_training",
+    "import_checkpoint",
+    "spec_from_model_config",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -1,4 +1,4 @@
-"""`engram import`: a DCP checkpoint or an inference export (either layout) back into a table store.
+"""`engram import`: a DCP checkpoint, an inference export (either layout) or a GGUF back into a table store.
 
 The source (a `TableSource`) is read a window of whole store shards at a time (for DCP, windows
 aligned to the saved pieces so each is loaded about once, `dcp.read_windows`), converted to the
@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 
 
 def detect_format(path: Path) -> str:
-    """ "dcp" or "safetensors"; a one-line error for anything else."""
+    """ "dcp", "safetensors" or "gguf"; a one-line error for anything else."""
+    from .gguf_source import is_gguf
+
     if path.is_dir() and (path / ".metadata").is_file():
         return "dcp"
+    if path.is_file() and is_gguf(path):
+        return "gguf"
     if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
         return "safetensors"
     if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
@@ -40,7 +44,7 @@ def detect_format(path: Path) -> str:
         raise UsageError(f"no such checkpoint: {path}")
     raise FormatError(
         f"{path} is not a checkpoint engram can import (expected a DCP folder with "
-        ".metadata, or safetensors from `engram export`)"
+        ".metadata, safetensors from `engram export`, or a GGUF)"
     )
 
 
@@ -70,8 +74,9 @@ def import_checkpoint(
     projection defaults to that of the spec's tokenizer, and every table's shape is checked.
 
     Args:
-        checkpoint: a DCP folder, a .safetensors file, an index json, a folder of safetensors, or a
-            DeepSeek-V4.1 model folder.
+        checkpoint: a DCP folder, a .safetensors file, an index json, a folder of safetensors, a
+            DeepSeek-V4.1 model folder, or a GGUF (whole, or the first file of a split set; its
+            spec and projection from its `deepseek41.engram.*` keys, see `gguf_source`).
         output: the store to write.
         trust_pickle: allow reading DCP's `.metadata`, a pickle that can run code.
         spec, projection: what the tables are; default: the checkpoint's own metadata (or config
@@ -114,6 +119,11 @@ def import_checkpoint(
             layers=layers,
         )
         layout = "dcp"
+    elif kind == "gguf":
+        from .gguf_source import GgufSource
+
+        source = GgufSource(checkpoint, spec, projection, layers)
+        layout = "gguf"
     else:
         from .safetensors_source import open_safetensors_source
 

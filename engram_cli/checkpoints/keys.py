@@ -20,6 +20,9 @@ from ..errors import UsageError
 # The two inference layouts (`layouts` states them); here, with the key names, so that the CLI
 # can offer them as choices without loading torch.
 Layout = Literal["engram", "deepseek-v41"]
+# What `export --for inference` writes: a safetensors layout, or a GGUF file in one of ggml's types.
+ExportLayout = Literal["engram", "deepseek-v41", "gguf"]
+GgufQuant = Literal["q8_0", "q4_0", "bf16", "f16", "f32"]
 
 DEFAULT_KEY_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight"
 DEFAULT_HEAD_TEMPLATE = "model.layers.{layer_id}.engram.multi_head_embedding.embeddings.{head}.weight"

@@ -1,7 +1,7 @@
 """Where an export is written: a temporary folder beside the output, swapped in once complete.
 
 An existing output is replaced (with --overwrite) only when it is something an export writes: a
-`.safetensors` file, or a folder holding nothing but the files of a DCP checkpoint (`.metadata`,
+`.safetensors` or `.gguf` file, or a folder holding nothing but the files of a DCP checkpoint (`.metadata`,
 `__<rank>_<i>.distcp`) or of a safetensors export (`model.safetensors`,
 `model-<i>-of-<n>.safetensors`, `model.safetensors.index.json`). Anything else, and any path
 inside a table store, is refused before a byte is written.
@@ -38,8 +38,8 @@ def check_export_target(output: Path, overwrite: bool) -> None:
         foreign = sorted(entry.name for entry in output.iterdir() if not _EXPORT_ENTRY.match(entry.name))
         if foreign:
             raise UsageError(f"{output} holds {foreign[0]!r}, which no export writes; refusing to replace the folder")
-    elif output.suffix != ".safetensors":
-        raise UsageError(f"{output} is a file that is not a safetensors export; refusing to replace it")
+    elif output.suffix not in (".safetensors", ".gguf"):
+        raise UsageError(f"{output} is a file that is not a safetensors export or a .gguf; refusing to replace it")
 
 
 def prepare_output(output: Path, overwrite: bool, needed: int) -> Path:

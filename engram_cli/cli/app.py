@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import typer
 
-from ..checkpoints.keys import Layout
+from ..checkpoints.keys import ExportLayout, GgufQuant
 from ..checkpoints.reports import ExportTarget
 from ..corpus.base import BinDType, DocPer
 from ..dtypes import InferenceDType, StoreDType
@@ -291,8 +291,14 @@ def export_command(
     dtype: InferenceDType | None = typer.Option(
         None, "--dtype", help="The exported dtype; float8_e4m3fn for inference only (default: the store's)."
     ),
-    layout: Layout | None = typer.Option(
-        None, "--layout", help="inference: engram (default, self-describing) or deepseek-v41 (fp8, vLLM/SGLang)."
+    layout: ExportLayout | None = typer.Option(
+        None,
+        "--layout",
+        help="inference: engram (default, self-describing), deepseek-v41 (fp8, vLLM/SGLang) or gguf (llama.cpp).",
+    ),
+    quant: GgufQuant | None = typer.Option(None, "--quant", help="gguf: the tables' ggml type (default q8_0)."),
+    into: Path | None = typer.Option(
+        None, "--into", parser=path_value, help="gguf: a model GGUF to copy with its Engram keys and tables replaced."
     ),
     max_shard_size: str | None = typer.Option(
         None, "--max-shard-size", help="inference: largest safetensors file of a shard set (default 5GB)."
@@ -305,10 +311,10 @@ def export_command(
     """Export a store as a DCP training checkpoint or as safetensors for inference engines.\f
 
     Args:
-        store, target, output, shards, key_template, per_head, dtype, layout, max_shard_size, overwrite,
-            scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template, --per-head,
-            --dtype, --layout, --max-shard-size, --overwrite, --scheduler, --dask-workers and --json,
-            each described by its `help=`.
+        store, target, output, shards, key_template, per_head, dtype, layout, quant, into, max_shard_size,
+            overwrite, scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template,
+            --per-head, --dtype, --layout, --quant, --into, --max-shard-size, --overwrite, --scheduler,
+            --dask-workers and --json, each described by its `help=`.
     """
     from .commands import run_export
 
@@ -323,6 +329,8 @@ def export_command(
             dtype=dtype,
             layout=layout,
             max_shard_size=max_shard_size,
+            quant=quant,
+            into=into,
             overwrite=overwrite,
             scheduler=scheduler,
             dask_workers=dask_workers,
@@ -336,8 +344,9 @@ def import_command(
     checkpoint: Path = typer.Argument(
         ...,
         parser=path_value,
-        help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, or a "
-        "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards).",
+        help="A DCP checkpoint folder, a .safetensors file / index / folder from `engram export`, a "
+        "DeepSeek-V4.1 model folder (config.json with engram_* keys, tokenizer.json, safetensors shards), "
+        "or a GGUF (a whole file or the first of a split set).",
     ),
     output: Path = typer.Option(..., "-o", "--output", parser=path_value, help="The table store to write."),
     trust_pickle: bool = typer.Option(

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..checkpoints.keys import Layout
+from ..checkpoints.keys import ExportLayout, GgufQuant
 from ..checkpoints.model_config import is_model_config
 from ..checkpoints.reports import ExportReport, ExportTarget, ImportReport
 from ..collisions.options import CountOptions
@@ -148,8 +148,10 @@ def run_export(
     key_template: str | None = None,
     per_head: bool = False,
     dtype: InferenceDType | None = None,
-    layout: Layout | None = None,
+    layout: ExportLayout | None = None,
     max_shard_size: str | None = None,
+    quant: GgufQuant | None = None,
+    into: Path | None = None,
     overwrite: bool = False,
     scheduler: str | None = None,
     dask_workers: int | None = None,
@@ -160,6 +162,7 @@ def run_export(
         store, output: STORE and -o; target: --for, "training" or "inference".
         shards, key_template, per_head, dtype: --shards, --key-template, --per-head and --dtype.
         layout, max_shard_size: --layout and --max-shard-size (inference only).
+        quant, into: --quant and --into (--layout gguf only).
         overwrite: --overwrite.
         scheduler, dask_workers: where an inference export runs (`cluster.dask_client`).
     """
@@ -186,6 +189,19 @@ def run_export(
             )
     if shards is not None or per_head:
         raise UsageError("--shards and --per-head apply to --for training")
+    if layout == "gguf":
+        if dtype is not None or max_shard_size is not None or key_template is not None:
+            raise UsageError("--dtype, --max-shard-size and --key-template do not apply to --layout gguf (see --quant)")
+        if scheduler or dask_workers:
+            raise UsageError(
+                "--scheduler and --dask-workers do not apply to --layout gguf (one file, written in order)"
+            )
+        from ..checkpoints.gguf_export import export_gguf
+
+        with progress_bars() as bars:
+            return export_gguf(store, output, quant=quant or "q8_0", into=into, overwrite=overwrite, progress=bars)
+    if quant is not None or into is not None:
+        raise UsageError("--quant and --into apply to --layout gguf")
     from ..checkpoints.safetensors_export import export_inference
 
     with dask_client(scheduler, dask_workers) as client, progress_bars() as bars:

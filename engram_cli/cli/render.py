@@ -384,6 +384,8 @@ def render_export_report(report: ExportReport, console: Console) -> None:
         f"DCP checkpoint, {plural(report.shards or 0, 'row piece')} per tensor"
         + (", one tensor per head" if report.per_head else "")
         if report.target == "training"
+        else "GGUF for llama.cpp"
+        if report.layout == "gguf"
         else f"safetensors, {report.layout} layout"
     )
     console.print(
