@@ -17,6 +17,7 @@ from ..corpus.base import CorpusOptions
 from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
+from ..output import PLOT, Output
 from ..spec import TableSpec, load_spec
 from ..store.build import BuildReport, build_tables
 from ..store.layout import ShardBy
@@ -269,8 +270,7 @@ def run_inspect(
     if plot is not None:
         if not corpus:
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
-        if plot.is_dir() or not plot.parent.is_dir():
-            raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
+        Output(plot, PLOT, overwrite=True)  # refused before the corpus is read
     if verify and not Path(source).is_dir():
         raise UsageError("--verify needs a table store, not a spec")
     if not corpus and not Path(source).is_dir():

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from ..collisions.reports import LayerStats
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
-from ..helpers import atomic_file, human_bytes
+from ..helpers import human_bytes
+from ..output import PLOT, Output
 from ..inspection import InspectReport
 from ..spec import TableSpec
 
@@ -159,6 +160,6 @@ def _log_factorial(k: np.ndarray) -> np.ndarray:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Write next to the target and rename, so a reader never sees half a PNG."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+    """Write next to the target and rename (`output`), so a reader never sees half a PNG."""
+    with Output(path, PLOT, overwrite=True).writing() as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")
