@@ -2,13 +2,14 @@
 
 `sources` puts a store, a DCP checkpoint and a safetensors set behind one `TableSource`
 interface; `keys` names tensors per layout (engram, per-head, deepseek-v41); `metadata` writes the
-hashing metadata tensors; `dcp` is the training checkpoint (its format, the export and the reader);
-`layouts` states the two inference layouts, which `safetensors_export` writes; `safetensors_format`
-is the file format itself; `fp8_format` the DeepSeek-V4.1 block quantization, `fp8` and
-`fp8_kernels` its quantize and dequantize; `tables` the memory-mapped `EngramTables` read path;
-`safetensors_source` reads an export back; `importing` turns any source into a store;
-`conversion` measures dtype changes; `output` puts finished outputs in place; `reports` holds the
-export and import reports.
+hashing metadata tensors. Each checkpoint format is three modules: `<format>_format` the files on
+disk, `<format>_export` the writer (a store into that format, through `engram_cli.output`),
+`<format>_source` the reader (a `TableSource`): `dcp_*` the training checkpoint, `safetensors_*`
+the inference export, whose two layouts `layouts` states. `fp8_format` is the DeepSeek-V4.1 block
+quantization, `fp8` and `fp8_kernels` its quantize and dequantize; `tables` the memory-mapped
+`EngramTables` read path; `model_config` a DeepSeek-V4.1 folder's config keys; `importing` turns
+any source into a store; `conversion` measures dtype changes; `output` says what an export may
+replace; `reports` holds the export and import reports.
 """
 
 import importlib
@@ -16,7 +17,7 @@ import importlib
 _LAZY = {
     "EngramTables": "tables",
     "export_inference": "safetensors_export",
-    "export_training": "dcp",
+    "export_training": "dcp_export",
     "import_checkpoint": "importing",
 }
 

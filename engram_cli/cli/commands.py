@@ -171,7 +171,7 @@ def run_export(
                 "--scheduler and --dask-workers apply to --for inference; "
                 "a training export is written by DCP's own writer"
             )
-        from ..checkpoints.dcp import export_training  # torch: loaded for this command only
+        from ..checkpoints.dcp_export import export_training  # torch: loaded for this command only
 
         with progress_bars() as bars:
             return export_training(

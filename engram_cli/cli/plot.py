@@ -14,8 +14,8 @@ from ..collisions.reports import LayerStats
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
 from ..helpers import human_bytes
-from ..output import PLOT, Output
 from ..inspection import InspectReport
+from ..output import PLOT, Output
 from ..spec import TableSpec
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")

@@ -38,7 +38,8 @@ import numpy as np
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
-from ..helpers import check_free_space, cpu_count, in_parallel, remove_stale_temporaries
+from ..helpers import cpu_count, in_parallel
+from ..output import check_free_space, remove_stale_temporaries
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
 from ..vocab import VocabProjection, projection_for
