@@ -18,8 +18,9 @@ are all written the same way, by `Output`:
 
 A new output kind is one `OutputKind` subclass (its replace rules, and a lock if writers of it
 can race), next to the writer that makes it. `engram build-tables` alone writes its store in
-place, because `--resume` continues what a killed build left there; it uses the same target rules,
-stale-temporary removal and free-space check (`check_free_space`).
+place, because `--resume` continues what a killed build left there (zarr makes missing parent
+folders); it uses the same target rules (`store.writer.STORE`'s checks), folder check
+(`check_folder`, for a folder that exists), stale-temporary removal and free-space check.
 """
 
 from __future__ import annotations
@@ -129,11 +130,7 @@ class Output:
     def check(self) -> None:
         """The target's rules, then its folder: it exists and may be written."""
         self.kind.check_target(self.path, self.overwrite)
-        folder, shown = self.path.absolute().parent, self.kind.shown_folder(self.path)
-        if not folder.is_dir():
-            raise EngramError(f"output folder {shown} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise EngramError(f"output folder {shown} is not writable")
+        check_folder(self.path.absolute().parent, self.kind.shown_folder(self.path))
 
     @contextlib.contextmanager
     def writing(
@@ -176,6 +173,15 @@ class Output:
                     raise write_error(self.path, exc) from None
         finally:
             remove_tree(tmp)
+
+
+def check_folder(folder: Path, shown: Path | None = None) -> None:
+    """Refuse an output folder that does not exist or may not be written (`shown`: as errors name it)."""
+    shown = folder if shown is None else shown
+    if not folder.is_dir():
+        raise EngramError(f"output folder {shown} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise EngramError(f"output folder {shown} is not writable")
 
 
 def write_file(path: str | Path, data: bytes, kind: OutputKind = FILE, *, overwrite: bool = True) -> None:
