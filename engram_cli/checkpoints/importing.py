@@ -1,6 +1,6 @@
 """`engram import`: a DCP checkpoint or an inference export (either layout) back into a table store.
 
-The checkpoint is opened as a `TableSource` (`open_source`: `dcp_source` or `safetensors_source`),
+The checkpoint is opened as a `TableSource` (`sources.open_checkpoint`: `dcp_source` or `safetensors_source`),
 which checks what it holds; it is read a window of whole store shards at a time (the windows the
 source asks for, `TableSource.read_windows`), converted to the store dtype and handed to the store
 package's `StoreWriter`, which writes into the temporary path `output.Output` gives and is swapped
@@ -13,61 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 from ..dtypes import STORE_DTYPES, to_numpy, torch_dtype
-from ..errors import FormatError, UsageError
+from ..errors import UsageError
 from ..output import Output
 from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .conversion import Conversion
 from .reports import ImportReport
-from .sources import Sharding, TableSource
-
-
-def detect_format(path: Path) -> Literal["dcp", "safetensors"]:
-    """ "dcp" or "safetensors"; a one-line error for anything else."""
-    if path.is_dir() and (path / ".metadata").is_file():
-        return "dcp"
-    if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
-        return "safetensors"
-    if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
-        return "safetensors"
-    if not path.exists():
-        raise UsageError(f"no such checkpoint: {path}")
-    raise FormatError(
-        f"{path} is not a checkpoint engram can import (expected a DCP folder with "
-        ".metadata, or safetensors from `engram export`)"
-    )
-
-
-def open_source(
-    checkpoint: Path,
-    kind: Literal["dcp", "safetensors"],
-    *,
-    trust_pickle: bool = False,
-    spec: TableSpec | None = None,
-    projection: VocabProjection | None = None,
-    key_template: str | None = None,
-    layers: list[int] | None = None,
-) -> TableSource:
-    """The checkpoint as a `TableSource` of its kind (`detect_format`); the arguments are
-    `import_checkpoint`'s. A new kind of source is one more line here."""
-    if kind == "dcp":
-        from .dcp_source import DcpSource
-
-        return DcpSource(
-            checkpoint,
-            trust_pickle=trust_pickle,
-            spec=spec,
-            projection=projection,
-            key_template=key_template,
-            layers=layers,
-        )
-    from .safetensors_source import open_safetensors_source
-
-    return open_safetensors_source(checkpoint, spec, projection, layers)
+from .sources import Sharding, detect_format, open_checkpoint
 
 
 def import_checkpoint(
@@ -112,12 +67,12 @@ def import_checkpoint(
     from ..store.writer import STORE, StoreWriter
 
     checkpoint, output = Path(checkpoint), Path(output)
-    kind = detect_format(checkpoint)
+    kind = detect_format(checkpoint)  # before any other check: a missing checkpoint is the first thing to say
     if dtype is not None and dtype not in STORE_DTYPES:
         raise UsageError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
     target = Output(output, STORE, overwrite=overwrite)
     layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
-    source = open_source(
+    source = open_checkpoint(
         checkpoint,
         kind,
         trust_pickle=trust_pickle,

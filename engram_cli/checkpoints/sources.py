@@ -7,7 +7,8 @@ in the source's dtype, and the row windows an import reads it in (`read_windows`
 checks what it is opened on, so a reader of sources (`importing`) needs nothing of any one kind.
 `StoreSource` reads a complete store (what every export reads); `dcp_source.DcpSource` and
 `safetensors_source.SafetensorsSource` read checkpoints back (what `engram import` reads). A new
-kind of source is one module with one `TableSource` subclass (and a line in `importing.open_source`).
+kind of source is one module with one `TableSource` subclass, and a line in `detect_format`
+and `open_checkpoint`, which open a checkpoint as the source of its kind.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ..dtypes import to_torch
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from ..spec import TableSpec
 from ..store.layout import SHARD_BY, ShardBy
 
@@ -50,6 +51,7 @@ class LayerSource:
         return max(self.block_rows, rows // self.block_rows * self.block_rows)
 
 
+CheckpointFormat = Literal["dcp", "safetensors"]  # what `engram import` reads
 SourceFormat = Literal["store", "dcp", "safetensors"]
 SourceLayout = Literal["store", "dcp", "engram", "deepseek-v41"]  # "engram", "deepseek-v41": `layouts.Layout`
 
@@ -159,3 +161,47 @@ def open_source_store(path: str | Path) -> StoreSource:
     from ..store.tables import open_tables
 
     return StoreSource(open_tables(path))
+
+
+def detect_format(path: Path) -> CheckpointFormat:
+    """ "dcp" or "safetensors"; a one-line error for anything else."""
+    if path.is_dir() and (path / ".metadata").is_file():
+        return "dcp"
+    if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
+        return "safetensors"
+    if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
+        return "safetensors"
+    if not path.exists():
+        raise UsageError(f"no such checkpoint: {path}")
+    raise FormatError(
+        f"{path} is not a checkpoint engram can import (expected a DCP folder with "
+        ".metadata, or safetensors from `engram export`)"
+    )
+
+
+def open_checkpoint(
+    checkpoint: Path,
+    kind: CheckpointFormat,
+    *,
+    trust_pickle: bool = False,
+    spec: TableSpec | None = None,
+    projection: VocabProjection | None = None,
+    key_template: str | None = None,
+    layers: list[int] | None = None,
+) -> TableSource:
+    """A checkpoint as a `TableSource` of its kind (`detect_format`); the arguments are
+    `importing.import_checkpoint`'s. A new kind of source is one more line here and in `detect_format`."""
+    if kind == "dcp":
+        from .dcp_source import DcpSource
+
+        return DcpSource(
+            checkpoint,
+            trust_pickle=trust_pickle,
+            spec=spec,
+            projection=projection,
+            key_template=key_template,
+            layers=layers,
+        )
+    from .safetensors_source import open_safetensors_source
+
+    return open_safetensors_source(checkpoint, spec, projection, layers)
