@@ -35,6 +35,7 @@ DCP_FORMAT_VERSION = "1"
 
 
 def read_metadata(path: Path, trust_pickle: bool) -> Any:
+    """DCP's `Metadata` of the checkpoint at `path`: a pickle, so refused without `trust_pickle`."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata
 
