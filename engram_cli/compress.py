@@ -90,9 +90,8 @@ def write_projection(
     target = Output(output, FILE, overwrite=overwrite)
     source = load_tokenizer(tokenizer)
     projection = compress_vocab(source)
-    data = projection.to_bytes()
-    with target.writing(len(data)) as tmp:
-        tmp.write_bytes(data)
+    with target.writing() as tmp:
+        tmp.write_bytes(projection.to_bytes())
     return CompressReport(
         output=str(output),
         source=source.source,

@@ -139,7 +139,8 @@ class Output:
         """Yield the temporary path to write, and swap it into place when the block ends.
 
         Args:
-            needed: bytes the writer will write, refused up front when the disk cannot hold them.
+            needed: bytes the writer will write, refused up front when the disk cannot hold them
+                (small files pass 0: a full disk is then reported by the write itself).
             folder: make the temporary path a folder (an export, a store) rather than leave it to
                 the writer to create a file there.
             entry: the output is this entry of the temporary folder (a writer of folders asked
@@ -186,7 +187,7 @@ def check_folder(folder: Path, shown: Path | None = None) -> None:
 
 def write_file(path: str | Path, data: bytes, kind: OutputKind = FILE, *, overwrite: bool = True) -> None:
     """Write `data` as the file `path` through `Output` (by default replacing a file there)."""
-    with Output(path, kind, overwrite=overwrite).writing(len(data)) as tmp:
+    with Output(path, kind, overwrite=overwrite).writing() as tmp:
         tmp.write_bytes(data)
 
 
