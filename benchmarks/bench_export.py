@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engram_cli.checkpoints.dcp import export_training
+from engram_cli.checkpoints.dcp_export import export_training
 from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.checkpoints.safetensors_format import start_writeback
 from engram_cli.checkpoints.tables import EngramTables
@@ -89,7 +89,8 @@ def peak_rss(code: str) -> tuple[int, int]:
     VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
     """
     script = (
-        "import torch, engram_cli.checkpoints.dcp, engram_cli.checkpoints.safetensors_export, engram_cli.store.build\n"
+        "import torch, engram_cli.checkpoints.dcp_export, engram_cli.checkpoints.safetensors_export\n"
+        "import engram_cli.store.build\n"
         "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "before = hwm()\n"
         f"{code}\n"
@@ -174,7 +175,7 @@ def main() -> None:
     for name, code in [
         (
             "export --for training",
-            f"from engram_cli.checkpoints.dcp import export_training; "
+            f"from engram_cli.checkpoints.dcp_export import export_training; "
             f"export_training({str(store)!r}, {str(work / 'rss-dcp')!r})",
         ),
         (

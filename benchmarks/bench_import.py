@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import engram_cli.checkpoints.dcp as dcp
+import engram_cli.checkpoints.dcp_format as dcp_format
+from engram_cli.checkpoints.dcp_export import export_training
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.spec import load_spec
 from engram_cli.store.build import build_tables
@@ -37,13 +38,13 @@ def main() -> None:
     try:
         spec = load_spec("demo").scaled(args.scale)
         build_tables(spec, root / "store.zarr")
-        dcp.export_training(root / "store.zarr", root / "ckpt")
+        export_training(root / "store.zarr", root / "ckpt")
         size = sum(p.stat().st_size for p in (root / "ckpt").iterdir())
-        verified = dcp._verified_reader
+        verified = dcp_format._verified_reader
         count = iter(range(1 << 30))
 
         def run(reader: object) -> None:
-            dcp._verified_reader = reader  # type: ignore[assignment]
+            dcp_format._verified_reader = reader  # type: ignore[assignment]
             out = root / f"back-{next(count)}"
             import_checkpoint(root / "ckpt", out, trust_pickle=True)
             shutil.rmtree(out)

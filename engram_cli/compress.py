@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .helpers import check_output_file
+from .output import FILE, Output
 from .tokenizer import load_tokenizer
 from .vocab import VocabProjection, compress_vocab, key_of
 
@@ -87,10 +87,11 @@ def write_projection(
         top: how many of the largest merge groups to report.
     """
     output = Path(output)
-    check_output_file(output, overwrite)
+    target = Output(output, FILE, overwrite=overwrite)
     source = load_tokenizer(tokenizer)
     projection = compress_vocab(source)
-    projection.save(output)
+    with target.writing() as tmp:
+        tmp.write_bytes(projection.to_bytes())
     return CompressReport(
         output=str(output),
         source=source.source,

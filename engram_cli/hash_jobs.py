@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import EngramError, UsageError
 from .hashing import NgramHasher, check_positions, check_rank, hash_kernel
-from .helpers import atomic_file, check_output_file, paused_gc
+from .helpers import paused_gc
+from .output import FILE, Output
 from .progress import SILENT, Progress
 from .spec import TableSpec
 from .vocab import VocabProjection
@@ -256,7 +257,7 @@ def hash_ids_file(
     """
     hasher = NgramHasher(spec, projection)
     ids_path, output = Path(ids_path), Path(output)
-    check_output_file(output, overwrite)
+    target = Output(output, FILE, overwrite=overwrite)
     ids = _load_ids(ids_path)
     check_rank(ids.shape)
     hasher.projection.check_ids(ids)
@@ -280,7 +281,7 @@ def hash_ids_file(
     hash_kernel()  # compiling or loading it is not hashing time
     start = time.perf_counter()
     task = progress.task("hashing", len(pieces) * len(layer_ids))
-    with atomic_file(output) as tmp, zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with target.writing() as tmp, zipfile.ZipFile(tmp, "x", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for layer_id in layer_ids:
             shape = ids.shape + (hasher.head_sizes(layer_id).size,)
             low, high = None, None

@@ -1,24 +1,16 @@
 """Small helpers used across the package, written once.
 
-Atomic file writes (a temporary name beside the target, renamed onto it when complete, so
-readers never see half a file), output-file checks before any work, reads bounded by a size
-limit, file names that stay in their folder, the usable cpu count and available memory, bounded
-parallel map and one-ahead prefetch, row blocks, and numbers as people read them.
+Reads bounded by a size limit, file names that stay in their folder, the usable cpu count and
+available memory, bounded parallel map and one-ahead prefetch, row blocks, and numbers as people
+read them. Writing outputs (temporaries, the swap into place, free space) is `output`'s.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
-import functools
 import gc
-import hashlib
 import os
-import re
-import secrets
-import shutil
-import socket
 import stat
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +18,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from .errors import EngramError, OutputExistsError, ResourceError
+from .errors import ResourceError
 
 T = TypeVar("T")
 
@@ -182,96 +174,11 @@ def plural(count: int, word: str) -> str:
     return f"{count:,} {word}{'' if count == 1 else 's'}"
 
 
-def check_output_file(output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output file that cannot or may not be written."""
-    if output.is_dir():
-        raise EngramError(f"output {output} is a directory; give a file path")
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise EngramError(f"output folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise EngramError(f"output folder {output.parent} is not writable")
-
-
-TMP_PREFIX = ".engram-tmp-"  # every temporary file or folder engram writes beside a target starts so
-
-
-_TMP_OWNER = re.compile(r"\.([0-9a-f]{8})-([0-9]+)-[0-9a-f]{8}$")
-
-
-@functools.cache
-def _host_tag() -> str:
-    """Eight hex digits naming this machine in temporary names, so that a folder shared by
-    several machines only ever has its own machine's temporaries judged."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def temporary_name(path: Path) -> Path:
-    """A fresh name beside `path` for writing it: renamed onto `path` only once complete.
-
-    The name is `.engram-tmp-<name>.<host>-<pid>-<random>`: who is writing it, so that
-    `remove_stale_temporaries` can tell a temporary of a killed run from one in use.
-    """
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process, or no valid pid: not ours to judge
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries that engram runs killed on this machine left in `folder`.
-
-    Only names made by `temporary_name` count, and only when they carry this machine's tag and
-    the process that made them no longer runs: a live run's temporary, another machine's, and
-    anything else in the folder stay. Returns what was removed; failures to remove are ignored
-    (the next run tries again).
-    """
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(TMP_PREFIX):
-            continue
-        match = _TMP_OWNER.search(entry.name)
-        if match is None or match.group(1) != _host_tag() or _process_alive(int(match.group(2))):
-            continue
-        path = Path(entry.path)
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
 def first_line(exc: BaseException, os_words: bool = False) -> str:
     """The first line of an exception's message, for one-line errors; its type's name when the
     message is blank. With `os_words`, an OS error's own words where it has them (no errno, no path)."""
     text = str((getattr(exc, "strerror", None) if os_words else None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def write_error(path: str | Path, exc: OSError) -> EngramError:
-    """The one-line error of a failed write: a ResourceError when the disk (or a quota, or a
-    file size limit) is full, an EngramError naming the reason otherwise."""
-    cls = ResourceError if exc.errno in _FULL else EngramError
-    return cls(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def os_error_behind(exc: BaseException) -> OSError | None:
@@ -283,70 +190,3 @@ def os_error_behind(exc: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def check_free_space(path: str | Path, needed: int, reclaimed: int = 0) -> None:
-    """Refuse up front writing `needed` bytes at `path` that its disk cannot hold.
-
-    `reclaimed`: bytes the write frees first (what --overwrite deletes). URLs are not checked.
-    """
-    if "://" in str(path):
-        return
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free + reclaimed
-    except OSError:
-        return
-    if needed > free:
-        raise ResourceError(
-            f"not enough disk space for {path}: needs {human_bytes(needed)}, {human_bytes(free)} free on {probe}"
-        )
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; rename it onto `path` when the block ends.
-
-    Readers never see half a file, a failure leaves `path` as it was, and the file is created
-    with an ordinary `open`, so its mode follows the umask like every other output. OS errors
-    (a full disk, a read-only folder) become one-line errors naming the file.
-    """
-    remove_stale_temporaries(path.parent)
-    tmp = temporary_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Move a finished file or folder onto `target`, replacing what is there only now that the
-    new one is whole: the old one is first renamed aside, then deleted."""
-    try:
-        if not (target.exists() or target.is_symlink()):
-            os.replace(tmp, target)
-            return
-        old = temporary_name(target)
-        os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            os.replace(old, target)
-            raise
-    except OSError as exc:
-        raise write_error(target, exc) from None
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)  # what stays is stale once we exit, and removed then
-    else:
-        old.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through `atomic_file`."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)

@@ -35,7 +35,8 @@ from safetensors.numpy import load, save
 from tokenizers import Regex, Tokenizer, normalizers
 
 from .errors import ChecksumError, EngramError, FormatError, UsageError
-from .helpers import atomic_write, read_file_limited
+from .helpers import read_file_limited
+from .output import write_file
 from .spec import TableSpec
 from .tokenizer import (
     TokenizerSource,
@@ -229,7 +230,11 @@ class VocabProjection:
         return np.where(ints >= 0, self.lookup[np.maximum(ints, 0)], ints)
 
     def save(self, path: str | Path) -> None:
-        """Write the projection file atomically (the format in the module docstring)."""
+        """Write the projection file, replacing a file there (through `output.write_file`)."""
+        write_file(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The projection file's bytes (the format in the module docstring)."""
         self.check_onto()
         tensors = {"lookup": self.lookup}
         if self.tokenizer_json is not None:
@@ -241,7 +246,7 @@ class VocabProjection:
             "vocab_size": str(self.vocab_size),
             "compressed_size": str(self.compressed_size),
         }
-        atomic_write(Path(path), save(tensors, metadata=meta))
+        return save(tensors, metadata=meta)
 
 
 @lru_cache(maxsize=4)

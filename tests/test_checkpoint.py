@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engram_cli.checkpoints.dcp import export_training
+from engram_cli.checkpoints.dcp_export import export_training
 from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.checkpoints.keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPLATE
 from engram_cli.checkpoints.metadata import META_KEY
@@ -298,7 +298,7 @@ def test_cli_and_bad_input(stores, tmp_path, projection):
 
 
 def test_import_reads_each_piece_about_once():
-    from engram_cli.checkpoints.dcp import read_windows
+    from engram_cli.checkpoints.dcp_source import read_windows
 
     shards = [(i * 10, min(i * 10 + 10, 95)) for i in range(10)]
     windows = read_windows(shards, [33, 66, 95])
@@ -390,7 +390,7 @@ def test_gloo_ranks_load_row_sharded_dtensors(stores, tmp_path, world, exports):
 
 
 def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
-    from engram_cli.checkpoints.dcp import export_training
+    from engram_cli.checkpoints.dcp_export import export_training
 
     with pytest.raises(EngramError, match="more than the"):
         export_training(stores["float32"], tmp_path / "dcp", shards=10**8)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from engram_cli.checkpoints.dcp import export_training
+from engram_cli.checkpoints.dcp_export import export_training
 from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.spec import TableSpec
 from engram_cli.store.build import build_tables
@@ -526,12 +526,12 @@ def test_only_stale_temporaries_of_engram_are_removed(made, tmp_path):
     """A killed export's temporary folder goes on the next run; a live one, another machine's,
     and the user's own hidden files stay."""
     make = (
-        "import sys; from pathlib import Path; from engram_cli.helpers import temporary_name; "
+        "import sys; from pathlib import Path; from engram_cli.output import temporary_name; "
         "p = temporary_name(Path(sys.argv[1])); p.mkdir(); (p / 'part').write_bytes(bytes(1000)); print(p)"
     )
     dead = Path(subprocess.run([sys.executable, "-c", make, str(tmp_path / "out")], capture_output=True, text=True,
                                check=True).stdout.strip())  # fmt: skip
-    from engram_cli.helpers import temporary_name
+    from engram_cli.output import temporary_name
 
     live = temporary_name(tmp_path / "other")  # this test process: alive
     live.mkdir()

@@ -28,12 +28,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..dtypes import to_numpy
 from ..errors import EngramError, UsageError
-from ..helpers import prefetched, row_blocks, swap_into_place, write_error
+from ..helpers import prefetched, row_blocks
+from ..output import Output
 from ..progress import SILENT, Progress
 from .gguf_file import Header, encode_key, layout_file, read_set
 from .gguf_format import ARCH, engram_keys, has_engram_keys, is_engram_key, tensor_name
 from .gguf_quants import WRITE_TYPES, fits_blocks, quantize_measured
-from .output import prepare_output, remove_tree
+from .output import EXPORT
 from .reports import ExportReport
 from .sources import StoreSource, open_source_store
 
@@ -71,6 +72,7 @@ def export_gguf(
     output = Path(output)
     if output.suffix != ".gguf":
         raise UsageError(f"a GGUF export is one .gguf file; got {output.name}")
+    target = Output(output, EXPORT, overwrite=overwrite)  # refused before any work
     qtype = WRITE_TYPES[quant]
     source = open_source_store(store)
     spec = source.spec
@@ -90,27 +92,20 @@ def export_gguf(
     model = None if into is None else _model(Path(into), spec.layer_ids)
     keys, tensors, copied, alignment = _plan(source, tables, model)
     header, offsets, size = layout_file(keys, tensors, alignment)
-    tmp = prepare_output(output, overwrite, size)
     started = time.perf_counter()
     task = progress.task("export", source.total_rows)
     largest = 0.0
-    try:
-        with (tmp / output.name).open("wb") as out:
-            out.write(header)
-            for (name, _, _), offset in zip(tensors, offsets, strict=True):
-                out.write(b"\0" * (offset - out.tell()))
-                if name in copied:
-                    _copy(copied[name], out)
-                else:
-                    layer_id = int(name.split(".")[1])
-                    largest = max(largest, _write_table(source, layer_id, qtype, out, task.advance))
-            out.flush()
-            os.fsync(out.fileno())
-        swap_into_place(tmp / output.name, output)
-    except OSError as exc:
-        raise write_error(output, exc) from None
-    finally:
-        remove_tree(tmp)
+    with target.writing(size) as tmp, tmp.open("wb") as out:
+        out.write(header)
+        for (name, _, _), offset in zip(tensors, offsets, strict=True):
+            out.write(b"\0" * (offset - out.tell()))
+            if name in copied:
+                _copy(copied[name], out)
+            else:
+                layer_id = int(name.split(".")[1])
+                largest = max(largest, _write_table(source, layer_id, qtype, out, task.advance))
+        out.flush()
+        os.fsync(out.fileno())
     return ExportReport(
         target="inference",
         layout="gguf",

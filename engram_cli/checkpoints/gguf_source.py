@@ -47,6 +47,9 @@ def is_gguf(path: Path) -> bool:
 class GgufSource(TableSource):
     """The Engram tables of a GGUF file or split set."""
 
+    format = "gguf"
+    layout = "gguf"
+
     def __init__(
         self, path: Path, spec: TableSpec | None, projection: VocabProjection | None, layers: Iterable[int] | None
     ) -> None:

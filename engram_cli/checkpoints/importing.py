@@ -1,9 +1,12 @@
 """`engram import`: a DCP checkpoint, an inference export (either layout) or a GGUF back into a table store.
 
-The source (a `TableSource`) is read a window of whole store shards at a time (for DCP, windows
-aligned to the saved pieces so each is loaded about once, `dcp.read_windows`), converted to the
-store dtype and written shard by shard; the new store records `init` as imported from the
-checkpoint, keeps the source's sharding unless told otherwise, and is marked complete at the end.
+The checkpoint is opened as a `TableSource` (`sources.open_checkpoint`: `dcp_source`,
+`safetensors_source` or `gguf_source`), which checks what it holds; it is read a window of whole
+store shards at a time (the windows the source asks for, `TableSource.read_windows`), converted to
+the store dtype and handed to the store package's `StoreWriter`, which writes into the temporary
+path `output.Output` gives and is swapped into place once complete. The new store records `init` as
+imported from the checkpoint, keeps the source's sharding unless told otherwise, and is marked
+complete at the end.
 """
 
 from __future__ import annotations
@@ -11,41 +14,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..dtypes import STORE_DTYPES, StoreDType, to_numpy, torch_dtype
-from ..errors import EngramError, FormatError, OutputExistsError, UsageError
-from ..helpers import check_free_space, remove_stale_temporaries, swap_into_place, temporary_name
+from ..errors import UsageError
+from ..output import Output
 from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .conversion import Conversion
-from .dcp import DcpSource, read_windows
-from .output import remove_tree
 from .reports import ImportReport
+from .sources import Sharding, detect_format, open_checkpoint
 
 if TYPE_CHECKING:
     from ..store.layout import ShardBy
-
-
-def detect_format(path: Path) -> str:
-    """ "dcp", "safetensors" or "gguf"; a one-line error for anything else."""
-    from .gguf_source import is_gguf
-
-    if path.is_dir() and (path / ".metadata").is_file():
-        return "dcp"
-    if path.is_file() and is_gguf(path):
-        return "gguf"
-    if path.is_file() and (path.name.endswith(".safetensors") or path.name.endswith(".index.json")):
-        return "safetensors"
-    if path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir()):
-        return "safetensors"
-    if not path.exists():
-        raise UsageError(f"no such checkpoint: {path}")
-    raise FormatError(
-        f"{path} is not a checkpoint engram can import (expected a DCP folder with "
-        ".metadata, safetensors from `engram export`, or a GGUF)"
-    )
 
 
 def import_checkpoint(
@@ -88,100 +70,56 @@ def import_checkpoint(
         overwrite: replace an existing store.
         progress: receives a task advancing by rows imported.
     """
-    from ..store.create import check_outside_stores, check_replaceable, create_store, store_exists
-    from ..store.files import BuildLock
-    from ..store.layout import plan_layout
-    from ..store.shard_format import layer_file_bytes
+    from ..store.writer import STORE, StoreWriter
 
     checkpoint, output = Path(checkpoint), Path(output)
-    kind = detect_format(checkpoint)
+    kind = detect_format(checkpoint)  # before any other check: a missing checkpoint is the first thing to say
     if dtype is not None and dtype not in STORE_DTYPES:
         raise UsageError(f"unknown store dtype {dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
-    exists = store_exists(str(output))
-    if exists and not overwrite:
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
-    if exists:
-        check_replaceable(str(output))
-    else:
-        check_outside_stores(output)
-    parent = output.absolute().parent
-    if not parent.is_dir():
-        raise EngramError(f"output folder {parent} does not exist")
+    target = Output(output, STORE, overwrite=overwrite)
     layers = None if layers is None else list(dict.fromkeys(int(x) for x in layers)) or None
-    source: Any
-    if kind == "dcp":
-        source = DcpSource(
-            checkpoint,
-            trust_pickle=trust_pickle,
-            spec=spec,
-            projection=projection,
-            key_template=key_template,
-            layers=layers,
-        )
-        layout = "dcp"
-    elif kind == "gguf":
-        from .gguf_source import GgufSource
-
-        source = GgufSource(checkpoint, spec, projection, layers)
-        layout = "gguf"
-    else:
-        from .safetensors_source import open_safetensors_source
-
-        source = open_safetensors_source(checkpoint, spec, projection, layers)
-        layout = source.tables.layout
+    source = open_checkpoint(
+        checkpoint,
+        kind,
+        trust_pickle=trust_pickle,
+        spec=spec,
+        projection=projection,
+        key_template=key_template,
+        layers=layers,
+    )
     store_dtype = dtype or source.store_dtype or (source.dtype if source.dtype in STORE_DTYPES else source.spec.dtype)
-    sharding = source.sharding or {}
-    if not (
-        isinstance(sharding, dict)
-        and isinstance(sharding.get("ranks", 1), int)
-        and sharding.get("shard_by", "rows") in ("rows", "heads")
-    ):
-        raise FormatError(f"{checkpoint}: the sharding it records ({sharding!r}) is damaged")
-    ranks = shards or sharding.get("ranks") or 1
-    by = shard_by or sharding.get("shard_by") or "rows"
-    init = {"algorithm": "imported", "source": str(checkpoint.absolute()), "format": kind, "layout": layout}
+    recorded = source.sharding or Sharding()
+    init = {
+        "algorithm": "imported",
+        "source": str(checkpoint.absolute()),
+        "format": source.format,
+        "layout": source.layout,
+    }
     started = time.perf_counter()
     partial = set(source.layer_ids) != set(source.spec.layer_ids)
-    planned = plan_layout(source.spec.replace(dtype=store_dtype), ranks, by)
-    needed = sum(layer_file_bytes(planned[layer]) for layer in source.layer_ids)
-    remove_stale_temporaries(parent)
-    check_free_space(parent, needed)
-    tmp = temporary_name(parent / output.name)
-    lock = BuildLock(str(output))
-    try:
-        if exists and lock.held_elsewhere_possible():
-            lock.acquire()  # no build may be writing the store this import replaces
-        store = create_store(
-            tmp,
-            source.spec,
-            source.projection,
-            shards=ranks,
-            shard_by=by,
-            dtype=store_dtype,
-            init=init,
-            layers=list(source.layer_ids) if partial else None,
-        )
+    writer = StoreWriter(
+        source.spec.replace(dtype=store_dtype),
+        source.projection,
+        shards=shards or recorded.ranks,
+        shard_by=shard_by or recorded.shard_by,
+        init=init,
+        layers=list(source.layer_ids) if partial else None,
+    )
+    with target.writing(writer.bytes, os_errors=False) as tmp:
+        writer.create(tmp)
         conversion = Conversion(source.dtype, store_dtype)
-        target = torch_dtype(store_dtype)
+        torch_target = torch_dtype(store_dtype)
         written = 0
         task = progress.task("import", source.total_rows)
         for layer_id in source.layer_ids:
             reader = source.layer(layer_id)
-            ranges = store.shard_ranges(layer_id)
-            windows = read_windows(ranges, source.boundaries(layer_id)) if kind == "dcp" else ranges
-            for begin, end in windows:
+            for begin, end in source.read_windows(layer_id, writer.shard_ranges(layer_id)):
                 values = reader.read(begin, end)
-                converted = values.to(target)
+                converted = values.to(torch_target)
                 conversion.check(values, converted, f"layer {layer_id} rows {begin:,}-{end - 1:,}")
-                written += store.write_rows(layer_id, begin, to_numpy(converted))
+                written += writer.write_rows(layer_id, begin, to_numpy(converted))
                 task.advance(end - begin)
-        store.mark_complete()
-        if exists:
-            check_replaceable(str(output))  # still a store of ours, now that it is about to go
-        swap_into_place(tmp, output)
-    finally:
-        lock.release()
-        remove_tree(tmp)
+        writer.finish()
     complete = True
     notes = []
     if partial:
@@ -191,8 +129,8 @@ def import_checkpoint(
         )
     return ImportReport(
         checkpoint=str(checkpoint),
-        format=kind,
-        layout=layout,
+        format=source.format,
+        layout=source.layout,
         store=str(output),
         dtype=store_dtype,
         source_dtype=source.dtype,

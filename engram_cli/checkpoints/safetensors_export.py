@@ -5,7 +5,7 @@ Every file, header and byte offset is planned before any data is written
 quantized (`fp8`) and written by position: locally on up to 8 threads, each block from read to
 write on one thread (all of it outside the GIL), or on a Dask cluster as one task per block of
 about 32 MiB, every task writing into the same files. The output is written in a temporary folder
-and renamed into place when complete (`output`). A deepseek-v41 export also gets
+and renamed into place when complete (`engram_cli.output`). A deepseek-v41 export also gets
 `engram_config.json` beside its index, the `engram_*` keys of a model's config.json
 (`model_config`), and the projection's `tokenizer.json`: what reading it back needs, so that
 `engram import` of the folder takes nothing else.
@@ -24,7 +24,8 @@ import torch
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, DTYPES, INFERENCE_DTYPES, InferenceDType, torch_dtype
 from ..errors import EngramError, choose
-from ..helpers import cpu_count, in_parallel, row_blocks, swap_into_place, write_error
+from ..helpers import cpu_count, in_parallel, row_blocks
+from ..output import Output
 from ..progress import SILENT, Progress
 from .conversion import Conversion
 from .fp8 import QuantError, check_quantizable, quantize, warm_quantize
@@ -39,7 +40,7 @@ from .keys import (
 from .layouts import LAYOUTS, SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION, Layout, Table, check_table_names
 from .metadata import hashing_arrays
 from .model_config import ENGRAM_CONFIG, TOKENIZER, config_keys
-from .output import prepare_output, remove_tree
+from .output import EXPORT
 from .reports import ExportReport
 from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
 from .sources import LayerSource, TableSource, open_source_store
@@ -87,7 +88,7 @@ def _plan(
         "spec": json.dumps(spec.to_dict()),
         "projection": json.dumps({**projection.metadata, "fingerprint": projection.fingerprint()}),
         "tables": json.dumps({str(t.layer_id): {"weight": t.weight, "scale": t.scale} for t in tables}),
-        "sharding": json.dumps(source.sharding),
+        "sharding": json.dumps(source.sharding and source.sharding.to_json()),
     }
     check_table_names(tables, spec.layer_ids, f"key template {key_template!r}")
     return tables, plans, metadata, small
@@ -158,7 +159,7 @@ def export_inference(
         single_file=single_name,
         index_metadata={"format": SAFETENSORS_FORMAT, "layout": layout} if layout == "engram" else None,
     )
-    tmp = prepare_output(output, overwrite, sum(f.size for f in layout_plan.files))
+    target = Output(output, EXPORT, overwrite=overwrite)
     if dtype == "float8_e4m3fn" and client is None:  # on a cluster, each worker compiles its own
         warm_quantize(torch_dtype(source.dtype))
     start = time.perf_counter()
@@ -176,7 +177,9 @@ def export_inference(
             )
         ]
 
-    try:
+    with target.writing(
+        sum(f.size for f in layout_plan.files), folder=True, entry=output.name if single else None
+    ) as tmp:
         writer = SafetensorsWriter(layout_plan, tmp, create=True)
         try:
             for name, value in small.items():
@@ -207,11 +210,6 @@ def export_inference(
             (tmp / ENGRAM_CONFIG).write_text(json.dumps(keys, indent=2) + "\n")
             if source.projection.tokenizer_json is not None:
                 (tmp / TOKENIZER).write_bytes(source.projection.tokenizer_json)
-        swap_into_place(tmp / output.name if single else tmp, output)
-    except OSError as exc:
-        raise write_error(output, exc) from None
-    finally:
-        remove_tree(tmp)
     seconds = time.perf_counter() - start
     return ExportReport(
         target="inference",

@@ -22,7 +22,7 @@ from ..vocab import VocabProjection
 from .fp8 import dequantize, warm_dequantize
 from .metadata import check_given
 from .model_config import model_hashing
-from .sources import LayerSource, TableSource
+from .sources import LayerSource, Sharding, TableSource
 from .tables import EngramTables
 
 
@@ -30,7 +30,9 @@ class SafetensorsSource(TableSource):
     """An inference export (either layout), or a DeepSeek-V4.1 model folder, read back as a table
     source for `engram import`."""
 
-    def __init__(self, tables: EngramTables, layers: Iterable[int] | None) -> None:
+    format = "safetensors"
+
+    def __init__(self, tables: EngramTables, layers: Iterable[int] | None, where: str) -> None:
         assert tables.spec is not None and tables.projection is not None, "resolved by open_safetensors_source"
         chosen = tables.layer_ids if layers is None else tuple(int(x) for x in layers)
         for layer_id in chosen:
@@ -39,7 +41,8 @@ class SafetensorsSource(TableSource):
         self.tables = tables
         stored = tables.metadata
         self.store_dtype = spec_from_dict(json.loads(stored["spec"])).dtype if "spec" in stored else None
-        self.sharding = json.loads(stored.get("sharding", "null"))
+        self.sharding = Sharding.recorded(json.loads(stored.get("sharding", "null")), where)
+        self.layout = "deepseek-v41" if tables.layout == "deepseek-v41" else "engram"
         self.dtype = "float8_e4m3fn" if tables.quantized else _name_of(tables.weight(chosen[0]).dtype)
         if tables.quantized:
             warm_dequantize()  # compiled before the import's clock starts
@@ -79,9 +82,9 @@ def open_safetensors_source(
     tables = EngramTables.open(path, spec=None, projection=None)
     if tables.layout == "deepseek-v41":
         spec, projection = model_hashing(path if path.is_dir() else path.parent, spec, projection)
-        return SafetensorsSource(tables.with_hashing(spec, projection), layers)
+        return SafetensorsSource(tables.with_hashing(spec, projection), layers, str(path))
     # an engram export hashes as it records: a given spec or projection need only agree with that
     assert tables.spec is not None, "an engram export records its spec"
     fingerprint = json.loads(tables.metadata.get("projection", "{}")).get("fingerprint")
     check_given(tables.spec, fingerprint, spec, projection, str(path))
-    return SafetensorsSource(tables, layers)
+    return SafetensorsSource(tables, layers, str(path))

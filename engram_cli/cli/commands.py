@@ -22,6 +22,7 @@ from ..dtypes import InferenceDType, StoreDType
 from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
+from ..output import PLOT, Output
 from ..spec import load_spec
 from ..store.build import BuildReport, build_tables
 from ..store.layout import ShardBy
@@ -174,7 +175,7 @@ def run_export(
                 "--scheduler and --dask-workers apply to --for inference; "
                 "a training export is written by DCP's own writer"
             )
-        from ..checkpoints.dcp import export_training  # torch: loaded for this command only
+        from ..checkpoints.dcp_export import export_training  # torch: loaded for this command only
 
         with progress_bars() as bars:
             return export_training(
@@ -286,8 +287,7 @@ def run_inspect(
     if plot is not None:
         if not corpus:
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
-        if plot.is_dir() or not plot.parent.is_dir():
-            raise UsageError(f"cannot write the plot to {plot}: give a file in an existing folder")
+        Output(plot, PLOT, overwrite=True)  # refused before the corpus is read
     is_store = Path(source).is_dir() and not is_model_config(source)  # a model folder is a spec
     target = open_tables(source, allow_incomplete=True) if is_store else load_spec(source)
     vocab = None if projection is None else load_projection(projection)  # checked against the target by inspect

@@ -13,8 +13,9 @@ from matplotlib.figure import Figure
 from ..collisions.reports import LayerStats
 from ..dtypes import DTYPE_BYTES
 from ..errors import EngramError
-from ..helpers import atomic_file, human_bytes
+from ..helpers import human_bytes
 from ..inspection import InspectReport
+from ..output import PLOT, Output
 from ..spec import TableSpec
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
@@ -159,6 +160,6 @@ def _log_factorial(k: np.ndarray) -> np.ndarray:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Write next to the target and rename, so a reader never sees half a PNG."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+    """Write next to the target and rename (`output`), so a reader never sees half a PNG."""
+    with Output(path, PLOT, overwrite=True).writing() as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")

@@ -4,9 +4,10 @@
 attributes; `layout` plans rows into chunks, shard files and ranks; `shard_format` is the byte
 format of one shard file (pure functions, no I/O); `files` reads and writes shard files, local or
 fsspec; `consistency` checks what a store records against its spec and its arrays' own metadata
-whenever it is opened; `tables` is the `TableStore` API; `create` makes an empty store; `build` is the build job
-(generation, resume, the `complete` flag); `health` summarizes the values; `zarr_bfloat16` is the
-zarr data type of bfloat16 tables.
+whenever it is opened; `tables` is the `TableStore` API; `create` makes an empty store; `writer`
+is what an importer writes a store through; `build` is the build job (generation, resume, the
+`complete` flag); `health` summarizes the values; `zarr_bfloat16` is the zarr data type of
+bfloat16 tables.
 """
 
 import importlib

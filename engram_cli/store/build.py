@@ -38,7 +38,8 @@ import numpy as np
 from ..cluster import absolute_store_path, run_tasks
 from ..dtypes import DTYPE_BYTES, STORE_DTYPES, StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError, choose
-from ..helpers import check_free_space, cpu_count, in_parallel, remove_stale_temporaries
+from ..helpers import cpu_count, in_parallel
+from ..output import check_folder, check_free_space, remove_stale_temporaries
 from ..progress import SILENT, Progress, ProgressTask
 from ..spec import TableSpec
 from ..vocab import VocabProjection, projection_for
@@ -282,6 +283,9 @@ def build_tables(
             check_replaceable(output)
         else:
             check_outside_stores(output)
+        parent = Path(output).absolute().parent
+        if action != "resume" and not is_url(output) and parent.is_dir():
+            check_folder(parent)  # zarr makes a missing one; one that exists must take the new store
         if action == "resume":
             existing = _open_for_resume(output, spec, projection, shards, shard_by)
             shards, shard_by = existing.ranks, existing.shard_by

@@ -21,7 +21,7 @@ from zarr.core.sync import sync
 
 from ..dtypes import StoreDType
 from ..errors import EngramError, OutputExistsError, UsageError
-from ..helpers import temporary_name
+from ..output import temporary_name
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .attributes import ATTRS_KEY, PROJECTION_ARRAY, STORE_FORMAT, TOKENIZER_ARRAY, default_init, store_attrs
