@@ -394,6 +394,11 @@ def inspect_command(
         None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."
     ),
     glob: str | None = typer.Option(None, "--glob", help="In folders, read only files matching this (*.py)."),
+    skip_unreadable: bool = typer.Option(
+        False,
+        "--skip-unreadable",
+        help="In folders, skip (and count) subfolders and files that cannot be read, instead of stopping.",
+    ),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
     sweep: str | None = typer.Option(None, "--sweep", help="Also at every head size scaled by each factor: 1,2,5,10."),
     plot: Path | None = typer.Option(
@@ -422,10 +427,10 @@ def inspect_command(
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store.\f
 
     Args:
-        source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, max_tokens, sweep,
-            plot, top, verify, max_memory, spill_dir, barrier_ids, scheduler, dask_workers, as_json:
+        source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, skip_unreadable, max_tokens,
+            sweep, plot, top, verify, max_memory, spill_dir, barrier_ids, scheduler, dask_workers, as_json:
             SOURCE, --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
-            --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
+            --skip-unreadable, --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
             --scheduler, --dask-workers and --json, each described by its `help=`.
     """
     from ..corpus.base import CorpusOptions
@@ -438,6 +443,7 @@ def inspect_command(
         bin_dtype=bin_dtype,
         doc_sep=doc_sep,
         glob=glob,
+        skip_unreadable=skip_unreadable,
         max_tokens=max_tokens,
         split=split,
         config=config,

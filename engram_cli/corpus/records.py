@@ -3,7 +3,10 @@ text field (`--text-field`, tokenized) or from a field of token id lists (`--ids
 
 Arrow columns are converted a batch at a time: a text column to Python strings (null and empty
 values skipped), a list column to one flat id array plus the length of each row, so pre-tokenized
-records cost no Python loop per row. Rows of ids are gathered into batches of about the batch
+records cost no Python loop per row. Every list layout is read (`list`, `large_list`,
+`fixed_size_list`, `list_view`, `large_list_view`), each flattened row by row in row order (a
+list view's rows may lie anywhere in its values); the ids flattened must add up to the rows'
+lengths, so a layout read wrongly is an error, never rows dropped. Rows of ids are gathered into batches of about the batch
 size; a row is never cut, so a batch holds at least one whole row.
 """
 
@@ -84,18 +87,30 @@ def arrow_id_rows(
     import pyarrow.compute as pc
 
     kind = array.type
-    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    if pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind):
-        array, is_list = array.cast(pa.large_list(kind.value_type)), True
-    if not is_list or not pa.types.is_integer(kind.value_type):
+    if not _is_list_type(kind) or not pa.types.is_integer(kind.value_type):
         raise FormatError(f"{source}: column {field!r} holds {kind}, not lists of integer token ids")
-    flat = array.flatten()
+    flat = pc.list_flatten(array)
     if flat.null_count:
         raise FormatError(f"{source}: column {field!r} holds null token ids")
     lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if int(lengths.sum()) != len(flat):
+        raise FormatError(
+            f"{source}: column {field!r} ({kind}) rows {first_row:,}.. hold {int(lengths.sum()):,} ids "
+            f"but flatten to {len(flat):,}; this list layout cannot be read"
+        )
     ids = flat.to_numpy(zero_copy_only=False)
     check_rows(ids, lengths, source, first_row, vocab_size)
     return ids.astype(np.int64, copy=False), lengths
+
+
+def _is_list_type(kind: Any) -> bool:
+    """Whether an Arrow type is a list of any layout: list, large_list, fixed_size_list, and the
+    list views (whose rows may lie anywhere in, and share, their values: flattened row by row)."""
+    import pyarrow as pa
+
+    tests = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    views = (pa.types.is_list_view, pa.types.is_large_list_view)
+    return any(test(kind) for test in (*tests, *views))
 
 
 def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: int, vocab_size: int) -> None:
