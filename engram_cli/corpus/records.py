@@ -46,7 +46,12 @@ def require_column(source: Source, names: list[str], options: CorpusOptions) -> 
 
 
 def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Iterator[str]:
-    """The non-empty strings of a string or binary Arrow column.
+    """The non-empty strings of a text Arrow column: string, large_string, string_view, the
+    binary kinds, or a dictionary of any of them.
+
+    A string column whose values are valid UTF-8 (checked by Arrow, in C) is taken as it is;
+    one holding invalid UTF-8 (which writers do not always check) and binary columns are decoded
+    value by value, invalid sequences replaced by U+FFFD and counted as for plain text files.
 
     Args:
         array: the column of one record batch.
@@ -58,17 +63,29 @@ def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Ite
     import pyarrow.compute as pc
 
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        lines.tally.count("text_bytes", int(pc.sum(pc.binary_length(array)).as_py() or 0))
-        for text in array.to_pylist():
-            if text:
-                yield text
-    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+    if pa.types.is_dictionary(kind):
+        array, kind = array.dictionary_decode(), kind.value_type
+    if pa.types.is_string_view(kind):
+        array, kind = array.cast(pa.large_string()), pa.large_string()
+    elif pa.types.is_binary_view(kind):
+        array, kind = array.cast(pa.large_binary()), pa.large_binary()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            array.validate(full=True)
+        except pa.ArrowInvalid:
+            array, kind = array.cast(pa.large_binary()), pa.large_binary()
+        else:
+            lines.tally.count("text_bytes", int(pc.sum(pc.binary_length(array)).as_py() or 0))
+            for text in array.to_pylist():
+                if text:
+                    yield text
+            return
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         for data in array.to_pylist():
             if data:
                 yield lines.decode(data)
-    else:
-        raise FormatError(f"{source}: column {field!r} holds {kind}, not text; for token ids use --ids-field")
+        return
+    raise FormatError(f"{source}: column {field!r} holds {array.type}, not text; for token ids use --ids-field")
 
 
 def arrow_id_rows(
