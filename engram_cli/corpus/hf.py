@@ -44,9 +44,10 @@ def is_dataset_folder(files: Files, folder: PurePath) -> bool:
     if not files.is_file(state):
         return False
     try:
-        return "_data_files" in read_json(files, state)
+        found = read_json(files, state)
     except FormatError:
         return False
+    return isinstance(found, dict) and "_data_files" in found
 
 
 def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
@@ -60,18 +61,30 @@ def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *,
     """
     listing = folder / "dataset_dict.json"
     if files.is_file(listing):
-        splits = [str(s) for s in read_json(files, listing).get("splits", [])]
+        splits = _json_list(read_json(files, listing), "splits", listing)
+        if not all(isinstance(name, str) and name for name in splits):
+            raise FormatError(f"{listing}: 'splits' must list split names (strings)")
         chosen = _choose_split(str(folder), splits, split)
         return dataset_folder_sources(files, folder / chosen, None, from_folder=from_folder)
-    state = read_json(files, folder / "state.json")
-    names = [entry.get("filename") for entry in state.get("_data_files", []) if isinstance(entry, dict)]
+    state_path = folder / "state.json"
+    entries = _json_list(read_json(files, state_path), "_data_files", state_path)
+    if not all(isinstance(entry, dict) and isinstance(entry.get("filename"), str) for entry in entries):
+        raise FormatError(f"{state_path}: each of '_data_files' must be an object with a 'filename' string")
     sources = []
-    for name in names:
-        path = folder / str(name)
+    for name in (entry["filename"] for entry in entries):
+        path = folder / name
         if not name or not files.is_file(path):
             raise FormatError(f"{folder}: state.json lists {name}, which is not in the folder")
         sources.append(files.source(path, "hf-dataset", from_folder))
     return sources
+
+
+def _json_list(found: object, key: str, path: PurePath) -> list:
+    """The list under `key` of a dataset's JSON object, refused in one line when it is not one."""
+    value = found.get(key) if isinstance(found, dict) else None
+    if not isinstance(value, list):
+        raise FormatError(f"{path}: not a datasets file ({key!r} must be a list)")
+    return value
 
 
 def _choose_split(where: str, splits: list[str], split: str | None) -> str:
