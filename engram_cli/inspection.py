@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.budget import check_counter_memory
+from .collisions.budget import check_counter_memory, out_of_memory
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
 from .corpus.base import CorpusOptions, CorpusSummary
@@ -125,7 +125,7 @@ def inspect(
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
     if corpus:
-        check_counter_memory(spec, sweep, memory_budget, local=client is None)  # before the table health pass, too
+        budget = check_counter_memory(spec, sweep, memory_budget, local=client is None)  # before table health too
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,
@@ -137,20 +137,27 @@ def inspect(
         report.tables = table_health(store, verify, progress.task("table health", rows).advance)
     if corpus:
         started = time.perf_counter()
-        reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
-        layers, points, spilled = collision_statistics(
-            spec,
-            projection,
-            reader,
-            factors=sweep,
-            top=top,
-            memory_budget=memory_budget,
-            spill_dir=spill_dir,
-            client=client,
-            part_ids=part_ids,
-            barrier_ids=barrier_ids,
-            progress=progress,
-        )
+        try:
+            reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
+            layers, points, spilled = collision_statistics(
+                spec,
+                projection,
+                reader,
+                factors=sweep,
+                top=top,
+                memory_budget=memory_budget,
+                spill_dir=spill_dir,
+                client=client,
+                part_ids=part_ids,
+                barrier_ids=barrier_ids,
+                progress=progress,
+            )
+        except MemoryError:
+            raise out_of_memory(budget, spec, sweep) from None
+        except RuntimeError as exc:  # what a thread that cannot get its stack raises
+            if "can't start new thread" not in str(exc):
+                raise
+            raise out_of_memory(budget, spec, sweep) from None
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
     return report

@@ -477,7 +477,8 @@ def main() -> None:
     """Run the CLI with every user mistake, usage errors included, as one line on stderr.
 
     `engram` alone shows the help (exit 0). An OSError naming a file (a folder we may not
-    search, a read-only file system) is the environment's, not a bug: one line too.
+    search, a read-only file system) is the environment's, not a bug: one line too, as is an
+    allocation that fails (commands that take a memory budget name the one to give).
     """
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
@@ -504,6 +505,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("engram: interrupted\n")
         sys.exit(130)
+    except MemoryError:
+        from ..helpers import memory_limits
+
+        limits = "; ".join(words for words, _ in memory_limits()) or "no limit set on this process"
+        _fail(f"out of memory ({limits})", 1)
 
 
 def _fail(message: str, code: int) -> NoReturn:
