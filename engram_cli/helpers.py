@@ -117,7 +117,7 @@ def available_memory() -> int:
     memory limit leaves (v2 `memory.max`, v1 `memory.limit_in_bytes`, less the usage)."""
     import psutil
 
-    return int(min(psutil.virtual_memory().available, *(room for _, room in memory_limits())))
+    return int(min([psutil.virtual_memory().available, *(room for _, room in memory_limits())]))
 
 
 # cgroup files: (limit, usage) of v2, then v1, under the cgroup mount.
