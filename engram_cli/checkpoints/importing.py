@@ -19,7 +19,7 @@ from ..helpers import check_free_space, remove_stale_temporaries, swap_into_plac
 from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
-from .conversion import Conversion
+from .conversion import Conversion, NonFiniteRows
 from .dcp import DcpSource, read_windows
 from .output import remove_tree
 from .reports import ImportReport
@@ -54,6 +54,7 @@ def import_checkpoint(
     shards: int | None = None,
     shard_by: str | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     progress: Progress = SILENT,
 ) -> ImportReport:
     """Turn a DCP checkpoint, a safetensors export or a DeepSeek-V4.1 model folder into a store,
@@ -78,6 +79,8 @@ def import_checkpoint(
         dtype: the store dtype (default: the one the tables were exported from, else theirs or the spec's).
         shards, shard_by: the store's rank partition (default: the one recorded, else 1 by rows).
         overwrite: replace an existing store.
+        allow_nonfinite: import rows with no finite value (refused otherwise); every row holding a
+            non-finite value is counted per layer in the report either way.
         progress: receives a task advancing by rows imported.
     """
     from ..store.create import check_outside_stores, check_replaceable, create_store, store_exists
@@ -149,6 +152,7 @@ def import_checkpoint(
             layers=list(source.layer_ids) if partial else None,
         )
         conversion = Conversion(source.dtype, store_dtype)
+        nonfinite = NonFiniteRows(allow_nonfinite)
         target = torch_dtype(store_dtype)
         written = 0
         task = progress.task("import", source.total_rows)
@@ -160,6 +164,7 @@ def import_checkpoint(
                 values = reader.read(begin, end)
                 converted = values.to(target)
                 conversion.check(values, converted, f"layer {layer_id} rows {begin:,}-{end - 1:,}")
+                nonfinite.count(layer_id, begin, converted)
                 written += store.write_rows(layer_id, begin, to_numpy(converted))
                 task.advance(end - begin)
         store.mark_complete()
@@ -170,7 +175,7 @@ def import_checkpoint(
         lock.release()
         remove_tree(tmp)
     complete = True
-    notes = []
+    notes = nonfinite.notes()
     if partial:
         notes.append(
             f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
@@ -183,7 +188,9 @@ def import_checkpoint(
         store=str(output),
         dtype=store_dtype,
         source_dtype=source.dtype,
-        layers={layer_id: {"rows": source.spec.rows(layer_id)} for layer_id in source.layer_ids},
+        layers={
+            layer_id: {"rows": source.spec.rows(layer_id), **nonfinite.of(layer_id)} for layer_id in source.layer_ids
+        },
         complete=complete,
         bytes=written,
         seconds=time.perf_counter() - started,

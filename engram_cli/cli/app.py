@@ -322,15 +322,20 @@ def import_command(
     ),
     shard_by: str | None = typer.Option(None, "--shard-by", help="rows or heads (default: the exported store's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    allow_nonfinite: bool = typer.Option(
+        False,
+        "--allow-nonfinite",
+        help="Import rows that hold no finite value (NaN or inf, as an E8M0 scale of 255 gives); refused otherwise.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Turn a checkpoint made by `engram export`, a trained one, or a DeepSeek-V4.1 model folder into a table store.\f
 
     Args:
         checkpoint, output, trust_pickle, spec, projection, key_template, layers, dtype, shards,
-            shard_by, overwrite, as_json: CHECKPOINT, -o, --trust-pickle, --spec, --projection,
-            --key-template, --layer, --dtype, --shards, --shard-by, --overwrite and --json, each
-            described by its `help=`.
+            shard_by, overwrite, allow_nonfinite, as_json: CHECKPOINT, -o, --trust-pickle, --spec,
+            --projection, --key-template, --layer, --dtype, --shards, --shard-by, --overwrite,
+            --allow-nonfinite and --json, each described by its `help=`.
     """
     from .commands import run_import
 
@@ -347,6 +352,7 @@ def import_command(
             shards=shards,
             shard_by=shard_by,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
         ),
         as_json,
     )

@@ -273,6 +273,4 @@ def out_of_memory(budget: int, spec: TableSpec, factors: list[float] | None) -> 
         advice = f"{spec.name} needs at least {-(-smallest // mib):,} MiB: raise the limit or free memory"
     else:
         advice = f"give a smaller memory budget, at most {max(-(-smallest // mib), budget // 2 // mib):,} MiB"
-    return ResourceError(
-        f"out of memory with a memory budget of {budget // mib:,} MiB ({limits}): {advice}"
-    )
+    return ResourceError(f"out of memory with a memory budget of {budget // mib:,} MiB ({limits}): {advice}")

@@ -6,8 +6,8 @@ values skipped), a list column to one flat id array plus the length of each row,
 records cost no Python loop per row. Every list layout is read (`list`, `large_list`,
 `fixed_size_list`, `list_view`, `large_list_view`), each flattened row by row in row order (a
 list view's rows may lie anywhere in its values); the ids flattened must add up to the rows'
-lengths, so a layout read wrongly is an error, never rows dropped. Rows of ids are gathered into batches of about the batch
-size; a row is never cut, so a batch holds at least one whole row.
+lengths, so a layout read wrongly is an error, never rows dropped. Rows of ids are gathered into
+batches of about the batch size; a row is never cut, so a batch holds at least one whole row.
 """
 
 from __future__ import annotations

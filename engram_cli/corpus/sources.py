@@ -3,12 +3,13 @@
 Every input becomes a list of `Source`s, each one file (or, for a Megatron indexed dataset, one
 `PREFIX.bin` + `PREFIX.idx` pair) with the kind of reader that reads it. Folders are walked
 recursively in sorted order, hidden entries skipped; a folder that cannot be listed or a file in
-it that cannot be read is an error naming it (or, when asked, skipped and counted), never silence. The kind comes from the name: after a
-compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`, `.bz2`) is set aside, `.jsonl`/`.ndjson` are
-JSON lines, `.json` JSON lines or an array, `.npy` and `.bin` token ids (a `.bin` beside a `.idx`
-is a Megatron pair), `.parquet`/`.pq` Parquet, `.arrow` Arrow IPC; anything else is text. A folder
-written by Hugging Face `datasets`' `save_to_disk` is read as its Arrow files, and a missing path
-of the form `owner/name` as a Hub dataset id (see `hf.py`).
+it that cannot be read is an error naming it (or, when asked, skipped and counted), never silence.
+The kind comes from the name: after a compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`,
+`.bz2`) is set aside, `.jsonl`/`.ndjson` are JSON lines, `.json` JSON lines or an array, `.npy`
+and `.bin` token ids (a `.bin` beside a `.idx` is a Megatron pair), `.parquet`/`.pq` Parquet,
+`.arrow` Arrow IPC; anything else is text. A folder written by Hugging Face `datasets`'
+`save_to_disk` is read as its Arrow files, and a missing path of the form `owner/name` as a Hub
+dataset id (see `hf.py`).
 
 A URL (`s3://`, `gs://`, `hf://`, `https://`, `memory://`, ...) is opened with fsspec; `file://`
 URLs are plain local paths. A missing path of the form `owner/name` is tried as a Hub dataset id.
