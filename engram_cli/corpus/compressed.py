@@ -119,7 +119,8 @@ class _StreamsReader(io.RawIOBase):
                 data = stripped
             if not data:
                 if self._stream is not None:
-                    raise EOFError(f"the input ends inside a {self._compression} stream")
+                    unit = "frame" if self._compression == "zstd" else "stream"
+                    raise EOFError(f"the input ends inside a {self._compression} {unit}")
                 return 0
             if self._stream is None:
                 self._stream = _new_stream(self._compression)
