@@ -292,7 +292,12 @@ def hash_ids_file(
                     piece = np.asarray(batch[b0:b1, first:t1])
                     # A piece starts mid-row: its positions, capped by the index in the piece, are
                     # valid and still reach back as far as the tokens it hashes need.
-                    local = None if places is None else np.minimum(places[b0:b1, first:t1], np.arange(t1 - first))
+                    # Any integer dtype: uint64 and int64 would promote to float64 together.
+                    local = (
+                        None
+                        if places is None
+                        else np.minimum(places[b0:b1, first:t1].astype(np.int64), np.arange(t1 - first))
+                    )
                     out = (hasher.rows if rows else hasher.hash)(
                         piece, layers=[layer_id], positions=local, barrier_ids=barrier
                     )[layer_id]

@@ -461,6 +461,10 @@ class NgramHasher:
             array = _as_array(positions, "positions", shape)
             if array.dtype.kind not in "iu":
                 raise UsageError(f"positions must be integers, got dtype {array.dtype}")
+            if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size and int(array.max()) >= 1 << 63:
+                raise UsageError(
+                    f"positions ({array.dtype}) hold values past the int64 range, up to {int(array.max())}"
+                )
             # the kernel takes writable arrays, as for the ids: a read-only map is copied
             gate_positions = np.require(array.reshape(batch), dtype=np.int64, requirements=["C", "W"])
         if barrier is not None:

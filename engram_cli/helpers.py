@@ -103,10 +103,40 @@ def human_bytes(n: float) -> str:
 
 
 def available_memory() -> int:
-    """Bytes of memory the system can give without swapping, now."""
+    """Bytes of memory this process can still get, now: the least of what the system can give
+    without swapping (psutil), what its address-space limit leaves (`RLIMIT_AS`, as `ulimit -v`
+    and batch schedulers set it, less the address space already mapped) and what its cgroup's
+    memory limit leaves (v2 `memory.max`, v1 `memory.limit_in_bytes`, less the usage)."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    return int(min([psutil.virtual_memory().available, *(room for _, room in memory_limits())]))
+
+
+# cgroup files: (limit, usage) of v2, then v1, under the cgroup mount.
+_CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+def memory_limits() -> list[tuple[str, int]]:
+    """Each limit on this process's memory that is set, in words, with the bytes it leaves now."""
+    import resource
+
+    import psutil
+
+    limits = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        mapped = psutil.Process().memory_info().vms
+        limits.append((f"an address-space limit (ulimit -v) of {gibibytes(soft)}", max(0, soft - mapped)))
+    for limit_name, usage_name in _CGROUP_FILES:
+        try:
+            limit_text = Path("/sys/fs/cgroup", limit_name).read_text().strip()
+            usage = int(Path("/sys/fs/cgroup", usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text.isdigit() and int(limit_text) < 1 << 60:  # v1 writes a huge number for "no limit"
+            limits.append((f"a cgroup memory limit of {gibibytes(int(limit_text))}", max(0, int(limit_text) - usage)))
+        break
+    return limits
 
 
 def gibibytes(n: int) -> str:

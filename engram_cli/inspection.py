@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.budget import check_counter_memory
+from .collisions.budget import check_counter_memory, out_of_memory
 from .collisions.options import CountOptions, count_options
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
@@ -132,7 +132,9 @@ def inspect(
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
     if corpus:
-        check_counter_memory(spec, sweep, counting.memory_budget, local=counting.client is None)  # before table health
+        budget = check_counter_memory(
+            spec, sweep, counting.memory_budget, local=counting.client is None
+        )  # before table health too
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,
@@ -144,16 +146,23 @@ def inspect(
         report.tables = table_health(store, verify, counting.progress.task("table health", rows).advance)
     if corpus:
         started = time.perf_counter()
-        reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
-        layers, points, spilled = collision_statistics(
-            spec,
-            projection,
-            reader,
-            factors=sweep,
-            top=top,
-            barrier_ids=barrier_ids,
-            counting=counting,
-        )
+        try:
+            reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
+            layers, points, spilled = collision_statistics(
+                spec,
+                projection,
+                reader,
+                factors=sweep,
+                top=top,
+                barrier_ids=barrier_ids,
+                counting=counting,
+            )
+        except MemoryError:
+            raise out_of_memory(budget, spec, sweep) from None
+        except RuntimeError as exc:  # what a thread that cannot get its stack raises
+            if "can't start new thread" not in str(exc):
+                raise
+            raise out_of_memory(budget, spec, sweep) from None
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
     return report

@@ -4,16 +4,21 @@ A conversion is lossless when the dtype stays, widens (bfloat16 or float16 to fl
 from fp8 E4M3; anything else is lossy and announced, with the largest absolute change it made to
 a value (measured for fp8 sources too). A conversion to fp8 is not counted here: the export reports
 its quantization error instead (`fp8.QuantError`).
+
+An import also counts, per layer, the rows holding a value that is not finite (NaN or inf) and
+the rows holding nothing else (`NonFiniteRows`): an fp8 table whose E8M0 scale is 255 (NaN in the
+OCP MX specification) dequantizes to NaN, and a row with no finite value is an embedding no model
+can use, so such a row refuses the import unless it is asked to keep them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 
 _LOSSLESS = {("bfloat16", "float32"), ("float16", "float32")}
 
@@ -58,3 +63,49 @@ class Conversion:
     def to_json(self) -> dict[str, Any]:
         """The `conversion` section of the export and import `--json` reports."""
         return {"from": self.source, "to": self.target, "lossy": self.lossy, "max_abs_error": self.max_abs_error}
+
+
+@dataclass
+class NonFiniteRows:
+    """Rows of each layer imported that hold a non-finite value (`nonfinite_rows`) and those that
+    hold no finite value at all (`all_nonfinite_rows`); with `allow` False, the first window with
+    a row of the second kind is refused, naming the layer and row."""
+
+    allow: bool = False
+    rows: dict[int, int] = field(default_factory=dict)
+    entire: dict[int, int] = field(default_factory=dict)
+
+    def count(self, layer_id: int, begin: int, values: torch.Tensor) -> None:
+        """Count the non-finite rows of one window of a layer.
+
+        Args:
+            layer_id: the layer.
+            begin: the window's first row.
+            values: its rows, (rows, dim), as they will be stored.
+        """
+        finite = torch.isfinite(values.float() if values.element_size() == 1 else values)
+        some = int((~finite.all(dim=1)).sum())
+        none = ~finite.any(dim=1)
+        entire = int(none.sum())
+        self.rows[layer_id] = self.rows.get(layer_id, 0) + some
+        self.entire[layer_id] = self.entire.get(layer_id, 0) + entire
+        if entire and not self.allow:
+            first = begin + int(none.nonzero()[0, 0])
+            more = f" (and {entire - 1:,} more in rows {begin:,}-{begin + values.shape[0] - 1:,})" if entire > 1 else ""
+            raise FormatError(
+                f"layer {layer_id}: row {first:,}{more} holds no finite value (NaN or inf; an E8M0 scale of "
+                "255 is NaN); pass --allow-nonfinite to import such rows anyway"
+            )
+
+    def of(self, layer_id: int) -> dict[str, int]:
+        """The counts of one layer, as its entry of the import report has them."""
+        return {"nonfinite_rows": self.rows.get(layer_id, 0), "all_nonfinite_rows": self.entire.get(layer_id, 0)}
+
+    def notes(self) -> list[str]:
+        """One line for each layer with non-finite rows, for people to see."""
+        return [
+            f"layer {layer}: {count:,} rows hold non-finite values (NaN or inf), {self.entire.get(layer, 0):,} "
+            "of them no finite value at all"
+            for layer, count in sorted(self.rows.items())
+            if count
+        ]

@@ -22,7 +22,7 @@ from ..output import Output
 from ..progress import SILENT, Progress
 from ..spec import TableSpec
 from ..vocab import VocabProjection
-from .conversion import Conversion
+from .conversion import Conversion, NonFiniteRows
 from .reports import ImportReport
 from .sources import Sharding, detect_format, open_checkpoint
 
@@ -43,6 +43,7 @@ def import_checkpoint(
     shards: int | None = None,
     shard_by: ShardBy | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     progress: Progress = SILENT,
 ) -> ImportReport:
     """Turn a DCP checkpoint, a safetensors export or a DeepSeek-V4.1 model folder into a store,
@@ -68,6 +69,8 @@ def import_checkpoint(
         dtype: the store dtype (default: the one the tables were exported from, else theirs or the spec's).
         shards, shard_by: the store's rank partition (default: the one recorded, else 1 by rows).
         overwrite: replace an existing store.
+        allow_nonfinite: import rows with no finite value (refused otherwise); every row holding a
+            non-finite value is counted per layer in the report either way.
         progress: receives a task advancing by rows imported.
     """
     from ..store.writer import STORE, StoreWriter
@@ -108,6 +111,7 @@ def import_checkpoint(
     with target.writing(writer.bytes, os_errors=False) as tmp:
         writer.create(tmp)
         conversion = Conversion(source.dtype, store_dtype)
+        nonfinite = NonFiniteRows(allow_nonfinite)
         torch_target = torch_dtype(store_dtype)
         written = 0
         task = progress.task("import", source.total_rows)
@@ -117,11 +121,12 @@ def import_checkpoint(
                 values = reader.read(begin, end)
                 converted = values.to(torch_target)
                 conversion.check(values, converted, f"layer {layer_id} rows {begin:,}-{end - 1:,}")
+                nonfinite.count(layer_id, begin, converted)
                 written += writer.write_rows(layer_id, begin, to_numpy(converted))
                 task.advance(end - begin)
         writer.finish()
     complete = True
-    notes = []
+    notes = nonfinite.notes()
     if partial:
         notes.append(
             f"only layers {', '.join(map(str, source.layer_ids))} of the spec's "
@@ -134,7 +139,9 @@ def import_checkpoint(
         store=str(output),
         dtype=store_dtype,
         source_dtype=source.dtype,
-        layers={layer_id: {"rows": source.spec.rows(layer_id)} for layer_id in source.layer_ids},
+        layers={
+            layer_id: {"rows": source.spec.rows(layer_id), **nonfinite.of(layer_id)} for layer_id in source.layer_ids
+        },
         complete=complete,
         bytes=written,
         seconds=time.perf_counter() - started,

@@ -382,15 +382,20 @@ def import_command(
         None, "--shard-by", help="The new store's partition (default: the exported store's)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    allow_nonfinite: bool = typer.Option(
+        False,
+        "--allow-nonfinite",
+        help="Import rows that hold no finite value (NaN or inf, as an E8M0 scale of 255 gives); refused otherwise.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Turn a checkpoint made by `engram export`, a trained one, or a DeepSeek-V4.1 model folder into a table store.\f
 
     Args:
         checkpoint, output, trust_pickle, spec, projection, key_template, layers, dtype, shards,
-            shard_by, overwrite, as_json: CHECKPOINT, -o, --trust-pickle, --spec, --projection,
-            --key-template, --layer, --dtype, --shards, --shard-by, --overwrite and --json, each
-            described by its `help=`.
+            shard_by, overwrite, allow_nonfinite, as_json: CHECKPOINT, -o, --trust-pickle, --spec,
+            --projection, --key-template, --layer, --dtype, --shards, --shard-by, --overwrite,
+            --allow-nonfinite and --json, each described by its `help=`.
     """
     from .commands import run_import
 
@@ -407,6 +412,7 @@ def import_command(
             shards=shards,
             shard_by=shard_by,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
         ),
         as_json,
     )
@@ -454,6 +460,11 @@ def inspect_command(
         None, "--doc-sep", help="1-D .npy and .bin: split the id stream into documents at this id."
     ),
     glob: str | None = typer.Option(None, "--glob", help="In folders, read only files matching this (*.py)."),
+    skip_unreadable: bool = typer.Option(
+        False,
+        "--skip-unreadable",
+        help="In folders, skip (and count) subfolders and files that cannot be read, instead of stopping.",
+    ),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Stop after this many tokens."),
     sweep: str | None = typer.Option(None, "--sweep", help="Also at every head size scaled by each factor: 1,2,5,10."),
     plot: Path | None = typer.Option(
@@ -482,10 +493,10 @@ def inspect_command(
     """Collision statistics of a spec on a corpus, size planning, and the health of a table store.\f
 
     Args:
-        source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, max_tokens, sweep,
-            plot, top, verify, max_memory, spill_dir, barrier_ids, scheduler, dask_workers, as_json:
+        source, projection, corpus, doc_per, text_field, bin_dtype, doc_sep, glob, skip_unreadable, max_tokens,
+            sweep, plot, top, verify, max_memory, spill_dir, barrier_ids, scheduler, dask_workers, as_json:
             SOURCE, --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
-            --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
+            --skip-unreadable, --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
             --scheduler, --dask-workers and --json, each described by its `help=`.
     """
     from ..corpus.base import CorpusOptions
@@ -498,6 +509,7 @@ def inspect_command(
         bin_dtype=bin_dtype,
         doc_sep=doc_sep,
         glob=glob,
+        skip_unreadable=skip_unreadable,
         max_tokens=max_tokens,
         split=split,
         config=config,
@@ -531,7 +543,8 @@ def main() -> None:
     """Run the CLI with every user mistake, usage errors included, as one line on stderr.
 
     `engram` alone shows the help (exit 0). An OSError naming a file (a folder we may not
-    search, a read-only file system) is the environment's, not a bug: one line too.
+    search, a read-only file system) is the environment's, not a bug: one line too, as is an
+    allocation that fails (commands that take a memory budget name the one to give).
     """
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
@@ -559,6 +572,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("engram: interrupted\n")
         sys.exit(130)
+    except MemoryError:
+        from ..helpers import memory_limits
+
+        limits = "; ".join(words for words, _ in memory_limits()) or "no limit set on this process"
+        _fail(f"out of memory ({limits})", 1)
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -232,6 +232,7 @@ def run_import(
     shards: int | None,
     shard_by: ShardBy | None,
     overwrite: bool,
+    allow_nonfinite: bool = False,
 ) -> ImportReport:
     """`engram import`: --spec and --projection by name, progress bars.
 
@@ -239,6 +240,7 @@ def run_import(
         checkpoint, output, trust_pickle: CHECKPOINT, -o and --trust-pickle.
         spec, projection, key_template: --spec (a file or preset name), --projection and --key-template.
         layers, dtype, shards, shard_by, overwrite: --layer, --dtype, --shards, --shard-by, --overwrite.
+        allow_nonfinite: --allow-nonfinite.
     """
     from ..checkpoints.importing import import_checkpoint  # torch: for this command only
 
@@ -255,6 +257,7 @@ def run_import(
             shards=shards,
             shard_by=shard_by,
             overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
             progress=bars,
         )
 

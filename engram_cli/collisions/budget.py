@@ -6,7 +6,9 @@ not the corpus (4 bytes a row of every head counted at once, 8 past 2**31 n-gram
 per bucket of every head of the order; layers and sweep sizes whose counters do not fit together
 take a pass each (`MemoryPlan`), and a budget below the counters of one layer at one size is
 refused with the smallest that works (`minimum_memory_budget`). The default budget is a quarter
-of the memory available, raised to that minimum.
+of the memory available, raised to that minimum; what is available respects the process's own
+address-space limit (`ulimit -v`) and cgroup memory limit, not only the machine's free memory,
+and an allocation that fails anyway is one line naming the budget to give (`out_of_memory`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ResourceError
-from ..helpers import available_memory, gibibytes, plural
+from ..helpers import available_memory, gibibytes, memory_limits, plural
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 
@@ -247,5 +249,28 @@ def too_small(budget: int, spec: TableSpec, factors: list[float] | None) -> Reso
 
 
 def default_memory_budget() -> int:
-    """A quarter of the memory available now, between 256 MiB and 8 GiB."""
-    return int(min(8 << 30, max(256 << 20, available_memory() // 4)))
+    """A quarter of the memory available now, at most 8 GiB: at least 256 MiB when only the
+    machine's free memory bounds it, the quarter itself under an address-space or cgroup limit
+    (what else the process maps, thread stacks and allocator arenas, counts against those)."""
+    available = available_memory()
+    floor = 0 if memory_limits() else 256 << 20
+    return int(min(8 << 30, max(floor, available // 4)))
+
+
+def out_of_memory(budget: int, spec: TableSpec, factors: list[float] | None) -> ResourceError:
+    """The one-line error of an allocation that failed within a budget: the budget it ran
+    under, the limits the process is held to, and the budget to give instead.
+
+    Args:
+        budget: the bytes the work ran under.
+        spec: the tables.
+        factors: the sweep factors.
+    """
+    smallest = minimum_memory_budget(spec, factors)
+    limits = "; ".join(words for words, _ in memory_limits()) or "no limit set on this process"
+    mib = 2**20
+    if budget <= smallest:
+        advice = f"{spec.name} needs at least {-(-smallest // mib):,} MiB: raise the limit or free memory"
+    else:
+        advice = f"give a smaller memory budget, at most {max(-(-smallest // mib), budget // 2 // mib):,} MiB"
+    return ResourceError(f"out of memory with a memory budget of {budget // mib:,} MiB ({limits}): {advice}")

@@ -49,6 +49,7 @@ class CorpusOptions:
     max_tokens: int | None = None
     split: str | None = None
     config: str | None = None
+    skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
         if self.doc_per not in DOC_PER:
@@ -111,7 +112,7 @@ def tagged(batch: DocBatch, format_name: str) -> DocBatch:
     return batch
 
 
-READ_COUNTS = ("files", "text_bytes", "invalid_utf8", "invalid_utf8_files", "skipped_binary")
+READ_COUNTS = ("files", "text_bytes", "invalid_utf8", "invalid_utf8_files", "skipped_binary", "skipped_unreadable")
 
 
 @dataclass
@@ -127,6 +128,7 @@ class CorpusSummary:
     invalid_utf8: int = 0
     invalid_utf8_files: int = 0
     skipped_binary: int = 0
+    skipped_unreadable: int = 0
     truncated: bool = False
     formats: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -168,6 +170,8 @@ class CorpusSummary:
             notes.append(f"replaced {self.invalid_utf8:,} invalid UTF-8 sequences in {files} by U+FFFD")
         if self.skipped_binary:
             notes.append(f"skipped {self.skipped_binary:,} binary files (NUL bytes) found in folders")
+        if self.skipped_unreadable:
+            notes.append(f"skipped {self.skipped_unreadable:,} unreadable files or folders (--skip-unreadable)")
         if self.truncated:
             notes.append(f"stopped at --max-tokens ({self.tokens:,} tokens)")
         return notes
@@ -184,6 +188,7 @@ class CorpusSummary:
             "invalid_utf8": self.invalid_utf8,
             "invalid_utf8_files": self.invalid_utf8_files,
             "skipped_binary": self.skipped_binary,
+            "skipped_unreadable": self.skipped_unreadable,
             "truncated": self.truncated,
             "formats": {name: dict(counts) for name, counts in sorted(self.formats.items())},
         }

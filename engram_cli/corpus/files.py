@@ -11,6 +11,8 @@ opened with fsspec; `file://` URLs are plain local paths.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, Any
@@ -165,11 +167,15 @@ class Files:
         with self.fs.open(str(path), "rb") as handle:
             return handle.read(count)
 
-    def walk(self, root: PurePath) -> list[tuple[PurePath, int]]:
-        """Every file under `root` with its size, sorted, hidden entries skipped."""
+    def walk(self, root: PurePath, unreadable: list[str] | None = None) -> list[tuple[PurePath, int]]:
+        """Every file under `root` with its size, sorted, hidden entries skipped.
+
+        A folder that cannot be listed or a file that cannot be read (permission denied) is an
+        error naming it, never passed over; with `unreadable` given, its path is added there
+        instead and the walk goes on.
+        """
         if self.fs is None:
-            found = sorted(p for p in Path(root).rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
-            return [(p, p.stat().st_size) for p in found]
+            return self._walk_local(Path(root), unreadable)
         entries = self.fs.find(str(root), detail=True)
         files = []
         for name, info in entries.items():
@@ -177,6 +183,38 @@ class Files:
             if info.get("type", "file") == "file" and not _hidden(path.relative_to(root)):
                 files.append((path, int(info.get("size") or 0)))
         return sorted(files)
+
+    @staticmethod
+    def _walk_local(root: Path, unreadable: list[str] | None) -> list[tuple[PurePath, int]]:
+        def refuse(path: str, exc: OSError | None, what: str) -> None:
+            if unreadable is None:
+                why = first_line(exc, os_words=True) if exc is not None else "permission denied"
+                raise EngramError(
+                    f"cannot read {what} {path}: {why}; pass --skip-unreadable to skip (and count) what cannot be read"
+                )
+            unreadable.append(path)
+
+        found: list[tuple[PurePath, int]] = []
+        for folder, dirs, names in os.walk(root, onerror=lambda exc: refuse(str(exc.filename), exc, "folder")):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in names:
+                path = Path(folder) / name
+                if name.startswith("."):
+                    continue
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue  # a dangling link, or removed since it was listed
+                except OSError as exc:
+                    refuse(str(path), exc, "file")
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if not os.access(path, os.R_OK):
+                    refuse(str(path), None, "file")
+                    continue
+                found.append((path, info.st_size))
+        return sorted(found)
 
     def source(self, path: PurePath, kind: str, from_folder: bool, size: int | None = None) -> Source:
         """A `Source` on this filesystem.

@@ -10,6 +10,12 @@ like those of a folder. `datasets` is only imported for Hub ids.
 The Arrow files themselves are read with pyarrow alone, record batch by record batch (memory
 mapped when local): Arrow IPC streams, as `datasets` writes them, or Arrow IPC files. Each row is
 a document, from the `--text-field` column or the `--ids-field` list column, as for Parquet.
+
+A stream ends with its end-of-stream marker (`ff ff ff ff 00 00 00 00`, or four zero bytes in the
+pre-1.0 layout) and a file with its footer. pyarrow's stream reader takes a stream that simply
+stops after a record batch as complete, so the bytes after the last batch are checked to be that
+marker: a stream cut at a batch boundary (a copy or download that stopped) is an error, not
+fewer documents. A file without its footer does not open.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .records import RowBatcher, arrow_id_rows, arrow_texts, require_column
 from .text import Utf8Lines
 
 _ARROW_FILE_MAGIC = b"ARROW1"
+_END_OF_STREAM = (b"\xff\xff\xff\xff\x00\x00\x00\x00", b"\x00\x00\x00\x00")
 
 
 def is_dataset_folder(files: Files, folder: PurePath) -> bool:
@@ -37,9 +44,10 @@ def is_dataset_folder(files: Files, folder: PurePath) -> bool:
     if not files.is_file(state):
         return False
     try:
-        return "_data_files" in read_json(files, state)
+        found = read_json(files, state)
     except FormatError:
         return False
+    return isinstance(found, dict) and "_data_files" in found
 
 
 def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *, from_folder: bool) -> list[Source]:
@@ -53,18 +61,30 @@ def dataset_folder_sources(files: Files, folder: PurePath, split: str | None, *,
     """
     listing = folder / "dataset_dict.json"
     if files.is_file(listing):
-        splits = [str(s) for s in read_json(files, listing).get("splits", [])]
+        splits = _json_list(read_json(files, listing), "splits", listing)
+        if not all(isinstance(name, str) and name for name in splits):
+            raise FormatError(f"{listing}: 'splits' must list split names (strings)")
         chosen = _choose_split(str(folder), splits, split)
         return dataset_folder_sources(files, folder / chosen, None, from_folder=from_folder)
-    state = read_json(files, folder / "state.json")
-    names = [entry.get("filename") for entry in state.get("_data_files", []) if isinstance(entry, dict)]
+    state_path = folder / "state.json"
+    entries = _json_list(read_json(files, state_path), "_data_files", state_path)
+    if not all(isinstance(entry, dict) and isinstance(entry.get("filename"), str) for entry in entries):
+        raise FormatError(f"{state_path}: each of '_data_files' must be an object with a 'filename' string")
     sources = []
-    for name in names:
-        path = folder / str(name)
+    for name in (entry["filename"] for entry in entries):
+        path = folder / name
         if not name or not files.is_file(path):
             raise FormatError(f"{folder}: state.json lists {name}, which is not in the folder")
         sources.append(files.source(path, "hf-dataset", from_folder))
     return sources
+
+
+def _json_list(found: object, key: str, path: PurePath) -> list:
+    """The list under `key` of a dataset's JSON object, refused in one line when it is not one."""
+    value = found.get(key) if isinstance(found, dict) else None
+    if not isinstance(value, list):
+        raise FormatError(f"{path}: not a datasets file ({key!r} must be a list)")
+    return value
 
 
 def _choose_split(where: str, splits: list[str], split: str | None) -> str:
@@ -140,6 +160,7 @@ class _ArrowFile:
             handle = pa.memory_map(str(source.path)) if source.fs is None else pa.PythonFile(source.open(), mode="r")
             head = handle.read(len(_ARROW_FILE_MAGIC))
             handle.seek(0)
+            self._handle, self._stream = handle, head != _ARROW_FILE_MAGIC
             if head == _ARROW_FILE_MAGIC:
                 file_reader = pa.ipc.open_file(handle)
                 self.schema = file_reader.schema
@@ -156,16 +177,30 @@ class _ArrowFile:
         """(first row, column array) of each record batch, counting progress."""
         row, done = 0, 0
         try:
+            last_end = self._handle.tell()
             for batch in self._batches:
+                last_end = self._handle.tell()
                 yield row, batch.column(self.field)
                 row += batch.num_rows
                 step = min(batch.nbytes, self.source.size - done)
                 tally.advance(step)
                 done += step
+            if self._stream:
+                self._check_end(last_end, row)
         except self._errors as exc:
             why = first_line(exc, os_words=True)
             raise FormatError(f"{self.source}: cannot read record batch at row {row} ({why})") from None
         tally.advance(self.source.size - done)
+
+    def _check_end(self, last_end: int, rows: int) -> None:
+        """Refuse a stream whose bytes after its last record batch are not the end-of-stream marker."""
+        self._handle.seek(last_end)
+        rest = self._handle.read(len(_END_OF_STREAM[0]) + 1)
+        if rest not in _END_OF_STREAM:
+            raise FormatError(
+                f"{self.source}: the Arrow stream stops after {rows:,} rows without its end-of-stream "
+                "marker; the file is truncated"
+            )
 
 
 class _ArrowReader(Reader):

@@ -5,12 +5,20 @@ Each record is an object and one document: its `--text-field` string, or with `-
 list of token ids. Lines are parsed one at a time; an array is parsed one element at a time from
 a growing window of decoded text, so neither form is ever held whole. Errors name the file and
 line (`docs.jsonl:3: ...`) or element (`docs.json[2]: ...`).
+
+Any valid JSON is parsed. An integer of more than `HUGE_DIGITS` digits (past Python's limit on
+converting digits to `int`, which guards against quadratic conversion time) is read as an
+infinite float: in a field the reader does not use it is ignored, as a token id it is refused as
+not an integer. A text field holding a lone UTF-16 surrogate (`"\ud800"`, valid JSON but not a
+Unicode string) has each surrogate replaced by U+FFFD and counted as invalid UTF-8, as the text
+reader does for bytes that are not UTF-8.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -23,7 +31,7 @@ from .files import Source
 from .ids import first_bad_id
 from .readers import IdReader, IdReading, Span, Tally, TextReader
 from .records import RowBatcher, chosen_field
-from .text import decoded_lines, skip_binary, sniff
+from .text import Utf8Lines, decoded_lines, skip_binary, sniff
 
 # Characters of a JSON array decoded at a time.
 ARRAY_CHARS = 1 << 20
@@ -31,7 +39,19 @@ ARRAY_CHARS = 1 << 20
 _WHITESPACE = " \t\r\n"
 # Longest JSON token that parsing can fail at the start of when cut short (`\uXXXX`, `false`).
 _LONGEST_TOKEN = 16
-_DECODER = json.JSONDecoder()
+# Digits of the longest integer read exactly (Python's default int_max_str_digits is 4,300).
+HUGE_DIGITS = 4000
+
+
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer: exact, or past `HUGE_DIGITS` digits an infinite float of its sign."""
+    if len(digits) <= HUGE_DIGITS:
+        return int(digits)
+    return float("-inf") if digits.startswith("-") else float("inf")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _JsonRecords:
@@ -61,7 +81,7 @@ class _JsonRecords:
                 continue
             where = f"{self.source}:{number}"
             try:
-                record = json.loads(text)
+                record = _DECODER.decode(text)
             except json.JSONDecodeError as exc:
                 raise FormatError(f"{where}: not valid JSON ({exc.msg})") from None
             except RecursionError:
@@ -139,15 +159,25 @@ class _JsonRecords:
         return record[self.field]
 
 
+def _without_surrogates(text: str, lines: Utf8Lines) -> str:
+    """`text` with each lone surrogate (which no tokenizer takes) replaced by U+FFFD and counted."""
+    if text.isascii():
+        return text
+    cleaned, count = _SURROGATE.subn("\ufffd", text)
+    lines.replaced(count)
+    return cleaned
+
+
 class JsonTextReader(TextReader):
     def texts(self, tally: Tally, span: Span | None = None) -> Iterator[str]:
         records = _JsonRecords(self.source, self.options)
+        lines = Utf8Lines(tally)
         for where, record in records.records(tally):
             value = records.value(where, record)
             if not isinstance(value, str):
                 raise FormatError(f"{where}: field {records.field!r} is {type(value).__name__}, not a string")
             if value:
-                yield value
+                yield _without_surrogates(value, lines)
 
 
 class JsonIdReader(IdReader):

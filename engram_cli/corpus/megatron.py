@@ -18,6 +18,10 @@ to back, so the `.bin` is one stream of ids whose document boundaries come from 
 `--doc-sep` is needed; the ids' dtype comes from the index too. The stream is read a chunk at a
 time, like a flat `.bin`, and a cluster splits it into ranges of ids.
 
+The index is read a block of `CHECK_BLOCK` entries at a time, never whole: memory follows the
+ids read, not the counts an index claims (an index of many millions of empty documents costs
+no more than one of a few).
+
 Checked, each a one-line error naming the file: the header, the index size its counts imply,
 the `.bin` size against the end of the last sequence, that sequences are back to back (each
 sequence covering ids that are read is checked as they are read), and the order of documents.
@@ -127,22 +131,48 @@ class MegatronIndex:
         return lo
 
     def starts_in(self, lo: int, hi: int) -> np.ndarray:
-        """Id offsets in [lo, hi) where a non-empty document starts, in order."""
+        """Id offsets in [lo, hi) where a non-empty document starts, in order.
+
+        The document indices and pointers are read `CHECK_BLOCK` at a time, so memory stays
+        bounded by the ids in [lo, hi) whatever the index claims (millions of empty documents
+        at one offset hold no ids and take no more memory than one).
+        """
         first, end = self.first_doc_from(lo), self.first_doc_from(hi)
-        if first >= end:
+        found: list[np.ndarray] = []
+        last = -1
+        previous = 0
+        for block in range(first, end, CHECK_BLOCK):
+            sequences = self.doc_index.read(block, min(block + CHECK_BLOCK, end))
+            if np.any(np.diff(sequences) < 0) or sequences[0] < previous or sequences[-1] > self.count:
+                raise FormatError(f"{self.index}: document indices {first:,}..{end:,} are out of order")
+            previous = int(sequences[-1])
+            inside = np.unique(sequences[sequences < self.count])
+            for piece in range(0, inside.size, CHECK_BLOCK):
+                starts = self._pointers_of(inside[piece : piece + CHECK_BLOCK]) // self.dtype.itemsize
+                if np.any(starts < lo) or np.any(starts >= hi):
+                    raise FormatError(
+                        f"{self.index}: sequence pointers of documents {first:,}..{end:,} are out of order"
+                    )
+                starts = np.unique(starts)
+                starts = starts[starts > last]
+                if starts.size:
+                    found.append(starts.astype(np.int64))
+                    last = int(starts[-1])
+        if not found:
             return EMPTY
-        sequences = self.doc_index.read(first, end)
-        if np.any(np.diff(sequences) < 0) or sequences[0] < 0 or sequences[-1] > self.count:
-            raise FormatError(f"{self.index}: document indices {first:,}..{end:,} are out of order")
-        inside = sequences[sequences < self.count]
-        if not inside.size:
-            return EMPTY
-        base = int(inside[0])
-        pointers = self.pointers.read(base, int(inside[-1]) + 1)
-        starts = pointers[inside - base] // self.dtype.itemsize
-        if np.any(starts < lo) or np.any(starts >= hi):
-            raise FormatError(f"{self.index}: sequence pointers of documents {first:,}..{end:,} are out of order")
-        return np.unique(starts).astype(np.int64)
+        return np.unique(np.concatenate(found))
+
+    def _pointers_of(self, sequences: np.ndarray) -> np.ndarray:
+        """The pointers of sorted, distinct sequences, read `CHECK_BLOCK` pointers at a time."""
+        out = np.empty(sequences.size, np.int64)
+        done = 0
+        while done < sequences.size:
+            base = int(sequences[done])
+            stop = int(np.searchsorted(sequences, base + CHECK_BLOCK))
+            window = self.pointers.read(base, int(sequences[stop - 1]) + 1)
+            out[done:stop] = window[sequences[done:stop] - base]
+            done = stop
+        return out
 
     def sequence_at(self, position: int) -> int:
         """The last sequence whose pointer is at or before id `position`."""

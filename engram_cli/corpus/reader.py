@@ -69,11 +69,14 @@ class Corpus:
         self.text_batch_chars = text_batch_chars
         self.piece_chars = piece_chars
         self.part = part
+        unreadable: list[str] | None = [] if options.skip_unreadable else None
         if part is not None:
             self.sources = list(part.sources)
         else:
-            self.sources = find_sources(paths, options.glob, split=options.split, config=options.config)
-        self.summary = CorpusSummary(inputs=[str(p) for p in paths])
+            self.sources = find_sources(
+                paths, options.glob, split=options.split, config=options.config, unreadable=unreadable
+            )
+        self.summary = CorpusSummary(inputs=[str(p) for p in paths], skipped_unreadable=len(unreadable or ()))
         self.total_bytes = sum(s.size for s in self.sources)
         self.bytes_done = 0
         self._tokenizer: Tokenizer | None = None

@@ -3,8 +3,11 @@ text field (`--text-field`, tokenized) or from a field of token id lists (`--ids
 
 Arrow columns are converted a batch at a time: a text column to Python strings (null and empty
 values skipped), a list column to one flat id array plus the length of each row, so pre-tokenized
-records cost no Python loop per row. Rows of ids are gathered into batches of about the batch
-size; a row is never cut, so a batch holds at least one whole row.
+records cost no Python loop per row. Every list layout is read (`list`, `large_list`,
+`fixed_size_list`, `list_view`, `large_list_view`), each flattened row by row in row order (a
+list view's rows may lie anywhere in its values); the ids flattened must add up to the rows'
+lengths, so a layout read wrongly is an error, never rows dropped. Rows of ids are gathered into
+batches of about the batch size; a row is never cut, so a batch holds at least one whole row.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ def require_column(source: Source, names: list[str], options: CorpusOptions) -> 
 
 
 def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Iterator[str]:
-    """The non-empty strings of a string or binary Arrow column.
+    """The non-empty strings of a text Arrow column: string, large_string, string_view, the
+    binary kinds, or a dictionary of any of them.
+
+    A string column whose values are valid UTF-8 (checked by Arrow, in C) is taken as it is;
+    one holding invalid UTF-8 (which writers do not always check) and binary columns are decoded
+    value by value, invalid sequences replaced by U+FFFD and counted as for plain text files.
 
     Args:
         array: the column of one record batch.
@@ -55,17 +63,29 @@ def arrow_texts(array: Any, source: Source, field: str, lines: Utf8Lines) -> Ite
     import pyarrow.compute as pc
 
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        lines.tally.count("text_bytes", int(pc.sum(pc.binary_length(array)).as_py() or 0))
-        for text in array.to_pylist():
-            if text:
-                yield text
-    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+    if pa.types.is_dictionary(kind):
+        array, kind = array.dictionary_decode(), kind.value_type
+    if pa.types.is_string_view(kind):
+        array, kind = array.cast(pa.large_string()), pa.large_string()
+    elif pa.types.is_binary_view(kind):
+        array, kind = array.cast(pa.large_binary()), pa.large_binary()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            array.validate(full=True)
+        except pa.ArrowInvalid:
+            array, kind = array.cast(pa.large_binary()), pa.large_binary()
+        else:
+            lines.tally.count("text_bytes", int(pc.sum(pc.binary_length(array)).as_py() or 0))
+            for text in array.to_pylist():
+                if text:
+                    yield text
+            return
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         for data in array.to_pylist():
             if data:
                 yield lines.decode(data)
-    else:
-        raise FormatError(f"{source}: column {field!r} holds {kind}, not text; for token ids use --ids-field")
+        return
+    raise FormatError(f"{source}: column {field!r} holds {array.type}, not text; for token ids use --ids-field")
 
 
 def arrow_id_rows(
@@ -84,18 +104,30 @@ def arrow_id_rows(
     import pyarrow.compute as pc
 
     kind = array.type
-    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    if pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind):
-        array, is_list = array.cast(pa.large_list(kind.value_type)), True
-    if not is_list or not pa.types.is_integer(kind.value_type):
+    if not _is_list_type(kind) or not pa.types.is_integer(kind.value_type):
         raise FormatError(f"{source}: column {field!r} holds {kind}, not lists of integer token ids")
-    flat = array.flatten()
+    flat = pc.list_flatten(array)
     if flat.null_count:
         raise FormatError(f"{source}: column {field!r} holds null token ids")
     lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if int(lengths.sum()) != len(flat):
+        raise FormatError(
+            f"{source}: column {field!r} ({kind}) rows {first_row:,}.. hold {int(lengths.sum()):,} ids "
+            f"but flatten to {len(flat):,}; this list layout cannot be read"
+        )
     ids = flat.to_numpy(zero_copy_only=False)
     check_rows(ids, lengths, source, first_row, vocab_size)
     return ids.astype(np.int64, copy=False), lengths
+
+
+def _is_list_type(kind: Any) -> bool:
+    """Whether an Arrow type is a list of any layout: list, large_list, fixed_size_list, and the
+    list views (whose rows may lie anywhere in, and share, their values: flattened row by row)."""
+    import pyarrow as pa
+
+    tests = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    views = (pa.types.is_list_view, pa.types.is_large_list_view)
+    return any(test(kind) for test in (*tests, *views))
 
 
 def check_rows(ids: np.ndarray, lengths: np.ndarray, source: Source, first_row: int, vocab_size: int) -> None:

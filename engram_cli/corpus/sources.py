@@ -2,12 +2,14 @@
 
 Every input becomes a list of `Source`s, each one file (or, for a Megatron indexed dataset, one
 `PREFIX.bin` + `PREFIX.idx` pair) with the kind of reader that reads it. Folders are walked
-recursively in sorted order, hidden entries skipped. The kind comes from the name: after a
-compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`, `.bz2`) is set aside, `.jsonl`/`.ndjson` are
-JSON lines, `.json` JSON lines or an array, `.npy` and `.bin` token ids (a `.bin` beside a `.idx`
-is a Megatron pair), `.parquet`/`.pq` Parquet, `.arrow` Arrow IPC; anything else is text. A folder
-written by Hugging Face `datasets`' `save_to_disk` is read as its Arrow files, and a missing path
-of the form `owner/name` as a Hub dataset id (see `hf.py`).
+recursively in sorted order, hidden entries skipped; a folder that cannot be listed or a file in
+it that cannot be read is an error naming it (or, when asked, skipped and counted), never silence.
+The kind comes from the name: after a compression suffix (`.gz`, `.zst`, `.zstd`, `.xz`,
+`.bz2`) is set aside, `.jsonl`/`.ndjson` are JSON lines, `.json` JSON lines or an array, `.npy`
+and `.bin` token ids (a `.bin` beside a `.idx` is a Megatron pair), `.parquet`/`.pq` Parquet,
+`.arrow` Arrow IPC; anything else is text. A folder written by Hugging Face `datasets`'
+`save_to_disk` is read as its Arrow files, and a missing path of the form `owner/name` as a Hub
+dataset id (see `hf.py`).
 
 A URL (`s3://`, `gs://`, `hf://`, `https://`, `memory://`, ...) is opened with fsspec; `file://`
 URLs are plain local paths. A missing path of the form `owner/name` is tried as a Hub dataset id.
@@ -30,7 +32,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def find_sources(
-    paths: list[str | Path], glob: str | None = None, *, split: str | None = None, config: str | None = None
+    paths: list[str | Path],
+    glob: str | None = None,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    unreadable: list[str] | None = None,
 ) -> list[Source]:
     """Every input file, folders walked recursively in sorted order (hidden entries skipped).
 
@@ -39,6 +46,8 @@ def find_sources(
         glob: in folders, only files whose name matches.
         split: the split of a Hugging Face DatasetDict folder or Hub dataset.
         config: the configuration of a Hub dataset.
+        unreadable: where the local folders and files found in folders that cannot be read are
+            listed and skipped (None: each is an error).
     """
     sources: list[Source] = []
     for raw in paths:
@@ -48,7 +57,7 @@ def find_sources(
             files = Files(fs)
             path = files.path(inner)
             try:
-                sources += _find(files, path, text, glob, split)
+                sources += _find(files, path, text, glob, split, unreadable=unreadable)
             except EngramError:
                 raise
             except Exception as exc:  # each backend raises its own errors for missing keys, denied access, ...
@@ -56,17 +65,23 @@ def find_sources(
             continue
         if text.lower().startswith("file://"):
             text = filesystem(text)[1]
-        sources += _find(Files(), Path(text), text, glob, split, config=config)
+        sources += _find(Files(), Path(text), text, glob, split, config=config, unreadable=unreadable)
     return sources
 
 
 def _find(
-    files: Files, path: PurePath, raw: str, glob: str | None, split: str | None, config: str | None = None
+    files: Files,
+    path: PurePath,
+    raw: str,
+    glob: str | None,
+    split: str | None,
+    config: str | None = None,
+    unreadable: list[str] | None = None,
 ) -> list[Source]:
     if files.is_dir(path):
         if is_dataset_folder(files, path):
             return dataset_folder_sources(files, path, split, from_folder=False)
-        return _walk(files, path, glob, split)
+        return _walk(files, path, glob, split, unreadable)
     if files.is_file(path):
         if glob and not fnmatch.fnmatch(path.name, glob):
             raise UsageError(f"--corpus {raw} does not match --glob {glob!r}")
@@ -96,8 +111,10 @@ def _megatron_pair(files: Files, prefix: PurePath, explicit: bool) -> Source | N
     return None
 
 
-def _walk(files: Files, root: PurePath, glob: str | None, split: str | None) -> list[Source]:
-    found = files.walk(root)
+def _walk(
+    files: Files, root: PurePath, glob: str | None, split: str | None, unreadable: list[str] | None
+) -> list[Source]:
+    found = files.walk(root, unreadable)
     folders = sorted(
         {p.parent for p, _ in found if p.name in ("state.json", "dataset_dict.json")},
         key=lambda p: len(p.parts),

@@ -38,12 +38,16 @@ class Utf8Lines:
         """Text of one line or file, invalid UTF-8 replaced and counted."""
         text, bad = decode_utf8(data)
         self.tally.count("text_bytes", len(data))
-        if bad:
-            self.tally.count("invalid_utf8", bad)
+        self.replaced(bad)
+        return text
+
+    def replaced(self, count: int) -> None:
+        """Count `count` invalid sequences replaced in this file (and the file, the first time)."""
+        if count:
+            self.tally.count("invalid_utf8", count)
             if not self.file_bad:
                 self.tally.count("invalid_utf8_files")
                 self.file_bad = True
-        return text
 
 
 def sniff(stream: IO[bytes]) -> bytes:
