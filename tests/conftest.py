@@ -41,6 +41,16 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _codes(const)
 
 
+def _strings(consts: tuple) -> Iterator[str]:
+    """The string constants of a code object, also those inside constant tuples (a literal list of
+    arguments is compiled to one)."""
+    for const in consts:
+        if isinstance(const, str):
+            yield const
+        elif isinstance(const, tuple | frozenset):
+            yield from _strings(tuple(const))
+
+
 def reached(functions: list[object]) -> set[str]:
     """Every name and string constant the code of `functions` uses, following the functions of
     the test suite (not the library's) that they call by a global name."""
@@ -57,7 +67,7 @@ def reached(functions: list[object]) -> set[str]:
         seen.add(code)
         for part in _codes(code):
             found.update(part.co_names)
-            found.update(c for c in part.co_consts if isinstance(c, str))
+            found.update(_strings(part.co_consts))
             stack.extend(getattr(function, "__globals__", {}).get(name) for name in part.co_names)
     return found
 
