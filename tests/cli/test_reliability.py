@@ -31,22 +31,10 @@ from safetensors.numpy import save_file
 
 from conftest import letters_tokenizer, run_engram
 
-SPEC = TableSpec(
-    layer_ids=(1, 3),
-    max_ngram_size=3,
-    n_head_per_ngram=2,
-    engram_vocab_size=(300, 410),
-    n_embed_per_ngram=128,
-    pad_id=2,
-    seed=7,
-    dtype="bfloat16",
-    name="tiny",
-)
 
-
-def spec_toml(path: Path, **changes) -> Path:
-    """A spec file for the CLI: SPEC's fields, with `changes` to [engram] or table.init."""
-    engram = SPEC.to_dict()["engram"] | {k: v for k, v in changes.items() if k != "init"}
+def spec_toml(spec: TableSpec, path: Path, **changes) -> Path:
+    """A spec file for the CLI: `spec`'s fields, with `changes` to [engram] or table.init."""
+    engram = spec.to_dict()["engram"] | {k: v for k, v in changes.items() if k != "init"}
     init = changes.get("init", '{ distribution = "normal", std = 1.0 }')
     lines = ["[engram]"] + [f"{k} = {json.dumps(v)}" for k, v in engram.items()]
     lines += ["[table]", 'dtype = "bfloat16"', f"init = {init}"]
@@ -99,15 +87,15 @@ def projection() -> VocabProjection:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, projection) -> dict[str, Path]:
+def made(tmp_path_factory, projection, tiny_spec) -> dict[str, Path]:
     """A store, its exports in every format, a projection file and a spec file, made once."""
     root = tmp_path_factory.mktemp("made")
-    build_tables(SPEC, root / "store", projection=projection)
+    build_tables(tiny_spec, root / "store", projection=projection)
     export_training(root / "store", root / "dcp")
     export_inference(root / "store", root / "tables.safetensors")
     export_inference(root / "store", root / "v41", layout="deepseek-v41")  # also compiles the fp8 kernels
     projection.save(root / "projection.safetensors")
-    spec_toml(root / "tiny.toml")
+    spec_toml(tiny_spec, root / "tiny.toml")
     return {name: root / name for name in ("store", "dcp", "tables.safetensors", "v41", "projection.safetensors")} | {
         "spec": root / "tiny.toml"
     }
@@ -244,8 +232,8 @@ def test_key_templates_cannot_collide_or_pad(made, tmp_path, target, template, m
     )  # fmt: skip
 
 
-def test_import_refuses_a_spec_or_projection_that_contradicts_the_checkpoint(made, tmp_path, projection):
-    other_seed = spec_toml(tmp_path / "seed.toml", seed=8)
+def test_import_refuses_a_spec_or_projection_that_contradicts_the_checkpoint(made, tmp_path, projection, tiny_spec):
+    other_seed = spec_toml(tiny_spec, tmp_path / "seed.toml", seed=8)
     other = tmp_path / "other.safetensors"
     VocabProjection(projection.lookup[::-1].copy()).save(other)
     for checkpoint, extra in ((made["tables.safetensors"], []), (made["dcp"], ["--trust-pickle"])):
@@ -259,11 +247,13 @@ def test_import_refuses_a_spec_or_projection_that_contradicts_the_checkpoint(mad
         )  # fmt: skip
 
 
-def _store_holding(path: Path, projection: VocabProjection, values: dict[tuple[int, int], float]) -> Path:
-    """A float32 store whose tables are 1.0 except `values` at (layer, row)."""
-    store = create_store(path, SPEC, projection, dtype="float32")
+def _store_holding(
+    path: Path, spec: TableSpec, projection: VocabProjection, values: dict[tuple[int, int], float]
+) -> Path:
+    """A float32 store of `spec` whose tables are 1.0 except `values` at (layer, row)."""
+    store = create_store(path, spec, projection, dtype="float32")
     for layer in store.layer_ids:
-        table = np.ones((store.layout(layer).rows, SPEC.dim), np.float32)
+        table = np.ones((store.layout(layer).rows, spec.dim), np.float32)
         for (at_layer, row), value in values.items():
             if at_layer == layer:
                 table[row, 5] = value
@@ -272,8 +262,8 @@ def _store_holding(path: Path, projection: VocabProjection, values: dict[tuple[i
     return path
 
 
-def test_values_that_cannot_be_represented_are_refused(projection, tmp_path):
-    large = _store_holding(tmp_path / "large", projection, {(3, 17): 1e5})
+def test_values_that_cannot_be_represented_are_refused(projection, tmp_path, tiny_spec):
+    large = _store_holding(tmp_path / "large", tiny_spec, projection, {(3, 17): 1e5})
     work = tmp_path / "work"
     work.mkdir()
     refused(
@@ -285,12 +275,12 @@ def test_values_that_cannot_be_represented_are_refused(projection, tmp_path):
         match="outside the range of float16", watch=work,
     )  # fmt: skip
     for value in (float("inf"), float("nan")):
-        odd = _store_holding(tmp_path / f"odd-{value}", projection, {(1, 40): value})
+        odd = _store_holding(tmp_path / f"odd-{value}", tiny_spec, projection, {(1, 40): value})
         refused(
             "export", str(odd), "--for", "inference", "--dtype", "float8_e4m3fn", "-o", str(work / "fp8"), "--json",
             match="row 40", watch=work,
         )  # fmt: skip
-    odd = _store_holding(tmp_path / "health", projection, {(1, 40): float("inf"), (3, 2): float("nan")})
+    odd = _store_holding(tmp_path / "health", tiny_spec, projection, {(1, 40): float("inf"), (3, 2): float("nan")})
     shown = run_engram("inspect", str(odd), "--json", check=True).stdout
     report = json.loads(shown, parse_constant=lambda name: pytest.fail(f"bare {name} in --json output"))
     heads = report["tables"]["layers"]
@@ -319,22 +309,22 @@ def _projection_file(path: Path, lookup: np.ndarray) -> Path:
         (np.arange(40, dtype=np.int32), "must be int64"),
     ],
 )
-def test_projection_files_must_map_onto_canonical_ids(tmp_path, lookup, message):
+def test_projection_files_must_map_onto_canonical_ids(tmp_path, lookup, message, tiny_spec):
     bad = _projection_file(tmp_path / "bad.safetensors", lookup)
-    spec = spec_toml(tmp_path / "tiny.toml")
+    spec = spec_toml(tiny_spec, tmp_path / "tiny.toml")
     refused(
         "build-tables", str(spec), "-o", str(tmp_path / "out"), "--projection", str(bad), match=message, watch=tmp_path
     )
 
 
-def test_spec_pad_id_must_be_a_token_of_the_vocab(made, tmp_path):
-    spec = spec_toml(tmp_path / "pad.toml", pad_id=5000)
+def test_spec_pad_id_must_be_a_token_of_the_vocab(made, tmp_path, tiny_spec):
+    spec = spec_toml(tiny_spec, tmp_path / "pad.toml", pad_id=5000)
     refused(
         "build-tables", str(spec), "-o", str(tmp_path / "out"), "--projection", str(made["projection.safetensors"]),
         match="pad_id 5000 is not a token id", watch=tmp_path,
     )  # fmt: skip
     refused(
-        "build-tables", str(spec_toml(tmp_path / "inf.toml", init="{ distribution = 'normal', std = inf }")),
+        "build-tables", str(spec_toml(tiny_spec, tmp_path / "inf.toml", init="{ distribution = 'normal', std = inf }")),
         "-o", str(tmp_path / "out"), match="table.init.std", watch=tmp_path,
     )  # fmt: skip
 

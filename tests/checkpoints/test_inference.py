@@ -17,7 +17,6 @@ from engram_cli.checkpoints.safetensors_format import INDEX_NAME, SafetensorsWri
 from engram_cli.checkpoints.tables import EngramTables
 from engram_cli.cli.commands import run_export
 from engram_cli.errors import EngramError
-from engram_cli.spec import TableSpec
 from engram_cli.store.build import build_tables
 from engram_cli.store.create import create_store
 from engram_cli.store.tables import open_tables
@@ -27,20 +26,6 @@ from safetensors import safe_open
 from conftest import engram_json, make_byte_level_tokenizer, run_engram
 
 
-def tiny_spec(dtype: str = "bfloat16", layer_ids: tuple[int, ...] = (1, 3)) -> TableSpec:
-    return TableSpec(
-        layer_ids=layer_ids,
-        max_ngram_size=3,
-        n_head_per_ngram=2,
-        engram_vocab_size=(300, 410),
-        n_embed_per_ngram=128,
-        pad_id=2,
-        seed=11,
-        dtype=dtype,
-        name="tiny",
-    )
-
-
 @pytest.fixture(scope="module")
 def projection() -> VocabProjection:
     pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Hello", "hello", " world", "World"]
@@ -48,12 +33,12 @@ def projection() -> VocabProjection:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, projection) -> dict[str, Path]:
+def stores(tmp_path_factory, projection, tiny_spec) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stores")
     made = {}
     for dtype in ("bfloat16", "float32", "float16"):
         made[dtype] = root / dtype
-        build_tables(tiny_spec(dtype), made[dtype], projection=projection, shards=2)
+        build_tables(tiny_spec.replace(dtype=dtype), made[dtype], projection=projection, shards=2)
     return made
 
 
@@ -146,7 +131,7 @@ def check_fp8(weight: torch.Tensor, scale: torch.Tensor, original: torch.Tensor)
 
 
 @pytest.mark.parametrize("layout", ["engram", "deepseek-v41"])
-def test_fp8_layouts(stores, tmp_path, layout, projection):
+def test_fp8_layouts(stores, tmp_path, layout, projection, tiny_spec):
     out = tmp_path / "fp8"
     report = export_inference(stores["bfloat16"], out, layout=layout, dtype="float8_e4m3fn", max_shard_size="100KB")
     assert report.index and len(report.files) > 1
@@ -173,7 +158,7 @@ def test_fp8_layouts(stores, tmp_path, layout, projection):
         assert set(tensors) == {f"layers.{l}.engram.embed.{p}" for l in (1, 3) for p in ("weight", "scale")}
         assert metadata == {"format": "pt"}
     # import dequantizes with the scales; the values are exactly representable in bfloat16
-    kwargs = {"spec": tiny_spec(), "projection": projection} if layout == "deepseek-v41" else {}
+    kwargs = {"spec": tiny_spec, "projection": projection} if layout == "deepseek-v41" else {}
     import_checkpoint(out, tmp_path / "back", **kwargs)
     tables = EngramTables.open(out, **kwargs)
     for layer_id in (1, 3):
@@ -255,13 +240,13 @@ def test_module_with_the_reference_parameter_name_loads_it(stores, tmp_path):
             assert np.array_equal(out_rows.numpy(), store.lookup(layer_id, rows[layer_id]))
 
 
-def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection):
+def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection, tiny_spec):
     out = tmp_path / "ds"
     export_inference(stores["bfloat16"], out, layout="deepseek-v41")
     (out / "tokenizer.json").unlink()  # an export of an older engram: no tokenizer beside the shards
     with pytest.raises(EngramError, match="has no tokenizer.json: give the projection"):
         import_checkpoint(out, tmp_path / "a")
-    wrong = tiny_spec().replace(engram_vocab_size=(300, 420))
+    wrong = tiny_spec.replace(engram_vocab_size=(300, 420))
     with pytest.raises(EngramError, match=r"engram_vocab_size = \[300, 420\], but .*engram_config.json has"):
         import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection)
     (out / "engram_config.json").unlink()  # an export of an older engram: only the tensors
@@ -269,14 +254,14 @@ def test_deepseek_import_needs_and_checks_the_spec(stores, tmp_path, projection)
         import_checkpoint(out, tmp_path / "a")
     with pytest.raises(EngramError, match="layer 1 .* says"):
         import_checkpoint(out, tmp_path / "b", spec=wrong, projection=projection)
-    report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec(), projection=projection, layers=[3])
+    report = import_checkpoint(out, tmp_path / "c", spec=tiny_spec, projection=projection, layers=[3])
     assert list(report.layers) == [3] and report.complete and report.notes
     partial = open_tables(tmp_path / "c")
-    assert partial.layer_ids == (3,) and partial.head_sizes(3) == tiny_spec().head_sizes(3)
-    assert partial.spec.layer_ids == tiny_spec().layer_ids
+    assert partial.layer_ids == (3,) and partial.head_sizes(3) == tiny_spec.head_sizes(3)
+    assert partial.spec.layer_ids == tiny_spec.layer_ids
     with pytest.raises(EngramError, match="layer 1 is not in the store"):
         partial.read_rows(1, 0, 1)
-    tables = EngramTables.open(out, spec=tiny_spec(), projection=projection)
+    tables = EngramTables.open(out, spec=tiny_spec, projection=projection)
     assert torch.equal(
         as_float32(np.asarray(partial.read_rows(3, 0, tables.rows(3)))),
         tables.gather(3, torch.arange(tables.rows(3))).float(),
@@ -359,13 +344,12 @@ def test_cli_export_import_and_bad_input(stores, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "inf", "junk.safetensors"]
 
 
-def test_refuses_incomplete_stores_and_odd_widths(tmp_path, projection):
-    spec = tiny_spec()
-    store = create_store(tmp_path / "partial", spec, projection, shards=2)
+def test_refuses_incomplete_stores_and_odd_widths(tmp_path, projection, tiny_spec):
+    store = create_store(tmp_path / "partial", tiny_spec, projection, shards=2)
     store.build_shard(1, 0)
     proc = run_engram("export", str(tmp_path / "partial"), "--for", "inference", "-o", str(tmp_path / "o"))
     assert proc.returncode == 1 and "incomplete" in proc.stderr and "layer 1" in proc.stderr
-    narrow = spec.replace(n_embed_per_ngram=48)
+    narrow = tiny_spec.replace(n_embed_per_ngram=48)
     build_tables(narrow, tmp_path / "narrow", projection=projection)
     with pytest.raises(EngramError, match="multiple of 32"):
         export_inference(tmp_path / "narrow", tmp_path / "o", dtype="float8_e4m3fn")

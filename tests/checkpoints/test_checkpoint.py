@@ -19,24 +19,10 @@ from engram_cli.checkpoints.keys import DEFAULT_HEAD_TEMPLATE, DEFAULT_KEY_TEMPL
 from engram_cli.checkpoints.metadata import META_KEY
 from engram_cli.cli.commands import run_export
 from engram_cli.errors import EngramError
-from engram_cli.spec import TableSpec, spec_from_dict
+from engram_cli.spec import spec_from_dict
 from engram_cli.store.build import build_tables
 from engram_cli.store.tables import open_tables
 from engram_cli.vocab import VocabProjection, compress_vocab
-
-
-def tiny_spec(dtype: str = "bfloat16") -> TableSpec:
-    return TableSpec(
-        layer_ids=(1, 3),
-        max_ngram_size=3,
-        n_head_per_ngram=2,
-        engram_vocab_size=(300, 410),
-        n_embed_per_ngram=128,
-        pad_id=2,
-        seed=7,
-        dtype=dtype,
-        name="tiny",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +33,12 @@ def projection() -> VocabProjection:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, projection) -> dict[str, Path]:
+def stores(tmp_path_factory, projection, tiny_spec) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stores")
     made = {}
     for dtype in ("bfloat16", "float32", "float16"):
         path = root / dtype
-        build_tables(tiny_spec(dtype), path, projection=projection, shards=2)
+        build_tables(tiny_spec.replace(dtype=dtype), path, projection=projection, shards=2)
         made[dtype] = path
     return made
 
@@ -202,11 +188,11 @@ def test_dtype_conversions(stores, tmp_path):
     assert narrowed.conversion["max_abs_error"] == pytest.approx(float((got.float() - original).abs().max()))
 
 
-def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projection):
+def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projection, tiny_spec):
     """A checkpoint a trainer saved itself (its own keys, no engram.*) imports with --spec."""
     import torch.distributed.checkpoint as dcp
 
-    spec = tiny_spec("float32")
+    spec = tiny_spec.replace(dtype="float32")
     state = {f"blocks.{l}.memory.weight": torch_table(stores["float32"], l) * 2 for l in spec.layer_ids}
     state["blocks.0.other.weight"] = torch.zeros(3)
     with warnings.catch_warnings():
@@ -233,7 +219,7 @@ def test_framework_checkpoint_without_engram_metadata(stores, tmp_path, projecti
     assert report.complete and report.dtype == "float32"
     for layer_id in spec.layer_ids:
         assert np.array_equal(table(tmp_path / "back", layer_id), table(stores["float32"], layer_id) * 2)
-    bad = tiny_spec("float32").replace(engram_vocab_size=(300, 420))
+    bad = spec.replace(engram_vocab_size=(300, 420))
     with pytest.raises(EngramError, match="needs"):
         import_checkpoint(
             tmp_path / "trained",
@@ -401,6 +387,6 @@ def test_export_refuses_too_many_pieces_and_foreign_files(stores, tmp_path):
     assert keep.read_text() == "mine" and not (tmp_path / "dcp").exists()
 
 
-def test_unknown_store_url_scheme_is_one_line(tmp_path):
+def test_unknown_store_url_scheme_is_one_line(tmp_path, tiny_spec):
     with pytest.raises(EngramError, match="cannot create table store nosuch://x"):
-        build_tables(tiny_spec(), "nosuch://x", projection=VocabProjection(np.arange(50) % 7))
+        build_tables(tiny_spec, "nosuch://x", projection=VocabProjection(np.arange(50) % 7))

@@ -1,6 +1,6 @@
 """One gloo rank of the DCP resharding tests: loads row-sharded DTensors and compares them.
 
-Run by tests/test_checkpoint.py as `python dcp_rank_worker.py RANK WORLD INIT JOBS_JSON OUT`;
+Run by tests/checkpoints/test_checkpoint.py as `python dcp_rank_worker.py RANK WORLD INIT JOBS_JSON OUT`;
 JOBS_JSON lists checkpoints and, per key, a .npy of the full tensor's bytes to compare against.
 Kept apart from the test module so that each rank imports torch and nothing else.
 """

@@ -358,7 +358,7 @@ def _megatron_of_empty_documents(prefix: Path, documents: int) -> None:
 
 
 def test_a_megatron_index_of_millions_of_empty_documents_stays_in_memory(tmp_path):
-    from test_bounds import run_measured
+    from measure import run_measured
 
     peaks = {}
     for documents in (2, 4_000_000):  # the second index's document indices alone are 32 MB
@@ -378,7 +378,7 @@ def test_a_model_folder_with_nan_scales_is_refused_or_counted(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from test_model_folder import write_model
+    from model_folders import write_model
 
     folder = tmp_path / "model"
     write_model(folder)

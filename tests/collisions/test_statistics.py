@@ -232,6 +232,7 @@ def test_windows_are_exactly_what_the_hasher_hashes():
     check_against(layers, expected)
 
 
+@pytest.mark.slow
 def test_multi_word_keys_and_mix_collisions():
     """A canonical id near 2**61 needs 61 bits per id (one id per key word) and forces every
     multiplier to 1, so the mix is a plain XOR and distinct n-grams share it."""
@@ -327,6 +328,7 @@ def count_runs(batches, window, budget, folder, pool):
     return store.runs
 
 
+@pytest.mark.slow
 def test_runs_of_corpus_parts_merge_by_key_range_to_the_same_counts(tmp_path):
     """Sorted runs of separate corpus parts, merged one key range at a time (the pieces a cluster's
     reduce tasks merge): every distinct n-gram once, with its exact count, ranges in key order."""
@@ -360,6 +362,7 @@ def test_runs_of_corpus_parts_merge_by_key_range_to_the_same_counts(tmp_path):
             assert len(whole) == 1 and np.array_equal(whole[0].keys, keys)
 
 
+@pytest.mark.slow
 def test_spilled_counts_equal_in_memory_counts(tmp_path):
     rng = np.random.default_rng(5)
     lookup = np.arange(5000)
@@ -437,6 +440,7 @@ class Recorded:
         return [t for t in self.tasks if text in t["description"]]
 
 
+@pytest.mark.slow
 def test_many_partitions_and_several_merge_rounds_match_brute_force(tmp_path):
     """The smallest budget that works spills a run every few hundred windows; a fan-in of 3 then
     takes several merge rounds, and the merge streams through many key ranges, with sweep sizes

@@ -29,32 +29,7 @@ from engram_cli.tokenizer import MAX_TOKENIZER_BYTES, embedded_tokenizer_path
 from safetensors.numpy import save
 
 from conftest import ROOT, run_engram
-
-TIMEOUT = 300  # seconds: start-up alone takes several on a loaded machine; no case may need more
-
-MEASURE = """
-import json, resource, subprocess, sys
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "peak": peak}))
-"""
-
-
-def run_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """The CLI under a fresh wrapper process: its result and the engram process's peak RSS."""
-    env = {**os.environ, "COLUMNS": "200"}
-    wrapper = subprocess.run(
-        [sys.executable, "-c", MEASURE, sys.executable, "-m", "engram_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=TIMEOUT,
-        check=True,
-    )
-    out = json.loads(wrapper.stdout)
-    proc = subprocess.CompletedProcess(args, out["returncode"], out["stdout"], out["stderr"])
-    return proc, out["peak"]
+from measure import TIMEOUT, run_measured
 
 
 @pytest.fixture(scope="module")
