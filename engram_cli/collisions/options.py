@@ -17,7 +17,11 @@ from ..errors import UsageError
 from ..progress import SILENT, Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from distributed import Client
+
+    from .runs import OrderKeys
 
     from ..corpus.base import DocBatch
 
@@ -42,6 +46,8 @@ class CountOptions:
         progress: gets a task per pass (counting, merge rounds, ranges merged, loads, collisions).
         on_batch: called after each batch (or cluster map task, with None), for progress.
         on_statistic: called after each (layer, order, size) is done.
+        on_keys: called with each order's distinct n-grams (merged) once its statistics are done,
+            the bytes of the budget free then, and the worker threads (row traffic counts them).
     """
 
     memory_budget: int | None = None
@@ -52,6 +58,7 @@ class CountOptions:
     progress: Progress = SILENT
     on_batch: Callable[[DocBatch | None], None] | None = None
     on_statistic: Callable[[], None] | None = None
+    on_keys: Callable[[OrderKeys, int, ThreadPoolExecutor], None] | None = None
 
 
 def count_options(given: CountOptions | None, **fields: object) -> CountOptions:

@@ -1,0 +1,181 @@
+"""Hit rates of an LRU cache of rows, from reuse (stack) distances, exact or SHARDS-sampled.
+
+An LRU cache of k rows hits a lookup exactly when fewer than k distinct other rows were read
+since the row's previous lookup (its reuse distance; Mattson's stack property), so one pass over
+the lookup stream gives the hit rate of every cache size at once. The distance is counted with a
+Fenwick tree over access times holding a mark at each row's last access: the marks after the
+row's previous access are the distinct rows read since. Times are renumbered (compacted) when they
+reach the tree's end, so memory follows the rows tracked, not the stream's length.
+
+At scale, rows are sampled spatially in the manner of SHARDS (Waldspurger et al., FAST 2015): a
+row is tracked when hash(row) mod P < T, the same rows throughout, so a sampled row keeps every
+one of its lookups; reuse distances measured among sampled rows, divided by the rate R = T / P,
+estimate the full distances. The rate is chosen so the sampled rows fit the memory given (rate 1,
+exact, when the layer's rows fit). The tests measure the sampled curve against the exact one.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# The sampling modulus P: a row is sampled when the low bits of its hash are below T.
+SAMPLE_MODULUS = 1 << 24
+
+# Bytes of memory per tracked row: two hash-table slots of (row, time) and two Fenwick entries.
+TRACKED_ROW_BYTES = 48
+
+_EMPTY = -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _mix64(x):
+    """splitmix64's finalizer: the row's sampling hash (uniform low bits)."""
+    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(nogil=True, cache=True)
+def _tree_add(tree, i, v):
+    i += 1
+    while i < tree.size:
+        tree[i] += v
+        i += i & -i
+
+
+@numba.njit(nogil=True, cache=True)
+def _tree_prefix(tree, i):
+    """Marks at times 0 .. i."""
+    s = 0
+    i += 1
+    while i > 0:
+        s += tree[i]
+        i -= i & -i
+    return s
+
+
+@numba.njit(nogil=True, cache=True)
+def _compact(keys, times, tree, live):
+    """Renumber the live rows' last-access times 0 .. live-1 in order; rebuild the tree."""
+    slots = np.flatnonzero(keys != _EMPTY)
+    order = np.argsort(times[slots])
+    for rank in range(slots.size):
+        times[slots[order[rank]]] = rank
+    tree[:] = 0
+    for t in range(live):
+        _tree_add(tree, t, 1)
+    return live
+
+
+@numba.njit(nogil=True, cache=True)
+def _simulate(rows, threshold, limits, keys, times, tree, meta, hits):
+    """Feed `rows` (a layer's lookups in order) through the tracker; returns how many were fed
+    (fewer than all when the table must grow first). meta = [now, live, sampled lookups]."""
+    mask = keys.size - 1
+    now, live = meta[0], meta[1]
+    fed = 0
+    for i in range(rows.size):
+        row = rows[i]
+        if threshold < SAMPLE_MODULUS and (_mix64(row) & np.uint64(SAMPLE_MODULUS - 1)) >= threshold:
+            fed += 1
+            continue
+        if 2 * (live + 1) > keys.size:
+            break
+        if now >= tree.size - 1:
+            now = _compact(keys, times, tree, live)
+        slot = np.int64(_mix64(row ^ 0x5BD1E995) & np.uint64(mask))
+        while keys[slot] != _EMPTY and keys[slot] != row:
+            slot = (slot + 1) & mask
+        meta[2] += 1
+        if keys[slot] == row:
+            previous = times[slot]
+            distance = live - _tree_prefix(tree, previous)  # distinct rows read since
+            for k in range(limits.size):
+                if distance < limits[k]:
+                    hits[k] += 1
+            _tree_add(tree, previous, -1)
+        else:
+            keys[slot] = row
+            live += 1
+        times[slot] = now
+        _tree_add(tree, now, 1)
+        now += 1
+        fed += 1
+    meta[0], meta[1] = now, live
+    return fed
+
+
+@numba.njit(nogil=True, cache=True)
+def _reinsert(old_keys, old_times, keys, times):
+    mask = keys.size - 1
+    for s in range(old_keys.size):
+        row = old_keys[s]
+        if row == _EMPTY:
+            continue
+        slot = np.int64(_mix64(row ^ 0x5BD1E995) & np.uint64(mask))
+        while keys[slot] != _EMPTY:
+            slot = (slot + 1) & mask
+        keys[slot] = row
+        times[slot] = old_times[s]
+
+
+def sample_threshold(rows: int, memory: int) -> int:
+    """T of the rate T / SAMPLE_MODULUS at which about `rows` rows, sampled, fit `memory` bytes
+    (SAMPLE_MODULUS, every row, when they all fit)."""
+    fits = max(1, memory // TRACKED_ROW_BYTES)
+    if rows <= fits:
+        return SAMPLE_MODULUS
+    return max(1, fits * SAMPLE_MODULUS // rows)
+
+
+class LruCurve:
+    """One layer's LRU hit counts at a list of cache sizes (rows), fed its lookups in order.
+
+    Args:
+        cache_rows: the cache sizes, in rows.
+        threshold: the sampling threshold T (rate T / SAMPLE_MODULUS; SAMPLE_MODULUS is exact).
+    """
+
+    def __init__(self, cache_rows: list[int], threshold: int = SAMPLE_MODULUS) -> None:
+        self.threshold = int(min(max(1, threshold), SAMPLE_MODULUS))
+        self.rate = self.threshold / SAMPLE_MODULUS
+        self.cache_rows = list(cache_rows)
+        # a sampled distance d stands for d / rate: a hit when d / rate < k
+        self.limits = np.array([k * self.rate for k in self.cache_rows], np.float64)
+        self.hits = np.zeros(len(self.cache_rows), np.int64)
+        self.meta = np.zeros(3, np.int64)
+        self._allocate(1 << 10)
+
+    def _allocate(self, slots: int) -> None:
+        self.keys = np.full(slots, _EMPTY, np.int64)
+        self.times = np.zeros(slots, np.int64)
+        self.tree = np.zeros(slots + 1, np.int64)
+
+    def feed(self, rows: np.ndarray) -> None:
+        """The next lookups of the layer, in order (int64 row ids)."""
+        rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        done = 0
+        while done < rows.size:
+            done += _simulate(
+                rows[done:], self.threshold, self.limits, self.keys, self.times, self.tree, self.meta, self.hits
+            )
+            if done < rows.size:
+                self._grow()
+
+    def _grow(self) -> None:
+        keys, times = self.keys, self.times
+        self._allocate(2 * keys.size)
+        _reinsert(keys, times, self.keys, self.times)
+        self.meta[0] = _compact(self.keys, self.times, self.tree, int(self.meta[1]))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the tracker holds."""
+        return int(self.keys.nbytes + self.times.nbytes + self.tree.nbytes)
+
+    def hit_rates(self) -> list[float]:
+        """Hit rate at each cache size: hits among the sampled lookups."""
+        sampled = int(self.meta[2])
+        return [float(h / sampled) if sampled else 0.0 for h in self.hits]
