@@ -308,6 +308,11 @@ def run_inspect(
 
         draw_collisions(report, plot)
         report.plot = str(plot)
+        if report.traffic is not None:
+            from .traffic_plot import draw_traffic, traffic_plot_path
+
+            draw_traffic(report.traffic, report.spec.name, report.spec.dtype, traffic_plot_path(plot))
+            report.traffic.plot = str(traffic_plot_path(plot))
     return report
 
 

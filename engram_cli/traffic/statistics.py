@@ -113,6 +113,7 @@ class TrafficReport:
     layers: dict[int, LayerTraffic]
     hot: HotRows | None = None
     hot_rows_path: str | None = None
+    plot: str | None = None
     curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # (bytes, fraction) to plot
 
     def to_json(self) -> dict[str, Any]:
@@ -121,6 +122,7 @@ class TrafficReport:
             "row_bytes": self.row_bytes,
             "layers": {str(layer): stats.to_json() for layer, stats in self.layers.items()},
             "hot_rows": self.hot_rows_path,
+            "plot": self.plot,
         }
 
 
