@@ -139,9 +139,7 @@ def test_traffic_matches_brute_force_across_budgets(corpus, projection, budget):
         corpus=[path],
         options=CorpusOptions(doc_sep=0),
         memory_budget=memory,
-        traffic=TrafficOptions(
-            cache_sizes=CACHE_SIZES, hot_rows=True, sample_rate=None if budget == "plenty" else 1.0
-        ),
+        traffic=TrafficOptions(cache_sizes=CACHE_SIZES, hot_rows=True, sample_rate=None if budget == "plenty" else 1.0),
     )
     assert report.traffic is not None
     check(report.traffic, expected)
@@ -197,9 +195,9 @@ def test_barriers_pad_as_the_hasher_does(tmp_path, projection):
     st.lists(st.integers(1, 70), min_size=1, max_size=4),
 )
 def test_lru_curve_is_an_lru(stream, sizes):
-    """Reuse distances give an ordered dict's hits at every size, through table growth and
-    time compaction (the tracker starts small)."""
-    curve = LruCurve(sizes)
+    """Reuse distances give an ordered dict's hits at every size, through time compaction (the
+    tracker is sized for 61 rows: its times wrap many times over 400 lookups)."""
+    curve = LruCurve(sizes, 61)
     for a in range(0, len(stream), 37):
         curve.feed(np.array(stream[a : a + 37], np.int64))
     assert curve.hits.tolist() == [lru_hits(stream, k) for k in sizes]
@@ -222,8 +220,8 @@ def test_sampled_lru_is_within_two_points(corpus, projection):
     proj = VocabProjection(np.arange(4000) % 3000)
     stream = np.array(lookup_streams(docs, big, proj)[1], np.int64)
     sizes = [100, 1000, 5000, 10000]
-    exact = LruCurve(sizes)
-    sampled = LruCurve(sizes, SAMPLE_MODULUS // 10)
+    exact = LruCurve(sizes, big.rows(1))
+    sampled = LruCurve(sizes, big.rows(1), SAMPLE_MODULUS // 10)
     exact.feed(stream)
     sampled.feed(stream)
     assert sampled.rate == pytest.approx(0.1, rel=1e-6)

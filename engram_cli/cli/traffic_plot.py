@@ -29,7 +29,7 @@ def draw_traffic(traffic: TrafficReport, spec_name: str, dtype: str, path: Path)
         if not curve:
             continue
         held, served = zip(*[(1, 0.0), *curve])
-        ax.step(held, served, where="post", color=_COLORS[i % len(_COLORS)], label=f"layer {layer}")
+        ax.plot(held, served, color=_COLORS[i % len(_COLORS)], label=f"layer {layer}")
     sizes = [c["bytes"] for c in next(iter(traffic.layers.values())).cache] if traffic.layers else []
     for size in sizes:
         ax.axvline(size, color="0.5", linestyle=":", linewidth=1)

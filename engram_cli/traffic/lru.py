@@ -19,11 +19,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..kernels import bucket
+
 # The sampling modulus P: a row is sampled when the low bits of its hash are below T.
 SAMPLE_MODULUS = 1 << 24
 
-# Bytes of memory per tracked row: two hash-table slots of (row, time) and two Fenwick entries.
-TRACKED_ROW_BYTES = 48
+# Bytes of memory per tracked row: up to four hash-table slots of (row, time) and Fenwick entries.
+TRACKED_ROW_BYTES = 96
 
 _EMPTY = -1
 
@@ -70,55 +72,56 @@ def _compact(keys, times, tree, live):
 
 
 @numba.njit(nogil=True, cache=True)
-def _simulate(rows, threshold, limits, keys, times, tree, meta, hits):
-    """Feed `rows` (a layer's lookups in order) through the tracker; returns how many were fed
-    (fewer than all when the table must grow first). meta = [now, live, sampled lookups]."""
-    mask = keys.size - 1
-    now, live = meta[0], meta[1]
-    fed = 0
-    for i in range(rows.size):
-        row = rows[i]
-        if threshold < SAMPLE_MODULUS and (_mix64(row) & np.uint64(SAMPLE_MODULUS - 1)) >= threshold:
-            fed += 1
-            continue
-        if 2 * (live + 1) > keys.size:
-            break
-        if now >= tree.size - 1:
-            now = _compact(keys, times, tree, live)
-        slot = np.int64(_mix64(row ^ 0x5BD1E995) & np.uint64(mask))
-        while keys[slot] != _EMPTY and keys[slot] != row:
-            slot = (slot + 1) & mask
-        meta[2] += 1
-        if keys[slot] == row:
-            previous = times[slot]
-            distance = live - _tree_prefix(tree, previous)  # distinct rows read since
-            for k in range(limits.size):
-                if distance < limits[k]:
-                    hits[k] += 1
-            _tree_add(tree, previous, -1)
-        else:
-            keys[slot] = row
-            live += 1
-        times[slot] = now
-        _tree_add(tree, now, 1)
-        now += 1
-        fed += 1
-    meta[0], meta[1] = now, live
-    return fed
+def _sampled(row, threshold):
+    """Whether SHARDS tracks `row`: the low bits of its hash below the threshold."""
+    return threshold >= SAMPLE_MODULUS or np.int64(_mix64(row) & np.uint64(SAMPLE_MODULUS - 1)) < threshold
 
 
 @numba.njit(nogil=True, cache=True)
-def _reinsert(old_keys, old_times, keys, times):
+def _track(row, limits, keys, times, tree, meta, hits):
+    """One lookup of a sampled `row`: its reuse distance counted at every cache size, its last
+    access moved to now. meta = [now, live rows, sampled lookups]."""
+    if meta[0] >= tree.size - 1:
+        meta[0] = _compact(keys, times, tree, meta[1])
     mask = keys.size - 1
-    for s in range(old_keys.size):
-        row = old_keys[s]
-        if row == _EMPTY:
-            continue
-        slot = np.int64(_mix64(row ^ 0x5BD1E995) & np.uint64(mask))
-        while keys[slot] != _EMPTY:
-            slot = (slot + 1) & mask
+    slot = np.int64(_mix64(row ^ 0x5BD1E995) & np.uint64(mask))
+    while keys[slot] != _EMPTY and keys[slot] != row:
+        slot = (slot + 1) & mask
+    meta[2] += 1
+    if keys[slot] == row:
+        previous = times[slot]
+        distance = meta[1] - _tree_prefix(tree, previous)  # distinct rows read since
+        for k in range(limits.size):
+            if distance < limits[k]:
+                hits[k] += 1
+        _tree_add(tree, previous, -1)
+    else:
         keys[slot] = row
-        times[slot] = old_times[s]
+        meta[1] += 1
+    times[slot] = meta[0]
+    _tree_add(tree, meta[0], 1)
+    meta[0] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _feed_rows(rows, threshold, limits, keys, times, tree, meta, hits):
+    for i in range(rows.size):
+        if _sampled(rows[i], threshold):
+            _track(rows[i], limits, keys, times, tree, meta, hits)
+
+
+@numba.njit(nogil=True, cache=True)
+def _feed_mixes(mixes, orders, sizes, offsets, threshold, limits, keys, times, tree, meta, hits):
+    """The lookups of tokens given by their mixes (mixes[o, t]: the window of order index o ending
+    at token t): token by token, head by head (head h reads mixes[orders[h]] modulo sizes[h], plus
+    offsets[h]), each tracked without the row arrays ever being written."""
+    inverse = 1.0 / sizes.astype(np.float64)
+    for t in range(mixes.shape[1]):
+        for h in range(sizes.size):
+            mix = mixes[orders[h], t]
+            row = offsets[h] + bucket(mix, np.float64(mix), sizes[h], inverse[h])
+            if _sampled(row, threshold):
+                _track(row, limits, keys, times, tree, meta, hits)
 
 
 def sample_threshold(rows: int, memory: int) -> int:
@@ -133,12 +136,16 @@ def sample_threshold(rows: int, memory: int) -> int:
 class LruCurve:
     """One layer's LRU hit counts at a list of cache sizes (rows), fed its lookups in order.
 
+    The tracker is sized once for the rows that can be sampled (all `universe` rows at rate 1;
+    else the expected count and a margin of 8 standard deviations), so it never grows.
+
     Args:
         cache_rows: the cache sizes, in rows.
+        universe: rows of the layer (row ids are below it).
         threshold: the sampling threshold T (rate T / SAMPLE_MODULUS; SAMPLE_MODULUS is exact).
     """
 
-    def __init__(self, cache_rows: list[int], threshold: int = SAMPLE_MODULUS) -> None:
+    def __init__(self, cache_rows: list[int], universe: int, threshold: int = SAMPLE_MODULUS) -> None:
         self.threshold = int(min(max(1, threshold), SAMPLE_MODULUS))
         self.rate = self.threshold / SAMPLE_MODULUS
         self.cache_rows = list(cache_rows)
@@ -146,9 +153,9 @@ class LruCurve:
         self.limits = np.array([k * self.rate for k in self.cache_rows], np.float64)
         self.hits = np.zeros(len(self.cache_rows), np.int64)
         self.meta = np.zeros(3, np.int64)
-        self._allocate(1 << 10)
-
-    def _allocate(self, slots: int) -> None:
+        expected = universe * self.rate
+        bound = universe if self.rate == 1 else min(universe, int(expected + 8 * expected**0.5 + 64))
+        slots = 1 << max(4, (2 * bound).bit_length())
         self.keys = np.full(slots, _EMPTY, np.int64)
         self.times = np.zeros(slots, np.int64)
         self.tree = np.zeros(slots + 1, np.int64)
@@ -156,19 +163,13 @@ class LruCurve:
     def feed(self, rows: np.ndarray) -> None:
         """The next lookups of the layer, in order (int64 row ids)."""
         rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
-        done = 0
-        while done < rows.size:
-            done += _simulate(
-                rows[done:], self.threshold, self.limits, self.keys, self.times, self.tree, self.meta, self.hits
-            )
-            if done < rows.size:
-                self._grow()
+        _feed_rows(rows, self.threshold, self.limits, self.keys, self.times, self.tree, self.meta, self.hits)
 
-    def _grow(self) -> None:
-        keys, times = self.keys, self.times
-        self._allocate(2 * keys.size)
-        _reinsert(keys, times, self.keys, self.times)
-        self.meta[0] = _compact(self.keys, self.times, self.tree, int(self.meta[1]))
+    def feed_mixes(self, mixes: np.ndarray, orders: np.ndarray, sizes: np.ndarray, offsets: np.ndarray) -> None:
+        """The next tokens' lookups, from their windows' mixes (see `_feed_mixes`)."""
+        _feed_mixes(
+            mixes, orders, sizes, offsets, self.threshold, self.limits, self.keys, self.times, self.tree, self.meta, self.hits
+        )
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,7 @@ curve and the static top-k hits exactly, and, for a hotness file, the most read 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ from ..vocab import VocabProjection
 
 # Keys mixed at once before their rows are counted.
 BLOCK = 512
+
+# Tokens whose mixes are computed at once for the LRU (memory: 8 bytes a token, order and layer).
+SLICE_TOKENS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -61,26 +65,23 @@ class RowMap:
             sizes, offsets = spec.head_sizes(layer), spec.offsets(layer)
             per = spec.n_head_per_ngram
             heads[layer] = [
-                HeadRows(layer, 2 + c // per, c, size, offset)
-                for c, (size, offset) in enumerate(zip(sizes, offsets))
+                HeadRows(layer, 2 + c // per, c, size, offset) for c, (size, offset) in enumerate(zip(sizes, offsets))
             ]
         multipliers = {layer: spec.multipliers(layer, projection.compressed_size) for layer in spec.layer_ids}
         return RowMap(heads, multipliers)
 
+    def columns(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per head of a layer, in order: the index of its order (from 2), its size, its offset."""
+        heads = self.heads[layer]
+        return (
+            np.array([h.order - 2 for h in heads], np.int64),
+            np.array([h.size for h in heads], np.int64),
+            np.array([h.offset for h in heads], np.int64),
+        )
+
     def of_order(self, layer: int, order: int) -> list[HeadRows]:
         """The heads of one order of a layer."""
         return [h for h in self.heads[layer] if h.order == order]
-
-
-@numba.njit(nogil=True, cache=True)
-def _fill_rows(mix, sizes, offsets, columns, out):
-    block = np.empty(BLOCK, np.int64)
-    for lo in range(0, mix.size, BLOCK):
-        n = min(BLOCK, mix.size - lo)
-        for h in range(sizes.size):
-            buckets(mix[lo : lo + n], sizes[h], block[:n])
-            for j in range(n):
-                out[lo + j, columns[h]] = offsets[h] + block[j]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -93,59 +94,74 @@ def _add_counts(mix, counts, size, counters):
             counters[block[j]] += counts[lo + j]
 
 
-def batch_rows(batch: DocBatch, window: WindowKeys, rows: RowMap) -> dict[int, np.ndarray]:
-    """The row every token of `batch` reads in every layer: {layer: (tokens, heads) int64}, heads
-    order-major (as `NgramHasher.rows`), so a layer's array read row-major is its lookups in order."""
+def batch_mixes(batch: DocBatch, window: WindowKeys, rows: RowMap, tokens: int = SLICE_TOKENS) -> Iterator[dict[int, np.ndarray]]:
+    """The hasher's mix of every window of `batch`, `tokens` tokens at a time, per layer:
+    {layer: (orders, tokens) int64}, orders ascending; `RowMap.columns` turns them into rows."""
     packed = PackedBatch.of(batch, window)
-    out = {layer: np.empty((packed.tokens, len(heads)), np.int64) for layer, heads in rows.heads.items()}
+    keys = {}
     for order in window.orders:
-        layout = window.layout(order)
-        keys = np.empty((packed.tokens, layout.words), np.uint64)
-        pack_windows(packed, window, order, keys)
-        mix = np.empty(packed.tokens, np.int64)
-        for layer in rows.heads:
-            mix_keys(keys, order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], mix)
-            heads = rows.of_order(layer, order)
-            _fill_rows(
-                mix,
-                np.array([h.size for h in heads], np.int64),
-                np.array([h.offset for h in heads], np.int64),
-                np.array([h.column for h in heads], np.int64),
-                out[layer],
-            )
-    return out
+        keys[order] = np.empty((packed.tokens, window.layout(order).words), np.uint64)
+        pack_windows(packed, window, order, keys[order])
+    for lo in range(0, packed.tokens, tokens):
+        hi = min(lo + tokens, packed.tokens)
+        out = {layer: np.empty((len(window.orders), hi - lo), np.int64) for layer in rows.heads}
+        for o, order in enumerate(window.orders):
+            layout = window.layout(order)
+            for layer in rows.heads:
+                mix_keys(keys[order][lo:hi], order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], out[layer][o])
+        yield out
 
 
 @dataclass
 class LayerRows:
-    """What is kept of one layer's row counts: the histogram of counts, and the hottest rows."""
+    """What is kept of one layer's row counts: the histogram of counts, and the most read rows
+    (all rows read when `keep` is None: 16 bytes a row, what the hotness file holds)."""
 
+    keep: int | None = 0
     lookups: int = 0
     rows_read: int = 0
     histogram: Counter[int] = field(default_factory=Counter)  # lookups c -> rows read c times
-    hot_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    hot_lookups: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    _rows: list[np.ndarray] = field(default_factory=list)
+    _lookups: list[np.ndarray] = field(default_factory=list)
+    _held: int = 0
+    _floor: int = 1  # when `keep` rows are held: the least lookups among them
 
-    def add_head(self, counters: np.ndarray, offset: int, keep: int | None) -> None:
-        """Fold one head's counters in; keep the `keep` most read rows (None: every row read)."""
+    def add_head(self, counters: np.ndarray, offset: int) -> None:
+        """Fold one head's counters in (row ids: `offset` plus the counter's index)."""
         read = np.flatnonzero(counters)
         self.rows_read += int(read.size)
         values = counters[read]
         self.lookups += int(values.sum())
         counts, rows = np.unique(values, return_counts=True)
         self.histogram.update(dict(zip(counts.tolist(), rows.tolist())))
-        if keep == 0:
+        if self.keep == 0:
             return
-        if keep is not None and self.hot_rows.size >= keep:
-            floor = int(self.hot_lookups[keep - 1])
-            chosen = values >= floor
+        if self._floor > 1:
+            chosen = values >= self._floor
             read, values = read[chosen], values[chosen]
-        rows_all = np.concatenate([self.hot_rows, read.astype(np.int64) + offset])
-        lookups_all = np.concatenate([self.hot_lookups, values.astype(np.int64)])
-        order = np.lexsort((rows_all, -lookups_all))  # most looked-up first, ties by row id
-        if keep is not None:
-            order = order[:keep]
-        self.hot_rows, self.hot_lookups = rows_all[order], lookups_all[order]
+        self._rows.append(read.astype(np.int64) + offset)
+        self._lookups.append(values.astype(np.int64))
+        self._held += int(read.size)
+        if self.keep is not None and self._held > 2 * self.keep:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Keep the `keep` most read rows held (most looked-up first, ties by row id)."""
+        rows, lookups = np.concatenate(self._rows), np.concatenate(self._lookups)
+        order = np.lexsort((rows, -lookups))
+        if self.keep is not None:
+            order = order[: self.keep]
+            if order.size == self.keep and self.keep:
+                self._floor = int(lookups[order[-1]])
+        self._rows, self._lookups = [rows[order]], [lookups[order]]
+        self._held = int(order.size)
+
+    def hottest(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows kept, most looked-up first, ties by row id ascending, and their lookups."""
+        if not self._rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._trim()
+        return self._rows[0], self._lookups[0]
 
 
 def _plan_groups(heads: list[HeadRows], memory: int, itemsize: int) -> list[list[HeadRows]]:
@@ -166,7 +182,6 @@ def count_order_rows(
     keys: OrderKeys,
     rows: RowMap,
     layers: dict[int, LayerRows],
-    keep: int | None,
     memory: int,
     pool: ThreadPoolExecutor,
 ) -> int:
@@ -177,7 +192,6 @@ def count_order_rows(
         keys: the order's distinct n-grams and their counts (merged).
         rows: the spec's heads.
         layers: the counts so far, per layer.
-        keep: hot rows kept per layer (None: every row read).
         memory: bytes for counters and the key ranges streamed.
         pool: threads that read key ranges ahead.
     """
@@ -200,6 +214,5 @@ def count_order_rows(
                     if h.layer == layer:
                         _add_counts(m, part.counts, h.size, counters[h])
         for h in group:
-            layers[h.layer].add_head(counters.pop(h), h.offset, keep)
+            layers[h.layer].add_head(counters.pop(h), h.offset)
     return len(groups)
-

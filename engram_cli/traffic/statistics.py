@@ -1,7 +1,7 @@
 """Row traffic of a spec on a corpus: lookups per row, coverage, and the hit rates of row caches.
 
 Collected alongside collision statistics, in the same reading of the corpus (`TrafficCounter`):
-every batch, as it is counted, gives its lookups in corpus order (`rows.batch_rows`) to one LRU
+every batch, as it is counted, gives its lookups in corpus order (`rows.batch_mixes`) to one LRU
 curve per layer (`lru`), on a thread of its own; every order's distinct n-grams, once their
 collision statistics are done, give each row's lookups (`rows.count_order_rows`). On a Dask
 cluster the counting runs in map tasks, which see their parts of the corpus in no useful order, so
@@ -35,7 +35,7 @@ from ..hot_rows import HotRows, spec_fingerprint
 from ..spec import TableSpec
 from ..vocab import VocabProjection
 from .lru import SAMPLE_MODULUS, LruCurve, sample_threshold
-from .rows import LayerRows, RowMap, batch_rows, count_order_rows
+from .rows import LayerRows, RowMap, batch_mixes, count_order_rows
 
 # The fractions of lookups the coverage curve reports.
 COVERAGE_FRACTIONS = (0.5, 0.9, 0.99, 0.999)
@@ -45,7 +45,7 @@ DEFAULT_CACHE_SIZES = (1 << 30, 8 << 30, 64 << 30)
 
 # Share of the memory budget the LRU curves take while the corpus is counted, and its cap.
 LRU_SHARE = 8
-LRU_MAX_BYTES = 256 << 20
+LRU_MAX_BYTES = 16 << 20
 
 # Batches whose lookups wait for the LRU thread at most (memory: their row arrays).
 BATCHES_AHEAD = 2
@@ -186,15 +186,17 @@ class TrafficCounter:
                 threshold = max(1, round(options.sample_rate * SAMPLE_MODULUS))
             else:
                 threshold = sample_threshold(spec.rows(layer), per_layer)
-            self.curves[layer] = LruCurve(cache_rows, threshold)
-        self.layers = {layer: LayerRows() for layer in spec.layer_ids}
+            self.curves[layer] = LruCurve(cache_rows, spec.rows(layer), threshold)
+        self._columns = {layer: self.rows.columns(layer) for layer in spec.layer_ids}
+        self.layers = {layer: LayerRows(self.keep) for layer in spec.layer_ids}
         self.tokens = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-lru")
         self._pending: deque[Future[None]] = deque()
 
     def _feed(self, batch: DocBatch) -> None:
-        for layer, rows in batch_rows(batch, self.window, self.rows).items():
-            self.curves[layer].feed(rows)
+        for piece in batch_mixes(batch, self.window, self.rows):
+            for layer, mixes in piece.items():
+                self.curves[layer].feed_mixes(mixes, *self._columns[layer])
 
     def on_batch(self, batch: DocBatch | None) -> None:
         """One batch counted (in corpus order): its lookups go to the LRU curves (a cluster's map
@@ -218,7 +220,7 @@ class TrafficCounter:
 
     def on_keys(self, keys: OrderKeys, memory: int, pool: ThreadPoolExecutor) -> None:
         """One order's distinct n-grams: their lookups added to every layer's rows."""
-        count_order_rows(keys, self.rows, self.layers, self.keep, memory, pool)
+        count_order_rows(keys, self.rows, self.layers, memory, pool)
 
     def close(self) -> None:
         """Wait for the LRU thread and stop it."""
@@ -256,17 +258,18 @@ class TrafficCounter:
             curves[layer] = _coverage_curve(histogram, lookups, self.sizes[store_dtype])
         hot = None
         if self.options.hot_rows:
+            hottest = {layer: c.hottest() for layer, c in self.layers.items()}
             hot = HotRows(
                 spec_name=self.spec.name,
                 spec_fingerprint=spec_fingerprint(self.spec),
                 projection_fingerprint=self.projection.fingerprint(),
                 corpus_tokens=corpus_tokens,
-                rows={layer: c.hot_rows for layer, c in self.layers.items()},
-                lookups={layer: c.hot_lookups for layer, c in self.layers.items()},
+                rows={layer: rows for layer, (rows, _) in hottest.items()},
+                lookups={layer: lookups for layer, (_, lookups) in hottest.items()},
                 total_lookups={layer: c.lookups for layer, c in self.layers.items()},
                 row_bytes={layer: self.sizes[store_dtype] for layer in self.layers},
             )
-        return TrafficReport(self.sizes, layers, hot, None, curves)
+        return TrafficReport(self.sizes, layers, hot=hot, curves=curves)
 
 
 def _coverage_curve(histogram: dict[int, int], lookups: int, row_size: int) -> list[tuple[int, float]]:
