@@ -19,10 +19,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..kernels import bucket
+from ..kernels import buckets
 
 # The sampling modulus P: a row is sampled when the low bits of its hash are below T.
 SAMPLE_MODULUS = 1 << 24
+
+# Tokens whose rows are computed at once, head by head, before the sampled ones are tracked.
+FEED_BLOCK = 1024
 
 # Bytes of memory per tracked row: up to four hash-table slots of (row, time) and Fenwick entries.
 TRACKED_ROW_BYTES = 96
@@ -111,17 +114,33 @@ def _feed_rows(rows, threshold, limits, keys, times, tree, meta, hits):
 
 
 @numba.njit(nogil=True, cache=True)
+def _sample_flags(rows, threshold, out):
+    """`_sampled` of every row into `out` (a loop the compiler vectorizes)."""
+    for i in range(rows.size):
+        out[i] = np.int64(_mix64(rows[i]) & np.uint64(SAMPLE_MODULUS - 1)) < threshold
+
+
+@numba.njit(nogil=True, cache=True)
 def _feed_mixes(mixes, orders, sizes, offsets, threshold, limits, keys, times, tree, meta, hits):
     """The lookups of tokens given by their mixes (mixes[o, t]: the window of order index o ending
-    at token t): token by token, head by head (head h reads mixes[orders[h]] modulo sizes[h], plus
-    offsets[h]), each tracked without the row arrays ever being written."""
-    inverse = 1.0 / sizes.astype(np.float64)
-    for t in range(mixes.shape[1]):
-        for h in range(sizes.size):
-            mix = mixes[orders[h], t]
-            row = offsets[h] + bucket(mix, np.float64(mix), sizes[h], inverse[h])
-            if _sampled(row, threshold):
-                _track(row, limits, keys, times, tree, meta, hits)
+    at token t), token by token, head by head (head h reads mixes[orders[h]] modulo sizes[h], plus
+    offsets[h]). A block of tokens at a time, head-major: rows and sampling flags in loops the
+    compiler vectorizes, then the sampled lookups tracked in order."""
+    heads = sizes.size
+    rows = np.empty((heads, FEED_BLOCK), np.int64)
+    flags = np.empty((heads, FEED_BLOCK), np.bool_)
+    every = threshold >= SAMPLE_MODULUS
+    for lo in range(0, mixes.shape[1], FEED_BLOCK):
+        n = min(FEED_BLOCK, mixes.shape[1] - lo)
+        for h in range(heads):
+            buckets(mixes[orders[h], lo : lo + n], sizes[h], rows[h, :n])
+            rows[h, :n] += offsets[h]
+            if not every:
+                _sample_flags(rows[h, :n], threshold, flags[h, :n])
+        for t in range(n):
+            for h in range(heads):
+                if every or flags[h, t]:
+                    _track(rows[h, t], limits, keys, times, tree, meta, hits)
 
 
 def sample_threshold(rows: int, memory: int) -> int:

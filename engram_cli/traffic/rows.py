@@ -132,7 +132,12 @@ class LayerRows:
         self.rows_read += int(read.size)
         values = counters[read]
         self.lookups += int(values.sum())
-        counts, rows = np.unique(values, return_counts=True)
+        if values.size and int(values.max()) <= 4 * values.size:  # a short histogram: counted directly
+            tally = np.bincount(values)
+            counts = np.flatnonzero(tally)
+            rows = tally[counts]
+        else:
+            counts, rows = np.unique(values, return_counts=True)
         self.histogram.update(dict(zip(counts.tolist(), rows.tolist())))
         if self.keep == 0:
             return
@@ -148,6 +153,10 @@ class LayerRows:
     def _trim(self) -> None:
         """Keep the `keep` most read rows held (most looked-up first, ties by row id)."""
         rows, lookups = np.concatenate(self._rows), np.concatenate(self._lookups)
+        if self.keep is not None and rows.size > self.keep:  # only rows at least as read as the keep-th
+            floor = np.partition(lookups, rows.size - self.keep)[rows.size - self.keep]
+            chosen = lookups >= floor
+            rows, lookups = rows[chosen], lookups[chosen]
         order = np.lexsort((rows, -lookups))
         if self.keep is not None:
             order = order[: self.keep]
@@ -197,22 +206,24 @@ def count_order_rows(
     """
     layout = keys.layout
     itemsize = counter_itemsize(keys.occurrences)
-    stream_rows = max(1, min(1 << 20, memory // 4 // (8 * layout.words + 16)))
-    counter_memory = max(1, memory - 3 * stream_rows * (8 * layout.words + 16))
+    row_bytes = 8 * layout.words + 8 + 8 * len(rows.heads)  # key, count, a mix per layer
+    stream_rows = max(1, min(1 << 20, memory // 4 // row_bytes))
+    counter_memory = max(1, memory - 3 * stream_rows * row_bytes)
     heads = [h for layer in rows.heads for h in rows.of_order(layer, layout.order)]
     groups = _plan_groups(heads, counter_memory, itemsize)
     dtype = np.int32 if itemsize == 4 else np.int64
     for group in groups:
         counters = {h: np.zeros(h.size, dtype) for h in group}
         group_layers = sorted({h.layer for h in group})
-        mix = np.empty(stream_rows, np.int64)
+        mixes = {layer: np.empty(stream_rows, np.int64) for layer in group_layers}
         for part in keys.chunks(stream_rows, pool, 2):
+            jobs = []
             for layer in group_layers:
-                m = mix[: part.rows]
+                m = mixes[layer][: part.rows]
                 mix_keys(part.keys, layout.order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], m)
-                for h in group:
-                    if h.layer == layer:
-                        _add_counts(m, part.counts, h.size, counters[h])
+                jobs += [pool.submit(_add_counts, m, part.counts, h.size, counters[h]) for h in group if h.layer == layer]
+            for job in jobs:  # heads side by side on the worker threads
+                job.result()
         for h in group:
             layers[h.layer].add_head(counters.pop(h), h.offset)
     return len(groups)
