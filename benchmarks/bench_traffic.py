@@ -50,7 +50,10 @@ def main() -> None:
         ["inspect", "engram-demo-v1", "--corpus", str(tiny), "--bin-dtype", "uint32", "--doc-sep", "1", "--traffic"],
         env,
     )
-    variants = {"without --traffic": [], "with --traffic": ["--traffic", "--hot-rows", str(data / "hot.safetensors"), "--hot-bytes", "64MiB"]}
+    variants = {
+        "without --traffic": [],
+        "with --traffic": ["--traffic", "--hot-rows", str(data / "hot.safetensors"), "--hot-bytes", "64MiB"],
+    }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, extra in variants.items():

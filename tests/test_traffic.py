@@ -131,7 +131,7 @@ def check(report, expected, exact_lru: bool = True) -> None:
 def test_traffic_matches_brute_force_across_budgets(corpus, projection, budget):
     """Every figure equals the brute force's, with the counts in memory and spilled (the smallest
     budget: counts and row counters in passes; its LRU would sample, so the rate is set to 1)."""
-    path, docs, expected = corpus
+    path, _, expected = corpus
     memory = None if budget == "plenty" else minimum_memory_budget(SMALL) + (64 << 10)
     report = inspect(
         SMALL,
@@ -154,7 +154,8 @@ def test_traffic_matches_brute_force_across_budgets(corpus, projection, budget):
 
 
 def test_a_small_budget_samples_the_lru(corpus, projection):
-    """Below the memory of tracking every row, the LRU samples (SHARDS): on this small corpus (a few hundred rows sampled) within 0.05."""
+    """Below the memory of tracking every row, the LRU samples (SHARDS): on this small corpus (a
+    few hundred rows sampled) within 0.05."""
     path, _, expected = corpus
     report = inspect(
         SMALL,

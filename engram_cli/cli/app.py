@@ -419,7 +419,9 @@ def inspect_command(
         False, "--traffic", help="Also the row traffic: lookups per row, coverage, LRU and static cache hit rates."
     ),
     cache_sizes: str | None = typer.Option(
-        None, "--cache-sizes", help="--traffic: cache sizes per layer (default 1GiB,8GiB,64GiB), rows at the store dtype."
+        None,
+        "--cache-sizes",
+        help="--traffic: cache sizes per layer (default 1GiB,8GiB,64GiB), rows at the store dtype.",
     ),
     hot_rows: Path | None = typer.Option(
         None, "--hot-rows", parser=path_value, help="--traffic: write each layer's most read rows to this .safetensors."

@@ -35,7 +35,7 @@ def traffic_options(
         return None
     if hot_bytes is not None and hot_rows is None:
         raise UsageError("--hot-bytes cuts the hot-rows file: add --hot-rows OUT.safetensors")
-    sizes = DEFAULT_CACHE_SIZES
+    sizes: tuple[int, ...] = DEFAULT_CACHE_SIZES
     if cache_sizes is not None:
         sizes = tuple(dict.fromkeys(_size(piece, "--cache-sizes") for piece in cache_sizes.split(",")))
     return TrafficOptions(

@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
     from distributed import Client
 
-    from .runs import OrderKeys
-
     from ..corpus.base import DocBatch
+    from .runs import OrderKeys
 
 # Runs merged at once; more are first merged in groups of this many (merge rounds).
 FAN_IN = 64

@@ -187,7 +187,17 @@ class LruCurve:
     def feed_mixes(self, mixes: np.ndarray, orders: np.ndarray, sizes: np.ndarray, offsets: np.ndarray) -> None:
         """The next tokens' lookups, from their windows' mixes (see `_feed_mixes`)."""
         _feed_mixes(
-            mixes, orders, sizes, offsets, self.threshold, self.limits, self.keys, self.times, self.tree, self.meta, self.hits
+            mixes,
+            orders,
+            sizes,
+            offsets,
+            self.threshold,
+            self.limits,
+            self.keys,
+            self.times,
+            self.tree,
+            self.meta,
+            self.hits,
         )
 
     @property

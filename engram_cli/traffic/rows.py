@@ -94,7 +94,9 @@ def _add_counts(mix, counts, size, counters):
             counters[block[j]] += counts[lo + j]
 
 
-def batch_mixes(batch: DocBatch, window: WindowKeys, rows: RowMap, tokens: int = SLICE_TOKENS) -> Iterator[dict[int, np.ndarray]]:
+def batch_mixes(
+    batch: DocBatch, window: WindowKeys, rows: RowMap, tokens: int = SLICE_TOKENS
+) -> Iterator[dict[int, np.ndarray]]:
     """The hasher's mix of every window of `batch`, `tokens` tokens at a time, per layer:
     {layer: (orders, tokens) int64}, orders ascending; `RowMap.columns` turns them into rows."""
     packed = PackedBatch.of(batch, window)
@@ -108,7 +110,15 @@ def batch_mixes(batch: DocBatch, window: WindowKeys, rows: RowMap, tokens: int =
         for o, order in enumerate(window.orders):
             layout = window.layout(order)
             for layer in rows.heads:
-                mix_keys(keys[order][lo:hi], order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], out[layer][o])
+                mix_keys(
+                    keys[order][lo:hi],
+                    order,
+                    layout.bits,
+                    layout.per_word,
+                    layout.mask,
+                    rows.multipliers[layer],
+                    out[layer][o],
+                )
         yield out
 
 
@@ -221,7 +231,9 @@ def count_order_rows(
             for layer in group_layers:
                 m = mixes[layer][: part.rows]
                 mix_keys(part.keys, layout.order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], m)
-                jobs += [pool.submit(_add_counts, m, part.counts, h.size, counters[h]) for h in group if h.layer == layer]
+                jobs += [
+                    pool.submit(_add_counts, m, part.counts, h.size, counters[h]) for h in group if h.layer == layer
+                ]
             for job in jobs:  # heads side by side on the worker threads
                 job.result()
         for h in group:
