@@ -200,11 +200,6 @@ class LruCurve:
             self.hits,
         )
 
-    @property
-    def nbytes(self) -> int:
-        """Memory the tracker holds."""
-        return int(self.keys.nbytes + self.times.nbytes + self.tree.nbytes)
-
     def hit_rates(self) -> list[float]:
         """Hit rate at each cache size: hits among the sampled lookups."""
         sampled = int(self.meta[2])

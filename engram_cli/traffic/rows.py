@@ -45,7 +45,6 @@ class HeadRows:
 
     layer: int
     order: int
-    column: int  # the head's index among the layer's heads (order-major, as `NgramHasher.rows`)
     size: int
     offset: int
 
@@ -65,7 +64,7 @@ class RowMap:
             sizes, offsets = spec.head_sizes(layer), spec.offsets(layer)
             per = spec.n_head_per_ngram
             heads[layer] = [
-                HeadRows(layer, 2 + c // per, c, size, offset) for c, (size, offset) in enumerate(zip(sizes, offsets))
+                HeadRows(layer, 2 + c // per, size, offset) for c, (size, offset) in enumerate(zip(sizes, offsets))
             ]
         multipliers = {layer: spec.multipliers(layer, projection.compressed_size) for layer in spec.layer_ids}
         return RowMap(heads, multipliers)
