@@ -17,7 +17,7 @@ from engram_cli.hashing import NgramHasher
 from engram_cli.hot_rows import read_hot_rows, spec_fingerprint
 from engram_cli.inspection import inspect
 from engram_cli.spec import TableSpec
-from engram_cli.traffic.lru import SAMPLE_MODULUS, LruCurve
+from engram_cli.traffic.lru import MIN_TRACKED, SAMPLE_MODULUS, LruCurve, sample_threshold
 from engram_cli.traffic.statistics import COVERAGE_FRACTIONS, TrafficOptions, row_bytes
 from engram_cli.vocab import VocabProjection
 from hypothesis import HealthCheck, given, settings
@@ -153,23 +153,25 @@ def test_traffic_matches_brute_force_across_budgets(corpus, projection, budget):
         assert report.traffic.to_json()["layers"][str(layer)]["lookups"] == want["lookups"]
 
 
-def test_a_small_budget_samples_the_lru(corpus, projection):
-    """Below the memory of tracking every row, the LRU samples (SHARDS): on this small corpus (a
-    few hundred rows sampled) within 0.05."""
+def test_sampling_rate_follows_the_memory(corpus, projection):
+    """The rate tracks what fits (every row when all fit, never fewer than MIN_TRACKED rows); a
+    sampled run through `inspect` stays close to the exact hit rates on this small corpus."""
+    assert sample_threshold(1000, 1 << 20) == SAMPLE_MODULUS
+    assert sample_threshold(10**8, 96 * 10**6) == 10**6 * SAMPLE_MODULUS // 10**8
+    assert sample_threshold(10**8, 0) == MIN_TRACKED * SAMPLE_MODULUS // 10**8
     path, _, expected = corpus
     report = inspect(
         SMALL,
         projection=projection,
         corpus=[path],
         options=CorpusOptions(doc_sep=0),
-        memory_budget=minimum_memory_budget(SMALL) + (200 << 10),
-        traffic=TrafficOptions(cache_sizes=CACHE_SIZES),
+        traffic=TrafficOptions(cache_sizes=CACHE_SIZES, sample_rate=0.5),
     )
     assert report.traffic is not None
     check(report.traffic, expected, exact_lru=False)
     for layer, want in expected.items():
         got = report.traffic.layers[layer]
-        assert got.lru_sample_rate < 1
+        assert got.lru_sample_rate == 0.5
         assert max(abs(c["lru_hit_rate"] - w) for c, w in zip(got.cache, want["lru"])) <= 0.05
 
 

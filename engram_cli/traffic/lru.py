@@ -30,6 +30,10 @@ FEED_BLOCK = 1024
 # Bytes of memory per tracked row: up to four hash-table slots of (row, time) and Fenwick entries.
 TRACKED_ROW_BYTES = 96
 
+# The fewest rows a sampled curve tracks (1.5 MiB): on 8 M lookups of the demo spec, 40 K sampled
+# rows were within 0.008 of the exact curve, 4 K within 0.028, 400 within 0.049.
+MIN_TRACKED = 1 << 14
+
 _EMPTY = -1
 
 
@@ -145,8 +149,9 @@ def _feed_mixes(mixes, orders, sizes, offsets, threshold, limits, keys, times, t
 
 def sample_threshold(rows: int, memory: int) -> int:
     """T of the rate T / SAMPLE_MODULUS at which about `rows` rows, sampled, fit `memory` bytes
-    (SAMPLE_MODULUS, every row, when they all fit)."""
-    fits = max(1, memory // TRACKED_ROW_BYTES)
+    (SAMPLE_MODULUS, every row, when they all fit); never fewer than MIN_TRACKED rows, whatever
+    the memory (the error grows as the rows sampled shrink)."""
+    fits = max(MIN_TRACKED, memory // TRACKED_ROW_BYTES)
     if rows <= fits:
         return SAMPLE_MODULUS
     return max(1, fits * SAMPLE_MODULUS // rows)
