@@ -94,10 +94,10 @@ def _add_counts(mix, counts, size, counters):
 
 
 def batch_mixes(
-    batch: DocBatch, window: WindowKeys, rows: RowMap, tokens: int = SLICE_TOKENS
-) -> Iterator[dict[int, np.ndarray]]:
-    """The hasher's mix of every window of `batch`, `tokens` tokens at a time, per layer:
-    {layer: (orders, tokens) int64}, orders ascending; `RowMap.columns` turns them into rows."""
+    batch: DocBatch, window: WindowKeys, rows: RowMap, layer: int, tokens: int = SLICE_TOKENS
+) -> Iterator[np.ndarray]:
+    """The hasher's mix of every window of `batch` in one layer, `tokens` tokens at a time:
+    (orders, tokens) int64, orders ascending; `RowMap.columns` turns them into rows."""
     packed = PackedBatch.of(batch, window)
     keys = {}
     for order in window.orders:
@@ -105,19 +105,12 @@ def batch_mixes(
         pack_windows(packed, window, order, keys[order])
     for lo in range(0, packed.tokens, tokens):
         hi = min(lo + tokens, packed.tokens)
-        out = {layer: np.empty((len(window.orders), hi - lo), np.int64) for layer in rows.heads}
+        out = np.empty((len(window.orders), hi - lo), np.int64)
         for o, order in enumerate(window.orders):
             layout = window.layout(order)
-            for layer in rows.heads:
-                mix_keys(
-                    keys[order][lo:hi],
-                    order,
-                    layout.bits,
-                    layout.per_word,
-                    layout.mask,
-                    rows.multipliers[layer],
-                    out[layer][o],
-                )
+            mix_keys(
+                keys[order][lo:hi], order, layout.bits, layout.per_word, layout.mask, rows.multipliers[layer], out[o]
+            )
         yield out
 
 

@@ -2,7 +2,7 @@
 
 Collected alongside collision statistics, in the same reading of the corpus (`TrafficCounter`):
 every batch, as it is counted, gives its lookups in corpus order (`rows.batch_mixes`) to one LRU
-curve per layer (`lru`), on a thread of its own; every order's distinct n-grams, once their
+curve per layer (`lru`), each layer on a thread of its own; every order's distinct n-grams, once their
 collision statistics are done, give each row's lookups (`rows.count_order_rows`). On a Dask
 cluster the counting runs in map tasks, which see their parts of the corpus in no useful order, so
 the LRU curve reads the corpus once more on the client in corpus order (the only way its hit rates
@@ -190,13 +190,16 @@ class TrafficCounter:
         self._columns = {layer: self.rows.columns(layer) for layer in spec.layer_ids}
         self.layers = {layer: LayerRows(self.keep) for layer in spec.layer_ids}
         self.tokens = 0
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-lru")
-        self._pending: deque[Future[None]] = deque()
+        # a thread per layer: each layer's lookups stay in order, layers run side by side
+        self._threads = {
+            layer: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engram-lru-{layer}")
+            for layer in spec.layer_ids
+        }
+        self._pending: deque[list[Future[None]]] = deque()
 
-    def _feed(self, batch: DocBatch) -> None:
-        for piece in batch_mixes(batch, self.window, self.rows):
-            for layer, mixes in piece.items():
-                self.curves[layer].feed_mixes(mixes, *self._columns[layer])
+    def _feed(self, batch: DocBatch, layer: int) -> None:
+        for mixes in batch_mixes(batch, self.window, self.rows, layer):
+            self.curves[layer].feed_mixes(mixes, *self._columns[layer])
 
     def on_batch(self, batch: DocBatch | None) -> None:
         """One batch counted (in corpus order): its lookups go to the LRU curves (a cluster's map
@@ -204,9 +207,10 @@ class TrafficCounter:
         if batch is None:
             return
         self.tokens += batch.tokens
-        self._pending.append(self._thread.submit(self._feed, batch))
+        self._pending.append([thread.submit(self._feed, batch, layer) for layer, thread in self._threads.items()])
         while len(self._pending) > BATCHES_AHEAD:
-            self._pending.popleft().result()
+            for job in self._pending.popleft():
+                job.result()
 
     def chain(self, other: Callable[[DocBatch | None], None] | None) -> Callable[[DocBatch | None], None]:
         """`on_batch` followed by another callback."""
@@ -223,12 +227,14 @@ class TrafficCounter:
         count_order_rows(keys, self.rows, self.layers, memory, pool)
 
     def close(self) -> None:
-        """Wait for the LRU thread and stop it."""
+        """Wait for the LRU threads and stop them."""
         try:
             while self._pending:
-                self._pending.popleft().result()
+                for job in self._pending.popleft():
+                    job.result()
         finally:
-            self._thread.shutdown(wait=True, cancel_futures=True)
+            for thread in self._threads.values():
+                thread.shutdown(wait=True, cancel_futures=True)
 
     def report(self, corpus_tokens: int) -> TrafficReport:
         """The figures, once every batch and order is in."""
