@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collisions.budget import check_counter_memory, out_of_memory
+from .collisions.budget import check_counter_memory, minimum_memory_budget, out_of_memory
 from .collisions.options import CountOptions, count_options
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
@@ -24,6 +24,7 @@ from .progress import SILENT, Progress
 from .spec import TableSpec
 from .store.health import TableHealth, table_health
 from .store.tables import TableStore
+from .traffic.statistics import LRU_MAX_BYTES, LRU_SHARE, TrafficCounter, TrafficOptions, TrafficReport
 from .vocab import VocabProjection, projection_for
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class InspectReport:
     seconds: float = 0.0
     plot: str | None = None
     barrier_ids: list[int] = field(default_factory=list)
+    traffic: TrafficReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `engram inspect --json` output."""
@@ -56,7 +58,7 @@ class InspectReport:
                 "seconds": self.seconds,
                 "warnings": self.corpus.warnings(),
             }
-        return {
+        out = {
             "source": self.source,
             "spec": self.spec.to_dict(),
             "projection": {
@@ -71,6 +73,9 @@ class InspectReport:
             "tables": None if self.tables is None else self.tables.to_json(),
             "plot": self.plot,
         }
+        if self.traffic is not None:  # only asked for: the JSON of an inspect without --traffic is unchanged
+            out["traffic"] = self.traffic.to_json()
+        return out
 
 
 def inspect(
@@ -89,6 +94,7 @@ def inspect(
     client: Client | None = None,
     progress: Progress = SILENT,
     part_ids: int | None = None,
+    traffic: TrafficOptions | None = None,
 ) -> InspectReport:
     """The whole `engram inspect` job: table health of a store, collision statistics on a corpus.
 
@@ -108,6 +114,9 @@ def inspect(
             `part_ids` ids per corpus part (default: sized to the corpus).
         progress: receives one task per pass (table health; reading and counting the corpus, merge
             rounds, key ranges merged, bucket loads and collisions of every order).
+        traffic: also the row traffic of the corpus (`TrafficOptions`): lookups per row, coverage,
+            cache hit rates, the hot rows; counted in the same reading of the corpus, within the
+            same memory budget (the LRU curves take a share of it; see `traffic.statistics`).
     """
     counting = count_options(
         counting, memory_budget=memory_budget, spill_dir=spill_dir, client=client, progress=progress, part_ids=part_ids
@@ -131,10 +140,24 @@ def inspect(
         )
     if (sweep or top or barrier_ids) and not corpus:
         raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
+    if traffic is not None and not corpus:
+        raise UsageError("row traffic is the lookups of a corpus: give a corpus")
+    counter = None
     if corpus:
         budget = check_counter_memory(
             spec, sweep, counting.memory_budget, local=counting.client is None
         )  # before table health too
+        if traffic is not None:
+            lru_memory = min(LRU_MAX_BYTES, budget // LRU_SHARE, budget - minimum_memory_budget(spec, sweep))
+            if counting.client is not None:  # the LRU curves run on the client: the workers keep their budget
+                lru_memory = min(LRU_MAX_BYTES, budget // LRU_SHARE)
+            counter = TrafficCounter(spec, projection, barrier_ids, traffic, lru_memory)
+            counting = replace(
+                counting,
+                memory_budget=budget if counting.client is not None else budget - lru_memory,
+                on_batch=counter.chain(counting.on_batch),
+                on_keys=counter.on_keys,
+            )
     report = InspectReport(
         source=str(store.path if store is not None else spec.name),
         spec=spec,
@@ -146,8 +169,8 @@ def inspect(
         report.tables = table_health(store, verify, counting.progress.task("table health", rows).advance)
     if corpus:
         started = time.perf_counter()
+        reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
         try:
-            reader = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
             layers, points, spilled = collision_statistics(
                 spec,
                 projection,
@@ -157,12 +180,22 @@ def inspect(
                 barrier_ids=barrier_ids,
                 counting=counting,
             )
+            if counter is not None and counting.client is not None:
+                # map tasks see their parts in no useful order: the LRU reads the corpus in order here
+                replay = Corpus(list(corpus), projection, options, context=spec.max_ngram_size - 1)
+                for batch in replay.batches():
+                    counter.on_batch(batch)
+            if counter is not None:
+                report.traffic = counter.report(reader.summary.tokens)
         except MemoryError:
             raise out_of_memory(budget, spec, sweep) from None
         except RuntimeError as exc:  # what a thread that cannot get its stack raises
             if "can't start new thread" not in str(exc):
                 raise
             raise out_of_memory(budget, spec, sweep) from None
+        finally:
+            if counter is not None:
+                counter.close()
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
     return report

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import ROOT, letters_tokenizer, run_engram
 from corpus_forms import write_megatron
+from model_folders import write_model
 from test_docs import python_blocks
 
 # A demo spec whose rows are 32 values per head, fp8's block: what a deepseek-v41 export needs.
@@ -44,6 +45,7 @@ def made(tmp_path_factory) -> Path:
     ):
         run_engram(*args, check=True, cwd=root)
     letters_tokenizer().save(str(root / "tokenizer.json"))
+    write_model(root / "v41-model")
     (root / "data").mkdir()
     for k, text in enumerate(["the cat sat on the mat", "a dog and a cat", "the mat is red and the cat is not"]):
         (root / "data" / f"{k}.txt").write_text(text * 20)
@@ -111,7 +113,7 @@ README = [
 PYTHON_API = [
     Example((), "assert engram.EngramError and engram.TableStore"),
     Example(
-        ("tokenizer.json",),
+        ("tokenizer.json", "v41-model"),
         "assert projection.vocab_size == 40 and projection.compressed_size < projection.vocab_size\n"
         "assert spec.compressed_vocab_size == 98627 and spec.tokenizer == 'embedded:deepseek-v3'\n"
         "assert spec_projection(spec).compressed_size == 98627",
@@ -123,6 +125,7 @@ PYTHON_API = [
         "assert all((rows[k] == buckets[k] + hasher.offsets(k)).all() for k in rows)\n"
         "assert all((buffers[k] == rows[k]).all() for k in rows)",
     ),
+    Example((), "assert sorted(prefill) == sorted(whole) and fresh[sorted(fresh)[0]].shape[:2] == (2, 1)"),
     Example(
         ("demo.zarr",),
         "assert store.lookup(1, rows[1]).shape == (1, 4, 8, 16)\n"
@@ -151,6 +154,7 @@ PYTHON_API = [
         "assert report.to_json() and health.to_json()\n"
         "assert sorted(corpus.summary.to_json()['formats']) == ['megatron', 'parquet']",
     ),
+    Example(("data",), "assert report.to_json() and report.corpus.tokens > 0"),
     Example(("demo.zarr",), "assert engram.open_tables('demo.zarr').layer_ids == (1, 3)"),
 ]
 

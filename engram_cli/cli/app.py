@@ -486,6 +486,20 @@ def inspect_command(
         help="Where the spill folder goes (default: the temp dir); removed at the end.",
     ),
     barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
+    traffic: bool = typer.Option(
+        False, "--traffic", help="Also the row traffic: lookups per row, coverage, LRU and static cache hit rates."
+    ),
+    cache_sizes: str | None = typer.Option(
+        None,
+        "--cache-sizes",
+        help="--traffic: cache sizes per layer (default 1GiB,8GiB,64GiB), rows at the store dtype.",
+    ),
+    hot_rows: Path | None = typer.Option(
+        None, "--hot-rows", parser=path_value, help="--traffic: write each layer's most read rows to this .safetensors."
+    ),
+    hot_bytes: str | None = typer.Option(
+        None, "--hot-bytes", help="--hot-rows: at most this many bytes of rows per layer (default: every row read)."
+    ),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
@@ -498,9 +512,11 @@ def inspect_command(
             SOURCE, --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
             --skip-unreadable, --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
             --scheduler, --dask-workers and --json, each described by its `help=`.
+        traffic, cache_sizes, hot_rows, hot_bytes: --traffic, --cache-sizes, --hot-rows, --hot-bytes.
     """
     from ..corpus.base import CorpusOptions
     from .commands import run_inspect
+    from .traffic import traffic_options
 
     options = CorpusOptions(
         doc_per=doc_per,
@@ -529,6 +545,8 @@ def inspect_command(
             scheduler=scheduler,
             dask_workers=dask_workers,
             barrier_ids=barrier_ids or None,
+            traffic=traffic_options(traffic, cache_sizes, hot_rows, hot_bytes),
+            hot_rows=hot_rows,
         ),
         as_json,
     )

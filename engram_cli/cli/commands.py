@@ -27,6 +27,7 @@ from ..spec import load_spec
 from ..store.build import BuildReport, build_tables
 from ..store.layout import ShardBy
 from ..store.tables import open_tables
+from ..traffic.statistics import TrafficOptions
 from ..vocab import load_projection
 from .cluster import dask_client
 from .render import progress_bars, stderr_console
@@ -277,6 +278,8 @@ def run_inspect(
     scheduler: str | None,
     dask_workers: int | None,
     barrier_ids: list[int] | None = None,
+    traffic: TrafficOptions | None = None,
+    hot_rows: Path | None = None,
 ) -> InspectReport:
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
@@ -286,7 +289,10 @@ def run_inspect(
         sweep, plot, top, verify: --sweep (as typed, "1,2,5"), --plot, --top and --verify.
         max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
         scheduler, dask_workers: where the corpus is counted (`cluster.dask_client`).
+        traffic, hot_rows: --traffic and its options (`cli.traffic.traffic_options`), --hot-rows.
     """
+    if hot_rows is not None and (hot_rows.is_dir() or not hot_rows.parent.is_dir()):
+        raise UsageError(f"cannot write the hot rows to {hot_rows}: give a file in an existing folder")
     if plot is not None:
         if not corpus:
             raise UsageError("--sweep, --plot and --top describe collisions: give --corpus PATH")
@@ -310,13 +316,22 @@ def run_inspect(
                 client=client,
                 progress=bars,
             ),
+            traffic=traffic,
         )
     report.source = source
+    if hot_rows is not None and report.traffic is not None and report.traffic.hot is not None:
+        report.traffic.hot.write(hot_rows)
+        report.traffic.hot_rows_path = str(hot_rows)
     if plot is not None:
         from .plot import draw_collisions
 
         draw_collisions(report, plot)
         report.plot = str(plot)
+        if report.traffic is not None:
+            from .traffic_plot import draw_traffic, traffic_plot_path
+
+            draw_traffic(report.traffic, report.spec.name, report.spec.dtype, traffic_plot_path(plot))
+            report.traffic.plot = str(traffic_plot_path(plot))
     return report
 
 

@@ -426,6 +426,10 @@ def render_inspect_report(report: InspectReport, console: Console) -> None:
             render_top(report.layers, console)
     if report.sweep:
         render_sweep(report.sweep, console)
+    if report.traffic is not None:
+        from .traffic import render_traffic
+
+        render_traffic(report.traffic, report.spec.dtype, console)
     if report.plot:
         console.print(f"wrote {report.plot}")
 

@@ -17,9 +17,12 @@ from ..errors import UsageError
 from ..progress import SILENT, Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from distributed import Client
 
     from ..corpus.base import DocBatch
+    from .runs import OrderKeys
 
 # Runs merged at once; more are first merged in groups of this many (merge rounds).
 FAN_IN = 64
@@ -42,6 +45,8 @@ class CountOptions:
         progress: gets a task per pass (counting, merge rounds, ranges merged, loads, collisions).
         on_batch: called after each batch (or cluster map task, with None), for progress.
         on_statistic: called after each (layer, order, size) is done.
+        on_keys: called with each order's distinct n-grams (merged) once its statistics are done,
+            the bytes of the budget free then, and the worker threads (row traffic counts them).
     """
 
     memory_budget: int | None = None
@@ -52,6 +57,7 @@ class CountOptions:
     progress: Progress = SILENT
     on_batch: Callable[[DocBatch | None], None] | None = None
     on_statistic: Callable[[], None] | None = None
+    on_keys: Callable[[OrderKeys, int, ThreadPoolExecutor], None] | None = None
 
 
 def count_options(given: CountOptions | None, **fields: object) -> CountOptions:

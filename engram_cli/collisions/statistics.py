@@ -443,6 +443,8 @@ def collision_statistics(
                     points[item.factor][item.layer][n] = result
                 if counting.on_statistic:
                     counting.on_statistic()
+            if counting.on_keys:
+                counting.on_keys(orders[n], budget - (store.resident_bytes if store is not None else 0), pool)
             orders[n].remove()
             if store is not None:
                 store.release(n)
