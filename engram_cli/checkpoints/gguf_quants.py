@@ -116,47 +116,55 @@ def _worse(worst: np.float32, stored: np.float32, value: np.float32) -> np.float
     return change if change > worst else worst + change * np.float32(0)
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
-def _quantize_q8_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
-    rows, n = x.shape
-    nb = n // QK
-    for r in numba.prange(rows):
-        cell = np.empty(1, dtype=np.float32)
-        cell_bits = cell.view(np.uint32)
-        worst = np.float32(0.0)
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                v = abs(x[r, b * QK + j])
-                if v > amax:
-                    amax = v
-            d = amax / np.float32(127)
-            inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
-            cell[0] = d
-            h = _half_bits(cell_bits[0])
-            dh = half[h]
-            o = b * 34
-            out[r, o] = np.uint8(h & 0xFF)
-            out[r, o + 1] = np.uint8(h >> 8)
-            for j in range(QK):
-                v = x[r, b * QK + j] * inv
-                a = abs(v)
-                fl = np.floor(a)
-                q = fl + np.floor(np.float32(2) * (a - fl))
-                if v < 0:
-                    q = -q
-                out[r, o + 2 + j] = np.uint8(np.int32(q) & 0xFF)
-                worst = _worse(worst, np.float32(np.int8(np.int32(q) & 0xFF)) * dh, x[r, b * QK + j])
-        err[r] = worst
+@numba.njit(cache=True, nogil=True)
+def _quantize_q8_0(x: np.ndarray, out: np.ndarray, half: np.ndarray) -> np.float32:  # pragma: no cover
+    """Flat float32 values -> flat Q8_0 bytes; returns the largest change (`_worse`). The block's
+    max|x| is a tree over 32 lanes (nan counts as 0, as a skipped value) and the change is kept
+    per lane, so both inner loops are branch-free and vectorize; max is order-free, so the bytes
+    and the change are those of a value-by-value pass."""
+    cell = np.empty(1, dtype=np.float32)
+    cell_bits = cell.view(np.uint32)
+    lanes = np.zeros(QK, dtype=np.float32)
+    mx = np.empty(QK, dtype=np.float32)
+    for b in range(x.size // QK):
+        i = b * QK
+        for j in range(QK):
+            v = abs(x[i + j])
+            mx[j] = v if v > 0 else np.float32(0.0)
+        k = QK // 2
+        while k > 0:
+            for j in range(k):
+                mx[j] = mx[j + k] if mx[j + k] > mx[j] else mx[j]
+            k //= 2
+        d = mx[0] / np.float32(127)
+        inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
+        cell[0] = d
+        h = _half_bits(cell_bits[0])
+        dh = half[h]
+        o = b * 34
+        out[o] = np.uint8(h & 0xFF)
+        out[o + 1] = np.uint8(h >> 8)
+        for j in range(QK):
+            xv = x[i + j]
+            v = xv * inv
+            a = abs(v)
+            fl = np.floor(a)
+            q = np.int32(np.copysign(fl + np.floor(np.float32(2) * (a - fl)), v)) & 0xFF  # half away from 0
+            out[o + 2 + j] = np.uint8(q)
+            lanes[j] = _worse(lanes[j], np.float32(np.int8(q)) * dh, xv)
+    worst = np.float32(0.0)
+    for j in range(QK):
+        worst = _worse(worst, lanes[j], np.float32(0.0))
+    return worst
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_q4_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
     rows, n = x.shape
     nb = n // QK
-    for r in numba.prange(rows):
-        cell = np.empty(1, dtype=np.float32)
-        cell_bits = cell.view(np.uint32)
+    cell = np.empty(1, dtype=np.float32)
+    cell_bits = cell.view(np.uint32)
+    for r in range(rows):
         worst = np.float32(0.0)
         for b in range(nb):
             vmax = x[r, b * QK]  # the first of the largest magnitudes, as argmax picks it
@@ -183,10 +191,10 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.nda
         err[r] = worst
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _to_half(x: np.ndarray, out: np.ndarray, brain: bool) -> None:  # pragma: no cover - compiled
     rows, n = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         bits = x[r].view(np.uint32)
         for j in range(n):
             out[r, j] = _bf16_bits(bits[j]) if brain else _half_bits(bits[j])
@@ -210,14 +218,14 @@ def quantize_measured(values: np.ndarray, qtype: GGMLQuantizationType) -> tuple[
         _to_half(x, half, qtype == GGMLQuantizationType.BF16)
         return half.view(np.uint8), largest_change(x, half.view(np.uint8), qtype)
     out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
-    err = np.zeros(rows, dtype=np.float32)
     if qtype == GGMLQuantizationType.Q8_0:
-        _quantize_q8_0(x, out, _HALF, err)
+        worst = float(_quantize_q8_0(x.reshape(-1), out.reshape(-1), _HALF))
     elif qtype == GGMLQuantizationType.Q4_0:
+        err = np.zeros(rows, dtype=np.float32)
         _quantize_q4_0(x, out, _HALF, err)
+        worst = float(err.max()) if rows else 0.0
     else:
         raise ValueError(f"engram does not write {qtype.name}")
-    worst = float(err.max()) if rows else 0.0
     return out, worst if np.isfinite(worst) else float("inf")
 
 
@@ -226,10 +234,10 @@ def _half_at(row: np.ndarray, o: int, half: np.ndarray) -> np.float32:  # pragma
     return half[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize(kind: int, src: np.ndarray, out: np.ndarray, half: np.ndarray) -> None:  # pragma: no cover
     rows, n = out.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         row = src[r]
         y = out[r]
         if kind == 0:  # F32
@@ -324,11 +332,11 @@ def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, values: int) 
     return out
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _largest_difference(x: np.ndarray, y: np.ndarray) -> float:  # pragma: no cover - compiled
     rows, n = x.shape
     best = np.zeros(rows, dtype=np.float32)
-    for r in numba.prange(rows):
+    for r in range(rows):
         m = np.float32(0.0)
         for j in range(n):
             d = abs(y[r, j] - x[r, j])
