@@ -14,21 +14,28 @@ bit for bit (which is ggml's reference `quantize_row_*_ref`):
 Dequantizing follows ggml's `dequantize_row_*` for F32, F16, BF16, Q8_0, Q4_0 and the K-quants
 (256 values per super-block) Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, with the same float32 products in the
 same order, so the values equal the `gguf` package's `quants.dequantize` (the tests' reference).
-Every kernel is one pass over its blocks, in parallel over rows; the numpy versions in the
-`gguf` package make a temporary per step and are many times slower. The Q8_0 and Q4_0 kernels
+Every kernel is one serial pass over its blocks that releases the GIL; a large call is cut into
+one piece of rows per CPU, run on threads (numba's own parallel loops stall whenever one of their
+workers waits for a busy CPU, and here made the kernels several times slower). The Q8_0 kernels
+run over the flat bytes, so their inner loops vectorize. The numpy versions in the `gguf` package
+make a temporary per step and are many times slower. The Q8_0 and Q4_0 kernels
 also measure, in the same pass, the largest change they made to a value (what an export reports),
 inf when a value is or became inf or nan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..helpers import cpu_count, in_parallel, row_blocks
 from .keys import GgufQuant
 
 QK = 32  # values per Q8_0 / Q4_0 block
+_PIECE_VALUES = 1 << 19  # a call with more values is split over the CPUs, on threads
 QK_K = 256  # values per K-quant super-block
 
 # the types engram writes (by --quant name) and reads
@@ -200,6 +207,15 @@ def _to_half(x: np.ndarray, out: np.ndarray, brain: bool) -> None:  # pragma: no
             out[r, j] = _bf16_bits(bits[j]) if brain else _half_bits(bits[j])
 
 
+def _in_pieces(rows: int, values: int, work: Callable[[tuple[int, int]], float]) -> list[float]:
+    """work((begin, end)) over `rows` rows of `values` values each: one piece per CPU on threads
+    when there are more than `_PIECE_VALUES` values, else one call."""
+    pieces = min(cpu_count(), rows * values // _PIECE_VALUES)
+    if pieces <= 1:
+        return [work((0, rows))]
+    return list(in_parallel(row_blocks(rows, -(-rows // pieces)), work, pieces))
+
+
 def quantize_rows(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Rows of float32 values as the bytes of `qtype` rows, (rows, row_bytes) uint8."""
     return quantize_measured(values, qtype)[0]
@@ -217,15 +233,20 @@ def quantize_measured(values: np.ndarray, qtype: GGMLQuantizationType) -> tuple[
         half = np.empty((rows, n), dtype=np.uint16)
         _to_half(x, half, qtype == GGMLQuantizationType.BF16)
         return half.view(np.uint8), largest_change(x, half.view(np.uint8), qtype)
-    out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
-    if qtype == GGMLQuantizationType.Q8_0:
-        worst = float(_quantize_q8_0(x.reshape(-1), out.reshape(-1), _HALF))
-    elif qtype == GGMLQuantizationType.Q4_0:
-        err = np.zeros(rows, dtype=np.float32)
-        _quantize_q4_0(x, out, _HALF, err)
-        worst = float(err.max()) if rows else 0.0
-    else:
+    if qtype not in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0):
         raise ValueError(f"engram does not write {qtype.name}")
+    out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
+
+    def piece(part: tuple[int, int]) -> float:
+        a, b = part
+        if qtype == GGMLQuantizationType.Q8_0:
+            return float(_quantize_q8_0(x[a:b].reshape(-1), out[a:b].reshape(-1), _HALF))
+        err = np.zeros(b - a, dtype=np.float32)
+        _quantize_q4_0(x[a:b], out[a:b], _HALF, err)
+        return float(err.max()) if b > a else 0.0
+
+    changes = _in_pieces(rows, n, piece)
+    worst = max(changes) if all(np.isfinite(changes)) else float("inf")
     return out, worst if np.isfinite(worst) else float("inf")
 
 
@@ -322,13 +343,32 @@ def _dequantize(kind: int, src: np.ndarray, out: np.ndarray, half: np.ndarray) -
                         y[b * QK_K + e] = dl * np.float32(np.int32(ql | (qh << 4)) - 32)
 
 
+@numba.njit(cache=True, nogil=True)
+def _dequantize_q8_0(src: np.ndarray, y: np.ndarray, half: np.ndarray) -> None:  # pragma: no cover
+    """Flat Q8_0 bytes -> flat float32: `_dequantize`'s Q8_0 products, with a vectorizing inner loop."""
+    for b in range(y.size // QK):
+        o = b * 34
+        d = _half_at(src, o, half)
+        for j in range(QK):
+            y[b * QK + j] = np.float32(np.int8(src[o + 2 + j])) * d
+
+
 def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, values: int) -> np.ndarray:
     """`qtype` rows, (rows, row_bytes) uint8, as float32 (rows, values)."""
     if qtype not in READ_TYPES:
         raise ValueError(f"engram does not read {qtype.name}")
     src = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(qtype, values))
     out = np.empty((src.shape[0], values), dtype=np.float32)
-    _dequantize(int(qtype), src, out, _HALF)
+
+    def piece(part: tuple[int, int]) -> float:
+        a, b = part
+        if qtype == GGMLQuantizationType.Q8_0:
+            _dequantize_q8_0(src[a:b].reshape(-1), out[a:b].reshape(-1), _HALF)
+        else:
+            _dequantize(int(qtype), src[a:b], out[a:b], _HALF)
+        return 0.0
+
+    _in_pieces(len(src), values, piece)
     return out
 
 
