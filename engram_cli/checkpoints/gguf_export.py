@@ -39,6 +39,7 @@ from .reports import ExportReport
 from .sources import StoreSource, open_source_store
 
 _BLOCK_BYTES = 8 << 20  # float32 values quantized and written at a time
+_AHEAD = 2  # blocks read and quantized at once, in background threads, while one is written
 _COPY_BYTES = 16 << 20
 _AS_IS = {
     "float32": GGMLQuantizationType.F32,
@@ -216,7 +217,7 @@ def _write_table(
         return data, change
 
     largest = 0.0
-    for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode):
+    for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode, _AHEAD):
         out.write(memoryview(data).cast("B"))
         largest = max(largest, change)
         advance(end - begin)
