@@ -98,7 +98,9 @@ def parse_index(tail: bytes, layout: LayerLayout) -> np.ndarray | None:
 def chunk_is_intact(payload: bytes, layout: LayerLayout) -> bool:
     """Whether a stored chunk read back whole has the right size and checksum."""
     nbytes = chunk_size(layout)
-    return len(payload) == nbytes and crc_bytes(np.frombuffer(payload, np.uint8, nbytes - CRC_BYTES)) == payload[-CRC_BYTES:]
+    if len(payload) != nbytes:
+        return False
+    return crc_bytes(np.frombuffer(payload, np.uint8, nbytes - CRC_BYTES)) == payload[-CRC_BYTES:]
 
 
 def rows_text(start: int, stop: int) -> str:

@@ -432,7 +432,7 @@ class TableStore:
                         lo, hi = max(a, start), min(b, stop)
                         if (lo, hi) == (a, b) and (b - a) * row_bytes == nbytes - CRC_BYTES:
                             rows = flat[lo - start : hi - start]
-                            got = os.preadv(handle.fileno(), [rows, crc], offset)
+                            got = os.preadv(handle.fileno(), [rows.data, crc], offset)
                             if got != nbytes or crc_bytes(rows) != crc:
                                 raise bad("fails its crc32c checksum", a, b)
                             continue
