@@ -6,7 +6,9 @@ The store is the demo spec with 64 values per head row and its head sizes scaled
 (the whole table read, `gguf.quants.quantize`, `GGUFWriter` writing the file) and against a plain
 sequential write of as many bytes (8 MiB writes, fsync); import (`engram import` of that GGUF into
 a store) and reading its tables alone (`GgufSource`, dequantized to float32) against a plain
-sequential read of the file (from the page cache, as it was just written). Candidates are interleaved, medians of
+sequential read of the file (from the page cache, as it was just written), and against writing
+the float32 values such a read returns (fresh blocks, no decoding: the floor of any dequantizing
+read). Candidates are interleaved, medians of
 `--repeats`. Peak RSS (VmHWM of a fresh process) of the export and the import shows that memory
 does not grow with the tables (rows are streamed).
 
@@ -88,6 +90,15 @@ def plain_read(path: Path) -> None:
             pass
 
 
+def plain_fill(rows: int, dim: int) -> None:
+    """The float32 values a dequantizing read returns, written as fresh blocks of `_ROWS` rows
+    from values in cache: the memory traffic any import must make, with no decoding."""
+    values = np.ones((_ROWS, dim), dtype=np.float32)
+    for begin in range(0, rows, _ROWS):
+        n = min(_ROWS, rows - begin)
+        np.empty((n, dim), dtype=np.float32)[:] = values[:n]
+
+
 def peak_rss(code: str) -> tuple[int, int]:
     """(RSS high-water mark after imports, at the end) of a fresh process running `code` (VmHWM)."""
     script = (
@@ -149,6 +160,9 @@ def main() -> None:
         imports = interleaved(
             {
                 "plain sequential read of the GGUF (baseline)": lambda: plain_read(tables),
+                "plain write of the float32 values in blocks (memory floor)": lambda: plain_fill(
+                    sum(spec.rows(layer) for layer in spec.layer_ids), spec.dim
+                ),
                 "GGUF tables read and dequantized (GgufSource)": read_tables,
                 "engram import (read, dequantize, write the float32 store)": imported,
             },

@@ -7,6 +7,7 @@ read them. Writing outputs (temporaries, the swap into place, free space) is `ou
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import gc
@@ -23,17 +24,16 @@ from .errors import ResourceError
 T = TypeVar("T")
 
 
-def prefetched(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
-    """(item, read(item)) in order, the next item read in a background thread meanwhile: reading
-    overlaps writing, and at most two blocks are in memory."""
-    if not items:
-        return
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-read") as pool:
-        pending = pool.submit(read, items[0])
+def prefetched(items: Sequence[T], read: Callable[[T], Any], ahead: int = 1) -> Iterator[tuple[T, Any]]:
+    """(item, read(item)) in order, the next `ahead` items read in background threads meanwhile:
+    reading overlaps writing (and, with `ahead` > 1, other reads), and at most `ahead` + 1 blocks
+    are in memory."""
+    with concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="engram-read") as pool:
+        pending = collections.deque(pool.submit(read, item) for item in items[:ahead])
         for i, item in enumerate(items):
-            result = pending.result()
-            if i + 1 < len(items):
-                pending = pool.submit(read, items[i + 1])
+            result = pending.popleft().result()
+            if i + ahead < len(items):
+                pending.append(pool.submit(read, items[i + ahead]))
             yield item, result
 
 

@@ -2,11 +2,12 @@
 
 The header (keys and tensor infos, `gguf_file.layout_file`) is laid out first: every tensor's size
 follows from its shape and type, so each tensor's offset is known before a byte of data is. Then
-each table is read from the store a block of rows at a time, quantized (`gguf_quants`, the next
-block read and quantized in a background thread while this one is written) and appended, so
-memory holds two blocks whatever the table size; each quantized block is dequantized again to
-report the largest change made to a value, as every lossy export does. Tables whose store dtype is the file's type
-(float32 to F32, bfloat16 to BF16, float16 to F16) are copied as they are.
+each table is read from the store a block of 4 MiB of values at a time, quantized (`gguf_quants`)
+and appended; the next `_AHEAD` blocks are read and quantized in background threads while one is
+written, so reading, quantizing and writing overlap on every CPU and memory holds `_AHEAD` + 1
+blocks whatever the table size. The quantizer measures the largest change it made to a value, in
+the same pass, as every lossy export reports. Tables whose store dtype is the file's type (float32
+to F32, bfloat16 to BF16, float16 to F16) are copied as they are.
 
 Without `--into` the file holds the Engram keys (`gguf_format`) under `general.architecture`
 deepseek41 and one tensor per layer. With `--into MODEL.gguf` it is a copy of that model with its
@@ -38,7 +39,8 @@ from .output import EXPORT
 from .reports import ExportReport
 from .sources import StoreSource, open_source_store
 
-_BLOCK_BYTES = 8 << 20  # float32 values quantized and written at a time
+_BLOCK_BYTES = 4 << 20  # float32 values quantized and written at a time
+_AHEAD = 3  # blocks read and quantized at once, in background threads, while one is written
 _COPY_BYTES = 16 << 20
 _AS_IS = {
     "float32": GGMLQuantizationType.F32,
@@ -216,7 +218,7 @@ def _write_table(
         return data, change
 
     largest = 0.0
-    for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode):
+    for (begin, end), (data, change) in prefetched(list(row_blocks(reader.rows, block)), encode, _AHEAD):
         out.write(memoryview(data).cast("B"))
         largest = max(largest, change)
         advance(end - begin)

@@ -14,21 +14,28 @@ bit for bit (which is ggml's reference `quantize_row_*_ref`):
 Dequantizing follows ggml's `dequantize_row_*` for F32, F16, BF16, Q8_0, Q4_0 and the K-quants
 (256 values per super-block) Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, with the same float32 products in the
 same order, so the values equal the `gguf` package's `quants.dequantize` (the tests' reference).
-Every kernel is one pass over its blocks, in parallel over rows; the numpy versions in the
-`gguf` package make a temporary per step and are many times slower. The Q8_0 and Q4_0 kernels
+Every kernel is one serial pass over its blocks that releases the GIL; a large call is cut into
+one piece of rows per CPU, run on threads (numba's own parallel loops stall whenever one of their
+workers waits for a busy CPU, and here made the kernels several times slower). The Q8_0 kernels
+run over the flat bytes, so their inner loops vectorize. The numpy versions in the `gguf` package
+make a temporary per step and are many times slower. The Q8_0 and Q4_0 kernels
 also measure, in the same pass, the largest change they made to a value (what an export reports),
 inf when a value is or became inf or nan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..helpers import cpu_count, in_parallel, row_blocks
 from .keys import GgufQuant
 
 QK = 32  # values per Q8_0 / Q4_0 block
+_PIECE_VALUES = 1 << 19  # a call with more values is split over the CPUs, on threads
 QK_K = 256  # values per K-quant super-block
 
 # the types engram writes (by --quant name) and reads
@@ -116,47 +123,55 @@ def _worse(worst: np.float32, stored: np.float32, value: np.float32) -> np.float
     return change if change > worst else worst + change * np.float32(0)
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
-def _quantize_q8_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
-    rows, n = x.shape
-    nb = n // QK
-    for r in numba.prange(rows):
-        cell = np.empty(1, dtype=np.float32)
-        cell_bits = cell.view(np.uint32)
-        worst = np.float32(0.0)
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                v = abs(x[r, b * QK + j])
-                if v > amax:
-                    amax = v
-            d = amax / np.float32(127)
-            inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
-            cell[0] = d
-            h = _half_bits(cell_bits[0])
-            dh = half[h]
-            o = b * 34
-            out[r, o] = np.uint8(h & 0xFF)
-            out[r, o + 1] = np.uint8(h >> 8)
-            for j in range(QK):
-                v = x[r, b * QK + j] * inv
-                a = abs(v)
-                fl = np.floor(a)
-                q = fl + np.floor(np.float32(2) * (a - fl))
-                if v < 0:
-                    q = -q
-                out[r, o + 2 + j] = np.uint8(np.int32(q) & 0xFF)
-                worst = _worse(worst, np.float32(np.int8(np.int32(q) & 0xFF)) * dh, x[r, b * QK + j])
-        err[r] = worst
+@numba.njit(cache=True, nogil=True)
+def _quantize_q8_0(x: np.ndarray, out: np.ndarray, half: np.ndarray) -> np.float32:  # pragma: no cover
+    """Flat float32 values -> flat Q8_0 bytes; returns the largest change (`_worse`). The block's
+    max|x| is a tree over 32 lanes (nan counts as 0, as a skipped value) and the change is kept
+    per lane, so both inner loops are branch-free and vectorize; max is order-free, so the bytes
+    and the change are those of a value-by-value pass."""
+    cell = np.empty(1, dtype=np.float32)
+    cell_bits = cell.view(np.uint32)
+    lanes = np.zeros(QK, dtype=np.float32)
+    mx = np.empty(QK, dtype=np.float32)
+    for b in range(x.size // QK):
+        i = b * QK
+        for j in range(QK):
+            v = abs(x[i + j])
+            mx[j] = v if v > 0 else np.float32(0.0)
+        k = QK // 2
+        while k > 0:
+            for j in range(k):
+                mx[j] = mx[j + k] if mx[j + k] > mx[j] else mx[j]
+            k //= 2
+        d = mx[0] / np.float32(127)
+        inv = np.float32(0.0) if d == 0 else np.float32(1.0) / d
+        cell[0] = d
+        h = _half_bits(cell_bits[0])
+        dh = half[h]
+        o = b * 34
+        out[o] = np.uint8(h & 0xFF)
+        out[o + 1] = np.uint8(h >> 8)
+        for j in range(QK):
+            xv = x[i + j]
+            v = xv * inv
+            a = abs(v)
+            fl = np.floor(a)
+            q = np.int32(np.copysign(fl + np.floor(np.float32(2) * (a - fl)), v)) & 0xFF  # half away from 0
+            out[o + 2 + j] = np.uint8(q)
+            lanes[j] = _worse(lanes[j], np.float32(np.int8(q)) * dh, xv)
+    worst = np.float32(0.0)
+    for j in range(QK):
+        worst = _worse(worst, lanes[j], np.float32(0.0))
+    return worst
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_q4_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.ndarray) -> None:  # pragma: no cover
     rows, n = x.shape
     nb = n // QK
-    for r in numba.prange(rows):
-        cell = np.empty(1, dtype=np.float32)
-        cell_bits = cell.view(np.uint32)
+    cell = np.empty(1, dtype=np.float32)
+    cell_bits = cell.view(np.uint32)
+    for r in range(rows):
         worst = np.float32(0.0)
         for b in range(nb):
             vmax = x[r, b * QK]  # the first of the largest magnitudes, as argmax picks it
@@ -183,13 +198,22 @@ def _quantize_q4_0(x: np.ndarray, out: np.ndarray, half: np.ndarray, err: np.nda
         err[r] = worst
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _to_half(x: np.ndarray, out: np.ndarray, brain: bool) -> None:  # pragma: no cover - compiled
     rows, n = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         bits = x[r].view(np.uint32)
         for j in range(n):
             out[r, j] = _bf16_bits(bits[j]) if brain else _half_bits(bits[j])
+
+
+def _in_pieces(rows: int, values: int, work: Callable[[tuple[int, int]], float]) -> list[float]:
+    """work((begin, end)) over `rows` rows of `values` values each: one piece per CPU on threads
+    when there are more than `_PIECE_VALUES` values, else one call."""
+    pieces = min(cpu_count(), rows * values // _PIECE_VALUES)
+    if pieces <= 1:
+        return [work((0, rows))]
+    return list(in_parallel(row_blocks(rows, -(-rows // pieces)), work, pieces))
 
 
 def quantize_rows(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -209,15 +233,20 @@ def quantize_measured(values: np.ndarray, qtype: GGMLQuantizationType) -> tuple[
         half = np.empty((rows, n), dtype=np.uint16)
         _to_half(x, half, qtype == GGMLQuantizationType.BF16)
         return half.view(np.uint8), largest_change(x, half.view(np.uint8), qtype)
-    out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
-    err = np.zeros(rows, dtype=np.float32)
-    if qtype == GGMLQuantizationType.Q8_0:
-        _quantize_q8_0(x, out, _HALF, err)
-    elif qtype == GGMLQuantizationType.Q4_0:
-        _quantize_q4_0(x, out, _HALF, err)
-    else:
+    if qtype not in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0):
         raise ValueError(f"engram does not write {qtype.name}")
-    worst = float(err.max()) if rows else 0.0
+    out = np.empty((rows, row_bytes(qtype, n)), dtype=np.uint8)
+
+    def piece(part: tuple[int, int]) -> float:
+        a, b = part
+        if qtype == GGMLQuantizationType.Q8_0:
+            return float(_quantize_q8_0(x[a:b].reshape(-1), out[a:b].reshape(-1), _HALF))
+        err = np.zeros(b - a, dtype=np.float32)
+        _quantize_q4_0(x[a:b], out[a:b], _HALF, err)
+        return float(err.max()) if b > a else 0.0
+
+    changes = _in_pieces(rows, n, piece)
+    worst = max(changes) if all(np.isfinite(changes)) else float("inf")
     return out, worst if np.isfinite(worst) else float("inf")
 
 
@@ -226,10 +255,10 @@ def _half_at(row: np.ndarray, o: int, half: np.ndarray) -> np.float32:  # pragma
     return half[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize(kind: int, src: np.ndarray, out: np.ndarray, half: np.ndarray) -> None:  # pragma: no cover
     rows, n = out.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         row = src[r]
         y = out[r]
         if kind == 0:  # F32
@@ -314,21 +343,40 @@ def _dequantize(kind: int, src: np.ndarray, out: np.ndarray, half: np.ndarray) -
                         y[b * QK_K + e] = dl * np.float32(np.int32(ql | (qh << 4)) - 32)
 
 
+@numba.njit(cache=True, nogil=True)
+def _dequantize_q8_0(src: np.ndarray, y: np.ndarray, half: np.ndarray) -> None:  # pragma: no cover
+    """Flat Q8_0 bytes -> flat float32: `_dequantize`'s Q8_0 products, with a vectorizing inner loop."""
+    for b in range(y.size // QK):
+        o = b * 34
+        d = _half_at(src, o, half)
+        for j in range(QK):
+            y[b * QK + j] = np.float32(np.int8(src[o + 2 + j])) * d
+
+
 def dequantize_rows(data: np.ndarray, qtype: GGMLQuantizationType, values: int) -> np.ndarray:
     """`qtype` rows, (rows, row_bytes) uint8, as float32 (rows, values)."""
     if qtype not in READ_TYPES:
         raise ValueError(f"engram does not read {qtype.name}")
     src = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(qtype, values))
     out = np.empty((src.shape[0], values), dtype=np.float32)
-    _dequantize(int(qtype), src, out, _HALF)
+
+    def piece(part: tuple[int, int]) -> float:
+        a, b = part
+        if qtype == GGMLQuantizationType.Q8_0:
+            _dequantize_q8_0(src[a:b].reshape(-1), out[a:b].reshape(-1), _HALF)
+        else:
+            _dequantize(int(qtype), src[a:b], out[a:b], _HALF)
+        return 0.0
+
+    _in_pieces(len(src), values, piece)
     return out
 
 
-@numba.njit(cache=True, parallel=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _largest_difference(x: np.ndarray, y: np.ndarray) -> float:  # pragma: no cover - compiled
     rows, n = x.shape
     best = np.zeros(rows, dtype=np.float32)
-    for r in numba.prange(rows):
+    for r in range(rows):
         m = np.float32(0.0)
         for j in range(n):
             d = abs(y[r, j] - x[r, j])

@@ -148,7 +148,7 @@ class StoreSource(TableSource):
             parts = [(a, min(a + step, end)) for a in range(begin, end, step)]
 
             def fill(part: tuple[int, int]) -> None:
-                out[part[0] - begin : part[1] - begin] = store.read_rows(layer_id, *part)
+                store.read_rows(layer_id, *part, out=out[part[0] - begin : part[1] - begin])
 
             list(self._pool.map(fill, parts))
             return to_torch(out)

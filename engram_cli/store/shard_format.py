@@ -22,7 +22,7 @@ import numpy as np
 from .layout import LayerLayout
 
 _EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not stored
-_CRC = 4  # bytes of a crc32c
+CRC_BYTES = 4  # bytes of a crc32c
 _ENTRY = 16  # bytes of one index entry: offset and nbytes, little-endian uint64
 
 
@@ -65,12 +65,12 @@ def crc_bytes(data: Any) -> bytes:
 
 def index_size(layout: LayerLayout) -> int:
     """Bytes of a shard's index with its checksum: the last bytes of every shard file."""
-    return layout.chunks_per_shard * _ENTRY + _CRC
+    return layout.chunks_per_shard * _ENTRY + CRC_BYTES
 
 
 def chunk_size(layout: LayerLayout) -> int:
     """Bytes of one stored inner chunk with its checksum."""
-    return layout.chunk_rows * layout.dim * layout.itemsize + _CRC
+    return layout.chunk_rows * layout.dim * layout.itemsize + CRC_BYTES
 
 
 def shard_file_size(layout: LayerLayout, index: int) -> int:
@@ -90,15 +90,17 @@ def layer_file_bytes(layout: LayerLayout) -> int:
 def parse_index(tail: bytes, layout: LayerLayout) -> np.ndarray | None:
     """The (chunks_per_shard, 2) offset/nbytes entries of a shard's last `index_size` bytes, or
     None when they are short or fail their checksum (a truncated or corrupt file)."""
-    if len(tail) != index_size(layout) or crc_bytes(tail[:-_CRC]) != tail[-_CRC:]:
+    if len(tail) != index_size(layout) or crc_bytes(tail[:-CRC_BYTES]) != tail[-CRC_BYTES:]:
         return None
-    return np.frombuffer(tail[:-_CRC], dtype="<u8").reshape(-1, 2)
+    return np.frombuffer(tail[:-CRC_BYTES], dtype="<u8").reshape(-1, 2)
 
 
 def chunk_is_intact(payload: bytes, layout: LayerLayout) -> bool:
     """Whether a stored chunk read back whole has the right size and checksum."""
     nbytes = chunk_size(layout)
-    return len(payload) == nbytes and crc_bytes(np.frombuffer(payload, np.uint8, nbytes - _CRC)) == payload[-_CRC:]
+    if len(payload) != nbytes:
+        return False
+    return crc_bytes(np.frombuffer(payload, np.uint8, nbytes - CRC_BYTES)) == payload[-CRC_BYTES:]
 
 
 def rows_text(start: int, stop: int) -> str:

@@ -147,6 +147,24 @@ def test_largest_change_and_what_q8_0_cannot_hold():
         assert quantize_measured(x, T.Q8_0)[1] == quantize_measured(x, T.Q4_0)[1] == np.inf
 
 
+def test_large_calls_split_over_threads_give_the_same_bytes(monkeypatch):
+    """A call cut into pieces on threads writes and measures what one pass over all rows does."""
+    from engram_cli.checkpoints import gguf_quants
+
+    monkeypatch.setattr(gguf_quants, "_PIECE_VALUES", 1024)
+    monkeypatch.setattr(gguf_quants, "cpu_count", lambda: 3)
+    x = (np.random.default_rng(5).standard_normal((301, 64)) * np.linspace(0.1, 9, 301)[:, None]).astype(np.float32)
+    for qtype in (T.Q8_0, T.Q4_0):
+        data, change = quantize_measured(x, qtype)
+        assert data.tobytes() == gguf.quants.quantize(x, qtype).tobytes(), qtype.name
+        back = gguf.quants.dequantize(data, qtype).reshape(x.shape)
+        assert change == float(np.abs(back - x).max()), qtype.name  # the largest change is in the last piece
+        assert dequantize_rows(data, qtype, 64).tobytes() == back.tobytes(), qtype.name
+        y = x.copy()
+        y[150, 3] = np.inf  # in the middle piece
+        assert quantize_measured(y, qtype)[1] == np.inf, qtype.name
+
+
 # --- round trips ---------------------------------------------------------------------------------
 
 
