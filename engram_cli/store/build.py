@@ -48,7 +48,7 @@ from .create import (
     check_outside_stores,
     check_replaceable,
     create_layer_array,
-    create_store,
+    new_store,
     store_exists,
     write_projection_arrays,
 )
@@ -339,7 +339,7 @@ def build_tables(
         if action == "resume":
             store = _repair_for_resume(output, spec, projection)
         else:
-            store = create_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
+            store = new_store(output, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite)
             lock.acquire()  # in the new folder: replacing a store removed the old one's lock file
         rows = sum(lay.rows for lay in store.layouts.values())
         task = progress.task(f"{report.action} {Path(store.path).name}", rows)

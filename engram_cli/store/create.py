@@ -219,10 +219,27 @@ def create_store(
         layers: keep only some of the spec's layers (an import of one layer of a published model):
             rows stay where the model's hasher puts them, and completeness counts only the layers kept.
     """
-    path = store_path(path)
-    if dtype is not None:
-        spec = spec.replace(dtype=dtype)
+    spec = spec if dtype is None else spec.replace(dtype=dtype)
     spec.check_compressed_size(projection.compressed_size, "the projection")
+    return new_store(
+        path, spec, projection, shards=shards, shard_by=shard_by, overwrite=overwrite, init=init, layers=layers
+    )
+
+
+def new_store(
+    path: str | Path,
+    spec: TableSpec,
+    projection: VocabProjection,
+    *,
+    shards: int = 1,
+    shard_by: ShardBy = "rows",
+    overwrite: bool = False,
+    init: dict[str, Any] | None = None,
+    layers: list[int] | None = None,
+) -> TableStore:
+    """`create_store` for a spec and projection already checked against each other where they
+    entered (a build, an import): the same store, without checking their sizes again."""
+    path = store_path(path)
     layouts = plan_layout(spec, shards, shard_by)
     if layers is not None:
         for layer in layers:
