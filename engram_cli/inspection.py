@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collisions.budget import check_counter_memory
+from .collisions.growth import GrowthPoint, GrowthRecorder
 from .collisions.options import CountOptions, count_options
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
@@ -21,6 +22,7 @@ from .corpus.base import CorpusOptions, CorpusSummary
 from .corpus.reader import Corpus
 from .errors import UsageError
 from .progress import SILENT, Progress
+from .sizing import Sizing, SizingRequest
 from .spec import TableSpec
 from .store.health import TableHealth, table_health
 from .store.tables import TableStore
@@ -45,6 +47,8 @@ class InspectReport:
     seconds: float = 0.0
     plot: str | None = None
     barrier_ids: list[int] = field(default_factory=list)
+    growth: dict[int, list[GrowthPoint]] | None = None
+    sizing: Sizing | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `engram inspect --json` output."""
@@ -63,6 +67,7 @@ class InspectReport:
                 "fingerprint": self.projection.fingerprint(),
                 "vocab_size": self.projection.vocab_size,
                 "compressed_size": self.projection.compressed_size,
+                "tokenizer": self.projection.metadata.get("tokenizer_source"),
             },
             "corpus": corpus,
             "barrier_ids": self.barrier_ids,
@@ -70,6 +75,10 @@ class InspectReport:
             "sweep": None if self.sweep is None else [p.to_json() for p in self.sweep],
             "tables": None if self.tables is None else self.tables.to_json(),
             "plot": self.plot,
+            "growth": None
+            if self.growth is None
+            else {str(n): [p.to_json() for p in points] for n, points in self.growth.items()},
+            "sizing": None if self.sizing is None else self.sizing.to_json(),
         }
 
 
@@ -89,6 +98,7 @@ def inspect(
     client: Client | None = None,
     progress: Progress = SILENT,
     part_ids: int | None = None,
+    sizing: SizingRequest | None = None,
 ) -> InspectReport:
     """The whole `engram inspect` job: table health of a store, collision statistics on a corpus.
 
@@ -108,6 +118,8 @@ def inspect(
             `part_ids` ids per corpus part (default: sized to the corpus).
         progress: receives one task per pass (table health; reading and counting the corpus, merge
             rounds, key ranges merged, bucket loads and collisions of every order).
+        sizing: extrapolate the growth of distinct n-grams (recorded whenever the corpus is counted
+            locally) to a training run's tokens, and size the heads for a target or a budget.
     """
     counting = count_options(
         counting, memory_budget=memory_budget, spill_dir=spill_dir, client=client, progress=progress, part_ids=part_ids
@@ -129,8 +141,16 @@ def inspect(
         raise UsageError(
             "nothing to inspect: a spec has no tables, so give a corpus for collision statistics (or a table store)"
         )
-    if (sweep or top or barrier_ids) and not corpus:
-        raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
+    if (sweep or top or barrier_ids or sizing) and not corpus:
+        raise UsageError("a sweep, the top buckets, barrier ids and sizing describe collisions: give a corpus")
+    if sizing is not None and counting.client is not None:
+        raise UsageError("sizing needs the growth of distinct n-grams, recorded when counting locally, not on a cluster")
+    if sizing is not None:
+        sizing.check()
+    growth = None
+    if corpus and counting.client is None and counting.growth is None:
+        growth = GrowthRecorder()
+        counting = replace(counting, growth=growth)
     if corpus:
         check_counter_memory(spec, sweep, counting.memory_budget, local=counting.client is None)  # before table health
     report = InspectReport(
@@ -156,4 +176,9 @@ def inspect(
         )
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
+        if growth is not None:
+            report.growth = {n: growth.points.get(n, []) for n in spec.orders}
+            if sizing is not None:
+                note = f"{', '.join(str(c) for c in corpus)} ({reader.summary.tokens:,} tokens)"
+                report.sizing = sizing.size(spec, report.growth, projection.compressed_size, note)
     return report

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from ..corpus.base import DocBatch
+    from .growth import GrowthRecorder
 
 # Runs merged at once; more are first merged in groups of this many (merge rounds).
 FAN_IN = 64
@@ -42,6 +43,8 @@ class CountOptions:
         progress: gets a task per pass (counting, merge rounds, ranges merged, loads, collisions).
         on_batch: called after each batch (or cluster map task, with None), for progress.
         on_statistic: called after each (layer, order, size) is done.
+        growth: records how the distinct n-grams grow with the tokens read (local counting only;
+            the same numbers at any memory budget).
     """
 
     memory_budget: int | None = None
@@ -52,6 +55,7 @@ class CountOptions:
     progress: Progress = SILENT
     on_batch: Callable[[DocBatch | None], None] | None = None
     on_statistic: Callable[[], None] | None = None
+    growth: GrowthRecorder | None = None
 
 
 def count_options(given: CountOptions | None, **fields: object) -> CountOptions:
