@@ -415,6 +415,28 @@ def inspect_command(
         help="Where the spill folder goes (default: the temp dir); removed at the end.",
     ),
     barrier_ids: list[int] | None = typer.Option(None, "--barrier-id", help=BARRIER_HELP),
+    train_tokens: str | None = typer.Option(
+        None,
+        "--train-tokens",
+        help="Predict the distinct n-grams of each order at this many training tokens (2e12, 2T, 500B).",
+    ),
+    target_rate: str | None = typer.Option(
+        None,
+        "--target-rate",
+        help="With --train-tokens: the smallest head sizes whose expected collision rate is at most this (0.05, 5%).",
+    ),
+    target: str = typer.Option(
+        "weighted", "--target", help="What --target-rate bounds: weighted (each head) or all-heads."
+    ),
+    max_table_bytes: str | None = typer.Option(
+        None,
+        "--max-table-bytes",
+        help="With --train-tokens: the head sizes that spend this budget (200GB) for the least predicted rate.",
+    ),
+    write_spec: Path | None = typer.Option(
+        None, "--write-spec", parser=path_value, help="Write the input spec with the sized heads to this TOML."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --write-spec file."),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
@@ -427,9 +449,11 @@ def inspect_command(
             SOURCE, --projection, --corpus, --doc-per, --text-field, --bin-dtype, --doc-sep, --glob,
             --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
             --scheduler, --dask-workers and --json, each described by its `help=`.
+        train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite: the sizing options
+            --train-tokens, --target-rate, --target, --max-table-bytes, --write-spec and --overwrite.
     """
     from ..corpus.base import CorpusOptions
-    from .commands import run_inspect
+    from .commands import run_inspect, sizing_request
 
     options = CorpusOptions(
         doc_per=doc_per,
@@ -457,6 +481,9 @@ def inspect_command(
             scheduler=scheduler,
             dask_workers=dask_workers,
             barrier_ids=barrier_ids or None,
+            sizing=sizing_request(
+                source, train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite
+            ),
         ),
         as_json,
     )

@@ -19,12 +19,14 @@ from ..corpus.base import CorpusOptions
 from ..errors import Name, UsageError, choose
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
-from ..spec import load_spec
+from ..sizing import TARGETS, SizingRequest
+from ..spec import load_spec, spec_text
 from ..store.build import BuildReport, build_tables
 from ..store.layout import SHARD_BY
 from ..store.tables import open_tables
 from ..vocab import load_projection
 from .cluster import dask_client
+from .quantities import parse_bytes, parse_count, parse_rate
 from .render import progress_bars, stderr_console
 
 
@@ -258,6 +260,7 @@ def run_inspect(
     scheduler: str | None,
     dask_workers: int | None,
     barrier_ids: list[int] | None = None,
+    sizing: SizingRequest | None = None,
 ) -> InspectReport:
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
@@ -267,6 +270,7 @@ def run_inspect(
         sweep, plot, top, verify: --sweep (as typed, "1,2,5"), --plot, --top and --verify.
         max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
         scheduler, dask_workers: where the corpus is counted (`cluster.dask_client`).
+        sizing: what to size (`sizing_request`), or None.
     """
     if plot is not None:
         if not corpus:
@@ -285,6 +289,7 @@ def run_inspect(
             top=top,
             verify=verify,
             barrier_ids=barrier_ids or None,
+            sizing=sizing,
             counting=CountOptions(
                 memory_budget=max_memory_mib << 20 if max_memory_mib else None,
                 spill_dir=spill_dir,
@@ -318,3 +323,39 @@ def parse_factors(text: str) -> list[float]:
 
 def _choice(value: str | None, option: str, allowed: tuple[Name, ...]) -> Name | None:
     return None if value is None else choose(value, allowed, f"{option} must be one of {{allowed}}, got {{value!r}}")
+
+
+def sizing_request(
+    source: str,
+    train_tokens: str | None,
+    target_rate: str | None,
+    target: str,
+    max_table_bytes: str | None,
+    write_spec: Path | None,
+    overwrite: bool,
+) -> SizingRequest | None:
+    """The sizing options of `engram inspect` as a `SizingRequest` (None without --train-tokens).
+
+    Args:
+        source: SOURCE (a spec file or preset keeps its text in a written spec).
+        train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite: the options as typed.
+    """
+    if train_tokens is None:
+        if target_rate is not None or max_table_bytes is not None or write_spec is not None:
+            raise UsageError("--target-rate, --max-table-bytes and --write-spec need --train-tokens N")
+        return None
+    if target_rate is not None and max_table_bytes is not None:
+        raise UsageError("give --target-rate or --max-table-bytes, not both")
+    if write_spec is not None and target_rate is None and max_table_bytes is None:
+        raise UsageError("--write-spec needs --target-rate or --max-table-bytes")
+    chosen = _choice(target, "--target", TARGETS)
+    assert chosen is not None
+    return SizingRequest(
+        train_tokens=parse_count(train_tokens),
+        target_rate=None if target_rate is None else parse_rate(target_rate),
+        target=chosen,
+        max_table_bytes=None if max_table_bytes is None else parse_bytes(max_table_bytes, "--max-table-bytes"),
+        write_spec=write_spec,
+        spec_source=None if Path(source).is_dir() else spec_text(source),
+        overwrite=overwrite,
+    )
