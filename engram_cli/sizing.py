@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -493,11 +494,12 @@ class SizingRequest:
             aim = f"a budget of {self.max_table_bytes:,} bytes"
         else:
             sizing = size_for_target(spec, growth, self.train_tokens, compressed_size, self.target_rate, self.target)
-            aim = f"a {self.target} collision rate of at most {self.target_rate:g}"
+            aim = f"a {self.target} collision rate of at most {self.target_rate:g}" if self.target_rate else ""
         if self.write_spec is not None:
-            comment = (
+            comment = textwrap.fill(
                 f"Written by `engram inspect`: spec {spec.name} with its head sizes (engram_vocab_size) for "
-                f"{aim} at {self.train_tokens:,} training tokens, predicted from {corpus_note or 'a corpus'}."
+                f"{aim} at {self.train_tokens:,} training tokens, predicted from {corpus_note or 'a corpus'}.",
+                width=98,
             )
             write_spec(sizing, self.write_spec, self.spec_source, comment, self.overwrite)
         return sizing

@@ -243,7 +243,7 @@ def test_written_spec_round_trips_through_plan_build_and_inspect(tmp_path):
         lo, hi = sizing["orders"][n]["predicted_range"]
         assert lo <= sizing["orders"][n]["predicted_distinct"] <= hi
     plan = engram_json("plan", str(out))
-    assert plan["rows"] == sizing["tables"]["rows"]
+    assert plan["total"]["rows"] == sizing["tables"]["rows"]
     run_engram("build-tables", str(out), "-o", str(tmp_path / "t.zarr"), check=True)
     again = engram_json("inspect", str(out), "--corpus", str(corpus), "--train-tokens", tokens)
     for n in ("2", "3"):
