@@ -144,7 +144,9 @@ def inspect(
     if (sweep or top or barrier_ids or sizing) and not corpus:
         raise UsageError("a sweep, the top buckets, barrier ids and sizing describe collisions: give a corpus")
     if sizing is not None and counting.client is not None:
-        raise UsageError("sizing needs the growth of distinct n-grams, recorded when counting locally, not on a cluster")
+        raise UsageError(
+            "sizing needs the growth of distinct n-grams, recorded when counting locally, not on a cluster"
+        )
     if sizing is not None:
         sizing.check()
     growth = None

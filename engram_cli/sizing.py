@@ -130,7 +130,12 @@ def predict(growth: Sequence[GrowthPoint], tokens: int, ceiling: int | None = No
     high = min(cap, max(guesses) * (1 + error))
     slope = float(np.polyval(np.polyder(central), x[-1])) if central.size > 1 else 1.0
     return Prediction(
-        tokens, round(distinct), math.floor(min(low, distinct)), math.ceil(max(high, distinct)), slope, float(central[0])
+        tokens,
+        round(distinct),
+        math.floor(min(low, distinct)),
+        math.ceil(max(high, distinct)),
+        slope,
+        float(central[0]),
     )
 
 

@@ -16,7 +16,6 @@ from engram_cli.collisions.statistics import collision_statistics
 from engram_cli.primes import is_prime
 from engram_cli.sizing import (
     all_heads_rate,
-    predict,
     rows_for_rate,
     size_for_budget,
     size_for_target,
@@ -27,9 +26,9 @@ from engram_cli.spec import TableSpec, load_spec
 from engram_cli.vocab import VocabProjection
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_statistics import as_batches
 
 from conftest import engram_json, run_engram
+from test_statistics import as_batches
 
 SPEC = TableSpec(
     layer_ids=(1, 4),
@@ -135,7 +134,9 @@ def test_head_size_for_a_target_is_the_smallest_prime_meeting_it(distinct, rate)
 
 
 def test_sized_spec_meets_the_target_and_the_budget_spends_its_bytes():
-    growth = {n: [GrowthPoint(t, int(t ** (0.8 + 0.05 * n))) for t in (4096, 8192, 16384, 32768, 65536)] for n in (2, 3)}
+    growth = {
+        n: [GrowthPoint(t, int(t ** (0.8 + 0.05 * n))) for t in (4096, 8192, 16384, 32768, 65536)] for n in (2, 3)
+    }
     sizing = size_for_target(SPEC, growth, 10**7, 60, 0.05)
     assert sizing.spec.engram_vocab_size != SPEC.engram_vocab_size
     for n, order in sizing.orders.items():
@@ -224,7 +225,7 @@ def test_written_spec_round_trips_through_plan_build_and_inspect(tmp_path):
     spec = tmp_path / "tiny.toml"
     spec.write_text(
         "# tiny\n[engram]\nlayer_ids = [1]\nmax_ngram_size = 3\nn_head_per_ngram = 2\n"
-        "engram_vocab_size = [101, 103]  # rows\nn_embed_per_ngram = 8\npad_id = 2\n\n[table]\ndtype = \"bfloat16\"\n"
+        'engram_vocab_size = [101, 103]  # rows\nn_embed_per_ngram = 8\npad_id = 2\n\n[table]\ndtype = "bfloat16"\n'
     )
     out = tmp_path / "sized.toml"
     tokens = str(engram_json("inspect", str(spec), "--corpus", str(corpus))["corpus"]["tokens"])

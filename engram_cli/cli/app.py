@@ -481,9 +481,7 @@ def inspect_command(
             scheduler=scheduler,
             dask_workers=dask_workers,
             barrier_ids=barrier_ids or None,
-            sizing=sizing_request(
-                source, train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite
-            ),
+            sizing=sizing_request(source, train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite),
         ),
         as_json,
     )

@@ -19,7 +19,9 @@ _BYTE_UNITS = {
     **{f"{p}IB": 1024**i for i, p in enumerate("KMGTP", 1)},
 }
 
-_NUMBER = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*$")
+_NUMBER = re.compile(
+    r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*$"
+)
 
 
 def _split(text: str, option: str, what: str) -> tuple[float, str]:
