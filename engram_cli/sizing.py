@@ -234,6 +234,7 @@ class Sizing:
     target: Target = "weighted"
     max_table_bytes: int | None = None
     written: str | None = None
+    plot: str | None = None
     law: str = "loglog-quadratic"
     notes: list[str] = field(default_factory=list)
 
@@ -255,6 +256,7 @@ class Sizing:
             "tables": table_sizes(self.spec) if self.sized else None,
             "spec_tables": table_sizes(self.original),
             "written": self.written,
+            "plot": self.plot,
         }
 
 

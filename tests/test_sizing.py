@@ -287,3 +287,37 @@ def test_parsers_take_the_written_forms():
     assert parse_rate("5%") == pytest.approx(0.05) and parse_rate("0.05") == 0.05
     assert parse_bytes("200GB") == 2 * 10**11 and parse_bytes("1GiB") == 1 << 30
     assert math.isclose(parse_rate("12.5%"), 0.125)
+
+
+def test_sizing_plot_labels_never_overlap(tmp_path):
+    """The sizing figure: every order's curves at the run and the sample, the all-heads rate, the
+    target and the sized heads, named in a legend that covers neither the axes nor the title, whose
+    "heads" agree with the title's."""
+    from engram_cli.cli.plot import sizing_figure
+    from engram_cli.corpus.base import CorpusOptions
+    from engram_cli.inspection import inspect
+    from engram_cli.sizing import SizingRequest
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ids = np.concatenate([[0, *(np.array(doc) + 1)] for doc in zipf_docs(30_000, 5_000, 3)]).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    spec = small_spec()
+    report = inspect(
+        spec,
+        corpus=[str(tmp_path / "ids.npy")],
+        options=CorpusOptions(doc_sep=0),
+        sizing=SizingRequest(train_tokens=10**9, target_rate=0.05),
+    )
+    fig = sizing_figure(report)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer))
+    assert not box.overlaps(ax.title.get_window_extent(renderer))
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert len(texts) == 4 * len(spec.orders) + 1 and any(t.startswith("target 5.00%") for t in texts)
+    assert f"{spec.n_head_per_ngram} heads per order" in ax.get_title()
+    assert all(f"all {spec.n_head_per_ngram} heads" in t for t in texts if "all" in t)

@@ -303,6 +303,12 @@ def run_inspect(
 
         draw_collisions(report, plot)
         report.plot = str(plot)
+        if report.sizing is not None:
+            from .plot import draw_sizing
+
+            sized = plot.with_name(f"{plot.stem}-sizing.png")
+            draw_sizing(report, sized)
+            report.sizing.plot = str(sized)
     return report
 
 
