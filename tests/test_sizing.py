@@ -321,3 +321,17 @@ def test_sizing_plot_labels_never_overlap(tmp_path):
     assert len(texts) == 4 * len(spec.orders) + 1 and any(t.startswith("target 5.00%") for t in texts)
     assert f"{spec.n_head_per_ngram} heads per order" in ax.get_title()
     assert all(f"all {spec.n_head_per_ngram} heads" in t for t in texts if "all" in t)
+
+
+def test_spec_text_without_a_source_file_reads_back_as_the_sized_spec():
+    """A store's spec has no file to keep: its fields are written out, and read back the same."""
+    from engram_cli.sizing import spec_text
+    from engram_cli.spec import spec_from_dict
+
+    spec = load_spec("engram-27b").replace(engram_vocab_size=(7, 11))
+    text = spec_text(spec, None, "sized\nfor a test")
+    assert text.startswith("# sized\n# for a test\n")
+    assert spec_from_dict(tomllib.loads(text), name=spec.name) == spec
+    source = text.replace("engram_vocab_size = [7, 11]", "engram_vocab_size = [\n  1,\n  2,\n]  # kept")
+    kept = spec_text(spec, source, "c")
+    assert "engram_vocab_size = [7, 11]  # kept" in kept
