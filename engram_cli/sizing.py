@@ -23,10 +23,11 @@ source of the sizes). With the all-heads target the rate is the product of the h
 (independent multipliers) and the start is found by bisection on that product over the walked
 primes.
 
-A budget (`size_for_budget`): the starts that minimize the sum over orders of the expected rate,
-about 1 - exp(-D/m), for a total of rows the budget pays for: each order's m solves
-D / m**2 * exp(-D / m) = lambda on the branch m >= D / 2, and lambda is bisected until the
-sized spec's bytes fit.
+A budget (`size_for_budget`): the starts that minimize the sum over orders of the expected rate
+for the rows the budget pays for: the rows go out in BUDGET_STEPS equal shares, each to the
+order whose rate it lowers most (the rate is convex in m past D / 2, where greedy shares are
+optimal to a share; below it, where a tight budget leaves every rate near 1, greedy still spends
+the whole budget), then shrunk until the walked primes fit.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from .spec import MAX_HEAD_SIZE, TableSpec, spec_from_dict
 
 Target = Literal["weighted", "all-heads"]
 TARGETS: tuple[Target, ...] = ("weighted", "all-heads")
+
+# Equal shares of a table budget handed to the orders one at a time.
+BUDGET_STEPS = 2000
 
 # Bytes per value the report lists besides the spec's own dtype.
 REPORT_DTYPES = {"bfloat16": 2, "float8": 1}
@@ -321,21 +325,23 @@ def _table_bytes(spec: TableSpec) -> int:
     return spec.parameters * DTYPE_BYTES[spec.dtype]
 
 
-def _rows_at(distinct: int, lam: float) -> int:
-    """The m >= distinct / 2 with distinct / m**2 * exp(-distinct / m) = lam (2 when none)."""
-    d = max(1, distinct)
-    if lam >= 4 * math.exp(-2) / d:
-        return 2
-    low, high = d / 2, float(d)
-    while distinct / high**2 * math.exp(-d / high) > lam:
-        high *= 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        if d / mid**2 * math.exp(-d / mid) > lam:
-            low = mid
-        else:
-            high = mid
-    return max(2, math.ceil(high))
+def _rate(rows: float, distinct: int) -> float:
+    """`expected_rate` of a real number of rows (the budget's search runs between primes)."""
+    return float(-math.expm1((distinct - 1) * math.log1p(-1.0 / rows))) if distinct > 1 else 0.0
+
+
+def _split_budget(distinct: dict[int, int], rows: int, steps: int = BUDGET_STEPS) -> dict[int, int]:
+    """Minimum head sizes per order, summing to at most `rows`, that minimize the summed expected
+    rate: the rows in `steps` equal shares, each to the order whose rate it lowers most (greedy)."""
+    share = max(1.0, rows / steps)
+    sizes = {n: 2.0 for n in distinct}
+    left = rows - 2 * len(sizes)
+    while left >= share:
+        gain = {n: _rate(m, distinct[n]) - _rate(m + share, distinct[n]) for n, m in sizes.items()}
+        best = max(gain, key=lambda n: gain[n])
+        sizes[best] += share
+        left -= share
+    return {n: max(2, min(MAX_HEAD_SIZE, math.floor(m))) for n, m in sizes.items()}
 
 
 def size_for_budget(
@@ -360,26 +366,15 @@ def size_for_budget(
             f"({_table_bytes(smallest):,} bytes)"
         )
 
-    def starts(lam: float) -> dict[int, int]:
-        return {n: min(MAX_HEAD_SIZE, _rows_at(predictions[n].distinct, lam)) for n in spec.orders}
-
-    def fits(lam: float) -> bool:
-        s = starts(lam)
-        return _table_bytes(spec.replace(engram_vocab_size=tuple(s[n] for n in spec.orders))) <= max_table_bytes
-
-    low, high = 1e-300, 1.0  # lam: low spends too much (or fits), high always fits (all 2)
-    if fits(low):
-        high = low
-    else:
-        for _ in range(200):
-            mid = math.sqrt(low * high)
-            if fits(mid):
-                high = mid
-            else:
-                low = mid
-            if high / low < 1 + 1e-9:
-                break
-    sized, orders = _order_sizings(spec, predictions, starts(high))
+    per_start = len(spec.layer_ids) * spec.n_head_per_ngram * spec.dim * DTYPE_BYTES[spec.dtype]
+    rows = max_table_bytes // per_start
+    while True:  # the walked primes lie above the starts: shrink until the tables fit
+        split = _split_budget({n: predictions[n].distinct for n in spec.orders}, rows)
+        candidate = spec.replace(engram_vocab_size=tuple(split[n] for n in spec.orders))
+        if _table_bytes(candidate) <= max_table_bytes or rows <= 2 * len(split):
+            break
+        rows = int(rows * 0.995)
+    sized, orders = _order_sizings(spec, predictions, split)
     return Sizing(train_tokens, orders, sized, spec, max_table_bytes=max_table_bytes)
 
 
