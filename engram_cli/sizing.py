@@ -335,7 +335,7 @@ def _split_budget(distinct: dict[int, int], rows: int, steps: int = BUDGET_STEPS
     rate: the rows in `steps` equal shares, each to the order whose rate it lowers most (greedy)."""
     share = max(1.0, rows / steps)
     sizes = {n: 2.0 for n in distinct}
-    left = rows - 2 * len(sizes)
+    left = float(rows - 2 * len(sizes))
     while left >= share:
         gain = {n: _rate(m, distinct[n]) - _rate(m + share, distinct[n]) for n, m in sizes.items()}
         best = max(gain, key=lambda n: gain[n])
