@@ -52,6 +52,8 @@ def render_sizing(report: InspectReport, console: Console) -> None:
     print_table(console, table)
     if sizing.sized:
         _render_tables(sizing, console)
+    if sizing.plot:
+        console.print(f"wrote {sizing.plot}")
 
 
 def _render_tables(sizing: Sizing, console: Console) -> None:
