@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .collisions.budget import check_counter_memory, minimum_memory_budget, out_of_memory
+from .collisions.growth import GrowthPoint, GrowthRecorder
 from .collisions.options import CountOptions, count_options
 from .collisions.reports import LayerStats, SweepPoint, layers_json
 from .collisions.statistics import collision_statistics
@@ -21,6 +22,7 @@ from .corpus.base import CorpusOptions, CorpusSummary
 from .corpus.reader import Corpus
 from .errors import UsageError
 from .progress import SILENT, Progress
+from .sizing import Sizing, SizingRequest
 from .spec import TableSpec
 from .store.health import TableHealth, table_health
 from .store.tables import TableStore
@@ -47,6 +49,8 @@ class InspectReport:
     plot: str | None = None
     barrier_ids: list[int] = field(default_factory=list)
     traffic: TrafficReport | None = None
+    growth: dict[int, list[GrowthPoint]] | None = None
+    sizing: Sizing | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `engram inspect --json` output."""
@@ -65,6 +69,7 @@ class InspectReport:
                 "fingerprint": self.projection.fingerprint(),
                 "vocab_size": self.projection.vocab_size,
                 "compressed_size": self.projection.compressed_size,
+                "tokenizer": self.projection.metadata.get("tokenizer_source"),
             },
             "corpus": corpus,
             "barrier_ids": self.barrier_ids,
@@ -72,6 +77,10 @@ class InspectReport:
             "sweep": None if self.sweep is None else [p.to_json() for p in self.sweep],
             "tables": None if self.tables is None else self.tables.to_json(),
             "plot": self.plot,
+            "growth": None
+            if self.growth is None
+            else {str(n): [p.to_json() for p in points] for n, points in self.growth.items()},
+            "sizing": None if self.sizing is None else self.sizing.to_json(),
         }
         if self.traffic is not None:  # only asked for: the JSON of an inspect without --traffic is unchanged
             out["traffic"] = self.traffic.to_json()
@@ -95,6 +104,7 @@ def inspect(
     progress: Progress = SILENT,
     part_ids: int | None = None,
     traffic: TrafficOptions | None = None,
+    sizing: SizingRequest | None = None,
 ) -> InspectReport:
     """The whole `engram inspect` job: table health of a store, collision statistics on a corpus.
 
@@ -117,6 +127,8 @@ def inspect(
         traffic: also the row traffic of the corpus (`TrafficOptions`): lookups per row, coverage,
             cache hit rates, the hot rows; counted in the same reading of the corpus, within the
             same memory budget (the LRU curves take a share of it; see `traffic.statistics`).
+        sizing: extrapolate the growth of distinct n-grams (recorded whenever the corpus is counted
+            locally) to a training run's tokens, and size the heads for a target or a budget.
     """
     counting = count_options(
         counting, memory_budget=memory_budget, spill_dir=spill_dir, client=client, progress=progress, part_ids=part_ids
@@ -138,11 +150,21 @@ def inspect(
         raise UsageError(
             "nothing to inspect: a spec has no tables, so give a corpus for collision statistics (or a table store)"
         )
-    if (sweep or top or barrier_ids) and not corpus:
-        raise UsageError("a sweep, the top buckets and barrier ids describe collisions: give a corpus")
+    if (sweep or top or barrier_ids or sizing) and not corpus:
+        raise UsageError("a sweep, the top buckets, barrier ids and sizing describe collisions: give a corpus")
+    if sizing is not None and counting.client is not None:
+        raise UsageError(
+            "sizing needs the growth of distinct n-grams, recorded when counting locally, not on a cluster"
+        )
+    if sizing is not None:
+        sizing.check()
     if traffic is not None and not corpus:
         raise UsageError("row traffic is the lookups of a corpus: give a corpus")
     counter = None
+    growth = None
+    if corpus and counting.client is None and counting.growth is None:
+        growth = GrowthRecorder()
+        counting = replace(counting, growth=growth)
     if corpus:
         budget = check_counter_memory(
             spec, sweep, counting.memory_budget, local=counting.client is None
@@ -198,4 +220,9 @@ def inspect(
                 counter.close()
         report.corpus, report.layers, report.sweep = reader.summary, layers, points
         report.spilled_bytes, report.seconds = spilled, time.perf_counter() - started
+        if growth is not None:
+            report.growth = {n: growth.points.get(n, []) for n in spec.orders}
+            if sizing is not None:
+                note = f"{', '.join(str(c) for c in corpus)} ({reader.summary.tokens:,} tokens)"
+                report.sizing = sizing.size(spec, report.growth, projection.compressed_size, note)
     return report

@@ -409,3 +409,14 @@ def load_spec(path_or_preset: str | Path) -> TableSpec:
         if not Path(spec.tokenizer).is_absolute() and beside.exists():  # a path is relative to the spec file
             spec = spec.replace(tokenizer=str(beside.resolve()))
     return spec
+
+
+def spec_text(path_or_preset: str | Path) -> str | None:
+    """The TOML text of a spec file or preset (None when it names neither), to keep its lines and
+    comments where a changed copy is written."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.suffix != ".toml" and str(path_or_preset) in preset_names():
+        return (_presets() / f"{path_or_preset}.toml").read_text(encoding="utf-8")
+    return None

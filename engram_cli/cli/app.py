@@ -23,6 +23,7 @@ from ..checkpoints.reports import ExportTarget
 from ..corpus.base import BinDType, DocPer
 from ..dtypes import InferenceDType, StoreDType
 from ..errors import EngramError
+from ..sizing import Target
 from ..store.layout import ShardBy
 from .help import EngramCommand, EngramGroup
 from .render import emit
@@ -500,6 +501,28 @@ def inspect_command(
     hot_bytes: str | None = typer.Option(
         None, "--hot-bytes", help="--hot-rows: at most this many bytes of rows per layer (default: every row read)."
     ),
+    train_tokens: str | None = typer.Option(
+        None,
+        "--train-tokens",
+        help="Predict the distinct n-grams of each order at this many training tokens (2e12, 2T, 500B).",
+    ),
+    target_rate: str | None = typer.Option(
+        None,
+        "--target-rate",
+        help="With --train-tokens: the smallest head sizes whose expected collision rate is at most this (0.05, 5%).",
+    ),
+    target: Target = typer.Option(
+        "weighted", "--target", help="What --target-rate bounds: weighted (each head) or all-heads."
+    ),
+    max_table_bytes: str | None = typer.Option(
+        None,
+        "--max-table-bytes",
+        help="With --train-tokens: the head sizes that spend this budget (200GB) for the least predicted rate.",
+    ),
+    write_spec: Path | None = typer.Option(
+        None, "--write-spec", parser=path_value, help="Write the input spec with the sized heads to this TOML."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --write-spec file."),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
     as_json: bool = JSON_OPTION,
@@ -513,9 +536,11 @@ def inspect_command(
             --skip-unreadable, --max-tokens, --sweep, --plot, --top, --verify, --max-memory, --spill-dir, --barrier-id,
             --scheduler, --dask-workers and --json, each described by its `help=`.
         traffic, cache_sizes, hot_rows, hot_bytes: --traffic, --cache-sizes, --hot-rows, --hot-bytes.
+        train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite: the sizing options
+            --train-tokens, --target-rate, --target, --max-table-bytes, --write-spec and --overwrite.
     """
     from ..corpus.base import CorpusOptions
-    from .commands import run_inspect
+    from .commands import run_inspect, sizing_request
     from .traffic import traffic_options
 
     options = CorpusOptions(
@@ -547,6 +572,7 @@ def inspect_command(
             barrier_ids=barrier_ids or None,
             traffic=traffic_options(traffic, cache_sizes, hot_rows, hot_bytes),
             hot_rows=hot_rows,
+            sizing=sizing_request(source, train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite),
         ),
         as_json,
     )

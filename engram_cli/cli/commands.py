@@ -23,13 +23,15 @@ from ..errors import UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
 from ..output import PLOT, Output
-from ..spec import load_spec
+from ..sizing import SizingRequest, Target
+from ..spec import load_spec, spec_text
 from ..store.build import BuildReport, build_tables
 from ..store.layout import ShardBy
 from ..store.tables import open_tables
 from ..traffic.statistics import TrafficOptions
 from ..vocab import load_projection
 from .cluster import dask_client
+from .quantities import parse_bytes, parse_count, parse_rate
 from .render import progress_bars, stderr_console
 
 
@@ -280,6 +282,7 @@ def run_inspect(
     barrier_ids: list[int] | None = None,
     traffic: TrafficOptions | None = None,
     hot_rows: Path | None = None,
+    sizing: SizingRequest | None = None,
 ) -> InspectReport:
     """`engram inspect`: a store folder or a spec name, the corpus options, the plot file.
 
@@ -290,6 +293,7 @@ def run_inspect(
         max_memory_mib, spill_dir: --max-memory (MiB) and --spill-dir.
         scheduler, dask_workers: where the corpus is counted (`cluster.dask_client`).
         traffic, hot_rows: --traffic and its options (`cli.traffic.traffic_options`), --hot-rows.
+        sizing: what to size (`sizing_request`), or None.
     """
     if hot_rows is not None and (hot_rows.is_dir() or not hot_rows.parent.is_dir()):
         raise UsageError(f"cannot write the hot rows to {hot_rows}: give a file in an existing folder")
@@ -310,6 +314,7 @@ def run_inspect(
             top=top,
             verify=verify,
             barrier_ids=barrier_ids or None,
+            sizing=sizing,
             counting=CountOptions(
                 memory_budget=max_memory_mib << 20 if max_memory_mib else None,
                 spill_dir=spill_dir,
@@ -332,6 +337,12 @@ def run_inspect(
 
             draw_traffic(report.traffic, report.spec.name, report.spec.dtype, traffic_plot_path(plot))
             report.traffic.plot = str(traffic_plot_path(plot))
+        if report.sizing is not None:
+            from .plot import draw_sizing
+
+            sized = plot.with_name(f"{plot.stem}-sizing.png")
+            draw_sizing(report, sized)
+            report.sizing.plot = str(sized)
     return report
 
 
@@ -348,3 +359,37 @@ def parse_factors(text: str) -> list[float]:
         if value not in factors:
             factors.append(value)
     return factors
+
+
+def sizing_request(
+    source: str,
+    train_tokens: str | None,
+    target_rate: str | None,
+    target: Target,
+    max_table_bytes: str | None,
+    write_spec: Path | None,
+    overwrite: bool,
+) -> SizingRequest | None:
+    """The sizing options of `engram inspect` as a `SizingRequest` (None without --train-tokens).
+
+    Args:
+        source: SOURCE (a spec file or preset keeps its text in a written spec).
+        train_tokens, target_rate, target, max_table_bytes, write_spec, overwrite: the options as typed.
+    """
+    if train_tokens is None:
+        if target_rate is not None or max_table_bytes is not None or write_spec is not None:
+            raise UsageError("--target-rate, --max-table-bytes and --write-spec need --train-tokens N")
+        return None
+    if target_rate is not None and max_table_bytes is not None:
+        raise UsageError("give --target-rate or --max-table-bytes, not both")
+    if write_spec is not None and target_rate is None and max_table_bytes is None:
+        raise UsageError("--write-spec needs --target-rate or --max-table-bytes")
+    return SizingRequest(
+        train_tokens=parse_count(train_tokens),
+        target_rate=None if target_rate is None else parse_rate(target_rate),
+        target=target,
+        max_table_bytes=None if max_table_bytes is None else parse_bytes(max_table_bytes, "--max-table-bytes"),
+        write_spec=write_spec,
+        spec_source=None if Path(source).is_dir() else spec_text(source),
+        overwrite=overwrite,
+    )

@@ -163,3 +163,60 @@ def _save(fig: Figure, path: Path) -> None:
     """Write next to the target and rename (`output`), so a reader never sees half a PNG."""
     with Output(path, PLOT, overwrite=True).writing() as tmp, open(tmp, "wb") as handle:
         fig.savefig(handle, format="png")
+
+
+def draw_sizing(report: InspectReport, path: str | Path) -> None:
+    """Draw the figure of `sizing_figure` to a PNG at `path`."""
+    _save(sizing_figure(report), Path(path))
+
+
+def sizing_figure(report: InspectReport) -> Figure:
+    """Expected collision rate of each order against the bytes of its heads (all layers): at the
+    training run's predicted distinct n-grams (solid, the all-heads rate dotted) beside the
+    sample's (dashed), the target as a horizontal line and the sized heads marked. The legend sits
+    outside the axes, so no label covers a curve or another label."""
+    sizing = report.sizing
+    if sizing is None:
+        raise EngramError("the sizing plot needs --train-tokens")
+    spec = sizing.original
+    growth = report.growth or {}
+    heads = spec.n_head_per_ngram
+    per_row = len(spec.layer_ids) * heads * spec.dim * DTYPE_BYTES[spec.dtype]
+    fig = Figure(figsize=(11, 5.4), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for i, (n, order) in enumerate(sizing.orders.items()):
+        color = _COLORS[i % len(_COLORS)]
+        predicted = order.prediction.distinct
+        sample = growth[n][-1].distinct if growth.get(n) else predicted
+        rows = np.geomspace(max(2.0, min(sample, predicted) / 100), max(predicted, sample) * 100, 240)
+        at_run = _ideal_curve(rows, predicted)
+        ax.plot(rows * per_row, at_run, "-", color=color, label=f"n={n}: at {sizing.train_tokens:,} tokens")
+        ax.plot(rows * per_row, at_run**heads, ":", color=color, label=f"n={n}: all {heads} heads of the order")
+        ax.plot(rows * per_row, _ideal_curve(rows, sample), "--", color=color, alpha=0.6, label=f"n={n}: the sample")
+        if sizing.sized:
+            size = order.head_rows[0]
+            ax.plot(
+                [size * per_row],
+                [order.weighted_rate],
+                "o",
+                color=color,
+                markersize=8,
+                label=f"n={n}: sized, {size:,} rows/head, {human_bytes(size * per_row)}",
+            )
+    if sizing.target_rate is not None:
+        ax.axhline(
+            sizing.target_rate, color="black", linewidth=1, label=f"target {sizing.target_rate:.2%} ({sizing.target})"
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-5, 1.2)
+    ax.set_xlabel(f"bytes of one order's heads, all layers ({spec.dtype})")
+    ax.set_ylabel("expected share of n-grams sharing a bucket")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(
+        f"{spec.name}: {len(spec.layer_ids)} layers x {heads} heads per order, sized for "
+        f"{sizing.train_tokens:,} training tokens",
+        fontsize=11,
+    )
+    return fig

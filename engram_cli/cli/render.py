@@ -35,6 +35,7 @@ from rich.text import Text
 from ..dtypes import DTYPE_BYTES
 from ..hash_jobs import values_key
 from ..helpers import human_bytes, paused_gc, pct, plural
+from .render_sizing import render_projection, render_sizing
 
 if TYPE_CHECKING:
     from ..checkpoints.reports import ExportReport, ImportReport
@@ -420,6 +421,7 @@ def render_inspect_report(report: InspectReport, console: Console) -> None:
         render_tables(report.tables, console)
     if report.corpus is not None:
         render_corpus(report, console)
+        render_projection(report, console)
     if report.layers is not None:
         render_layers(report.spec, report.layers, console)
         if any(s.top_buckets is not None for orders in report.layers.values() for s in orders.values()):
@@ -430,6 +432,8 @@ def render_inspect_report(report: InspectReport, console: Console) -> None:
         from .traffic import render_traffic
 
         render_traffic(report.traffic, report.spec.dtype, console)
+    if report.sizing is not None:
+        render_sizing(report, console)
     if report.plot:
         console.print(f"wrote {report.plot}")
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..corpus.base import DocBatch
+from .growth import GrowthRecorder
 from .keys import KeyCounts, PackedBatch, WindowKeys, pack_windows
 from .runs import Run, write_run
 from .sorting import sort_and_count
@@ -33,10 +34,19 @@ class KeyCountStore:
     `capacity` windows fit the buffers of all orders within `memory_budget` bytes (a buffer and
     its sorted run take BUFFER_BYTES_PER_WORD bytes a window and key word). `finish` leaves each
     order as one run in memory when nothing was spilled, else as runs in the spill folder.
+    A `growth` recorder sees every batch's keys in corpus order.
     """
 
-    def __init__(self, window: WindowKeys, memory_budget: int, folder: SpillFolder, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        window: WindowKeys,
+        memory_budget: int,
+        folder: SpillFolder,
+        pool: ThreadPoolExecutor,
+        growth: GrowthRecorder | None = None,
+    ) -> None:
         self.window = window
+        self.growth = growth
         self.folder = folder
         self.pool = pool
         self.capacity = self.capacity_for(window, memory_budget)
@@ -44,7 +54,7 @@ class KeyCountStore:
         self._buffers: dict[int, np.ndarray] = {}
         self._scratch: dict[int, np.ndarray] = {}  # counts (or the sort's copy), reused run after run
         self._fill = 0
-        self._pending: deque[tuple[DocBatch, list[Future[None]]]] = deque()
+        self._pending: deque[tuple[DocBatch, list[Future[None]], slice]] = deque()
         self.runs: dict[int, list[Run]] = {n: [] for n in window.orders}
         self.in_memory: dict[int, Run] = {}
 
@@ -76,7 +86,7 @@ class KeyCountStore:
                 self.pool.submit(pack_windows, packed, self.window, n, self._buffer(n)[lo : lo + tokens])
                 for n in self.window.orders
             ]
-            self._pending.append((batch, jobs))
+            self._pending.append((batch, jobs, slice(lo, lo + tokens)))
             self._drain(keep=1, on_done=on_done)
             return
         self._drain(keep=0, on_done=on_done)
@@ -84,6 +94,8 @@ class KeyCountStore:
             scratch = {n: np.empty((tokens, self.words[n]), np.uint64) for n in self.window.orders}
             for job in [self.pool.submit(pack_windows, packed, self.window, n, scratch[n]) for n in scratch]:
                 job.result()
+            if self.growth is not None:
+                self.growth.observe(scratch)
             done = 0
             while done < tokens:
                 take = min(self.capacity - self._fill, tokens - done)
@@ -98,9 +110,11 @@ class KeyCountStore:
 
     def _drain(self, keep: int, on_done: Callable[[DocBatch], None] | None) -> None:
         while len(self._pending) > keep:
-            batch, jobs = self._pending.popleft()
+            batch, jobs, rows = self._pending.popleft()
             for job in jobs:
                 job.result()
+            if self.growth is not None:
+                self.growth.observe({n: self._buffers[n][rows] for n in self.window.orders})
             if on_done:
                 on_done(batch)
 
@@ -124,6 +138,8 @@ class KeyCountStore:
         """Count what the buffers hold: one run in memory per order when nothing was spilled,
         else the last runs spilled too (the buffers are released)."""
         self._drain(keep=0, on_done=on_done)
+        if self.growth is not None:
+            self.growth.finish()
         if not self.spilled:
             self.in_memory = {n: Run.in_memory(part) for n, part in self._sorted_runs().items()}
         elif self._fill:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from ..corpus.base import DocBatch
+    from .growth import GrowthRecorder
     from .runs import OrderKeys
 
 # Runs merged at once; more are first merged in groups of this many (merge rounds).
@@ -47,6 +48,8 @@ class CountOptions:
         on_statistic: called after each (layer, order, size) is done.
         on_keys: called with each order's distinct n-grams (merged) once its statistics are done,
             the bytes of the budget free then, and the worker threads (row traffic counts them).
+        growth: records how the distinct n-grams grow with the tokens read (local counting only;
+            the same numbers at any memory budget).
     """
 
     memory_budget: int | None = None
@@ -58,6 +61,7 @@ class CountOptions:
     on_batch: Callable[[DocBatch | None], None] | None = None
     on_statistic: Callable[[], None] | None = None
     on_keys: Callable[[OrderKeys, int, ThreadPoolExecutor], None] | None = None
+    growth: GrowthRecorder | None = None
 
 
 def count_options(given: CountOptions | None, **fields: object) -> CountOptions:

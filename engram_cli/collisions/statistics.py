@@ -389,7 +389,7 @@ def collision_statistics(
             assert isinstance(corpus, Corpus)
             orders = count_on_cluster(corpus, projection, window, budget, folder, counting)
         else:
-            store = KeyCountStore(window, budget, folder, pool)
+            store = KeyCountStore(window, budget, folder, pool, counting.growth)
             if isinstance(corpus, Corpus):
                 reading = byte_task(progress, "counting n-grams", max(1, corpus.total_bytes))
                 count_batches(corpus.batches(), store, reading, lambda: corpus.bytes_done, counting.on_batch)
@@ -430,6 +430,8 @@ def collision_statistics(
                 result = stats.stats(item, decoder)
                 if item.factor == 1:
                     layers[item.layer][n] = result
+                    if counting.growth is not None:
+                        counting.growth.exact(n, result.distinct)
                     if 1.0 in points:
                         points[1.0][item.layer][n] = OrderStats(
                             result.order,
