@@ -157,11 +157,15 @@ def test_tiered_lookups_equal_untiered_ones_and_traffic_counts(exports, store, l
 def test_hot_bytes_cuts_the_tier_and_reports_it(tmp_path, store, hot_file):
     report = export_inference(store, tmp_path / "out", dtype="float32", hot_rows=hot_file, hot_bytes="2KiB")
     dim = tiny_spec().dim
-    assert report.hot_tier == {layer: {"rows": 2048 // (4 * dim), "bytes": 2048 // (4 * dim) * 4 * dim} for layer in (1, 3)}
+    assert report.hot_tier == {
+        layer: {"rows": 2048 // (4 * dim), "bytes": 2048 // (4 * dim) * 4 * dim} for layer in (1, 3)
+    }
     assert "hot_tier" not in export_inference(store, tmp_path / "plain").to_json()
     everything = export_inference(store, tmp_path / "all", hot_rows=hot_file).hot_tier
     hot = hot_rows_of(store, corpus(open_tables(store).projection))
-    assert everything == {layer: {"rows": hot.rows[layer].size, "bytes": hot.rows[layer].size * 2 * dim} for layer in (1, 3)}
+    assert everything == {
+        layer: {"rows": hot.rows[layer].size, "bytes": hot.rows[layer].size * 2 * dim} for layer in (1, 3)
+    }
 
 
 def one_line_error(*args: str) -> str:

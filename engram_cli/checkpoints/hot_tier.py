@@ -85,7 +85,9 @@ def choose_hot_rows(
         if rows is None or not rows.size:
             continue
         if int(rows.max()) >= spec.rows(layer):
-            raise FormatError(f"hot-rows file {path}: layer {layer} names row {int(rows.max())} of a {spec.rows(layer)}-row table")
+            raise FormatError(
+                f"hot-rows file {path}: layer {layer} names row {int(rows.max())} of a {spec.rows(layer)}-row table"
+            )
         k = rows.size if hot_bytes is None else min(rows.size, hot_bytes // row_bytes)
         chosen[layer] = rows[:k].copy()
     return chosen
@@ -137,7 +139,9 @@ class LayerTier:
         if k and not (bool((slots >= 0).all()) and bool((slots < k).all())):
             raise FormatError(f"{where}: the hot tier of layer {layer_id} has slots outside its {k} rows")
         sorted_rows = rows[slots] if k else rows
-        if k and (int(sorted_rows[0]) < 0 or int(sorted_rows[-1]) >= table_rows or bool((sorted_rows.diff() <= 0).any())):
+        if k and (
+            int(sorted_rows[0]) < 0 or int(sorted_rows[-1]) >= table_rows or bool((sorted_rows.diff() <= 0).any())
+        ):
             raise FormatError(f"{where}: the hot tier of layer {layer_id} does not map distinct rows of its table")
         return cls(sorted_rows, slots, weight, scale)
 

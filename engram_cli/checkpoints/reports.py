@@ -30,7 +30,6 @@ class ExportReport:
     config: str | None = None  # engram_config.json beside a deepseek-v41 export
     hot_tier: dict[int, dict[str, int]] | None = None  # layer -> rows and bytes of its hot tier, when one was asked for
 
-
     def to_json(self) -> dict[str, Any]:
         """The `engram export --json` output (`hot_tier` only for an export with one)."""
         result = {

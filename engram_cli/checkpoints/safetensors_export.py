@@ -155,7 +155,9 @@ def export_inference(
     tables, plans, metadata, small = _plan(source, layout, dtype, key_template)
     hot: dict[int, np.ndarray] = {}
     if hot_rows is not None:
-        tier_row = source.spec.dim * DTYPES[dtype].itemsize + (source.spec.dim // BLOCK if dtype == "float8_e4m3fn" else 0)
+        tier_row = source.spec.dim * DTYPES[dtype].itemsize + (
+            source.spec.dim // BLOCK if dtype == "float8_e4m3fn" else 0
+        )
         tier_bytes = None if hot_bytes is None else parse_size(hot_bytes)
         hot = choose_hot_rows(hot_rows, source.spec, source.projection, tier_row, tier_bytes)
     elif hot_bytes is not None:
@@ -251,7 +253,9 @@ def export_inference(
         seconds=seconds,
         conversion=conversion.to_json(),
         quantization=None if quant is None else quant.to_json(),
-        hot_tier={layer: {"rows": int(rows.size), "bytes": _tier_bytes(tier_plans, layer)} for layer, rows in hot.items()}
+        hot_tier={
+            layer: {"rows": int(rows.size), "bytes": _tier_bytes(tier_plans, layer)} for layer, rows in hot.items()
+        }
         if hot_rows is not None
         else None,
     )
@@ -297,7 +301,9 @@ def _write_tier(
             index = torch.from_numpy(rows)
             writer.write_rows(tier_key(table.layer_id, "rows"), 0, rows)
             writer.write_rows(tier_key(table.layer_id, "slots"), 0, np.argsort(rows, kind="stable").astype(np.int64))
-            writer.write_rows(tier_key(table.layer_id, "weight"), 0, written.tensor(table.weight).index_select(0, index))
+            writer.write_rows(
+                tier_key(table.layer_id, "weight"), 0, written.tensor(table.weight).index_select(0, index)
+            )
             if table.scale is not None:
                 scales = written.tensor(table.scale).index_select(0, index)
                 writer.write_rows(tier_key(table.layer_id, "scale"), 0, scales)

@@ -161,7 +161,9 @@ class EngramTables:
         """Rows gathered since open: from the hot tier (hits) and from the mapped tables (misses)."""
         layers = {layer: {"hits": h, "misses": m} for layer, (h, m) in sorted(self._traffic.items())}
         return TierTraffic(
-            hits=sum(c["hits"] for c in layers.values()), misses=sum(c["misses"] for c in layers.values()), layers=layers
+            hits=sum(c["hits"] for c in layers.values()),
+            misses=sum(c["misses"] for c in layers.values()),
+            layers=layers,
         )
 
     @property

@@ -181,7 +181,9 @@ def run_export(
         hot_rows, hot_bytes: --hot-rows and --hot-bytes (a hot tier, safetensors layouts only).
     """
     if (hot_rows is not None or hot_bytes is not None) and (target == "training" or layout == "gguf"):
-        raise UsageError("--hot-rows and --hot-bytes add a hot tier to --for inference of the engram or deepseek-v41 layout")
+        raise UsageError(
+            "--hot-rows and --hot-bytes add a hot tier to --for inference of the engram or deepseek-v41 layout"
+        )
     if target == "training":
         if layout is not None or max_shard_size is not None:
             raise UsageError("--layout and --max-shard-size apply to --for inference")
