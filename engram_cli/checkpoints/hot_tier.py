@@ -19,8 +19,8 @@ header's `tables`, never by name). In the deepseek-v41 layout they go in a file 
 `engram_hot_tier.safetensors` beside the index and not listed in it: vLLM and SGLang load only
 the files an index lists, and their loaders would take an unknown tensor name for a weight.
 
-`HotTier` is the read side: the tier loaded into memory, and a gather that takes the rows it
-holds from there and the rest from the memory-mapped main table, counting hits and misses.
+`LayerTier` is the read side: the tier loaded into memory, and a gather (`hot_tier_kernels`) that
+takes the rows it holds from there and the rest from the memory-mapped main table, in one pass.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..errors import FormatError, UsageError
 from ..hot_rows import HotRows, read_hot_rows, spec_fingerprint
 from ..spec import TableSpec
 from ..vocab import VocabProjection
-from .fp8 import gather_dequantize
+from .fp8 import dequantize
 from .fp8_format import BLOCK
 
 PREFIX = "engram_hot_tier."
@@ -145,23 +145,26 @@ class LayerTier:
             raise FormatError(f"{where}: the hot tier of layer {layer_id} does not map distinct rows of its table")
         return cls(sorted_rows, slots, weight, scale)
 
-    def gather(self, flat: torch.Tensor, main: Any, out: torch.Tensor) -> int:
-        """Rows `flat` into `out`: those of the tier from memory, the rest by `main(missed ids)`;
-        returns the hits."""
-        k = self.sorted_rows.shape[0]
-        if not k:
-            out.copy_(main(flat))
-            return 0
-        position = torch.searchsorted(self.sorted_rows, flat).clamp_(max=k - 1)
-        hit = self.sorted_rows[position] == flat
-        hits = int(hit.sum())
-        if hits:
-            slots = self.slots[position[hit]]
-            if self.scale is None:
-                out[hit] = self.weight.index_select(0, slots).to(out.dtype)
-            else:
-                out[hit] = gather_dequantize(self.weight, self.scale, slots, out.dtype)
-        if hits < flat.numel():
-            missed = ~hit
-            out[missed] = main(flat[missed])
-        return hits
+    def gather(self, flat: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Rows `flat` of a layer whose mapped table is `weight` (and `scale`, when fp8): those of
+        the tier from memory, the rest from the table, byte for byte; fp8 rows dequantized to
+        bfloat16 as the untiered gather does. Returns the rows and the hits."""
+        from .hot_tier_kernels import gather_tiered
+
+        def picked(tier: torch.Tensor, main: torch.Tensor) -> tuple[torch.Tensor, int]:
+            out = torch.empty(flat.numel(), main.shape[1], dtype=main.dtype)
+            hits = gather_tiered(
+                self.sorted_rows.numpy(),
+                self.slots.numpy(),
+                tier.view(torch.uint8).numpy(),
+                main.view(torch.uint8).numpy(),
+                flat.numpy(),
+                out.view(torch.uint8).numpy(),
+            )
+            return out, int(hits)
+
+        rows, hits = picked(self.weight, weight)
+        if scale is None or self.scale is None:
+            return rows, hits
+        scales, _ = picked(self.scale, scale)
+        return dequantize(rows, scales), hits

@@ -210,21 +210,15 @@ class EngramTables:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
             raise EngramError(f"row indices must lie in [0, {weight.shape[0]}) for layer {layer_id}")
         scale = self._scales.get(int(layer_id))
-
-        def main(ids: torch.Tensor) -> torch.Tensor:
-            if scale is None:
-                return weight.index_select(0, ids)
-            threads = _GATHER_THREADS if ids.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
-            return gather_dequantize(weight, scale, ids, threads=threads)
-
-        counts = self._traffic[int(layer_id)]
         tier = self._tier.get(int(layer_id))
-        if tier is None:
-            picked = main(flat)
-            hits = 0
+        if tier is not None:
+            picked, hits = tier.gather(flat.contiguous(), weight, scale)
+        elif scale is None:
+            picked, hits = weight.index_select(0, flat), 0
         else:
-            picked = torch.empty(flat.numel(), weight.shape[1], dtype=weight.dtype if scale is None else torch.bfloat16)
-            hits = tier.gather(flat, main, picked)
+            threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
+            picked, hits = gather_dequantize(weight, scale, flat, threads=threads), 0
+        counts = self._traffic[int(layer_id)]
         counts[0] += hits
         counts[1] += flat.numel() - hits
         return picked.reshape(*index.shape, weight.shape[1]).to(device)
