@@ -174,9 +174,11 @@ def main() -> None:
 
     files = sorted(plain.glob("*.safetensors")) + sorted(tiered.glob("*.safetensors"))
     times: dict[str, list[float]] = {}
+    opened: EngramTables | None = None
     for _ in range(args.repeats):
         for cache in ("in page cache", "evicted"):
             for name, path in (("no tier", plain), ("tier", tiered)):
+                opened = None
                 gc.collect()  # no old mapping of the files is left to hold their pages
                 if cache == "evicted":
                     evict(files)

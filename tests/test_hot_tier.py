@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from engram_cli.checkpoints.hot_tier import TIER_FILE, tier_key
+from engram_cli.checkpoints.importing import import_checkpoint
 from engram_cli.checkpoints.safetensors_export import export_inference
 from engram_cli.checkpoints.safetensors_format import INDEX_NAME
 from engram_cli.checkpoints.tables import EngramTables
@@ -108,7 +109,7 @@ def opened(path: Path, store: Path) -> EngramTables:
 
 
 @pytest.mark.parametrize("layout", ["engram", "deepseek-v41"])
-def test_the_tier_holds_the_hot_rows_in_the_files_order(exports, store, hot_file, layout):
+def test_the_tier_holds_the_hot_rows_in_the_files_order(exports, store, hot_file, layout, tmp_path):
     plain, tiered = exports[layout]
     tier_path = tiered / TIER_FILE if layout == "deepseek-v41" else tiered / "model.safetensors"
     hot = hot_rows_of(store, corpus(open_tables(store).projection))
@@ -121,6 +122,10 @@ def test_the_tier_holds_the_hot_rows_in_the_files_order(exports, store, hot_file
     tables = opened(tiered, store)
     assert tables.hot_tier == {1: 40, 3: 40}
     assert opened(plain, store).hot_tier == {}
+    if layout == "engram":  # readers that know nothing of the tier read the complete tables
+        import_checkpoint(tiered, tmp_path / "back")
+        back, original = open_tables(tmp_path / "back"), open_tables(store)
+        assert np.array_equal(back.read_rows(1, 0, 500).view(np.uint16), original.read_rows(1, 0, 500).view(np.uint16))
     if layout == "deepseek-v41":
         # engines load the files the index lists: the tier is not among them, nor is any tier name
         index = json.loads((tiered / INDEX_NAME).read_text())
@@ -205,3 +210,14 @@ def test_bad_input_is_one_line(tmp_path, store, hot_file, projection):
     reordered.write(damaged)
     assert "hotness order" in one_line_error(*base, "--hot-rows", str(damaged))
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("layout", ["engram", "deepseek-v41"])
+def test_a_large_gather_split_between_threads_equals_the_untiered_one(exports, store, layout):
+    plain, tiered = exports[layout]
+    without, with_tier = opened(plain, store), opened(tiered, store)
+    rows = torch.from_numpy(np.random.default_rng(5).integers(0, without.rows(3), 3 * (1 << 20) // without.dim))
+    hot = hot_rows_of(store, corpus(open_tables(store).projection)).rows[3][:40]
+    rows[::7] = torch.from_numpy(hot[np.arange(rows[::7].numel()) % hot.size])  # many hits
+    assert torch.equal(with_tier.gather(3, rows), without.gather(3, rows))
+    assert with_tier.traffic().hits == int(np.isin(rows.numpy(), hot).sum())

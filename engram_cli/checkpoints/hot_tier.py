@@ -25,6 +25,7 @@ takes the rows it holds from there and the rest from the memory-mapped main tabl
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
+from ..helpers import row_blocks
 from ..hot_rows import HotRows, read_hot_rows, spec_fingerprint
 from ..spec import TableSpec
 from ..vocab import VocabProjection
@@ -145,23 +147,31 @@ class LayerTier:
             raise FormatError(f"{where}: the hot tier of layer {layer_id} does not map distinct rows of its table")
         return cls(sorted_rows, slots, weight, scale)
 
-    def gather(self, flat: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def gather(
+        self, flat: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, threads: int = 1
+    ) -> tuple[torch.Tensor, int]:
         """Rows `flat` of a layer whose mapped table is `weight` (and `scale`, when fp8): those of
-        the tier from memory, the rest from the table, byte for byte; fp8 rows dequantized to
-        bfloat16 as the untiered gather does. Returns the rows and the hits."""
+        the tier from memory, the rest from the table, byte for byte, the ids split between
+        `threads` threads; fp8 rows dequantized to bfloat16 as the untiered gather does. Returns
+        the rows and the hits."""
         from .hot_tier_kernels import gather_tiered
 
+        ids = flat.numpy()
+        parts = list(row_blocks(ids.size, max(1, -(-ids.size // threads))))
+
         def picked(tier: torch.Tensor, main: torch.Tensor) -> tuple[torch.Tensor, int]:
-            out = torch.empty(flat.numel(), main.shape[1], dtype=main.dtype)
-            hits = gather_tiered(
-                self.sorted_rows.numpy(),
-                self.slots.numpy(),
-                tier.view(torch.uint8).numpy(),
-                main.view(torch.uint8).numpy(),
-                flat.numpy(),
-                out.view(torch.uint8).numpy(),
-            )
-            return out, int(hits)
+            out = torch.empty(ids.size, main.shape[1], dtype=main.dtype)
+            arrays = (self.sorted_rows.numpy(), self.slots.numpy(), tier.view(torch.uint8).numpy())
+            table, into = main.view(torch.uint8).numpy(), out.view(torch.uint8).numpy()
+
+            def run(part: tuple[int, int]) -> int:
+                a, b = part
+                return int(gather_tiered(*arrays, table, ids[a:b], into[a:b]))
+
+            if len(parts) > 1:
+                with ThreadPoolExecutor(len(parts)) as pool:
+                    return out, sum(pool.map(run, parts))
+            return out, sum(run(part) for part in parts)
 
         rows, hits = picked(self.weight, weight)
         if scale is None or self.scale is None:

@@ -211,12 +211,12 @@ class EngramTables:
             raise EngramError(f"row indices must lie in [0, {weight.shape[0]}) for layer {layer_id}")
         scale = self._scales.get(int(layer_id))
         tier = self._tier.get(int(layer_id))
+        threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
         if tier is not None:
-            picked, hits = tier.gather(flat.contiguous(), weight, scale)
+            picked, hits = tier.gather(flat.contiguous(), weight, scale, threads=threads)
         elif scale is None:
             picked, hits = weight.index_select(0, flat), 0
         else:
-            threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
             picked, hits = gather_dequantize(weight, scale, flat, threads=threads), 0
         counts = self._traffic[int(layer_id)]
         counts[0] += hits
