@@ -161,8 +161,9 @@ class LayerTier:
 
         def picked(tier: torch.Tensor, main: torch.Tensor) -> tuple[torch.Tensor, int]:
             out = torch.empty(ids.size, main.shape[1], dtype=main.dtype)
-            arrays = (self.sorted_rows.numpy(), self.slots.numpy(), tier.view(torch.uint8).numpy())
-            table, into = main.view(torch.uint8).numpy(), out.view(torch.uint8).numpy()
+            word = _word(main.shape[1] * main.element_size())  # rows copied in words, not bytes
+            arrays = (self.sorted_rows.numpy(), self.slots.numpy(), tier.view(torch.uint8).numpy().view(word))
+            table, into = main.view(torch.uint8).numpy().view(word), out.view(torch.uint8).numpy().view(word)
 
             def run(part: tuple[int, int]) -> int:
                 a, b = part
@@ -178,3 +179,11 @@ class LayerTier:
             return rows, hits
         scales, _ = picked(self.scale, scale)
         return dequantize(rows, scales), hits
+
+
+def _word(row_bytes: int) -> type[np.unsignedinteger]:
+    """The widest unsigned integer whose size divides a row's bytes."""
+    for word in (np.uint64, np.uint32, np.uint16):
+        if row_bytes % np.dtype(word).itemsize == 0:
+            return word
+    return np.uint8
