@@ -141,6 +141,7 @@ PYTHON_API = [
     Example(
         ("demo.safetensors", "t-fp8", "t.toml", "projection.safetensors"),
         "assert out[1].shape == (1, 4, 8, 16) and (rows == out[1]).all()\n"
+        "assert traffic.hits == 0 and traffic.misses == 3 * 4 * 8 and traffic.layers[3]['misses'] == 4 * 8\n"
         "assert ds.lookup(input_ids)[1].shape == (1, 4, 8, 32)",
     ),
     Example(

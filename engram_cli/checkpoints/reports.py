@@ -28,10 +28,11 @@ class ExportReport:
     shards: int | None = None
     per_head: bool = False
     config: str | None = None  # engram_config.json beside a deepseek-v41 export
+    hot_tier: dict[int, dict[str, int]] | None = None  # layer -> rows and bytes of its hot tier, when one was asked for
 
     def to_json(self) -> dict[str, Any]:
-        """The `engram export --json` output."""
-        return {
+        """The `engram export --json` output (`hot_tier` only for an export with one)."""
+        result = {
             "target": self.target,
             "layout": self.layout,
             "output": self.output,
@@ -50,6 +51,9 @@ class ExportReport:
             "quantization": self.quantization,
             "config": self.config,
         }
+        if self.hot_tier is not None:
+            result["hot_tier"] = {str(k): v for k, v in self.hot_tier.items()}
+        return result
 
 
 @dataclass

@@ -8,7 +8,8 @@ about 32 MiB, every task writing into the same files. The output is written in a
 and renamed into place when complete (`engram_cli.output`). A deepseek-v41 export also gets
 `engram_config.json` beside its index, the `engram_*` keys of a model's config.json
 (`model_config`), and the projection's `tokenizer.json`: what reading it back needs, so that
-`engram import` of the folder takes nothing else.
+`engram import` of the folder takes nothing else. With a hotness file, each layer's hottest rows
+are added as a hot tier (`hot_tier`), copied from the written tables once they are complete.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..progress import SILENT, Progress
 from .conversion import Conversion
 from .fp8 import QuantError, check_quantizable, quantize, warm_quantize
 from .fp8_format import BLOCK, check_blockable
+from .hot_tier import TIER_FILE, choose_hot_rows, tier_key
 from .keys import (
     DEEPSEEK_SCALE,
     DEEPSEEK_WEIGHT,
@@ -42,7 +44,7 @@ from .metadata import hashing_arrays
 from .model_config import ENGRAM_CONFIG, TOKENIZER, config_keys
 from .output import EXPORT
 from .reports import ExportReport
-from .safetensors_format import SafetensorsWriter, TensorPlan, parse_size, plan_layout
+from .safetensors_format import MappedTensors, SafetensorsWriter, TensorPlan, open_set, parse_size, plan_layout
 from .sources import LayerSource, TableSource, open_source_store
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ def export_inference(
     overwrite: bool = False,
     client: Client | None = None,
     progress: Progress = SILENT,
+    hot_rows: str | Path | None = None,
+    hot_bytes: str | int | None = None,
 ) -> ExportReport:
     """Stream a store into safetensors for inference, one row block in memory at a time.
 
@@ -121,6 +125,10 @@ def export_inference(
             bytes by position into the same files (every header is laid out first), so the output
             folder must be on a filesystem the workers share.
         progress: receives a task advancing by rows exported.
+        hot_rows: a hotness file (`engram_cli.hot_rows`) of the store's spec and projection: each
+            layer's first rows are added as a hot tier (`hot_tier`).
+        hot_bytes: the tier's bytes per layer (a row at the export's dtype, scales included;
+            bytes or a size such as "1GiB"); default: every row the file lists.
     """
     layout = choose(layout, LAYOUTS, "unknown layout {value!r}; allowed: {allowed}")
     output = Path(output)
@@ -145,6 +153,18 @@ def export_inference(
         )
     max_bytes = parse_size(max_shard_size)
     tables, plans, metadata, small = _plan(source, layout, dtype, key_template)
+    hot: dict[int, np.ndarray] = {}
+    if hot_rows is not None:
+        tier_row = source.spec.dim * DTYPES[dtype].itemsize + (
+            source.spec.dim // BLOCK if dtype == "float8_e4m3fn" else 0
+        )
+        tier_bytes = None if hot_bytes is None else parse_size(hot_bytes)
+        hot = choose_hot_rows(hot_rows, source.spec, source.projection, tier_row, tier_bytes)
+    elif hot_bytes is not None:
+        raise EngramError("--hot-bytes sizes the hot tier: add --hot-rows FILE")
+    tier_plans = _tier_plans(hot, source.spec.dim, dtype)
+    if layout == "engram":
+        plans += tier_plans
     total = sum(p.nbytes for p in plans)
     if single:
         single_name = output.name
@@ -159,6 +179,9 @@ def export_inference(
         single_file=single_name,
         index_metadata={"format": SAFETENSORS_FORMAT, "layout": layout} if layout == "engram" else None,
     )
+    tier_layout = None
+    if tier_plans and layout == "deepseek-v41":
+        tier_layout = plan_layout(tier_plans, {"format": "pt"}, max_shard_bytes=None, single_file=TIER_FILE)
     target = Output(output, EXPORT, overwrite=overwrite)
     if dtype == "float8_e4m3fn" and client is None:  # on a cluster, each worker compiles its own
         warm_quantize(torch_dtype(source.dtype))
@@ -177,8 +200,9 @@ def export_inference(
             )
         ]
 
+    tier_size = 0 if tier_layout is None else tier_layout.files[0].size
     with target.writing(
-        sum(f.size for f in layout_plan.files), folder=True, entry=output.name if single else None
+        sum(f.size for f in layout_plan.files) + tier_size, folder=True, entry=output.name if single else None
     ) as tmp:
         writer = SafetensorsWriter(layout_plan, tmp, create=True)
         try:
@@ -205,6 +229,9 @@ def export_inference(
         finally:
             writer.close(sync=True)
         writer.write_index()
+        if hot:
+            written = MappedTensors(open_set(tmp / output.name if single else tmp))
+            _write_tier(written, tables, hot, tier_layout or layout_plan, tmp, create=tier_layout is not None)
         if layout == "deepseek-v41":  # what reading the tensors back needs: the config keys and the tokenizer
             keys = config_keys(source.spec, source.projection.compressed_size)
             (tmp / ENGRAM_CONFIG).write_text(json.dumps(keys, indent=2) + "\n")
@@ -218,7 +245,7 @@ def export_inference(
         store=str(store),
         dtype=dtype,
         source_dtype=source.spec.dtype,
-        files=[f.name for f in layout_plan.files],
+        files=[f.name for f in layout_plan.files] + ([TIER_FILE] if tier_layout is not None else []),
         index=layout_plan.with_index,
         config=ENGRAM_CONFIG if layout == "deepseek-v41" else None,
         layers={t.layer_id: {"key": t.weight, "scale": t.scale, "rows": source.spec.rows(t.layer_id)} for t in tables},
@@ -226,7 +253,63 @@ def export_inference(
         seconds=seconds,
         conversion=conversion.to_json(),
         quantization=None if quant is None else quant.to_json(),
+        hot_tier={
+            layer: {"rows": int(rows.size), "bytes": _tier_bytes(tier_plans, layer)} for layer, rows in hot.items()
+        }
+        if hot_rows is not None
+        else None,
     )
+
+
+def _tier_plans(hot: dict[int, np.ndarray], dim: int, dtype: str) -> list[TensorPlan]:
+    """The tier tensors of every layer (`hot_tier` names them)."""
+    plans = []
+    for layer, rows in hot.items():
+        k = int(rows.size)
+        plans += [
+            TensorPlan(tier_key(layer, "rows"), "I64", (k,)),
+            TensorPlan(tier_key(layer, "slots"), "I64", (k,)),
+            TensorPlan(tier_key(layer, "weight"), DTYPES[dtype].safetensors, (k, dim)),
+        ]
+        if dtype == "float8_e4m3fn":
+            plans.append(TensorPlan(tier_key(layer, "scale"), "F8_E8M0", (k, dim // BLOCK)))
+    return plans
+
+
+def _tier_bytes(plans: list[TensorPlan], layer: int) -> int:
+    """The bytes of one layer's tier rows (weight and scales; the row ids not counted)."""
+    return sum(p.nbytes for p in plans if p.name in (tier_key(layer, "weight"), tier_key(layer, "scale")))
+
+
+def _write_tier(
+    written: MappedTensors,
+    tables: list[Table],
+    hot: dict[int, np.ndarray],
+    tier_layout: Any,
+    directory: Path,
+    *,
+    create: bool,
+) -> None:
+    """Copy each layer's hot rows out of its written table (and scales) into the tier tensors,
+    so a row reads bit for bit the same from either."""
+    writer = SafetensorsWriter(tier_layout, directory, create=create)
+    try:
+        for table in tables:
+            rows = hot.get(table.layer_id)
+            if rows is None:
+                continue
+            index = torch.from_numpy(rows)
+            writer.write_rows(tier_key(table.layer_id, "rows"), 0, rows)
+            writer.write_rows(tier_key(table.layer_id, "slots"), 0, np.argsort(rows, kind="stable").astype(np.int64))
+            writer.write_rows(
+                tier_key(table.layer_id, "weight"), 0, written.tensor(table.weight).index_select(0, index)
+            )
+            if table.scale is not None:
+                scales = written.tensor(table.scale).index_select(0, index)
+                writer.write_rows(tier_key(table.layer_id, "scale"), 0, scales)
+    finally:
+        writer.close(sync=True)
+        written.close()
 
 
 def _write_block(

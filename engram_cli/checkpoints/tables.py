@@ -4,7 +4,9 @@ The tables (either layout, `layouts`) are memory-mapped, so a table larger than 
 only the rows gathered are read; ids are hashed with the export's own metadata (or a given spec
 and projection) and rows gathered straight from the mapped files, fp8 rows dequantized to
 bfloat16 in the same pass. The tables live in host memory: ids on an accelerator are gathered on
-the host and the values go back to the ids' device.
+the host and the values go back to the ids' device. An export with a hot tier (`hot_tier`) has it
+loaded into memory at open: its rows are gathered from there, the rest from the mapped tables,
+with the same values either way; `traffic()` counts the hits and misses.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..spec import TableSpec, spec_from_dict
 from ..vocab import VocabProjection
 from .fp8 import gather_dequantize
 from .fp8_format import BLOCK
+from .hot_tier import TIER_FILE, LayerTier, TierTraffic, is_tier_tensor, tier_key
 from .keys import LOOKUP_KEY, TOKENIZER_ZIP_KEY, meta_keys
 from .layouts import SAFETENSORS_FORMAT, Table, check_table_names, deepseek_tables, stored_projection, tensor_filter
 from .metadata import check_given, check_meta_tensors
@@ -61,6 +64,8 @@ class EngramTables:
         self._weights = {layer: mapped.tensor(t.weight) for layer, t in tables.items()}
         self._scales = {layer: mapped.tensor(t.scale) for layer, t in tables.items() if t.scale}
         self._hasher: NgramHasher | None = None
+        self._tier: dict[int, LayerTier] = {}
+        self._traffic = {layer: [0, 0] for layer in tables}  # layer -> [hits, misses]
         for layer, scale in self._scales.items():
             rows, dim = self._weights[layer].shape
             if tuple(scale.shape) != (rows, dim // BLOCK) or dim % BLOCK:
@@ -122,7 +127,44 @@ class EngramTables:
         opened = cls(path, mapped, tables, layout, spec, projection)
         if spec is not None:
             opened._check_spec(spec)
+        opened._load_tier(found.tensors, mapped)
         return opened
+
+    def _load_tier(self, tensors: dict[str, Any], mapped: MappedTensors) -> None:
+        """Copy the hot tier into memory: the export's own tier tensors, or (deepseek-v41) those of
+        the tier file beside the index."""
+        if self.layout == "deepseek-v41":
+            folder = self.path if self.path.is_dir() else self.path.parent
+            if not (folder / TIER_FILE).is_file():
+                return
+            tier_set = open_set(folder / TIER_FILE)
+            tensors, mapped = tier_set.tensors, MappedTensors(tier_set)
+        names = {name for name in tensors if is_tier_tensor(name)}
+        for layer, table in self._tables.items():
+            if tier_key(layer, "rows") not in names:
+                continue
+            wanted = [tier_key(layer, part) for part in ("rows", "slots", "weight")]
+            wanted += [tier_key(layer, "scale")] if table.scale else []
+            missing = [name for name in wanted if name not in names]
+            if missing:
+                raise FormatError(f"{self.path}: the hot tier lacks tensor {missing[0]!r}")
+            self._tier[layer] = LayerTier.load(
+                mapped.tensor, layer, self.rows(layer), self.dim, table.scale is not None, str(self.path)
+            )
+
+    @property
+    def hot_tier(self) -> dict[int, int]:
+        """The rows of each layer's hot tier ({} for an export without one)."""
+        return {layer: int(tier.sorted_rows.shape[0]) for layer, tier in sorted(self._tier.items())}
+
+    def traffic(self) -> TierTraffic:
+        """Rows gathered since open: from the hot tier (hits) and from the mapped tables (misses)."""
+        layers = {layer: {"hits": h, "misses": m} for layer, (h, m) in sorted(self._traffic.items())}
+        return TierTraffic(
+            hits=sum(c["hits"] for c in layers.values()),
+            misses=sum(c["misses"] for c in layers.values()),
+            layers=layers,
+        )
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -168,11 +210,17 @@ class EngramTables:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= weight.shape[0]):
             raise EngramError(f"row indices must lie in [0, {weight.shape[0]}) for layer {layer_id}")
         scale = self._scales.get(int(layer_id))
-        if scale is None:
-            picked = weight.index_select(0, flat)
+        tier = self._tier.get(int(layer_id))
+        threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
+        if tier is not None:
+            picked, hits = tier.gather(flat.contiguous(), weight, scale, threads=threads)
+        elif scale is None:
+            picked, hits = weight.index_select(0, flat), 0
         else:
-            threads = _GATHER_THREADS if flat.numel() * weight.shape[1] >= _PARALLEL_VALUES else 1
-            picked = gather_dequantize(weight, scale, flat, threads=threads)
+            picked, hits = gather_dequantize(weight, scale, flat, threads=threads), 0
+        counts = self._traffic[int(layer_id)]
+        counts[0] += hits
+        counts[1] += flat.numel() - hits
         return picked.reshape(*index.shape, weight.shape[1]).to(device)
 
     def with_hashing(self, spec: TableSpec, projection: VocabProjection) -> EngramTables:

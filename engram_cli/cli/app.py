@@ -307,15 +307,24 @@ def export_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     scheduler: str | None = SCHEDULER_OPTION,
     dask_workers: int | None = DASK_WORKERS_OPTION,
+    hot_rows: Path | None = typer.Option(
+        None,
+        "--hot-rows",
+        parser=path_value,
+        help="inference: a hotness file (inspect --traffic --hot-rows); its first rows become a hot tier.",
+    ),
+    hot_bytes: str | None = typer.Option(
+        None, "--hot-bytes", help="--hot-rows: the hot tier's bytes per layer (default: every row the file lists)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a store as a DCP training checkpoint or as safetensors for inference engines.\f
 
     Args:
         store, target, output, shards, key_template, per_head, dtype, layout, quant, into, max_shard_size,
-            overwrite, scheduler, dask_workers, as_json: STORE, --for, -o, --shards, --key-template,
-            --per-head, --dtype, --layout, --quant, --into, --max-shard-size, --overwrite, --scheduler,
-            --dask-workers and --json, each described by its `help=`.
+            overwrite, scheduler, dask_workers, hot_rows, hot_bytes, as_json: STORE, --for, -o, --shards,
+            --key-template, --per-head, --dtype, --layout, --quant, --into, --max-shard-size, --overwrite,
+            --scheduler, --dask-workers, --hot-rows, --hot-bytes and --json, each described by its `help=`.
     """
     from .commands import run_export
 
@@ -335,6 +344,8 @@ def export_command(
             overwrite=overwrite,
             scheduler=scheduler,
             dask_workers=dask_workers,
+            hot_rows=hot_rows,
+            hot_bytes=hot_bytes,
         ),
         as_json,
     )

@@ -19,7 +19,7 @@ from ..checkpoints.reports import ExportReport, ExportTarget, ImportReport
 from ..collisions.options import CountOptions
 from ..corpus.base import CorpusOptions
 from ..dtypes import InferenceDType, StoreDType
-from ..errors import UsageError
+from ..errors import EngramError, UsageError
 from ..hash_jobs import HashFileReport, HashTextReport, hash_ids_file, hash_text
 from ..inspection import InspectReport, inspect
 from ..output import PLOT, Output
@@ -143,6 +143,16 @@ def run_build(
             raise
 
 
+def _size_option(text: str, option: str) -> int:
+    """A size option ("1GiB", "500MB", a byte count) as bytes, or a one-line error naming it."""
+    from ..checkpoints.safetensors_format import parse_size
+
+    try:
+        return parse_size(text.strip())
+    except EngramError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
 def run_export(
     store: str,
     output: Path,
@@ -159,6 +169,8 @@ def run_export(
     overwrite: bool = False,
     scheduler: str | None = None,
     dask_workers: int | None = None,
+    hot_rows: Path | None = None,
+    hot_bytes: str | None = None,
 ) -> ExportReport:
     """`engram export`: which options go with which target, then one of the two exports.
 
@@ -169,7 +181,12 @@ def run_export(
         quant, into: --quant and --into (--layout gguf only).
         overwrite: --overwrite.
         scheduler, dask_workers: where an inference export runs (`cluster.dask_client`).
+        hot_rows, hot_bytes: --hot-rows and --hot-bytes (a hot tier, safetensors layouts only).
     """
+    if (hot_rows is not None or hot_bytes is not None) and (target == "training" or layout == "gguf"):
+        raise UsageError(
+            "--hot-rows and --hot-bytes add a hot tier to --for inference of the engram or deepseek-v41 layout"
+        )
     if target == "training":
         if layout is not None or max_shard_size is not None:
             raise UsageError("--layout and --max-shard-size apply to --for inference")
@@ -219,6 +236,8 @@ def run_export(
             overwrite=overwrite,
             client=client,
             progress=bars,
+            hot_rows=hot_rows,
+            hot_bytes=None if hot_bytes is None else _size_option(hot_bytes, "--hot-bytes"),
         )
 
 

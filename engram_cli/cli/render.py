@@ -401,6 +401,12 @@ def render_export_report(report: ExportReport, console: Console) -> None:
             f"fp8 E4M3 with E8M0 scales per 32 values: error relative to the block max "
             f"{q['max_relative']:.4f} max, {q['rms_relative']:.4f} RMS"
         )
+    if report.hot_tier is not None:
+        tiers = ", ".join(
+            f"layer {layer} {tier['rows']:,} rows ({human_bytes(tier['bytes'])})"
+            for layer, tier in report.hot_tier.items()
+        )
+        console.print(f"hot tier: {tiers or 'no rows'}")
 
 
 @renders("ImportReport")
