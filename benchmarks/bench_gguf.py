@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,21 +38,11 @@ from engram_cli.spec import load_spec
 from engram_cli.store.build import build_tables
 from engram_cli.store.tables import open_tables
 
-from common import interleaved, markdown_table
+from common import cpu_model, interleaved, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 _CHUNK = 8 << 20
 _ROWS = 1 << 15  # rows per read, as an import's store shard
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def package_export(store: Path, out: Path) -> None:

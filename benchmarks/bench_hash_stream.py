@@ -15,26 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 
 import numpy as np
 import torch
 from engram_cli import NgramHasher, load_spec
 
-from common import interleaved, markdown_table
+from common import cpu_model, interleaved, markdown_table
 
 PREFILL = 64
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def identical(hasher: NgramHasher, ids: np.ndarray) -> bool:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,20 +44,10 @@ from engram_cli.spec import TableSpec
 from engram_cli.store.build import build_tables
 from engram_cli.store.tables import open_tables
 
-from common import markdown_table
+from common import cpu_model, markdown_table
 
 SEQ = 512  # tokens a document
 BATCH = 4  # documents a lookup
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def spec() -> TableSpec:

@@ -125,6 +125,11 @@ def letters_tokenizer() -> Tokenizer:
 def tiny_spec() -> TableSpec:
     """Two layers of a few hundred rows in bfloat16: the small spec the checkpoint, inference and
     reliability tests build their stores from (`.replace(dtype=...)` for the other dtypes)."""
+    return make_tiny_spec()
+
+
+def make_tiny_spec(seed: int = 7) -> TableSpec:
+    """`tiny_spec` as a plain function, for helpers and tests that vary its seed."""
     return TableSpec(
         layer_ids=(1, 3),
         max_ngram_size=3,
@@ -132,7 +137,7 @@ def tiny_spec() -> TableSpec:
         engram_vocab_size=(300, 410),
         n_embed_per_ngram=128,
         pad_id=2,
-        seed=7,
+        seed=seed,
         dtype="bfloat16",
         name="tiny",
     )

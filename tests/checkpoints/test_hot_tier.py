@@ -22,21 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from conftest import make_byte_level_tokenizer, run_engram
-
-
-def tiny_spec(seed: int = 11) -> TableSpec:
-    return TableSpec(
-        layer_ids=(1, 3),
-        max_ngram_size=3,
-        n_head_per_ngram=2,
-        engram_vocab_size=(300, 410),
-        n_embed_per_ngram=128,
-        pad_id=2,
-        seed=seed,
-        dtype="bfloat16",
-        name="tiny",
-    )
+from conftest import make_byte_level_tokenizer, make_tiny_spec, run_engram
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def projection() -> VocabProjection:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, projection) -> Path:
     path = tmp_path_factory.mktemp("store") / "tables"
-    build_tables(tiny_spec(), path, projection=projection, shards=2)
+    build_tables(make_tiny_spec(), path, projection=projection, shards=2)
     return path
 
 
@@ -95,7 +81,7 @@ def exports(tmp_path_factory, store, hot_file) -> dict[str, tuple[Path, Path]]:
     """Per layout, an export without a tier and one with a tier of 40 rows a layer."""
     root = tmp_path_factory.mktemp("exports")
     made = {}
-    for layout, row_bytes in (("engram", 2 * tiny_spec().dim), ("deepseek-v41", tiny_spec().dim * 33 // 32)):
+    for layout, row_bytes in (("engram", 2 * make_tiny_spec().dim), ("deepseek-v41", make_tiny_spec().dim * 33 // 32)):
         plain, tiered = root / f"{layout}-plain", root / f"{layout}-tier"
         export_inference(store, plain, layout=layout)  # type: ignore[arg-type]
         export_inference(store, tiered, layout=layout, hot_rows=hot_file, hot_bytes=40 * row_bytes)  # type: ignore[arg-type]
@@ -161,7 +147,7 @@ def test_tiered_lookups_equal_untiered_ones_and_traffic_counts(exports, store, l
 
 def test_hot_bytes_cuts_the_tier_and_reports_it(tmp_path, store, hot_file):
     report = export_inference(store, tmp_path / "out", dtype="float32", hot_rows=hot_file, hot_bytes="2KiB")
-    dim = tiny_spec().dim
+    dim = make_tiny_spec().dim
     assert report.hot_tier == {
         layer: {"rows": 2048 // (4 * dim), "bytes": 2048 // (4 * dim) * 4 * dim} for layer in (1, 3)
     }
@@ -194,7 +180,7 @@ def test_bad_input_is_one_line(tmp_path, store, hot_file, projection):
     assert "--for inference" in one_line_error(*base, "--layout", "gguf", "--hot-rows", str(hot_file))
     # a hotness file of another spec, and of another projection
     other_spec = tmp_path / "other-spec.safetensors"
-    hot_rows_of(store, corpus(projection), spec=tiny_spec(seed=12)).write(other_spec)
+    hot_rows_of(store, corpus(projection), spec=make_tiny_spec(seed=12)).write(other_spec)
     assert "spec" in one_line_error(*base, "--hot-rows", str(other_spec))
     other_projection = tmp_path / "other-projection.safetensors"
     moved = hot_rows_of(store, corpus(projection))
